@@ -64,6 +64,10 @@ class GeneratorConfig:
     safety_checker: bool = False
     # Image k of every candidate of one item shares a seed, so candidates are compared under identical noise.
     common_random_numbers: bool = True
+    # false: each item's images are generated in their own batches, so an item regenerated alone gives the same
+    # PNG bytes as in the full run; true: batches span items (faster when an item has few images; images then
+    # depend on their batch neighbours at the 1e-6 level).
+    batch_across_items: bool = False
     dtype: str = "auto"
 
 

@@ -130,7 +130,12 @@ def cache_root() -> Path:
 # ----------------------------------------------------------------------------------------------- loaders
 def load_captioner_model(model_id: str, device: torch.device, dtype: torch.dtype, field: str | None = None):
     """BLIP or BLIP-2 (transformers) and its processor, eval mode."""
-    from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, BlipForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        AutoProcessor,
+        Blip2ForConditionalGeneration,
+        BlipForConditionalGeneration,
+    )
 
     path = resolve(model_id, "captioner", field)
     cfg = AutoConfig.from_pretrained(path)
@@ -166,41 +171,42 @@ def load_diffusion_pipeline(model_id: str, device: torch.device, dtype: torch.dt
     return pipe.to(device)
 
 
-def load_open_clip(model: str | None, pretrained: str | None, device: torch.device, field: str | None = None):
-    """An open_clip model, its preprocessing config (size, mean, std) and tokenizer.
-
-    ``model`` is an open_clip architecture name (with ``pretrained`` a tag or weights file), ``hf-hub:org/repo``,
-    or a local directory holding ``open_clip_config.json`` + weights (also ``builtin:...``).
-    """
+def open_clip_name(model: str | None, pretrained: str | None, field: str | None = None) -> tuple[str, str | None]:
+    """Resolve an open_clip spec to (name for open_clip's factory, pretrained), checking availability offline."""
     import open_clip
 
     model = model or "ViT-B-32"
-    name = model
     if model.startswith("builtin:") or Path(model).expanduser().is_dir():
-        name = "local-dir:" + resolve(model, "CLIP model", field)
-        pretrained = None
-    elif model.startswith("hf-hub:"):
-        repo = model[len("hf-hub:"):]
-        try:
-            name = "local-dir:" + resolve(repo, "CLIP model", field)
-        except ModelNotAvailableError:
-            raise _not_available(repo, "CLIP model", field) from None
-    elif pretrained and not Path(pretrained).expanduser().is_file():
+        return "local-dir:" + resolve(model, "CLIP model", field), None
+    if model.startswith("hf-hub:"):
+        return "local-dir:" + resolve(model[len("hf-hub:"):], "CLIP model", field), None
+    if pretrained and not Path(pretrained).expanduser().is_file():
         cfg = open_clip.get_pretrained_cfg(model, pretrained)
         if not cfg:
-            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {model!r}; "
+            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {model!r} ({field}); "
                              f"tags: {open_clip.list_pretrained_tags_by_model(model)}")
-        if not hub_reachable() and cfg.get("hf_hub"):
+        if cfg.get("hf_hub") and not hub_reachable():
             from huggingface_hub import try_to_load_from_cache
 
             repo = cfg["hf_hub"].rstrip("/")
             if not any(isinstance(try_to_load_from_cache(repo, f), str)
                        for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
                 raise _not_available(f"{model} ({pretrained}, hf-hub:{repo})", "CLIP model", field)
-    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-    tokenizer = open_clip.get_tokenizer(name)
+    return model, pretrained
+
+
+def load_open_clip(model: str | None, pretrained: str | None, device: torch.device, field: str | None = None):
+    """An open_clip model (eval), its preprocessing config (size, mean, std) and tokenizer.
+
+    ``model`` is an open_clip architecture name (with ``pretrained`` a tag or weights file), ``hf-hub:org/repo``,
+    or a local directory holding ``open_clip_config.json`` + weights (also ``builtin:...``).
+    """
+    import open_clip
+
+    name, pretrained = open_clip_name(model, pretrained, field)
+    clip, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     clip.eval()
-    return clip, clip.visual.preprocess_cfg if hasattr(clip.visual, "preprocess_cfg") else {}, tokenizer
+    return clip, dict(getattr(clip.visual, "preprocess_cfg", {})), open_clip.get_tokenizer(name)
 
 
 def load_hf_clip_vision(model_id: str, device: torch.device, field: str | None = None):
@@ -222,6 +228,11 @@ def load_lpips(net: str, random_backbone: bool, device: torch.device):
     """
     import lpips
 
+    check_lpips(net, random_backbone)
+    return lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False).to(device).eval()
+
+
+def check_lpips(net: str, random_backbone: bool) -> None:
     if net not in LPIPS_BACKBONE_FILES:
         raise ValueError(f"lpips net {net!r}: expected one of {sorted(LPIPS_BACKBONE_FILES)}")
     weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
@@ -231,7 +242,6 @@ def load_lpips(net: str, random_backbone: bool, device: torch.device):
             f"{os.environ.get('TORCH_HOME', '~/.cache/torch')}). Copy {LPIPS_BACKBONE_FILES[net]} there, or set "
             "random_backbone: true on the lpips metric (untrained backbone: for testing only)."
         )
-    return lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False).to(device).eval()
 
 
 def sbert_default_path() -> str:

@@ -1,0 +1,232 @@
+"""Dataset jobs that fill a run directory: caption, generate, reconstruct (both directions).
+
+Each job lists its items, skips those already recorded (resume), processes the rest in batches and appends one
+record per item. A bad item becomes a ``"status": "failed"`` record with its error and the run goes on; when a
+batch fails as a whole, its items are retried one by one so only the culprit fails. Under
+``accelerate launch`` each process takes every ``world_size``-th item and writes its own shard; the main
+process merges the shards and writes the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from recon import hub
+from recon.config import Config
+from recon.data import DataError, list_images, load_image, load_texts, validate_text, write_coco_results
+from recon.pipeline import Reconstructor, png_bytes
+from recon.runs import Cache, RunDir, atomic_write_bytes, derive_seed, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    state: object | None = None
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def distributed() -> Distributed:
+    """accelerate's process state when launched with several processes; no process group otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return Distributed(state.process_index, state.num_processes, state)
+    return Distributed()
+
+
+def make_cache(config: Config) -> Cache:
+    if config.run.cache_dir == "":
+        return Cache(None)
+    return Cache(Path(config.run.cache_dir).expanduser() if config.run.cache_dir else hub.cache_root() / "cache")
+
+
+def failed(item_id: str, error: BaseException | str, **extra) -> dict:
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}" if not isinstance(
+        error, (DataError, ValueError)) else str(error)
+    return {"id": item_id, "status": "failed", "error": msg, **extra}
+
+
+def run_job(config: Config, out: str | Path, items: Sequence, process: Callable[[list, RunDir], list[dict]],
+            desc: str, retry_failed: bool = False, report: bool = True, progress: bool = True,
+            preflight: Callable[[], None] | None = None) -> RunDir:
+    """The shared loop: resume, preflight, batch, isolate failures, append, merge shards, report.
+
+    Missing models (:class:`hub.ModelNotAvailableError`) stop the run instead of failing every item."""
+    hub.configure_threads(config.run.threads)
+    dist = distributed()
+    run = RunDir(out, config, dist.rank, dist.world_size)
+    mine = list(items)[dist.rank::dist.world_size]
+    todo = [it for it in mine if not run.done(it.id, retry_failed)]
+    if todo and preflight is not None:
+        preflight()
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress or dist.rank != 0, unit="item")
+    for start in range(0, len(todo), max(1, config.run.batch_size)):
+        chunk = todo[start:start + config.run.batch_size]
+        try:
+            records = process(chunk, run)
+        except hub.ModelNotAvailableError:
+            raise
+        except Exception as e:  # isolate the item that broke the batch
+            log.debug("batch failed (%s); retrying its items one by one", e, exc_info=True)
+            records = []
+            for it in chunk:
+                try:
+                    records += process([it], run)
+                except hub.ModelNotAvailableError:
+                    raise
+                except Exception as e1:  # noqa: BLE001 - recorded, the run goes on
+                    log.debug("item %s failed", it.id, exc_info=True)
+                    records.append(failed(it.id, e1))
+        pos = {it.id: n for n, it in enumerate(chunk)}
+        for r in sorted(records, key=lambda r: pos.get(r["id"], len(pos))):  # input order within a batch
+            run.append(r)
+        bar.update(len(chunk))
+    bar.close()
+    dist.wait()
+    if dist.rank == 0:
+        records = run.merge_shards([it.id for it in items]) if dist.world_size > 1 else run.records()
+        if report:
+            from recon.report import write_report
+
+            write_report(run.path, records, config.to_dict(), max_items=config.run.max_report_items)
+    dist.wait()
+    return run
+
+
+def _rel(run: RunDir, path: Path) -> str:
+    return path.relative_to(run.path).as_posix()
+
+
+def _load(items, run: RunDir) -> tuple[list, list[dict]]:
+    ok, bad = [], []
+    for it in items:
+        try:
+            ok.append((it, load_image(it.path), sha256_file(it.path)))
+        except (DataError, OSError) as e:
+            bad.append(failed(it.id, e, source=str(it.path)))
+    return ok, bad
+
+
+def reconstruct_images(config: Config, source: str | Path, out: str | Path, limit: int | None = None,
+                       retry_failed: bool = False, progress: bool = True, reconstructor: Reconstructor | None = None
+                       ) -> RunDir:
+    """image -> N captions -> K images each -> similarity to the original; best candidate chosen."""
+    items = list_images(source)[:limit]
+    recon = reconstructor or Reconstructor(config, cache=make_cache(config))
+
+    def process(chunk, run: RunDir) -> list[dict]:
+        loaded, records = _load(chunk, run)
+        if loaded:
+            results = recon.image_to_text_to_image([im for _, im, _ in loaded], [it.id for it, _, _ in loaded],
+                                                   [h for _, _, h in loaded])
+            for (it, image, _), rec in zip(loaded, results):
+                rec["source"] = str(it.path)
+                if config.run.save_images:
+                    path = run.image_path(it.id, "original.png")
+                    atomic_write_bytes(path, png_bytes(image))
+                    rec["original"] = _rel(run, path)
+                for c, cand in enumerate(rec["candidates"]):
+                    cand["images"] = []
+                    for k, data in enumerate(cand.pop("png")):
+                        path = run.image_path(it.id, f"c{c}_k{k}.png")
+                        if config.run.save_images:
+                            atomic_write_bytes(path, data)
+                        cand["images"].append(_rel(run, path))
+                records.append(rec)
+        return records
+
+    return run_job(config, out, items, process, "reconstruct", retry_failed, progress=progress,
+                   preflight=lambda: recon.preflight(("captioner", "generator", "image")))
+
+
+def reconstruct_texts(config: Config, texts: str | Path, out: str | Path, limit: int | None = None,
+                      retry_failed: bool = False, progress: bool = True,
+                      reconstructor: Reconstructor | None = None) -> RunDir:
+    """text -> K images -> a caption each -> text similarity to the original text."""
+    items = load_texts(texts)[:limit]
+    recon = reconstructor or Reconstructor(config, cache=make_cache(config))
+
+    def process(chunk, run: RunDir) -> list[dict]:
+        records, good = [], []
+        for it in chunk:
+            err = validate_text(it.text)
+            (records.append(failed(it.id, err, text=it.text)) if err else good.append(it))
+        if good:
+            for it, rec in zip(good, recon.text_to_image_to_text([it.text for it in good], [it.id for it in good])):
+                rec["images"] = []
+                for k, data in enumerate(rec.pop("png")):
+                    path = run.image_path(it.id, f"k{k}.png")
+                    atomic_write_bytes(path, data)
+                    rec["images"].append(_rel(run, path))
+                records.append(rec)
+        return records
+
+    return run_job(config, out, items, process, "reconstruct-text", retry_failed, progress=progress,
+                   preflight=lambda: recon.preflight(("captioner", "generator", "text")))
+
+
+def caption_images(config: Config, source: str | Path, out: str | Path, limit: int | None = None,
+                   retry_failed: bool = False, progress: bool = True) -> RunDir:
+    """Caption a folder; also writes ``captions.json`` in COCO results format (image_id = file stem)."""
+    items = list_images(source)[:limit]
+    recon = Reconstructor(config, cache=make_cache(config))
+
+    def process(chunk, run: RunDir) -> list[dict]:
+        loaded, records = _load(chunk, run)
+        if loaded:
+            caps = recon.caption([im for _, im, _ in loaded], [it.id for it, _, _ in loaded], [h for _, _, h in loaded])
+            records += [{"id": it.id, "status": "ok", "direction": "caption", "source": str(it.path),
+                         "captions": c, "caption": c[0] if c else ""} for (it, _, _), c in zip(loaded, caps)]
+        return records
+
+    run = run_job(config, out, items, process, "caption", retry_failed, report=False, progress=progress,
+                  preflight=lambda: recon.preflight(("captioner",)))
+    if run.rank == 0:
+        write_coco_results(run.path / "captions.json",
+                           [(Path(r["id"]).with_suffix("").as_posix(), r["caption"]) for r in run.records()
+                            if r.get("status") == "ok"])
+    return run
+
+
+def generate_images(config: Config, texts: str | Path, out: str | Path, limit: int | None = None,
+                    retry_failed: bool = False, progress: bool = True) -> RunDir:
+    """K images per text, seeded from (run seed, text id, 0, image index)."""
+    items = load_texts(texts)[:limit]
+    recon = Reconstructor(config, cache=make_cache(config))
+    K = config.generator.images_per_caption
+
+    def process(chunk, run: RunDir) -> list[dict]:
+        records, good = [], []
+        for it in chunk:
+            err = validate_text(it.text)
+            (records.append(failed(it.id, err, text=it.text)) if err else good.append(it))
+        if good:
+            seeds = [derive_seed(config.run.seed, it.id, 0, k) for it in good for k in range(K)]
+            rendered = recon.render([it.text for it in good for _ in range(K)], seeds,
+                                    [it.id for it in good for _ in range(K)])
+            for n, it in enumerate(good):
+                mine = rendered[n * K:(n + 1) * K]
+                paths = [run.image_path(it.id, f"k{k}.png") for k in range(K)]
+                for p, r in zip(paths, mine):
+                    atomic_write_bytes(p, r.png)
+                records.append({"id": it.id, "status": "ok", "direction": "generate", "text": it.text,
+                                "images": [_rel(run, p) for p in paths], "seeds": seeds[n * K:(n + 1) * K],
+                                "flagged": [r.flagged for r in mine],
+                                "warnings": sorted({w for r in mine for w in r.warnings})})
+        return records
+
+    return run_job(config, out, items, process, "generate", retry_failed, report=False, progress=progress,
+                   preflight=lambda: recon.preflight(("generator",)))

@@ -1,0 +1,294 @@
+"""Reconstructor: image -> text -> image and text -> image -> text, with candidate ranking.
+
+Roles are loaded lazily, so a rerun whose every stage hits the content-keyed cache loads no model at all.
+Every reconstruction is scored as the PNG that is saved (uint8), so cached and fresh results are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from recon import hub
+from recon.config import Config
+from recon.data import encode_png, image_to_tensor
+from recon.runs import Cache, derive_seed
+
+
+def png_bytes(image: torch.Tensor | Image.Image) -> bytes:
+    """Deterministic PNG bytes of a ``[3, H, W]`` tensor in [0, 1] or a PIL image."""
+    return encode_png(image)
+
+
+def to_tensor(image: Image.Image | bytes) -> torch.Tensor:
+    """``[3, H, W]`` float32 in [0, 1] from a PIL image or PNG bytes."""
+    return image_to_tensor(Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image)
+
+
+@dataclass
+class Rendered:
+    png: bytes
+    flagged: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+class Reconstructor:
+    """Runs the roles of ``config`` on ``device``; models load on first use.
+
+    ``image_to_text_to_image(images, ids)`` returns one record per image with N candidate captions, K
+    reconstructions per candidate and their similarity to the original; the chosen candidate maximises the
+    ``select_by`` similarity (minimises a distance), averaged over the K images. Image k of every candidate of an
+    item uses the same seed (common random numbers) unless ``generator.common_random_numbers`` is false.
+    """
+
+    def __init__(self, config: Config, device: torch.device | str | None = None, cache: Cache | None = None,
+                 captioner=None, generator=None, image_metrics=None, text_metrics=None):
+        self.config = config
+        self.device = hub.resolve_device(str(device) if device is not None else config.run.device)
+        self.cache = cache or Cache(None)
+        self._captioner, self._generator = captioner, generator
+        self._image_metrics, self._text_metrics = image_metrics, text_metrics
+
+    # ------------------------------------------------------------------ lazily loaded roles
+    @property
+    def captioner(self):
+        if self._captioner is None:
+            from recon.captioners import load_captioner
+
+            self._captioner = load_captioner(self.config.captioner, self.device, batch_size=self.config.run.batch_size)
+        return self._captioner
+
+    @property
+    def generator(self):
+        if self._generator is None:
+            from recon.generators import load_generator
+
+            self._generator = load_generator(self.config.generator, self.device, batch_size=self.config.run.batch_size)
+        return self._generator
+
+    @property
+    def image_metrics(self) -> dict[str, torch.nn.Module]:
+        if self._image_metrics is None:
+            from recon.similarity import load_image_metrics
+
+            self._image_metrics = load_image_metrics(self.config.similarity, self.device)
+        return self._image_metrics
+
+    @property
+    def text_metrics(self) -> dict[str, torch.nn.Module]:
+        if self._text_metrics is None:
+            from recon.similarity import load_text_metrics
+
+            self._text_metrics = load_text_metrics(self.config.similarity, self.device)
+        return self._text_metrics
+
+    def metric_names(self, kind: str = "image") -> list[str]:
+        """Result keys of the configured metrics, known without loading any model."""
+        from recon.similarity import IMAGE_METRICS, TEXT_METRICS
+
+        loaded = self._image_metrics if kind == "image" else self._text_metrics
+        table, metrics = (IMAGE_METRICS, self.config.similarity.image) if kind == "image" else \
+            (TEXT_METRICS, self.config.similarity.text)
+        if loaded is None and all(m.kind in table for m in metrics):
+            return [m.name or table[m.kind].name for m in metrics]
+        return list(self.image_metrics if kind == "image" else self.text_metrics)  # loading names bad kinds
+
+    def preflight(self, stages: Sequence[str] = ("captioner", "generator", "image", "text")) -> None:
+        """Resolve every model id the stages need, before any work: offline failures surface here, once."""
+        c, g, sim = self.config.captioner, self.config.generator, self.config.similarity
+        if "captioner" in stages and self._captioner is None:
+            hub.resolve(c.model, "captioner", "captioner.model")
+            if c.adapter:
+                hub.resolve(c.adapter, "captioner adapter", "captioner.adapter")
+            if c.checkpoint:
+                hub.resolve(c.checkpoint, "captioner checkpoint", "captioner.checkpoint")
+        if "generator" in stages and self._generator is None:
+            hub.resolve(g.model, "generator", "generator.model")
+            if g.lora:
+                hub.resolve(g.lora, "generator LoRA", "generator.lora")
+        for kind in ("image", "text"):
+            if kind not in stages or (self._image_metrics if kind == "image" else self._text_metrics) is not None:
+                continue
+            from recon.similarity.image import DEFAULT_HF_CLIP_VISION, open_clip_source
+
+            for n, m in enumerate(sim.image if kind == "image" else sim.text):
+                where = f"similarity.{kind}.{n}"
+                if m.kind in ("clip", "clip_text"):
+                    hub.open_clip_name(*open_clip_source(m, where), f"{where}.model")
+                elif m.kind == "lpips":
+                    hub.check_lpips(m.net, m.random_backbone)
+                elif m.kind == "clip_pooler":
+                    hub.resolve(m.model or DEFAULT_HF_CLIP_VISION, "CLIP vision model", f"{where}.model")
+                elif m.model:
+                    hub.resolve(m.model, f"{m.kind} model", f"{where}.model")
+
+    # ------------------------------------------------------------------ cached stages
+    def caption(self, images: Sequence[Image.Image], ids: Sequence[str], hashes: Sequence[str]) -> list[list[str]]:
+        c = self.config.captioner
+        seeds = [derive_seed(self.config.run.seed, i, -1, 0) for i in ids]
+        keys = [self.cache.key(stage="caption", image=h, model=c.model, checkpoint=c.checkpoint, adapter=c.adapter,
+                               backend=c.backend, prompt=c.prompt, n=c.num_candidates, decoding=c.decoding.__dict__,
+                               seed=s if c.decoding.method == "nucleus" else None) for h, s in zip(hashes, seeds)]
+        out: list[list[str] | None] = [self.cache.get_json("captions", k) for k in keys]
+        miss = [i for i, o in enumerate(out) if o is None]
+        if miss:
+            fresh = self.captioner.caption([images[i] for i in miss], num_candidates=c.num_candidates,
+                                           decoding=c.decoding, seeds=[seeds[i] for i in miss])
+            for i, caps in zip(miss, fresh):
+                out[i] = list(caps)
+                self.cache.put_json("captions", keys[i], out[i])
+        return out  # type: ignore[return-value]
+
+    def render(self, prompts: Sequence[str], seeds: Sequence[int],
+               groups: Sequence[str] | None = None) -> list[Rendered]:
+        """PNG per (prompt, seed), cached. Misses of one group (item) are generated in their own batches unless
+        ``generator.batch_across_items``: the batch layout of an item never depends on the other items."""
+        g = self.config.generator
+        keys = [self.cache.key(stage="generate", model=g.model, lora=g.lora, scheduler=g.scheduler,
+                               steps=g.num_inference_steps, guidance=g.guidance_scale, h=g.height, w=g.width,
+                               negative=g.negative_prompt, safety=g.safety_checker, prompt=p, seed=s)
+                for p, s in zip(prompts, seeds)]
+        out: list[Rendered | None] = []
+        for k in keys:
+            png, meta = self.cache.get_bytes("images", k, ".png"), self.cache.get_json("images-meta", k)
+            out.append(Rendered(png, meta["flagged"], meta["warnings"]) if png is not None and meta else None)
+        misses = [i for i, o in enumerate(out) if o is None]
+        if groups is None or g.batch_across_items:
+            batches = [misses] if misses else []
+        else:
+            by_group: dict[str, list[int]] = {}
+            for i in misses:
+                by_group.setdefault(groups[i], []).append(i)
+            batches = list(by_group.values())
+        for miss in batches:
+            gen = self.generator.generate([prompts[i] for i in miss], [seeds[i] for i in miss])
+            for j, i in enumerate(miss):
+                r = Rendered(png_bytes(gen.images[j]), gen.flagged[j] if gen.flagged else False,
+                             gen.warnings[j] if gen.warnings else [])
+                self.cache.put_bytes("images", keys[i], r.png, ".png")
+                self.cache.put_json("images-meta", keys[i], {"flagged": r.flagged, "warnings": r.warnings})
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def score_images(self, original: torch.Tensor, original_hash: str, pngs: Sequence[bytes]) -> dict[str, list[float]]:
+        """Similarity of one original ``[3, H, W]`` to each reconstruction, per metric (cached per pair)."""
+        names = self.metric_names("image")
+        specs = {n: m.__dict__ for n, m in zip(names, self.config.similarity.image)}
+        scores: dict[str, list[float]] = {}
+        for n in names:
+            keys = [self.cache.key(stage="score", metric=specs.get(n, n), a=original_hash,
+                                   b=_sha(p)) for p in pngs]
+            vals = [self.cache.get_json("scores", k) for k in keys]
+            miss = [i for i, v in enumerate(vals) if v is None]
+            if miss:
+                metric = self.image_metrics[n]
+                recon = torch.stack([to_tensor(pngs[i]) for i in miss]).to(self.device)
+                fresh = metric(original.unsqueeze(0).to(self.device), recon).float().cpu().tolist()  # 1 vs K
+                for i, v in zip(miss, fresh):
+                    vals[i] = v
+                    self.cache.put_json("scores", keys[i], v)
+            scores[n] = [float(v) for v in vals]
+        return scores
+
+    @torch.inference_mode()
+    def score_texts(self, texts: Sequence[str], others: Sequence[str]) -> dict[str, list[float]]:
+        return {n: m(list(texts), list(others)).float().cpu().tolist() for n, m in self.text_metrics.items()}
+
+    # ------------------------------------------------------------------ the two directions
+    def select_metric(self) -> str:
+        names = self.metric_names("image")
+        key = self.config.similarity.select_by or (names[0] if names else None)
+        if key not in names:
+            raise ValueError(f"similarity.select_by={key!r} is not one of the image metrics {names}")
+        return key
+
+    def image_to_text_to_image(self, images: Sequence[Image.Image], ids: Sequence[str],
+                               hashes: Sequence[str] | None = None) -> list[dict]:
+        """Records (see module runs / report) with reconstructions as PNG bytes under ``candidates[*]['png']``."""
+        hashes = list(hashes) if hashes is not None else [_sha(png_bytes(im)) for im in images]
+        g, K = self.config.generator, self.config.generator.images_per_caption
+        select = self.select_metric()
+        captions = self.caption(images, ids, hashes)
+        prompts, seeds, groups = [], [], []
+        for item_id, caps in zip(ids, captions):
+            for c, cap in enumerate(caps):
+                for k in range(K):
+                    prompts.append(cap)
+                    seeds.append(derive_seed(self.config.run.seed, item_id, 0 if g.common_random_numbers else c, k))
+                    groups.append(item_id)
+        rendered = self.render(prompts, seeds, groups)
+        records, pos = [], 0
+        for item_id, image, h, caps in zip(ids, images, hashes, captions):
+            original = to_tensor(image)
+            candidates, warnings = [], []
+            for cap in caps:
+                chunk, chunk_seeds = rendered[pos:pos + K], seeds[pos:pos + K]
+                pos += K
+                per_image = self.score_images(original, h, [r.png for r in chunk])
+                keep = [not r.flagged for r in chunk]
+                for r in chunk:
+                    warnings += [w for w in r.warnings if w not in warnings]
+                if not cap.strip():
+                    warnings.append("captioner returned an empty caption")
+                candidates.append({
+                    "caption": cap,
+                    "scores": {n: _mean([v for v, ok in zip(vals, keep) if ok]) for n, vals in per_image.items()},
+                    "scores_per_image": per_image, "seeds": chunk_seeds, "flagged": [r.flagged for r in chunk],
+                    "png": [r.png for r in chunk]})
+            chosen = self._choose([c["scores"][select] for c in candidates], select)
+            records.append({"id": item_id, "status": "ok", "direction": "image-text-image",
+                            "candidates": candidates, "chosen": chosen, "caption": candidates[chosen]["caption"],
+                            "scores": dict(candidates[chosen]["scores"]), "seeds": candidates[chosen]["seeds"],
+                            "select_by": select, "warnings": warnings})
+        return records
+
+    def text_to_image_to_text(self, texts: Sequence[str], ids: Sequence[str]) -> list[dict]:
+        """Per text: K images, each captioned, each caption compared with the text by every text metric."""
+        K = self.config.generator.images_per_caption
+        prompts = [t for t in texts for _ in range(K)]
+        seeds = [derive_seed(self.config.run.seed, i, 0, k) for i in ids for k in range(K)]
+        rendered = self.render(prompts, seeds, [i for i in ids for _ in range(K)])
+        images = [Image.open(io.BytesIO(r.png)).convert("RGB") for r in rendered]
+        image_ids = [f"{i}#{k}" for i in ids for k in range(K)]
+        captions = self.caption(images, image_ids, [_sha(r.png) for r in rendered])
+        records = []
+        for n, (item_id, text) in enumerate(zip(ids, texts)):
+            sl = slice(n * K, (n + 1) * K)
+            caps = [c[0] if c else "" for c in captions[sl]]
+            per_image = self.score_texts([text] * K, caps) if self.config.similarity.text else {}
+            keep = [not r.flagged for r in rendered[sl]]
+            scores = {m: _mean([v for v, ok in zip(vals, keep) if ok]) for m, vals in per_image.items()}
+            first = next(iter(per_image), None)
+            chosen = self._choose(per_image[first], first) if first else 0
+            warnings = sorted({w for r in rendered[sl] for w in r.warnings})
+            records.append({"id": item_id, "status": "ok", "direction": "text-image-text", "text": text,
+                            "seeds": seeds[sl], "captions": caps, "scores_per_image": per_image, "scores": scores,
+                            "chosen": chosen, "flagged": [r.flagged for r in rendered[sl]],
+                            "png": [r.png for r in rendered[sl]], "warnings": warnings})
+        return records
+
+    @staticmethod
+    def _choose(values: Sequence[float | None], metric: str) -> int:
+        lower = metric.endswith("_distance")
+        best, best_i = None, 0
+        for i, v in enumerate(values):
+            if v is None or math.isnan(v):
+                continue
+            if best is None or (v < best if lower else v > best):
+                best, best_i = v, i
+        return best_i
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

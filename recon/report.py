@@ -1,0 +1,361 @@
+"""The HTML report of a run directory: one self-contained ``report.html``.
+
+Images (as PNG thumbnails) and score histograms are embedded as base64 data URIs, so the file can be mailed
+or archived alone. Every value that comes from a record or the config (ids, captions, texts, errors, paths,
+metric names) is HTML-escaped: captions are model output and texts are user input.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from recon.data import DataError, atomic_write_text, encode_png, load_image
+from recon.runs import read_jsonl
+
+__all__ = ["read_records", "write_report", "metric_direction"]
+
+IMAGE_TEXT_IMAGE = "image-text-image"
+TEXT_IMAGE_TEXT = "text-image-text"
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin: .5em 0; }
+th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: left; vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.item { border-top: 2px solid #ddd; padding: .5em 0 1em; }
+.row { display: flex; flex-wrap: wrap; gap: .5em; align-items: flex-start; }
+figure { margin: 0; max-width: 260px; font-size: .85em; }
+figure img { max-width: 256px; display: block; }
+.chosen { background: #e3f4e6; }
+figure.chosen { outline: 3px solid #2e9a48; }
+.missing { width: 128px; height: 96px; background: #eee; font-size: .8em; padding: .3em; overflow: hidden; }
+.flagged { color: #b00; }
+.warnings { color: #8a5a00; font-size: .9em; }
+.muted { color: #777; }
+pre { background: #f6f6f6; padding: .5em; overflow-x: auto; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return _esc(value)
+
+
+def metric_direction(name: str) -> str:
+    """``"lower"`` for a metric whose name ends in ``_distance``, else ``"higher"`` (better)."""
+    return "lower" if str(name).endswith("_distance") else "higher"
+
+
+# -------------------------------------------------------------------------------------------- statistics
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _metric_values(records: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """Finite scores of ok records per (direction, metric), in first-appearance order."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        scores = r.get("scores")
+        if r.get("status") != "ok" or not isinstance(scores, Mapping):
+            continue
+        for metric, v in scores.items():
+            bucket = values.setdefault((str(r.get("direction", "")), str(metric)), [])
+            if _finite(v):
+                bucket.append(float(v))
+    return values
+
+
+def _stats_table(records: list[dict], values: dict[tuple[str, str], list[float]]) -> str:
+    failed: dict[str, int] = {}
+    ok: dict[str, int] = {}
+    for r in records:
+        counts = ok if r.get("status") == "ok" else failed
+        counts[str(r.get("direction", ""))] = counts.get(str(r.get("direction", "")), 0) + 1
+    rows = []
+    for (direction, metric), vs in values.items():
+        a = np.asarray(vs, dtype=np.float64)
+        better = metric_direction(metric)
+        stats = ([len(a), a.mean(), a.std(ddof=1) if len(a) > 1 else float("nan"), np.median(a), a.min(), a.max()]
+                 if len(a) else [0] + [float("nan")] * 5)
+        missing = ok.get(direction, 0) - len(a)
+        cells = "".join(f'<td class="num">{"–" if s != s else _num(s)}</td>' for s in stats)  # NaN: "–"
+        rows.append(f"<tr><td>{_esc(direction)}</td><td>{_esc(metric)}</td>"
+                    f"<td>{'lower (distance)' if better == 'lower' else 'higher (similarity)'}</td>{cells}"
+                    f'<td class="num">{missing}</td><td class="num">{failed.get(direction, 0)}</td></tr>')
+    for direction, n in failed.items():
+        if not any(d == direction for d, _ in values):
+            rows.append(f"<tr><td>{_esc(direction)}</td><td class='muted' colspan='9'>no scores</td>"
+                        f'<td class="num">{n}</td></tr>')
+    if not rows:
+        return "<p class='muted'>No records.</p>"
+    head = ("<tr><th>direction</th><th>metric</th><th>better</th><th>n</th><th>mean</th><th>std</th>"
+            "<th>median</th><th>min</th><th>max</th><th>missing / non-finite</th><th>failed records</th></tr>")
+    return (f"<table>{head}{''.join(rows)}</table><p class='muted'>Over records with status ok; std is the "
+            "sample standard deviation; a metric ending in <code>_distance</code> is lower-is-better, "
+            "every other metric higher-is-better.</p>")
+
+
+def _histogram(direction: str, metric: str, values: list[float]) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend switching
+
+    fig = Figure(figsize=(4.0, 2.6), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.hist(values, bins=max(5, min(30, len(values) // 2)), color="#4a78b5")
+    ax.set_title(f"{metric} ({metric_direction(metric)} is better)", fontsize=9)
+    ax.set_xlabel(metric, fontsize=8)
+    ax.set_ylabel("records", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    alt = f"histogram of {metric} ({direction})"
+    return f'<figure><img src="{uri}" alt="{_esc(alt)}"><figcaption>{_esc(alt)}</figcaption></figure>'
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+class _Images:
+    """Embeds images referenced by records (paths relative to the run directory) as PNG data URIs."""
+
+    def __init__(self, run_dir: Path, thumb_size: int | None):
+        self.root = run_dir.resolve()
+        self.thumb_size = thumb_size
+        self.cache: dict[str, str] = {}
+
+    def uri(self, rel: Any) -> tuple[str | None, str]:
+        """(data URI or None, reason when None)."""
+        if not isinstance(rel, str) or not rel:
+            return None, "no image"
+        if rel not in self.cache:
+            path = (self.root / rel).resolve()
+            if not path.is_relative_to(self.root):
+                return None, f"outside the run directory: {rel}"
+            try:
+                img = load_image(path)
+            except DataError as e:
+                return None, str(e)
+            if self.thumb_size:
+                img.thumbnail((self.thumb_size, self.thumb_size))
+            self.cache[rel] = "data:image/png;base64," + base64.b64encode(encode_png(img)).decode("ascii")
+        return self.cache[rel], ""
+
+    def figure(self, rel: Any, caption_html: str, chosen: bool = False) -> str:
+        uri, reason = self.uri(rel)
+        cls = ' class="chosen"' if chosen else ""
+        body = (f'<img src="{uri}" alt="{_esc(rel)}">' if uri
+                else f'<div class="missing">{_esc(reason)}</div>')
+        return f"<figure{cls}>{body}<figcaption>{caption_html}</figcaption></figure>"
+
+
+# ------------------------------------------------------------------------------------------------- items
+
+
+def _at(seq: Any, k: int, default: Any = None) -> Any:
+    return seq[k] if isinstance(seq, list) and k < len(seq) else default
+
+
+def _per_image_scores(per_image: Any, k: int) -> str:
+    if not isinstance(per_image, Mapping):
+        return ""
+    return "".join(f"<br>{_esc(m)}: {_num(_at(vs, k, '–'))}" for m, vs in per_image.items())
+
+
+def _warnings(record: dict) -> str:
+    ws = record.get("warnings")
+    if not isinstance(ws, list) or not ws:
+        return ""
+    return "<ul class='warnings'>" + "".join(f"<li>{_esc(w)}</li>" for w in ws) + "</ul>"
+
+
+def _render_image_text_image(r: dict, images: _Images) -> str:
+    candidates = [c for c in r.get("candidates") or [] if isinstance(c, Mapping)]
+    chosen = r.get("chosen")
+    metrics = list(dict.fromkeys(m for c in candidates for m in (c.get("scores") or {})))
+    has_ll = any("log_likelihood" in c for c in candidates)
+    head = "<tr><th>#</th><th>caption</th>" + "".join(
+        f"<th>{_esc(m)} ({metric_direction(m)} is better)</th>" for m in metrics)
+    head += ("<th>log-likelihood</th>" if has_ll else "") + "</tr>"
+    rows, grids = [], []
+    for i, c in enumerate(candidates):
+        is_chosen = i == chosen
+        scores = c.get("scores") or {}
+        mark = "★ " if is_chosen else ""
+        cells = "".join(f'<td class="num">{_num(scores.get(m, "–"))}</td>' for m in metrics)
+        if has_ll:
+            cells += f'<td class="num">{_num(c.get("log_likelihood", "–"))}</td>'
+        row_class = ' class="chosen"' if is_chosen else ""
+        rows.append(f"<tr{row_class}><td>{mark}{i}</td>"
+                    f"<td>{_esc(c.get('caption', ''))}</td>{cells}</tr>")
+        figs = []
+        for k, rel in enumerate(c.get("images") or []):
+            flagged = _at(c.get("flagged"), k, False)
+            cap = (f"candidate {i}, seed {_esc(_at(c.get('seeds'), k, '?'))}"
+                   + _per_image_scores(c.get("scores_per_image"), k)
+                   + ("<br><span class='flagged'>flagged by the safety checker</span>" if flagged else ""))
+            figs.append(images.figure(rel, cap, chosen=is_chosen))
+        if figs:
+            label = f"candidate {i}{' (chosen)' if is_chosen else ''}: {_esc(c.get('caption', ''))}"
+            grids.append(f"<p>{label}</p><div class='row'>{''.join(figs)}</div>")
+    original = images.figure(r.get("original"), "original") if r.get("original") else ""
+    source = f"<p class='muted'>source: {_esc(r['source'])}</p>" if r.get("source") else ""
+    table = f"<table>{head}{''.join(rows)}</table>" if candidates else "<p class='muted'>no candidates</p>"
+    return (f"{source}<div class='row'>{original}</div>{table}"
+            f"<details open><summary>reconstructions</summary>{''.join(grids)}</details>")
+
+
+def _render_text_image_text(r: dict, images: _Images) -> str:
+    chosen = r.get("chosen")
+    scores = r.get("scores") or {}
+    mean = "".join(f"<tr><td>{_esc(m)} ({metric_direction(m)} is better)</td><td class='num'>{_num(v)}</td></tr>"
+                   for m, v in (scores.items() if isinstance(scores, Mapping) else []))
+    figs = []
+    for k, rel in enumerate(r.get("images") or []):
+        cap = (f"{'★ ' if k == chosen else ''}image {k}, seed {_esc(_at(r.get('seeds'), k, '?'))}"
+               f"<br>caption: <q>{_esc(_at(r.get('captions'), k, ''))}</q>"
+               + _per_image_scores(r.get("scores_per_image"), k))
+        figs.append(images.figure(rel, cap, chosen=k == chosen))
+    return (f"<p>text: <q>{_esc(r.get('text', ''))}</q></p>"
+            f"<table><tr><th>metric (mean over images)</th><th>score</th></tr>{mean}</table>"
+            f"<div class='row'>{''.join(figs)}</div>")
+
+
+def _render_other(r: dict, images: _Images) -> str:
+    """Records of other jobs (``caption``, ``generate``): their texts and images, then the raw record."""
+    lines = [f"<p>{key}: <q>{_esc(r[key])}</q></p>" for key in ("source", "text", "caption") if key in r]
+    if isinstance(r.get("captions"), list):
+        lines.append("<ol start='0'>" + "".join(f"<li>{_esc(c)}</li>" for c in r["captions"]) + "</ol>")
+    figs = [images.figure(rel, f"image {k}, seed {_esc(_at(r.get('seeds'), k, '?'))}")
+            for k, rel in enumerate(r.get("images") or [])]
+    raw = _esc(json.dumps(r, ensure_ascii=False, indent=1, default=str))
+    return (f"{''.join(lines)}<div class='row'>{''.join(figs)}</div>"
+            f"<details><summary>record</summary><pre>{raw}</pre></details>")
+
+
+def _render_item(r: dict, images: _Images) -> str:
+    direction = r.get("direction")
+    try:
+        if direction == IMAGE_TEXT_IMAGE:
+            body = _render_image_text_image(r, images)
+        elif direction == TEXT_IMAGE_TEXT:
+            body = _render_text_image_text(r, images)
+        else:
+            body = _render_other(r, images)
+    except Exception as e:  # a malformed record must not cost the whole report
+        body = f"<p class='flagged'>cannot render this record: {_esc(type(e).__name__)}: {_esc(e)}</p>"
+    return (f"<section class='item'><h3>{_esc(r.get('id', '?'))} <span class='muted'>{_esc(direction or '')}"
+            f"</span></h3>{body}{_warnings(r)}</section>")
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+
+class RecordList(list):
+    """Records of a ``results.jsonl``; ``skipped_lines`` counts the unreadable lines at its end."""
+
+    skipped_lines: int = 0
+
+
+def read_records(path: str | Path) -> RecordList:
+    """The records of a run's ``results.jsonl`` for :func:`write_report`.
+
+    Reads like a resuming run does (:func:`recon.runs.read_jsonl`): from the first torn or corrupt line on
+    (a run killed mid-write), lines are skipped and counted in ``skipped_lines``, which the report shows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such results file; is this a run directory?")
+    records, valid_bytes = read_jsonl(path)
+    out = RecordList(records)
+    out.skipped_lines = sum(1 for line in path.read_bytes()[valid_bytes:].splitlines() if line.strip())
+    return out
+
+
+def _latest_per_id(records: Iterable[dict]) -> list[dict]:
+    """One record per id, the last written (a resumed run's retry), in order of first appearance."""
+    by_id: dict[Any, dict] = {}
+    anonymous = []
+    for r in records:
+        if not isinstance(r, dict):
+            continue
+        if "id" in r:
+            by_id[str(r["id"])] = r  # a repeated key keeps its first position
+        else:
+            anonymous.append(r)
+    return list(by_id.values()) + anonymous
+
+
+def _config_text(run_dir: Path, config: Any) -> str | None:
+    if config is None:
+        path = run_dir / "config.yaml"
+        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    try:
+        return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    except yaml.YAMLError:  # e.g. a Path value: still show it
+        return json.dumps(config, ensure_ascii=False, indent=2, default=str)
+
+
+def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping | None = None,
+                 title: str = "recon report", max_items: int = 200, thumb_size: int | None = 256) -> Path:
+    """Write ``run_dir/report.html`` atomically and return its path.
+
+    ``records``: result records (see ``recon.pipeline``); when an id repeats, its last record counts.
+    Statistics and histograms cover all records; item cards are shown for the first ``max_items`` ok records
+    and the failure table for the first ``max_items`` failed ones. Images are read from paths relative to
+    ``run_dir`` and embedded as PNG thumbnails at most ``thumb_size`` pixels on a side (None: full size).
+    ``config``: a dict (or a Config); None reads ``run_dir/config.yaml`` when there is one.
+    """
+    run_dir = Path(run_dir)
+    skipped = getattr(records, "skipped_lines", 0)
+    records = _latest_per_id(records)
+    ok = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") != "ok"]
+    values = _metric_values(records)
+    images = _Images(run_dir, thumb_size)
+
+    parts = [f"<h1>{_esc(title)}</h1>",
+             f"<p>run directory <code>{_esc(run_dir.resolve().name)}</code>: {len(records)} records, "
+             f"{len(ok)} ok, {len(failed)} failed"
+             + (f"; {skipped} unreadable line(s) at the end of results.jsonl skipped" if skipped else "") + ".</p>"]
+    config_text = _config_text(run_dir, config)
+    if config_text is not None:
+        parts.append(f"<details><summary>config</summary><pre>{_esc(config_text)}</pre></details>")
+    parts.append(f"<h2>Statistics</h2>{_stats_table(records, values)}")
+    hists = [_histogram(d, m, vs) for (d, m), vs in values.items() if vs]
+    if hists:
+        parts.append(f"<h2>Score distributions</h2><div class='row'>{''.join(hists)}</div>")
+    shown = ok[:max_items]
+    parts.append(f"<h2>Items</h2><p class='muted'>showing {len(shown)} of {len(ok)} ok records.</p>")
+    parts.extend(_render_item(r, images) for r in shown)
+    if failed:
+        rows = "".join(f"<tr><td>{_esc(r.get('id', '?'))}</td><td>{_esc(r.get('direction', ''))}</td>"
+                       f"<td>{_esc(r.get('error', r.get('status', 'no status')))}</td></tr>"
+                       for r in failed[:max_items])
+        more = f"<p class='muted'>and {len(failed) - max_items} more.</p>" if len(failed) > max_items else ""
+        parts.append(f"<h2>Failed items</h2><table><tr><th>id</th><th>direction</th><th>error</th></tr>"
+                     f"{rows}</table>{more}")
+    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return atomic_write_text(run_dir / "report.html", page)

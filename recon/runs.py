@@ -1,0 +1,214 @@
+"""Run directories and the content-keyed cache.
+
+A run directory holds ``config.yaml`` (the resolved config), ``results.jsonl`` (one JSON record per item,
+appended whole with flush + fsync), ``images/`` (PNG) and ``report.html``. A killed run resumes: items whose
+record is present are skipped; a torn last line (a kill mid-write) is cut off before appending. Under
+``accelerate launch`` every process appends to its own shard ``results.rank{i}.jsonl``; the main process merges
+them into ``results.jsonl`` at the end (and on the next start, so a resumed sharded run never loses a record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recon.config import Config
+from recon.data import atomic_write_bytes, atomic_write_text  # noqa: F401 - re-exported for jobs
+
+RESULTS = "results.jsonl"
+# Settings that do not change any result: a resumed run may change them freely.
+VOLATILE_KEYS = {"run.batch_size", "run.device", "run.threads", "run.cache_dir", "run.max_report_items"}
+
+
+class RunError(RuntimeError):
+    """The run directory cannot be used as asked; the message says why and what to do."""
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """Records of a JSONL file and the byte length of its valid prefix (a torn or corrupt tail is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    records, good = [], 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(rec, dict):
+            records.append(rec)
+        good += len(line)
+    return records, good
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+class RunDir:
+    """One run's output directory; ``rank``/``world_size`` select the shard this process appends to."""
+
+    def __init__(self, path: str | Path, config: Config, rank: int = 0, world_size: int = 1):
+        self.path = Path(path)
+        self.rank, self.world_size = rank, world_size
+        self.images_dir = self.path / "images"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self._check_config(config)
+        name = RESULTS if world_size == 1 else f"results.rank{rank}.jsonl"
+        self.results_path = self.path / name
+        self._done: dict[str, dict] = {}
+        for p in [self.path / RESULTS, *sorted(self.path.glob("results.rank*.jsonl"))]:
+            for rec in read_jsonl(p)[0]:
+                if "id" in rec:
+                    self._done[str(rec["id"])] = rec
+        self._repair_tail()
+
+    def _check_config(self, config: Config) -> None:
+        cfg_path = self.path / "config.yaml"
+        new = config.to_dict()
+        if cfg_path.exists():
+            old = yaml.safe_load(cfg_path.read_text()) or {}
+            a, b = _flatten(old), _flatten(new)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in VOLATILE_KEYS)
+            if diff:
+                raise RunError(f"{self.path} holds a run with a different config ({', '.join(diff[:6])}"
+                               f"{' ...' if len(diff) > 6 else ''}); pass a new --out to start a new run, "
+                               "or the same settings to resume it")
+        if self.rank == 0:
+            atomic_write_text(cfg_path, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
+
+    def _repair_tail(self) -> None:
+        _, good = read_jsonl(self.results_path)
+        if self.results_path.exists() and self.results_path.stat().st_size > good:
+            with open(self.results_path, "r+b") as f:  # cut a record torn by a kill mid-write
+                f.truncate(good)
+
+    def done(self, item_id: str, retry_failed: bool = False) -> bool:
+        rec = self._done.get(str(item_id))
+        return rec is not None and not (retry_failed and rec.get("status") != "ok")
+
+    def record(self, item_id: str) -> dict | None:
+        return self._done.get(str(item_id))
+
+    def append(self, record: dict) -> None:
+        """Append one record as one write(2) of one line, then fsync: a record is either whole or absent."""
+        line = (json.dumps(record, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n").encode()
+        fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._done[str(record["id"])] = record
+
+    def image_path(self, item_id: str, name: str) -> Path:
+        """``images/<item id>/<name>``; the id is a relative path already (folder structure is kept)."""
+        safe = str(item_id).replace("..", "__").lstrip("/")
+        return self.images_dir / safe / name
+
+    def merge_shards(self, order: Iterable[str] | None = None) -> list[dict]:
+        """Merge shard files (and an existing results.jsonl) into results.jsonl, last record per id wins."""
+        paths = [self.path / RESULTS, *sorted(self.path.glob("results.rank*.jsonl"))]
+        merged: dict[str, dict] = {}
+        for p in paths:
+            for rec in read_jsonl(p)[0]:
+                merged[str(rec["id"])] = rec
+        if order is not None:
+            rank = {i: n for n, i in enumerate(order)}
+            records = sorted(merged.values(), key=lambda r: rank.get(str(r["id"]), len(rank)))
+        else:
+            records = list(merged.values())
+        text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+        atomic_write_text(self.path / RESULTS, text)
+        for p in paths[1:]:
+            p.unlink(missing_ok=True)
+        return records
+
+    def records(self) -> list[dict]:
+        return read_jsonl(self.path / RESULTS)[0]
+
+
+def _json_default(o: Any):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class Cache:
+    """Content-keyed store: ``key(**parts)`` hashes canonical JSON of everything that determines a result
+    (input bytes' hash, model ids, decoding/generation settings, seed); values are JSON or bytes files written
+    atomically under ``root/<namespace>/<2 hex>/<key>``. ``Cache(None)`` is a disabled cache."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root else None
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(**parts: Any) -> str:
+        blob = json.dumps(parts, sort_keys=True, ensure_ascii=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def _path(self, namespace: str, key: str, suffix: str) -> Path:
+        assert self.root is not None
+        return self.root / namespace / key[:2] / f"{key}{suffix}"
+
+    def get_json(self, namespace: str, key: str) -> Any | None:
+        if self.root is None:
+            return None
+        p = self._path(namespace, key, ".json")
+        try:
+            value = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return value
+
+    def put_json(self, namespace: str, key: str, value: Any) -> None:
+        if self.root is not None:
+            atomic_write_text(self._path(namespace, key, ".json"), json.dumps(value, default=_json_default))
+
+    def get_bytes(self, namespace: str, key: str, suffix: str = ".bin") -> bytes | None:
+        if self.root is None:
+            return None
+        try:
+            data = self._path(namespace, key, suffix).read_bytes()
+        except OSError:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return data
+
+    def put_bytes(self, namespace: str, key: str, data: bytes, suffix: str = ".bin") -> None:
+        if self.root is not None:
+            atomic_write_bytes(self._path(namespace, key, suffix), data)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def derive_seed(run_seed: int, item_id: str, candidate: int, image: int) -> int:
+    """A 63-bit seed from (run seed, item id, candidate index, image index): any image reproducible alone."""
+    digest = hashlib.sha256(f"{run_seed}\x1f{item_id}\x1f{candidate}\x1f{image}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)

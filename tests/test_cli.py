@@ -1,0 +1,95 @@
+"""The `recon` command as a user runs it: subprocesses, SIGKILL + resume, accelerate sharding, clean errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recon.runs import read_jsonl
+
+
+def _env(cache):
+    env = dict(os.environ, RECON_CACHE=str(cache), HF_HUB_OFFLINE="1", RECON_THREADS="1")
+    env.pop("RECON_DEBUG", None)
+    return env
+
+
+def _recon(args, cache, **kw):
+    return subprocess.run([sys.executable, "-m", "recon", *args], env=_env(cache), capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def _images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_sigkill_midway_then_resume_gives_every_item_once(tmp_path, recon_cache, tiny_models):
+    src = _images(tmp_path / "src", 8)
+    out = tmp_path / "run"
+    args = ["reconstruct", str(src), "--preset", "tiny-random", "--out", str(out), "--batch-size", "1",
+            "--no-cache", "--no-progress", "--set", "generator.num_inference_steps=20"]
+    proc = subprocess.Popen([sys.executable, "-m", "recon", *args], env=_env(recon_cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and results.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = results.read_bytes().count(b"\n")
+    assert 2 <= done_before < 8
+    r = _recon(args, recon_cache)
+    assert r.returncode == 0, r.stderr
+    lines = results.read_text().splitlines()
+    ids = [json.loads(x)["id"] for x in lines]  # every line valid JSON
+    assert sorted(ids) == [f"{i:02d}.png" for i in range(8)]
+    assert all(json.loads(x)["status"] == "ok" for x in lines)
+
+
+def test_accelerate_two_processes_shard_and_merge(tmp_path, recon_cache, tiny_models):
+    pytest.importorskip("accelerate")
+    src = _images(tmp_path / "src", 5)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "recon", "reconstruct", str(src),
+           "--preset", "tiny-random", "--out", str(out), "--no-progress", "--no-cache"]
+    r = subprocess.run(cmd, env=_env(recon_cache), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_jsonl(out / "results.jsonl")[0]
+    assert [x["id"] for x in recs] == [f"{i:02d}.png" for i in range(5)]
+    assert all(x["status"] == "ok" for x in recs)
+    assert not list(out.glob("results.rank*.jsonl")) and (out / "report.html").is_file()
+
+
+def test_uncached_hub_id_offline_fails_before_work_with_clear_message(tmp_path, recon_cache):
+    src = _images(tmp_path / "src", 1)
+    r = _recon(["reconstruct", str(src), "--preset", "blip-sd14-paper", "--out", str(tmp_path / "run")],
+               recon_cache)
+    assert r.returncode == 2
+    assert "Salesforce/blip-image-captioning-base" in r.stderr and "captioner.model" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_malformed_inputs_are_one_line_errors(tmp_path, recon_cache):
+    bad = tmp_path / "texts.json"
+    bad.write_text('["a", "b",\n  oops]')
+    r = _recon(["reconstruct-text", str(bad), "--preset", "tiny-random", "--out", str(tmp_path / "r")], recon_cache)
+    assert r.returncode == 2 and "texts.json" in r.stderr and "Traceback" not in r.stderr
+    r = _recon(["reconstruct", str(tmp_path / "nope"), "--preset", "tiny-random"], recon_cache)
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+    r = _recon(["reconstruct", str(tmp_path), "--preset", "tiny-random", "--set", "generator.steps=3"], recon_cache)
+    assert r.returncode == 2 and "generator" in r.stderr and "steps" in r.stderr

@@ -1,0 +1,61 @@
+import pytest
+
+from recon.config import Config, ConfigError, apply_override, list_presets, load_config
+
+
+def test_every_preset_loads_and_validates():
+    names = list_presets()
+    assert {"tiny-random", "blip-sd14-paper", "blip-large-sd15", "blip2-sd21"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert isinstance(cfg, Config) and cfg.name == name
+
+
+def test_paper_preset_settings():
+    c = load_config("blip-sd14-paper")
+    assert c.captioner.prompt == "a picture of "
+    assert (c.captioner.decoding.method, c.captioner.decoding.num_beams) == ("beam", 3)
+    assert (c.captioner.decoding.min_new_tokens, c.captioner.decoding.max_new_tokens) == (5, 20)
+    assert c.generator.model == "CompVis/stable-diffusion-v1-4"
+    assert (c.generator.guidance_scale, c.generator.num_inference_steps, c.generator.height) == (7.5, 50, 512)
+    assert c.similarity.image[0].kind == "clip_pooler"
+
+
+def test_dotted_overrides_parse_yaml_scalars_and_list_indices():
+    c = load_config("tiny-random", ["generator.guidance_scale=5", "similarity.image.0.kind=lpips",
+                                    "captioner.prompt=", "run.threads=null", "generator.negative_prompt=ugly, blurry"])
+    assert c.generator.guidance_scale == 5.0 and isinstance(c.generator.guidance_scale, float)
+    assert c.similarity.image[0].kind == "lpips"
+    assert c.captioner.prompt == "" and c.run.threads is None
+    assert c.generator.negative_prompt == "ugly, blurry"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("generator.guidance_scle=5", "guidance_scle"),
+    ("run.seed=abc", "run.seed"),
+    ("similarity.image.7.kind=x", "similarity.image.7"),
+    ("nonsense", "dotted.key=value"),
+    ("run.save_images=3", "run.save_images"),
+])
+def test_bad_overrides_name_the_field(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config("tiny-random", [override])
+
+
+def test_yaml_path_and_base(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("base: tiny-random\ngenerator: {num_inference_steps: 2}\n")
+    c = load_config(str(p))
+    assert c.generator.num_inference_steps == 2 and c.captioner.model == "builtin:tiny-random/captioner"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generator: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("no-such-preset")
+
+
+def test_apply_override_appends_to_list():
+    d = {"a": [1]}
+    apply_override(d, "a.1=2")
+    assert d == {"a": [1, 2]}

@@ -1,0 +1,133 @@
+"""Reconstruction runs end to end on tiny random models: records, seeds, resume, cache, failures, report."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recon.config import load_config
+from recon.jobs import reconstruct_images, reconstruct_texts
+from recon.pipeline import Reconstructor
+from recon.runs import Cache, read_jsonl
+
+
+def _images(folder, n=3, size=40):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size + 8 * i, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def _cfg(*over):
+    return load_config("tiny-random", ["run.cache_dir=''", "run.batch_size=2", *over])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("pipe")
+    src = _images(root / "src")
+    recon = Reconstructor(_cfg())
+    run = reconstruct_images(_cfg(), src, root / "run", progress=False, reconstructor=recon)
+    return root, src, run, recon
+
+
+def test_records_candidates_seeds_and_choice(first_run):
+    root, src, run, recon = first_run
+    records = read_jsonl(run.path / "results.jsonl")[0]
+    assert [r["id"] for r in records] == ["img0.png", "img1.png", "img2.png"]
+    names = ["clip_similarity", "clip_pooler_similarity", "ssim_similarity"]
+    for r in records:
+        assert r["status"] == "ok" and r["direction"] == "image-text-image"
+        assert len(r["candidates"]) == 2 and all(len(c["images"]) == 2 for c in r["candidates"])
+        # common random numbers: image k of every candidate shares its seed; the K seeds differ
+        assert r["candidates"][0]["seeds"] == r["candidates"][1]["seeds"]
+        assert len(set(r["candidates"][0]["seeds"])) == 2
+        assert set(r["scores"]) == set(names)
+        best = max(range(2), key=lambda c: r["candidates"][c]["scores"]["clip_similarity"])
+        assert r["chosen"] == best and r["caption"] == r["candidates"][best]["caption"]
+        for c in r["candidates"]:
+            assert all((run.path / p).is_file() for p in c["images"])
+            assert c["scores"]["ssim_similarity"] == pytest.approx(np.mean(c["scores_per_image"]["ssim_similarity"]))
+    assert (run.path / "report.html").is_file() and (run.path / "config.yaml").is_file()
+
+
+def test_one_item_regenerated_alone_gives_identical_png_bytes(first_run, tmp_path):
+    root, src, run, _ = first_run
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(src / "img1.png", alone / "img1.png")
+    run2 = reconstruct_images(_cfg(), alone, tmp_path / "run", progress=False)
+    rec1 = {r["id"]: r for r in read_jsonl(run.path / "results.jsonl")[0]}["img1.png"]
+    rec2 = read_jsonl(run2.path / "results.jsonl")[0][0]
+    assert rec2["seeds"] == rec1["seeds"]
+    for c1, c2 in zip(rec1["candidates"], rec2["candidates"]):
+        assert c1["caption"] == c2["caption"]
+        for p1, p2 in zip(c1["images"], c2["images"]):
+            assert (run.path / p1).read_bytes() == (run2.path / p2).read_bytes()
+
+
+def test_rerun_with_cache_loads_no_model_and_matches(tmp_path, tiny_models):
+    src = _images(tmp_path / "src", n=2)
+    cfg = load_config("tiny-random", [f"run.cache_dir={tmp_path / 'cache'}"])
+    a = reconstruct_images(cfg, src, tmp_path / "a", progress=False)
+    fresh = Reconstructor(cfg, cache=Cache(tmp_path / "cache"))
+    b = reconstruct_images(cfg, src, tmp_path / "b", progress=False, reconstructor=fresh)
+    assert fresh._captioner is None and fresh._generator is None and fresh._image_metrics is None
+    ra, rb = read_jsonl(a.path / "results.jsonl")[0], read_jsonl(b.path / "results.jsonl")[0]
+    assert [r["scores"] for r in ra] == [r["scores"] for r in rb]
+    assert (a.path / ra[0]["candidates"][0]["images"][0]).read_bytes() == \
+        (b.path / rb[0]["candidates"][0]["images"][0]).read_bytes()
+
+
+def test_resume_skips_finished_items(first_run):
+    root, src, run, _ = first_run
+    before = (run.path / "results.jsonl").read_bytes()
+    recon = Reconstructor(_cfg())
+    reconstruct_images(_cfg(), src, run.path, progress=False, reconstructor=recon)
+    assert (run.path / "results.jsonl").read_bytes() == before
+    assert recon._captioner is None  # nothing left to do: no model was loaded
+
+
+def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, tiny_models):
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.png").write_text("not an image")
+    good = Image.new("RGB", (20, 20), "red")
+    good.save(src / "ok.png")
+    (src / "truncated.png").write_bytes((src / "ok.png").read_bytes()[:40])
+    (src / "dangling.png").symlink_to(src / "missing.png")
+    Image.new("CMYK", (16, 16), (10, 20, 30, 0)).save(src / "cmyk.jpg")
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(src / "deep16.png")
+    Image.new("RGBA", (19, 19), (0, 0, 255, 100)).save(src / "rgba.png")
+    Image.new("P", (15, 15)).save(src / "palette.png")
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (1, 1)).save(src / "pixel.png")
+    run = reconstruct_images(_cfg("generator.images_per_caption=1", "captioner.num_candidates=1"), src,
+                             tmp_path / "run", progress=False)
+    recs = {r["id"]: r for r in read_jsonl(run.path / "results.jsonl")[0]}
+    assert len(recs) == 11
+    failed = {i for i, r in recs.items() if r["status"] == "failed"}
+    assert failed == {"empty.png", "text.png", "truncated.png", "dangling.png", "pixel.png"}
+    for i in failed - {"pixel.png"}:
+        assert str(src / i) in recs[i]["error"]
+    assert "at least" in recs["pixel.png"]["error"]  # 1x1: too small for SSIM, recorded, not raised
+    assert "failed" in (run.path / "report.html").read_text()
+
+
+def test_text_to_image_to_text_records_and_escaping(tmp_path, tiny_models):
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(["<script>alert(1)</script>", "", "word " * 2000, "emoji 🙂 and مرحبا"]))
+    run = reconstruct_texts(_cfg(), texts, tmp_path / "run", progress=False)
+    recs = read_jsonl(run.path / "results.jsonl")[0]
+    assert [r["status"] for r in recs] == ["ok", "failed", "ok", "ok"]
+    assert "empty" in recs[1]["error"].lower()
+    assert any("truncated" in w for w in recs[2]["warnings"])
+    ok = recs[0]
+    assert len(ok["images"]) == 2 and len(ok["captions"]) == 2 and "clip_text_similarity" in ok["scores"]
+    html = (run.path / "report.html").read_text()
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html

@@ -1,0 +1,151 @@
+"""recon.report: a self-contained, escaped report.html for both record kinds and failed records."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+
+import pytest
+from PIL import Image
+
+from recon.data import DataError, save_png
+from recon.report import metric_direction, read_records, write_report
+
+XSS = "<script>alert(1)</script>"
+XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+def _image(run_dir, rel, color):
+    save_png(Image.new("RGB", (16, 16), color), run_dir / rel)
+    return rel
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    return run
+
+
+def _iti_record(run_dir, item_id="cat.png", caption=XSS):
+    original = _image(run_dir, f"images/{item_id}/original.png", (200, 10, 10))
+    candidates = []
+    for c, text in enumerate([caption, "a red square"]):
+        images = [_image(run_dir, f"images/{item_id}/c{c}_k{k}.png", (10 * c, 100, 20 * k)) for k in range(2)]
+        candidates.append({"caption": text, "scores": {"clip": 0.5 + c / 10, "lpips_distance": 0.4 - c / 10},
+                           "scores_per_image": {"clip": [0.5, 0.5 + c / 5], "lpips_distance": [0.4, 0.4 - c / 5]},
+                           "seeds": [11, 12], "images": images, "flagged": [False, c == 1],
+                           "log_likelihood": -3.25 - c})
+    return {"id": item_id, "status": "ok", "direction": "image-text-image", "source": f"/data/{item_id}",
+            "original": original, "candidates": candidates, "chosen": 1, "caption": "a red square",
+            "scores": candidates[1]["scores"], "seeds": [11, 12], "warnings": [f"prompt truncated {XSS}"]}
+
+
+def _tit_record(run_dir, item_id="line-1", text=XSS):
+    images = [_image(run_dir, f"images/{item_id}/k{k}.png", (0, 0, 100 + 50 * k)) for k in range(2)]
+    return {"id": item_id, "status": "ok", "direction": "text-image-text", "text": text, "images": images,
+            "seeds": [0, 1], "captions": [f"blue {XSS}", "navy"], "scores_per_image": {"sbert": [0.25, 0.75]},
+            "scores": {"sbert": 0.5}, "chosen": 1, "warnings": []}
+
+
+def _failed(item_id, direction="image-text-image", error=f"bad file {XSS}"):
+    return {"id": item_id, "status": "failed", "direction": direction, "error": error}
+
+
+def _embedded_images(page: str) -> dict[str, Image.Image]:
+    """{alt text: image} of every embedded PNG."""
+    found = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)"', page)
+    assert len(found) == page.count("<img ")
+    return {alt: Image.open(io.BytesIO(base64.b64decode(uri))) for uri, alt in found}
+
+
+def test_report_both_kinds_escaped_and_self_contained(run_dir):
+    records = [_iti_record(run_dir), _tit_record(run_dir), _failed(f"broken{XSS}.png"),
+               _failed("line-2", "text-image-text", error="text is empty")]
+    config = {"name": XSS, "run": {"seed": 0}, "path": run_dir}  # a Path is not YAML: shown as JSON
+    path = write_report(run_dir, records, config, title=f"run {XSS}")
+    assert path == run_dir / "report.html"
+    page = path.read_text(encoding="utf-8")
+    assert "<script" not in page.lower()  # the page has no scripts; every injected one is escaped
+    assert page.count(XSS_ESCAPED) >= 7  # title x2, config, caption, text, captions, warning, error, id
+    assert "text is empty" in page and "broken&lt;script&gt;" in page
+    # original + 2 candidates x 2 images + 2 text->image images + histograms (clip, lpips_distance, sbert)
+    images = _embedded_images(page)
+    assert len(images) == 1 + 4 + 2 + 3
+    original = images["images/cat.png/original.png"]
+    assert original.size == (16, 16) and original.getpixel((0, 0)) == (200, 10, 10)
+    assert images["images/line-1/k1.png"].getpixel((0, 0)) == (0, 0, 150)
+    assert "src=\"images/" not in page and "file://" not in page
+    assert "lower (distance)" in page and "higher (similarity)" in page
+    assert "flagged by the safety checker" in page and "-4.2500" in page
+    assert "<details><summary>config</summary>" in page
+    assert sorted(os.listdir(run_dir)) == ["images", "report.html"]  # no temporary file left behind
+
+
+def test_report_statistics_and_caps(run_dir):
+    records = [_tit_record(run_dir, f"line-{i}", text=f"text {i}") for i in range(5)]
+    for i, r in enumerate(records):
+        r["scores"] = {"sbert": float(i)}
+    records.append({**_failed("line-0", "text-image-text")})  # a retry of line-0 failed: the last one counts
+    records.append({"id": "nan", "status": "ok", "direction": "text-image-text", "scores": {"sbert": float("nan")}})
+    page = write_report(run_dir, records, max_items=2).read_text(encoding="utf-8")
+    stats = re.search(r"<td>text-image-text</td><td>sbert</td>.*?</tr>", page).group(0)
+    cells = re.findall(r'<td class="num">([^<]*)</td>', stats)
+    # n, mean, std, median, min, max over lines 1..4 (line-0 failed on retry); one non-finite; one failed
+    assert cells == ["4", "2.5000", "1.2910", "2.5000", "1.0000", "4.0000", "1", "1"]
+    assert "showing 2 of 5 ok records" in page
+    assert page.count("<section class='item'>") == 2
+
+
+def test_report_tolerates_missing_and_outside_images(run_dir, tmp_path):
+    outside = tmp_path / "secret.png"
+    save_png(Image.new("RGB", (4, 4)), outside)
+    record = _tit_record(run_dir)
+    record["images"] = ["images/none.png", "../secret.png"]
+    odd = {"id": "odd", "status": "ok", "direction": "something-else", "note": XSS}
+    broken = {"id": "x", "status": "ok", "direction": "image-text-image", "candidates": [{"scores": "oops"}]}
+    page = write_report(run_dir, [record, odd, broken], config=None).read_text(encoding="utf-8")
+    assert "file not found" in page and "outside the run directory" in page
+    assert len(_embedded_images(page)) == 1  # only the sbert histogram
+    assert "<script" not in page.lower() and "cannot render this record" in page
+
+
+def test_report_from_results_file(run_dir):
+    (run_dir / "config.yaml").write_text(f"name: '{XSS}'\n")
+    lines = [json.dumps(_iti_record(run_dir)), json.dumps(_failed("b")), '{"id": "c", "sta']
+    (run_dir / "results.jsonl").write_text("\n".join(lines))
+    records = read_records(run_dir / "results.jsonl")
+    page = write_report(run_dir, records).read_text(encoding="utf-8")
+    assert "2 records, 1 ok, 1 failed; 1 unreadable line(s) at the end of results.jsonl skipped" in page
+    assert XSS_ESCAPED in page and "<script" not in page.lower()
+
+
+def test_metric_direction():
+    assert metric_direction("lpips_distance") == "lower" and metric_direction("clip") == "higher"
+
+
+def test_read_records(tmp_path):
+    path = tmp_path / "results.jsonl"
+    good = [{"id": "a", "status": "ok"}, {"id": "é", "status": "failed", "error": "boom"}]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good).encode()
+    path.write_bytes(body)
+    assert read_records(path) == good and read_records(path).skipped_lines == 0
+    path.write_bytes(body + b'{"id": "c", "caption": "caf' + "é".encode()[:1])  # killed mid-character
+    records = read_records(path)
+    assert records == good and records.skipped_lines == 1
+    path.write_text('{"id": "a"}\n{"id": \n{"id": "b"}\n')  # corrupt: read up to it, like a resuming run
+    assert read_records(path) == [{"id": "a"}] and read_records(path).skipped_lines == 2
+    with pytest.raises(DataError, match="no such results file"):
+        read_records(tmp_path / "absent.jsonl")
+
+
+def test_report_other_directions(run_dir):
+    gen = {"id": "t", "status": "ok", "direction": "generate", "text": XSS, "seeds": [3],
+           "images": [_image(run_dir, "images/t/k0.png", (1, 2, 3))]}
+    cap = {"id": "c", "status": "ok", "direction": "caption", "source": "/x/c.png", "captions": [XSS, "b"]}
+    page = write_report(run_dir, [gen, cap]).read_text(encoding="utf-8")
+    assert "<script" not in page.lower() and page.count(XSS_ESCAPED) >= 4
+    assert _embedded_images(page)["images/t/k0.png"].getpixel((0, 0)) == (1, 2, 3)

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from recon.config import load_config
+from recon.runs import Cache, RunDir, RunError, derive_seed, read_jsonl
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert derive_seed(0, "a.png", 0, 0) == derive_seed(0, "a.png", 0, 0)
+    seeds = {derive_seed(s, i, c, k) for s in (0, 1) for i in ("a", "b") for c in (0, 1) for k in (0, 1)}
+    assert len(seeds) == 16 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_append_resume_and_torn_tail(tmp_path):
+    cfg = load_config("tiny-random")
+    run = RunDir(tmp_path, cfg)
+    run.append({"id": "a", "status": "ok"})
+    run.append({"id": "b", "status": "failed", "error": "x"})
+    with open(run.results_path, "ab") as f:  # a kill mid-write leaves a torn line
+        f.write(b'{"id": "c", "sta')
+    again = RunDir(tmp_path, cfg)
+    assert again.done("a") and again.done("b") and not again.done("c")
+    assert not again.done("b", retry_failed=True)
+    again.append({"id": "c", "status": "ok"})
+    lines = run.results_path.read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["a", "b", "c"]
+
+
+def test_config_change_refused_but_volatile_keys_allowed(tmp_path):
+    RunDir(tmp_path, load_config("tiny-random"))
+    RunDir(tmp_path, load_config("tiny-random", ["run.batch_size=1", "run.device=cpu"]))
+    with pytest.raises(RunError, match="generator.guidance_scale"):
+        RunDir(tmp_path, load_config("tiny-random", ["generator.guidance_scale=2"]))
+
+
+def test_shards_merge_in_item_order(tmp_path):
+    cfg = load_config("tiny-random")
+    r0, r1 = RunDir(tmp_path, cfg, 0, 2), RunDir(tmp_path, cfg, 1, 2)
+    r1.append({"id": "b", "status": "ok"})
+    r0.append({"id": "a", "status": "ok"})
+    r0.append({"id": "c", "status": "ok"})
+    merged = r0.merge_shards(["a", "b", "c"])
+    assert [r["id"] for r in merged] == ["a", "b", "c"]
+    assert not list(tmp_path.glob("results.rank*.jsonl"))
+    assert [r["id"] for r in read_jsonl(tmp_path / "results.jsonl")[0]] == ["a", "b", "c"]
+
+
+def test_cache_roundtrip_and_disabled(tmp_path):
+    c = Cache(tmp_path)
+    k = c.key(stage="x", seed=1)
+    assert k != c.key(stage="x", seed=2)
+    assert c.get_json("ns", k) is None
+    c.put_json("ns", k, [1, "a"])
+    c.put_bytes("img", k, b"\x89PNG", ".png")
+    assert c.get_json("ns", k) == [1, "a"] and c.get_bytes("img", k, ".png") == b"\x89PNG"
+    off = Cache(None)
+    off.put_json("ns", k, 1)
+    assert off.get_json("ns", k) is None
