@@ -124,7 +124,7 @@ def _histogram(direction: str, metric: str, values: list[float]) -> str:
     ax.set_xlabel(metric, fontsize=8)
     ax.set_ylabel("records", fontsize=8)
     ax.tick_params(labelsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.2, top=0.88)  # fixed: tight_layout cost ~0.4 s a plot
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
