@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_PRESET = "shapes"
+DEFAULT_PRESET = "shapes"  # the shipped bundle (recon/shapes/bundle)
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,108 @@
+"""MODEL_CARD.md and VERSION of the shapes bundle, written from the training records and an evaluation result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from recon.shapes import world
+
+BUNDLE_VERSION = "1"
+PARTS = {"captioner": "BlipForConditionalGeneration + BlipProcessor (transformers)",
+         "captioner_weak": "a weak captioner for candidate-ranking experiments (see training/captioner_weak.json)",
+         "generator": "StableDiffusionPipeline folder: AutoencoderKL, CLIPTextModel + CLIPTokenizer, "
+                      "UNet2DConditionModel, DDIMScheduler (v-prediction)",
+         "clip": "open_clip CLIP, ModifiedResNet image tower, hub layout (open_clip_config.json + safetensors)",
+         "judge": "AttributeJudge CNN (recon.shapes.models), evaluation only"}
+
+
+def _params(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in path.rglob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                total += _prod(st.get_slice(k).get_shape())
+    return total
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write_model_card(bundle: Path, result: dict, extra: str = "") -> Path:
+    """Write ``MODEL_CARD.md``, ``VERSION`` and ``eval.json`` into ``bundle``."""
+    bundle = Path(bundle)
+    records = {p.stem: json.loads(p.read_text()) for p in sorted((bundle / "training").glob("*.json"))}
+    (bundle / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (bundle / "VERSION").write_text(BUNDLE_VERSION + "\n")
+    lines = [
+        "# recon shapes bundle", "",
+        "Small models of the real architecture classes, trained by `recon shapes train` on procedurally rendered "
+        f"32x32 scenes ({len(world.ALL_COMBOS)} attribute combinations: {len(world.SHAPES)} shapes x "
+        f"{len(world.COLORS)} colours x {len(world.SIZES)} sizes x {len(world.POSITIONS)} positions x "
+        f"{len(world.BACKGROUNDS)} backgrounds; {len(world.HELDOUT_COMBOS)} combinations held out of training), "
+        f"{len(world.TEMPLATES)} caption templates. Vocabularies are the real ones: BERT uncased WordPiece "
+        "(30524 rows, [DEC]/[ENC] added) for the captioner, CLIP BPE (49408 rows) for the generator and CLIP.",
+        "", f"Bundle version {BUNDLE_VERSION}; weights fp16 safetensors (configs say fp32: a plain "
+        "`from_pretrained(dir)` loads fp32).", "",
+        "## Parts", "", "| part | what | parameters | MB |", "| --- | --- | ---: | ---: |",
+    ]
+    for part, what in PARTS.items():
+        if (bundle / part).is_dir():
+            lines.append(f"| `{part}/` | {what} | {_params(bundle / part) / 1e6:.2f}M | {_mb(bundle / part):.1f} |")
+    lines += ["", f"Total size: {_mb(bundle):.1f} MB.", "", "## Training", "",
+              "Each part: `recon shapes train --component NAME` (seed 0, 1 thread; data rendered on the fly from "
+              "(seed, step)). Recipe steps: " + ", ".join(f"{k} {v}" for k, v in _default_steps().items()) + ".",
+              "", "| component | steps | batch | wall min | CPU min | device | final validation | command |",
+              "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for name, r in records.items():
+        val = json.dumps(r.get("validation", {}))[:160]
+        lines.append(f"| {name} | {r.get('steps', '')} | {r.get('batch_size', '')} | {r.get('wall_minutes', '')} | "
+                     f"{r.get('cpu_minutes', '')} | {r.get('device', 'cpu')} | `{val}` | `{r.get('command', '')}` |")
+    lines += ["", "## Measured quality", "",
+              f"`recon shapes eval --n {result.get('test', {}).get('n')} --seed {result.get('seed')}` "
+              f"(device {result.get('device')}; DDIM {result['sampling']['num_inference_steps']} steps, guidance "
+              f"{result['sampling']['guidance_scale']}; captioner beam {result['decoding']['num_beams']}):", "",
+              "| metric | bar | test (seen combinations) | held-out combinations |", "| --- | ---: | ---: | ---: |"]
+    for key in ("captioner_tuple_acc", "generator_judge_tuple_acc", "clip_zero_shot_tuple_acc", "recon_discrimination",
+                "captioner_unparseable", "judge_tuple_acc_on_renders"):
+        bar = result["bars"].get(key)
+        lines.append(f"| {key} | {_pct(bar) if bar else ''} | {_pct(result['test'][key])} | "
+                     f"{_pct(result['heldout'][key])} |")
+    for key in ("captioner_attr_acc", "generator_judge_attr_acc", "clip_zero_shot_attr_acc"):
+        t, h = result["test"][key], result["heldout"][key]
+        lines.append(f"| {key} | | {', '.join(f'{a} {_pct(v)}' for a, v in t.items())} | "
+                     f"{', '.join(f'{a} {_pct(v)}' for a, v in h.items())} |")
+    if "weak_rerank" in result:
+        w = result["weak_rerank"]
+        lines += ["", f"Weak captioner, {w['k']} sampled captions per image, {w['n']} images: greedy "
+                  f"{_pct(w['weak_greedy_tuple_acc'])}, a random sample {_pct(w['random_sample_tuple_acc'])}, the "
+                  f"sample whose reconstruction is most CLIP-similar to the image {_pct(w['reranked_tuple_acc'])}, "
+                  f"best possible {_pct(w['oracle_tuple_acc'])}."]
+    lines += ["", "The full numbers are in `eval.json`. The judge is a classifier trained on renders; generated images "
+              "it misreads count as wrong, so generator accuracy is a lower bound up to the judge's own errors.", ""]
+    if extra:
+        lines += [extra.strip(), ""]
+    path = bundle / "MODEL_CARD.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _default_steps() -> dict:
+    from recon.shapes.train import DEFAULT_STEPS
+
+    return {k: v for k, v in DEFAULT_STEPS.items() if k != "weak"}
+

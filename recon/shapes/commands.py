@@ -1,0 +1,114 @@
+"""``recon shapes train|eval|render``: argparse wiring. recon/cli.py calls :func:`register`; handlers return exit codes.
+
+``python -m recon.shapes.commands train ...`` runs the same commands without the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recon.hub import SHAPES_BUNDLE
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``shapes`` command (subcommands ``train`` and ``eval``) to an argparse subparsers object."""
+    from recon.shapes.train import COMPONENTS
+
+    shapes = subparsers.add_parser("shapes", help="the shapes world: train or evaluate the offline bundle")
+    sub = shapes.add_subparsers(dest="shapes_command", required=True)
+
+    tr = sub.add_parser("train", help="train bundle components on CPU (checkpointed; a rerun resumes)")
+    tr.add_argument("--component", required=True, choices=[*COMPONENTS, "all"])
+    tr.add_argument("--out", type=Path, default=SHAPES_BUNDLE, help="bundle directory (default: the shipped one)")
+    tr.add_argument("--work", type=Path, default=None, help="checkpoints (default: $RECON_CACHE/shapes-train/NAME)")
+    tr.add_argument("--seed", type=int, default=0)
+    budget = tr.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the bundle's recipe)")
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget; steps set after 20 steps")
+    tr.add_argument("--threads", type=int, default=1, help="torch threads per process (oversubscribing is slow)")
+    tr.add_argument("--device", default="cpu", help="cpu (the recipe) or cuda")
+    tr.add_argument("--init-from", type=Path, default=None,
+                    help="unet/captioner: continue from this bundle's weights (fresh optimizer and schedule)")
+    tr.add_argument("--batch", type=int, default=None, help="batch size (default: the recipe's)")
+    tr.set_defaults(handler=run_train)
+
+    ev = sub.add_parser("eval", help="measure the bundle on held-out renders and held-out combinations")
+    ev.add_argument("--n", type=int, default=1000, help="items per split")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--bundle", type=Path, default=SHAPES_BUNDLE)
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--rerank", type=int, default=0, metavar="N",
+                    help="also rank the weak captioner's 8 sampled captions by reconstruction on N items")
+    ev.add_argument("--n-generate", type=int, default=None, metavar="N",
+                    help="generation metrics on the first N items of each split only (default: all n)")
+    ev.add_argument("--card", action="store_true", help="write MODEL_CARD.md, VERSION and eval.json into the bundle")
+    ev.add_argument("--json", action="store_true", help="print only the json")
+    ev.set_defaults(handler=run_eval)
+
+    rd = sub.add_parser("render", help="write N rendered scenes as PNGs plus their true captions (refs.json)")
+    rd.add_argument("--n", type=int, default=16)
+    rd.add_argument("--seed", type=int, default=0)
+    rd.add_argument("--split", default="test", choices=["train", "test", "heldout"])
+    rd.add_argument("--out", type=Path, required=True, help="folder for NNNN.png and refs.json")
+    rd.set_defaults(handler=run_render)
+    return shapes
+
+
+def run_render(args: argparse.Namespace) -> int:
+    """Images for `recon reconstruct` and `{image_id: [caption]}` references for `recon score --refs`."""
+    from recon.data import atomic_write_text, save_png
+    from recon.shapes.world import TEMPLATES, caption_for, render_pil, sample_scenes
+
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    refs = {}
+    for i, scene in enumerate(sample_scenes(args.n, args.seed, args.split)):
+        save_png(render_pil(scene), args.out / f"{i:04d}.png")
+        refs[f"{i:04d}"] = [caption_for(scene.attributes, t) for t in range(len(TEMPLATES))]
+    atomic_write_text(args.out / "refs.json", json.dumps(refs, indent=1))
+    print(f"wrote {args.n} images and refs.json to {args.out}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from recon.hub import cache_root
+    from recon.shapes.train import TrainArgs, train
+
+    work = args.work or cache_root() / "shapes-train" / Path(args.out).resolve().name
+    train(TrainArgs(component=args.component, out=Path(args.out), work=Path(work), seed=args.seed,
+                    steps=args.steps, minutes=args.minutes, threads=args.threads, device=args.device,
+                    init_from=args.init_from, batch=args.batch))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from recon.hub import configure_threads
+    from recon.shapes.evaluate import BARS, evaluate
+
+    configure_threads(args.threads)
+    result = evaluate(args.n, args.seed, args.bundle, device=args.device, rerank=args.rerank,
+                      generate_n=args.n_generate, progress=not args.json)
+    print(json.dumps(result, indent=2))
+    if args.card:
+        from recon.shapes.card import write_model_card
+
+        print(f"wrote {write_model_card(args.bundle, result)}", file=sys.stderr)
+    if not args.json:
+        failed = [k for k, bar in BARS.items() if result["test"][k] < bar]
+        print("bars: " + ("all met" if not failed else "below bar: " + ", ".join(failed)), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recon.shapes.commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["shapes", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
