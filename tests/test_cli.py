@@ -93,3 +93,15 @@ def test_malformed_inputs_are_one_line_errors(tmp_path, recon_cache):
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
     r = _recon(["reconstruct", str(tmp_path), "--preset", "tiny-random", "--set", "generator.steps=3"], recon_cache)
     assert r.returncode == 2 and "generator" in r.stderr and "steps" in r.stderr
+
+
+def test_default_preset_renders_and_reconstructs_four_shapes_images(tmp_path, recon_cache):
+    r = _recon(["shapes", "render", "--n", "4", "--out", str(tmp_path / "data")], recon_cache)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((tmp_path / "data" / "refs.json").read_text())) == 4
+    r = _recon(["reconstruct", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--no-progress"], recon_cache)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["items"] == 4 and summary["ok"] == 4 and 0 < summary["mean_clip_similarity"] <= 1
+    recs = read_jsonl(tmp_path / "run" / "results.jsonl")[0]
+    assert all(r["caption"] and r["direction"] == "image-text-image" for r in recs)
