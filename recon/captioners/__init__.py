@@ -6,9 +6,10 @@ import torch
 
 from recon.captioners.base import Captioner
 from recon.captioners.blip import BlipCaptioner
+from recon.captioners.flamingo import FlamingoCaptioner
 from recon.config import CaptionerConfig, ConfigError
 
-BACKENDS = {"blip": BlipCaptioner}  # "blip" covers BLIP and BLIP-2 (the model's config says which)
+BACKENDS = {"blip": BlipCaptioner, "flamingo": FlamingoCaptioner}  # "blip": BLIP and BLIP-2 alike
 
 
 def load_captioner(cfg: CaptionerConfig, device: torch.device | str = "auto", batch_size: int = 8) -> Captioner:

@@ -47,6 +47,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                     help="generation metrics on the first N items of each split only (default: all n)")
     ev.add_argument("--card", action="store_true", help="write MODEL_CARD.md, VERSION and eval.json into the bundle")
     ev.add_argument("--json", action="store_true", help="print only the json")
+    ev.add_argument("--captioner", default="blip", choices=["blip", "flamingo"],
+                    help="flamingo: few-shot learning of an unseen caption format, keyed by shot count")
+    ev.add_argument("--shots", default="0,1,2,4", help="with --captioner flamingo: in-context example counts")
     ev.set_defaults(handler=run_eval)
 
     rd = sub.add_parser("render", help="write N rendered scenes as PNGs plus their true captions (refs.json)")
@@ -90,6 +93,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from recon.shapes.evaluate import BARS, evaluate
 
     configure_threads(args.threads)
+    if args.captioner == "flamingo":
+        from recon.shapes.flamingo import fewshot_eval
+
+        shots = [int(x) for x in args.shots.split(",") if x.strip()]
+        print(json.dumps(fewshot_eval(shots, args.n, args.seed, args.bundle, device=args.device), indent=2))
+        return 0
     result = evaluate(args.n, args.seed, args.bundle, device=args.device, rerank=args.rerank,
                       generate_n=args.n_generate, progress=not args.json)
     print(json.dumps(result, indent=2))
