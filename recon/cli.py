@@ -1,4 +1,5 @@
-"""The ``recon`` command: caption | generate | reconstruct | reconstruct-text | report | presets | shapes."""
+"""The ``recon`` command: caption | generate | reconstruct | reconstruct-text | score | analyze | finetune |
+report | presets | shapes."""
 
 from __future__ import annotations
 
@@ -9,23 +10,10 @@ import os
 import sys
 from pathlib import Path
 
+from recon.run_args import add_run_args, config_from_args
+
 # Errors a user can fix: shown as one line, never as a traceback (RECON_DEBUG=1 shows it).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="preset name from configs/ or a YAML path (default: shapes)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, e.g. --set generator.guidance_scale=5 (repeatable)")
-    p.add_argument("--out", default=None, help="run directory (rerunning with the same --out resumes)")
-    p.add_argument("--seed", type=int, default=None, help="run seed (run.seed)")
-    p.add_argument("--batch-size", type=int, default=None, help="items per batch (run.batch_size)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (run.device)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (run.threads)")
-    p.add_argument("--limit", type=int, default=None, help="process only the first N items")
-    p.add_argument("--retry-failed", action="store_true", help="on resume, redo items recorded as failed")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the content-keyed cache")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,30 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
                              ("reconstruct-text", "texts", "text -> images -> captions -> text similarity")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument(arg)
-        _common(p)
+        add_run_args(p)
     p = sub.add_parser("report", help="(re)write report.html of a run directory")
     p.add_argument("run_dir")
     sub.add_parser("presets", help="list the presets in configs/")
-    try:
-        from recon.shapes import commands as shapes_commands
-    except ImportError:  # the shapes world is optional at development time
-        shapes_commands = None
-    if shapes_commands is not None:
-        shapes_commands.register(sub)
+    from recon import scoring_cli
+    from recon.shapes import commands as shapes_commands
+    from recon.train import commands as train_commands
+
+    scoring_cli.register(sub)  # score, analyze
+    train_commands.register(sub)  # finetune
+    shapes_commands.register(sub)  # shapes train | eval | render
     return parser
-
-
-def _config(args):
-    from recon.config import load_config
-
-    overrides = list(args.overrides)
-    for flag, key in [("seed", "run.seed"), ("batch_size", "run.batch_size"), ("device", "run.device"),
-                      ("threads", "run.threads")]:
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    if args.no_cache:
-        overrides.append("run.cache_dir=''")
-    return load_config(args.preset, overrides)
 
 
 def _summary(run) -> None:
@@ -110,9 +86,9 @@ def _dispatch(args) -> int:
         cfg = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
         print(write_report(run_dir, read_records(run_dir / "results.jsonl"), cfg))
         return 0
-    if args.command == "shapes":
+    if hasattr(args, "handler"):  # score, analyze, finetune, shapes
         return args.handler(args)
-    config = _config(args)
+    config = config_from_args(args)
     out = args.out or f"runs/{args.command}-{config.name}"
     kw = dict(limit=args.limit, retry_failed=args.retry_failed, progress=not args.no_progress)
     fn = {"caption": jobs.caption_images, "generate": jobs.generate_images,

@@ -1,0 +1,341 @@
+"""Caption-set scoring: several caption files for one image folder -> per-item records, aggregates, leaderboard.
+
+``score_caption_sets(config, [captions.json, ...], images_dir, out, refs=...)`` fills a run directory:
+
+* ``results.jsonl``: one record per (system, image), ``"direction": "score"``, written whole and resumable like
+  every recon run (:class:`recon.runs.RunDir`). A caption set's name (its *system*) is its file stem. A record's
+  id is ``SYSTEM/IMAGE_ID``; problems of a file entry (unknown image id, a duplicate id -- the first caption is
+  kept --, an empty or null caption, a missing key) are ``"status": "failed"`` records with the file and entry.
+* ``aggregate.json``: ``{system: {metric: mean over its ok items}}``; ``corpus.json``: pycocoevalcap's corpus
+  scores per system (corpus BLEU and METEOR differ from the mean of per-image scores; CIDEr and ROUGE-L do not).
+* ``leaderboard.{md,html,json}`` and ``report.html`` (:mod:`recon.analysis`, :mod:`recon.scoring_report`).
+
+Score keys: ``recon_<image metric>`` (mean over the K reconstructions of the caption; their sample std is in
+``recon_std``), ``clipscore``, ``refclipscore``, ``bleu_1``..``bleu_4``, ``meteor``, ``rouge_l``, ``cider``,
+``spice``, ``sbert_similarity`` (highest SBERT cosine to a reference). All are higher-is-better except names
+ending in ``_distance``. Reconstruction k of an image uses the seed ``derive_seed(run seed, image id, 0, k)``
+whatever the system: systems are compared under common random numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from recon import caption_metrics as cm
+from recon.caption_sets import build_items, check_inputs, read_caption_set, read_references, system_names
+from recon.config import Config, MetricConfig
+from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_image
+from recon.runs import RunDir, derive_seed, sha256_file
+
+SCORE = "score"  # the records' direction
+ALL_METRICS = ("recon", "clipscore", "refclipscore", "bleu", "meteor", "rouge", "cider", "spice", "sbert")
+NEEDS_REFS = ("refclipscore", "bleu", "meteor", "rouge", "cider", "spice", "sbert")
+
+
+def parse_metrics(spec: str | Sequence[str] | None, have_refs: bool) -> list[str]:
+    """Metric names from ``"recon,bleu"`` (or a list); None: all that the inputs allow (with refs: all)."""
+    if spec is None or spec == "all":
+        return list(ALL_METRICS if have_refs else [m for m in ALL_METRICS if m not in NEEDS_REFS])
+    names = [m.strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
+    unknown = [m for m in names if m not in ALL_METRICS]
+    if unknown or not names:
+        raise ValueError(f"--metrics: unknown metric(s) {unknown or names}; choose from {', '.join(ALL_METRICS)}")
+    if not have_refs and (need := [m for m in names if m in NEEDS_REFS]):
+        raise ValueError(f"--metrics {','.join(need)} compare captions with references: pass --refs REFS.json")
+    return list(dict.fromkeys(names))
+
+
+# -------------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timer:
+    """Exclusive seconds per stage (``generation``, ``clipscore``, ``model_loading``, ...), summed over calls:
+    a stage entered inside another (a model loaded on first use) pauses the outer one."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    _stack: list = field(default_factory=list)
+
+    def _charge(self, now: float) -> None:
+        if self._stack:
+            stage, since = self._stack[-1]
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + now - since
+
+    @contextmanager
+    def __call__(self, stage: str):
+        now = time.perf_counter()
+        self._charge(now)
+        self._stack.append((stage, now))
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self._charge(now)
+            self._stack.pop()
+            if self._stack:
+                self._stack[-1] = (self._stack[-1][0], now)
+
+
+def finite(scores: dict) -> dict:
+    return {k: float(v) for k, v in scores.items() if v is not None and math.isfinite(v)}
+
+
+def reconstruct(recon, requests: Sequence[tuple[str, str, object, str, str]], seed: int, timer: Timer) -> list[dict]:
+    """Reconstruction scores of captions: ``requests = [(group, image key, original [3,H,W], hash, caption)]``.
+
+    Image k of a caption uses ``derive_seed(seed, image key, 0, k)``: every caption of one image is rendered
+    from the same K noises (common random numbers). ``group`` (an item id) keeps an item's images in their own
+    generation batches unless ``generator.batch_across_items``. Returns per request ``scores`` (mean over the
+    non-flagged images), ``std`` (sample std, None for K = 1), ``per_image``, ``seeds``, ``png``, ``flagged``.
+    """
+    K = recon.config.generator.images_per_caption
+    seeds = {key: [derive_seed(seed, key, 0, k) for k in range(K)] for _, key, _, _, _ in requests}
+    with timer("generation"):
+        rendered = recon.render([cap for *_, cap in requests for _ in range(K)],
+                                [s for _, key, *_ in requests for s in seeds[key]],
+                                [group for group, *_ in requests for _ in range(K)])
+    out = []
+    for n, (_, key, original, original_hash, _) in enumerate(requests):
+        chunk = rendered[n * K:(n + 1) * K]
+        with timer("recon_similarity"):
+            per_image = recon.score_images(original, original_hash, [r.png for r in chunk])
+        keep = [not r.flagged for r in chunk]
+        kept = {m: [v for v, ok in zip(vs, keep) if ok] for m, vs in per_image.items()}
+        out.append({"scores": {f"recon_{m}": float(np.mean(vs)) if vs else None for m, vs in kept.items()},
+                    "std": {f"recon_{m}": float(np.std(vs, ddof=1)) if len(vs) > 1 else None
+                            for m, vs in kept.items()},
+                    "per_image": {f"recon_{m}": vs for m, vs in per_image.items()}, "seeds": seeds[key],
+                    "png": [r.png for r in chunk], "flagged": [r.flagged for r in chunk],
+                    "warnings": sorted({w for r in chunk for w in r.warnings})})
+    return out
+
+
+def aggregate_scores(records: Sequence[dict], systems: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{system: {metric: mean over its ok records}}`` (metrics in first-seen order)."""
+    out: dict[str, dict[str, float]] = {}
+    for s in systems:
+        values: dict[str, list[float]] = {}
+        for r in records:
+            if r.get("system") == s and r.get("status") == "ok":
+                for m, v in (r.get("scores") or {}).items():
+                    values.setdefault(m, []).append(v)
+        out[s] = {m: float(np.mean(vs)) for m, vs in values.items()}
+    return out
+
+
+@dataclass
+class ScoreRun:
+    path: Path
+    systems: list[str]
+    metrics: list[str]
+    notes: list[str]
+    timing: dict[str, float]
+    aggregate: dict[str, dict[str, float]]
+    records: list[dict]
+
+
+def shared_clip_metric(recon):
+    """The reconstructor's module of the preset's first ``clip`` image metric: CLIPScore shares its weights."""
+    where, _ = cm.clip_metric_config(recon.config)
+    return recon.image_metrics[recon.metric_names("image")[int(where.rsplit(".", 1)[1])]]
+
+
+class _Scorers:
+    """The models a score run needs, loaded on first use (a fully resumed run loads none)."""
+
+    def __init__(self, config: Config, recon, metrics: list[str], clip_prefix: str, timer: Timer):
+        self.config, self.recon, self.metrics, self.clip_prefix = config, recon, metrics, clip_prefix
+        self.timer = timer
+        self._clip = self._sbert = None
+
+    @property
+    def clip(self) -> cm.ClipScore:
+        if self._clip is None:
+            with self.timer("model_loading"):
+                shared = shared_clip_metric(self.recon) if "recon" in self.metrics else None
+                self._clip = cm.ClipScore.from_config(self.config, self.recon.device, shared, prefix=self.clip_prefix)
+        return self._clip
+
+    @property
+    def sbert(self):
+        if self._sbert is None:
+            from recon.similarity import load_similarity
+
+            where, cfg = next(((f"similarity.text.{i}", m) for i, m in enumerate(self.config.similarity.text)
+                               if m.kind == "sbert"), ("sbert", MetricConfig(kind="sbert")))
+            with self.timer("model_loading"):
+                self._sbert = load_similarity(cfg, self.recon.device, where=where, role="text")
+        return self._sbert
+
+    def preflight(self) -> None:
+        if "recon" in self.metrics:
+            self.recon.preflight(("generator", "image"))
+        if {"clipscore", "refclipscore"} & set(self.metrics):
+            cm.clip_metric_config(self.config)
+        if set(cm.JAVA_METRICS) & set(self.metrics):
+            cm.check_java()
+        if "sbert" in self.metrics and not any(m.kind == "sbert" and m.model for m in self.config.similarity.text):
+            from recon import hub
+
+            hub.sbert_default_path()
+
+
+def score_caption_sets(config: Config, captions: Sequence[str | Path], images: str | Path, out: str | Path,
+                       refs: str | Path | None = None, metrics: str | Sequence[str] | None = None,
+                       names: Sequence[str] | None = None, limit: int | None = None, retry_failed: bool = False,
+                       progress: bool = True, clip_prefix: str = "", reconstructor=None,
+                       n_resamples: int = 1000) -> ScoreRun:
+    """Score caption files against an image folder (see the module docstring); returns the finished run."""
+    from recon.analysis import leaderboard, leaderboard_markdown
+    from recon.jobs import failed, make_cache, run_job
+    from recon.pipeline import Reconstructor, png_bytes
+    from recon.scoring_report import write_score_report
+
+    if not captions:
+        raise ValueError("give at least one captions file")
+    systems = system_names(captions, names)
+    sets = [read_caption_set(p, n) for p, n in zip(captions, systems)]
+    references = read_references(refs) if refs else None
+    metrics = parse_metrics(metrics, references is not None)
+    notes = []
+    if references is not None and references.problems:
+        notes.append(f"{refs}: {len(references.problems)} reference entries skipped, e.g. "
+                     f"{references.problems[0].message}")
+    ref_metrics = [m for m in metrics if m in cm.JAVA_METRICS]
+    if "spice" in ref_metrics and (missing := cm.spice_missing()):
+        notes.append(missing)
+        ref_metrics.remove("spice")
+    items = build_items(sets, images, references, limit)
+    check_inputs(Path(out), {"captions": [{"name": s, "sha256": sha256_file(p)} for s, p in zip(systems, captions)],
+                             "refs": sha256_file(refs) if refs else None, "images": str(Path(images).resolve()),
+                             "metrics": metrics, "limit": limit, "clip_prefix": clip_prefix})
+    recon = reconstructor or Reconstructor(config, cache=make_cache(config))
+    timer, state = Timer(), {}
+    scorers = _Scorers(config, recon, metrics, clip_prefix, timer)
+
+    def reference_scores() -> dict[str, cm.ReferenceScores]:
+        if "refs" not in state:  # once, over every valid item: CIDEr's statistics are the whole set's
+            with timer("reference_metrics"):
+                valid = [it for it in items if it.error is None]
+                state["refs"] = cm.reference_metrics({s: {it.key: it.caption for it in valid if it.system == s}
+                                                      for s in systems}, references.refs, ref_metrics)
+            atomic_write_text(Path(out) / "corpus.json", json.dumps(
+                {s: r.corpus for s, r in state["refs"].items()}, indent=1) + "\n")
+        return state["refs"]
+
+    def process(chunk, run: RunDir) -> list[dict]:
+        records, good, originals = [], [], {}
+        for it in chunk:
+            meta = dict(direction=SCORE, system=it.system, image_id=it.key, caption=it.caption)
+            if it.error:
+                records.append(failed(it.id, it.error, **meta))
+                continue
+            try:
+                with timer("loading"):
+                    load_original(it.path, originals)
+                good.append(it)
+            except (DataError, OSError) as e:
+                records.append(failed(it.id, e, source=str(it.path), **meta))
+        refs_of = [list(references.refs.get(it.key) or []) if references else [] for it in good]
+        scores: list[dict] = [{} for _ in good]
+        extra: list[dict] = [{"warnings": []} for _ in good]
+        if good and ref_metrics:
+            per_system = reference_scores()
+            for i, it in enumerate(good):
+                scores[i].update(per_system[it.system].per_item.get(it.key, {}))
+        if good and references is not None:
+            for i, it in enumerate(good):
+                if not refs_of[i]:
+                    extra[i]["warnings"].append(f"image_id {it.key!r} has no references in {refs}: "
+                                                "reference metrics not computed")
+        captions_ = [it.caption for it in good]
+        if good and {"clipscore", "refclipscore"} & set(metrics):
+            with timer("clipscore"):
+                cs = scorers.clip.scores([originals[it.path][1] for it in good], captions_,
+                                         refs_of if "refclipscore" in metrics else None)
+            for m in ("clipscore", "refclipscore"):
+                if m in metrics:
+                    for i, v in enumerate(cs[m]):
+                        scores[i][m] = v
+        if good and "sbert" in metrics:
+            with timer("sbert"):
+                for i, v in enumerate(cm.max_similarity_to_refs(scorers.sbert, captions_, refs_of)):
+                    scores[i]["sbert_similarity"] = v
+        if good and "recon" in metrics:
+            requests = [(it.id, it.key, originals[it.path][1], originals[it.path][2], it.caption) for it in good]
+            for i, (it, r) in enumerate(zip(good, reconstruct(recon, requests, config.run.seed, timer))):
+                scores[i] = {**r["scores"], **scores[i]}
+                extra[i].update(recon_std=r["std"], scores_per_image=r["per_image"], seeds=r["seeds"],
+                                flagged=r["flagged"])
+                extra[i]["warnings"] += r["warnings"]
+                if config.run.save_images:
+                    paths = [run.image_path(it.id, f"k{k}.png") for k in range(len(r["png"]))]
+                    for p, data in zip(paths, r["png"]):
+                        atomic_write_bytes(p, data)
+                    extra[i]["images"] = [p.relative_to(run.path).as_posix() for p in paths]
+        for i, it in enumerate(good):
+            rec = {"id": it.id, "status": "ok", "direction": SCORE, "system": it.system, "image_id": it.key,
+                   "caption": it.caption, "source": str(it.path), "scores": finite(scores[i])}
+            if config.run.save_images:
+                path = run.image_path(f"@originals/{it.key}", "original.png")
+                if not path.exists():
+                    atomic_write_bytes(path, png_bytes(originals[it.path][0]))
+                rec["original"] = path.relative_to(run.path).as_posix()
+            records.append({**rec, **extra[i]})
+        return records
+
+    run = run_job(config, out, items, process, "score", retry_failed, report=False, progress=progress,
+                  preflight=scorers.preflight)
+    records = run.records()
+    aggregate = aggregate_scores(records, systems)
+    atomic_write_text(run.path / "aggregate.json", json.dumps(aggregate, indent=1) + "\n")
+    board = leaderboard(records, systems, seed=config.run.seed, n_resamples=n_resamples)
+    board["notes"] = notes
+    atomic_write_text(run.path / "leaderboard.json", json.dumps(board, indent=1) + "\n")
+    atomic_write_text(run.path / "leaderboard.md", leaderboard_markdown(board, notes))
+    atomic_write_text(run.path / "timing.json", json.dumps({"seconds": timer.seconds}, indent=1) + "\n")
+    write_score_report(run.path, records, config, board, notes)
+    return ScoreRun(run.path, systems, metrics, notes, timer.seconds, aggregate, records)
+
+
+def load_original(path: Path, cache: dict) -> tuple:
+    """(PIL image, [3, H, W] tensor, sha256) of an image file, memoised per path within a batch."""
+    from recon.pipeline import to_tensor
+
+    if path not in cache:
+        image = load_image(path)
+        cache[path] = (image, to_tensor(image), sha256_file(path))
+    return cache[path]
+
+
+def analyze_run(run_dir: str | Path, recon_metric: str | None = None, seed: int | None = None,
+                n_resamples: int = 1000) -> dict:
+    """Correlations of a score run (``analysis.json``, ``analysis.md``; report.html gains the analysis)."""
+    from recon.analysis import correlations, correlations_markdown, leaderboard
+    from recon.config import read_yaml
+    from recon.report import read_records
+    from recon.scoring_report import write_score_report
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir}: no results.jsonl (is this a recon score run directory?)")
+    records = [r for r in read_records(run_dir / "results.jsonl") if r.get("direction") == SCORE]
+    if not records:
+        raise ValueError(f"{run_dir}: no score records; `recon analyze` reads the output of `recon score`")
+    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    seed = seed if seed is not None else int((config.get("run") or {}).get("seed", 0))
+    res = correlations(records, recon_metric, seed=seed, n_resamples=n_resamples)
+    atomic_write_text(run_dir / "analysis.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(run_dir / "analysis.md", correlations_markdown(res))
+    board_path = run_dir / "leaderboard.json"
+    board = json.loads(board_path.read_text()) if board_path.is_file() else leaderboard(
+        records, list(dict.fromkeys(r.get("system") for r in records if r.get("system"))), seed, n_resamples)
+    write_score_report(run_dir, records, config, board, board.get("notes", []), analysis=res,
+                       max_items=int((config.get("run") or {}).get("max_report_items", 200)))
+    return res

@@ -1,0 +1,157 @@
+"""HTML of score runs: ``report.html`` (leaderboard, paired tests, correlations with scatter plots, per-item
+rows, failures) and a standalone ``leaderboard.html``.
+
+Built from the pieces of :mod:`recon.report` (style, escaping, embedded thumbnails), so a score report looks and
+escapes like every other recon report: captions are model output or user input, and every value from a record
+is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from recon.analysis import _corr, _est, _fmt, _p, _pv, system_of
+from recon.data import atomic_write_text
+from recon.report import _CSS, _config_text, _esc, _Images, _num, metric_direction
+
+
+def _page(title: str, parts: Sequence[str]) -> str:
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def leaderboard_html(board: Mapping) -> str:
+    systems, metrics = board["systems"], board["metrics"]
+    head = "<tr><th>metric (better)</th>" + "".join(f"<th>{_esc(s)}</th>" for s in systems) + "</tr>"
+    rows = ["<tr><td>items ok / failed</td>" + "".join(
+        f"<td class='num'>{board['counts'][s]['ok']} / {board['counts'][s]['failed']}</td>" for s in systems) + "</tr>"]
+    for m in metrics:
+        rows.append(f"<tr><td>{_esc(m)} ({metric_direction(m)})</td>" + "".join(
+            f"<td class='num'>{_esc(_est(board['rows'][s][m]))}</td>" for s in systems) + "</tr>")
+    parts = [f"<h2>Leaderboard</h2><p class='muted'>Mean of per-image scores with a "
+             f"{round(100 * board['confidence'])}% percentile bootstrap CI ({board['n_resamples']} resamples of the "
+             f"images); systems ordered by <code>{_esc(board['primary'])}</code>. Corpus-level BLEU / METEOR as "
+             "pycocoevalcap reports them are in corpus.json.</p>", f"<table>{head}{''.join(rows)}</table>"]
+    if board["paired"]:
+        pairs = list(dict.fromkeys((p["a"], p["b"]) for p in board["paired"]))
+        cell = {(p["a"], p["b"], p["metric"]): p for p in board["paired"]}
+        head = "<tr><th>metric</th>" + "".join(f"<th>{_esc(a)} − {_esc(b)}</th>" for a, b in pairs) + "</tr>"
+        rows = []
+        for m in metrics:
+            tds = []
+            for a, b in pairs:
+                p = cell[(a, b, m)]
+                tds.append("<td>–</td>" if p["diff"] is None else
+                           f"<td class='num'>{_fmt(p['diff'])} [{_fmt(p['low'])}, {_fmt(p['high'])}]<br>"
+                           f"{_esc(_pv(p['p_value']))} (Holm {_esc(_p(p['p_holm']))})</td>")
+            rows.append(f"<tr><td>{_esc(m)}</td>{''.join(tds)}</tr>")
+        parts += ["<h3>Paired differences (A − B on the images both scored)</h3><p class='muted'>Mean difference "
+                  "[bootstrap CI]; two-sided paired permutation p-value, Holm-adjusted over the table.</p>",
+                  f"<table>{head}{''.join(rows)}</table>"]
+    return "\n".join(parts)
+
+
+def _scatter(records: Sequence[dict], x_metric: str, y_metric: str, rho: Mapping | None) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.0, 3.0), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    systems = list(dict.fromkeys(system_of(r) for r in records))
+    for s in systems:
+        pts = [(r["scores"][x_metric], r["scores"][y_metric]) for r in records
+               if system_of(r) == s and x_metric in r["scores"] and y_metric in r["scores"]]
+        if pts:
+            ax.scatter(*zip(*pts), s=8, alpha=0.6, label=s[:24])
+    if 1 < len(systems) <= 8:
+        ax.legend(fontsize=6)
+    title = f"Spearman ρ = {rho['r']:.3f}" if rho and rho.get("r") is not None else "Spearman ρ undefined"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(x_metric, fontsize=8)
+    ax.set_ylabel(y_metric, fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    alt = f"{y_metric} against {x_metric}, one point per caption"
+    return f'<figure><img src="{uri}" alt="{_esc(alt)}"><figcaption>{_esc(alt)}</figcaption></figure>'
+
+
+def analysis_html(records: Sequence[dict], res: Mapping) -> str:
+    rm = res["recon_metric"]
+    ok = [r for r in records if r.get("status") == "ok" and isinstance(r.get("scores"), Mapping)]
+    sections = [("per caption, all systems pooled", res["item"])]
+    sections += [(f"per caption, system {s}", res["per_system"][s]) for s in res["systems"]]
+    sections.append((f"per system (means of {len(res['systems'])} systems)", res["system"]))
+    parts = [f"<h2>Correlation with {_esc(rm)}</h2><p class='muted'>Rank correlations, "
+             f"{round(100 * res['confidence'])}% bootstrap CI in brackets; {_esc(rm)} is "
+             f"{metric_direction(rm)}-is-better.</p>"]
+    for title, table in sections:
+        rows = "".join(f"<tr><td>{_esc(m)}</td><td class='num'>{_esc(_corr(table[m]['spearman']))}</td>"
+                       f"<td class='num'>{_esc(_corr(table[m]['kendall']))}</td></tr>" for m in res["metrics"])
+        parts.append(f"<h3>{_esc(title)}</h3><table><tr><th>metric</th><th>Spearman ρ</th><th>Kendall τ</th></tr>"
+                     f"{rows}</table>")
+    plots = [_scatter(ok, m, rm, res["item"][m]["spearman"]) for m in res["metrics"]]
+    if plots:
+        parts.append(f"<div class='row'>{''.join(plots)}</div>")
+    return "\n".join(parts)
+
+
+def _items_html(ok: Sequence[dict], images: _Images, max_items: int) -> str:
+    by_image: dict[str, list[dict]] = {}
+    for r in ok:
+        by_image.setdefault(str(r.get("image_id")), []).append(r)
+    keys = list(by_image)[:max_items]
+    metrics = list(dict.fromkeys(m for r in ok for m in (r.get("scores") or {})))
+    parts = [f"<h2>Items</h2><p class='muted'>showing {len(keys)} of {len(by_image)} images.</p>"]
+    head = ("<tr><th>system</th><th>caption</th><th>reconstructions</th>"
+            + "".join(f"<th>{_esc(m)}</th>" for m in metrics) + "</tr>")
+    for key in keys:
+        rows = []
+        for r in by_image[key]:
+            figs = "".join(images.figure(rel, f"seed {_esc(s)}")
+                           for rel, s in zip(r.get("images") or [], r.get("seeds") or []))
+            scores = r.get("scores") or {}
+            cells = "".join(f"<td class='num'>{_num(scores.get(m, '–'))}</td>" for m in metrics)
+            rows.append(f"<tr><td>{_esc(system_of(r))}</td><td>{_esc(r.get('caption', ''))}</td>"
+                        f"<td><div class='row'>{figs}</div></td>{cells}</tr>")
+        original = images.figure(by_image[key][0].get("original"), "original") \
+            if by_image[key][0].get("original") else ""
+        parts.append(f"<section class='item'><h3>{_esc(key)}</h3><div class='row'>{original}</div>"
+                     f"<table>{head}{''.join(rows)}</table></section>")
+    return "\n".join(parts)
+
+
+def write_score_report(run_dir: str | Path, records: Sequence[dict], config, board: Mapping,
+                       notes: Sequence[str] = (), analysis: Mapping | None = None, max_items: int | None = None,
+                       title: str = "recon score report") -> Path:
+    """Write ``report.html`` and ``leaderboard.html`` into ``run_dir``; returns the report's path."""
+    run_dir = Path(run_dir)
+    max_items = max_items or getattr(getattr(config, "run", None), "max_report_items", 200)
+    ok = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") != "ok"]
+    board_html = leaderboard_html(board)
+    atomic_write_text(run_dir / "leaderboard.html", _page("recon leaderboard", [board_html]))
+    parts = [f"<h1>{_esc(title)}</h1>",
+             f"<p>run directory <code>{_esc(run_dir.resolve().name)}</code>: {len(records)} records, {len(ok)} ok, "
+             f"{len(failed)} failed; {len(board['systems'])} caption set(s).</p>"]
+    if notes:
+        parts.append("<ul class='warnings'>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
+    config_text = _config_text(run_dir, config)
+    if config_text is not None:
+        parts.append(f"<details><summary>config</summary><pre>{_esc(config_text)}</pre></details>")
+    parts.append(board_html)
+    if analysis:
+        parts.append(analysis_html(records, analysis))
+    parts.append(_items_html(ok, _Images(run_dir, 128), max_items))
+    if failed:
+        rows = "".join(f"<tr><td>{_esc(r.get('id', '?'))}</td><td>{_esc(r.get('error', r.get('status')))}</td></tr>"
+                       for r in failed[:max_items])
+        more = f"<p class='muted'>and {len(failed) - max_items} more.</p>" if len(failed) > max_items else ""
+        parts.append(f"<h2>Failed items</h2><table><tr><th>id</th><th>error</th></tr>{rows}</table>{more}")
+    return atomic_write_text(run_dir / "report.html", _page(title, parts))
