@@ -44,8 +44,15 @@ def sd15_random_components(device, dtype, size):
     """Stable Diffusion v1.5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random weights, BLIP base
     (BlipConfig defaults) with random weights, open_clip ViT-B-32 random: no download needed."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              CLIPTextConfig, CLIPTextModel, CLIPTokenizer)
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+    )
 
     from recon.tokenizers import make_blip_tokenizer, write_clip_tokenizer
 

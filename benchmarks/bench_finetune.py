@@ -1,0 +1,201 @@
+"""Joint finetuning step vs. a captioner LoRA step plus an SD LoRA step done separately (same batch).
+
+Each variant runs in a fresh process (so peak memory is its own): load the roles with LoRA, warm up, time
+``--steps`` optimizer steps (forward + backward + AdamW) and report the median step time and the peak memory
+above the loaded models (CUDA: max_memory_allocated; CPU: peak RSS over the RSS before the first step, with
+the kernel's peak mark reset there). On the CPU the step time
+is the process's CPU time (``time.process_time``; run with 1 thread): wall time on a shared machine measures the
+neighbours. Variants:
+
+  captioner      caption_nll only (BLIP teacher-forced NLL)                     the bare captioner LoRA step
+  sd             denoise only (UNet noise MSE)                                  the bare SD LoRA step
+  joint_sum      caption_nll + i2t2i + denoise + t2i2t (one_step), one step     loss.schedule=sum
+  joint_sum_q    the same, the regularisers on part of the batch                 loss.regularizer_items=B/4
+  joint_alt      an image step (caption_nll + i2t2i) then a text step (denoise + t2i2t): two optimizer
+                 steps, as the original alternates (each model's task loss once, like captioner + sd)
+  image_sim      caption_nll + image_sim (sampler, gradient through the last of N steps)
+
+and prints ratios to (captioner + sd), with and without gradient checkpointing (goal: joint <= 1.3x).
+
+    python benchmarks/bench_finetune.py                                   # tiny random models (seconds)
+    python benchmarks/bench_finetune.py --config finetune-shapes          # the shapes bundle
+    python benchmarks/bench_finetune.py --config finetune-blip-sd14-paper --device cuda   # real models, a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+
+VARIANTS = {
+    "captioner": dict(weights=dict(caption_nll=1.0), directions=["image"]),
+    "sd": dict(weights=dict(denoise=1.0), directions=["text"]),
+    "joint_sum": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["both"]),
+    "joint_sum_q": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["both"],
+                        quarter=True),
+    "joint_alt": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["image", "text"]),
+    "image_sim": dict(weights=dict(caption_nll=1.0, image_sim=1.0), directions=["image"]),
+}
+ALL_OFF = dict(caption_nll=0.0, denoise=0.0, i2t2i=0.0, t2i2t=0.0, image_sim=0.0)
+
+
+def reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark (Linux: VmHWM) to the current RSS; returns the current RSS in MB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak is ru_maxrss since the start: steps below the loading peak then show 0
+    return proc_status("VmRSS")
+
+
+def peak_rss() -> float:
+    return proc_status("VmHWM")
+
+
+def proc_status(key: str) -> float:
+    """MB of a /proc/self/status field, or ru_maxrss where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
+    import dataclasses
+
+    import torch
+
+    from recon import hub
+    from recon.train.adapters import trainable
+    from recon.train.bridge import SoftTokenBridge, vocab_index
+    from recon.train.config import load_finetune_config
+    from recon.train.data import make_pairs
+    from recon.train.joint import enable_checkpointing, image_sim_metrics, load_roles
+    from recon.train.losses import Diffusion, JointObjective
+
+    torch.set_num_threads(args["threads"])
+    device = torch.device(args["device"])
+    cfg = load_finetune_config(args["config"], args["overrides"])
+    spec = VARIANTS[variant]
+    loss = dataclasses.replace(cfg.loss, **{**ALL_OFF, **spec["weights"]},
+                               regularizer_items=args["reg_items"] if spec.get("quarter") else None)
+    cfg = dataclasses.replace(cfg, loss=loss)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    captioner, pipe = load_roles(cfg, device, dtype)
+    params = [p for m in (captioner.model, pipe.unet) for p in trainable(m).values()]
+    for p in params:
+        p.data = p.data.float()
+    if checkpointing:
+        enable_checkpointing(captioner.model.get_base_model())
+        pipe.unet.enable_gradient_checkpointing()
+    captioner.model.train()
+    pipe.unet.train()
+    bridge = SoftTokenBridge(vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root()), pipe.text_encoder,
+                             pipe.tokenizer, cfg.bridge).to(device)
+    objective = JointObjective(captioner, Diffusion(pipe, checkpointing), bridge, cfg.loss, cfg.sampler,
+                               image_sim_metrics(cfg, device))
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    resolution = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    batch = make_pairs(cfg.data, cfg.data.resolution or resolution, 0).train_batch(0, n=args["batch_size"])
+    images = batch.images.to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+
+    def step(i: int) -> None:
+        for direction in spec["directions"]:
+            g = torch.Generator(device).manual_seed(i)
+            with autocast:
+                terms = objective(images, batch.captions, direction, g)
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    base_rss = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    for i in range(args["warmup"]):
+        step(i)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    times, walls = [], []
+    for i in range(args["steps"]):
+        sync()
+        t0, w0 = clock(), time.perf_counter()
+        step(args["warmup"] + i)
+        sync()
+        times.append(clock() - t0)
+        walls.append(time.perf_counter() - w0)
+    peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if device.type == "cuda" else peak_rss() - base_rss
+    queue.put({"variant": variant, "checkpointing": checkpointing, "step_s": statistics.median(times),
+               "wall_s": statistics.median(walls), "peak_mb": peak, "params": sum(p.numel() for p in params)})
+
+
+def measure(args: dict, variant: str, checkpointing: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=run_variant, args=(args, variant, checkpointing, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="finetune-shapes-smoke")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--reg-items", type=int, default=None, help="joint_sum_q's loss.regularizer_items (B/4)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    a = parser.parse_args(argv)
+    from recon.train.config import load_finetune_config
+
+    cfg = load_finetune_config(a.config, a.overrides)
+    args = dict(config=a.config, overrides=a.overrides, batch_size=a.batch_size or cfg.train.batch_size,
+                steps=a.steps, warmup=a.warmup, device=a.device, threads=a.threads)
+    args["reg_items"] = a.reg_items or max(1, args["batch_size"] // 4)
+    clock = "wall" if a.device.startswith("cuda") else "CPU"
+    print(f"config {a.config}, batch {args['batch_size']}, device {a.device}, threads {a.threads}, {clock} time, "
+          f"median of {a.steps} steps after {a.warmup} warm-up; sampler {cfg.sampler.num_steps} steps "
+          f"(grad through {cfg.sampler.grad_steps})", flush=True)
+    results = []
+    for checkpointing in (False, True):
+        rows = {v: measure(args, v, checkpointing) for v in a.variants.split(",")}
+        results += rows.values()
+        print(f"\ngradient checkpointing {'on' if checkpointing else 'off'}")
+        print(f"{'variant':<12} {'step s':>8} {'peak MB':>9} {'time x':>7} {'mem x':>7} {'wall s':>8}")
+        base_t = rows["captioner"]["step_s"] + rows["sd"]["step_s"] if {"captioner", "sd"} <= rows.keys() else None
+        base_m = max(rows["captioner"]["peak_mb"], rows["sd"]["peak_mb"]) if base_t else None
+        for v, r in rows.items():
+            tx = f"{r['step_s'] / base_t:.2f}" if base_t else ""
+            mx = f"{r['peak_mb'] / base_m:.2f}" if base_m and base_m > 0 else ""
+            print(f"{v:<12} {r['step_s']:>8.3f} {r['peak_mb']:>9.1f} {tx:>7} {mx:>7} {r['wall_s']:>8.3f}", flush=True)
+        if base_t:
+            print(f"(time x: / (captioner + sd) = {base_t:.3f} s; mem x: / max(captioner, sd) peak)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": args, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

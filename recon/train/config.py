@@ -1,0 +1,283 @@
+"""The finetune config: dataclasses mirroring ``configs/finetune-*.yaml``, with dotted ``key=value`` overrides.
+
+Same machinery as :mod:`recon.config` (``from_dict`` validates every field by dotted name), own dataclasses:
+``captioner`` and ``generator`` are recon's own role configs, so a finetune starts from any preset's models.
+Each deviation from the original training code is named where its default is set (``# deviation:``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recon.config import (
+    CONFIG_DIR,
+    CaptionerConfig,
+    ConfigError,
+    DecodingConfig,
+    GeneratorConfig,
+    MetricConfig,
+    apply_override,
+    from_dict,
+    read_yaml,
+)
+
+# LoRA target presets: a name here, or any regex peft full-matches against module names.
+CAPTIONER_TARGETS = {
+    # BLIP text decoder cross-attention (image -> text): query/key/value and output projection
+    "xattn_qkvo": r".*text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.(self\.(query|key|value)|output\.dense)",
+    "xattn_q": r".*text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.self\.query",  # the paper's choice
+    "decoder_attn": r".*text_decoder\.bert\.encoder\.layer\.\d+\.(attention|crossattention)\."
+                    r"(self\.(query|key|value)|output\.dense)",
+}
+UNET_TARGETS = {
+    "attn2": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",  # cross-attention (text -> image)
+    "attn2_q": r".*attn2\.to_q",  # the paper's choice
+    "all_attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",  # as diffusers' train_text_to_image_lora.py
+}
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA (peft) on one model. ``targets``: a preset name (see CAPTIONER_TARGETS / UNET_TARGETS) or a regex;
+    ``none`` freezes the model."""
+
+    targets: str = ""
+    rank: int = 8
+    alpha: float | None = None  # None: alpha = rank (scale 1, as train_text_to_image_lora.py)
+    dropout: float = 0.0
+    # deviation: the original trained the full to_q / query matrices; LoRA (rank 8) is the default here.
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class BridgeConfig:
+    """Captioner logits -> CLIP-vocabulary soft tokens (see recon.train.bridge)."""
+
+    # deviation: the index also matches lower-cased text and "##" continuation pieces, so 46.6% of the 49408 CLIP
+    # ids stay unmapped with BERT's vocabulary (the original's exact-word index left 58% unmapped).
+    variant: str = "prob"  # prob (the original) | logit | gumbel (straight-through)
+    temperature: float = 1.0  # softmax(logits / T)
+    # deviation: the original sent every CLIP id without a same-word WordPiece to [UNK], so p([UNK]) was copied
+    # onto ~28k CLIP rows (58% of the vocabulary); "drop" gives those rows zero weight, "unk" is the original.
+    unmapped: str = "drop"  # drop | unk
+    gumbel_tau: float = 1.0
+
+
+@dataclass
+class SamplerConfig:
+    """The truncated-backprop DDIM sampler (AlignProp / DRaFT-K): gradient through the last ``grad_steps``."""
+
+    num_steps: int = 10
+    grad_steps: int = 1
+    guidance_scale: float = 1.0  # > 1: classifier-free guidance with the empty prompt (doubles the UNet batch)
+
+
+@dataclass
+class ImageSimConfig:
+    """Image -> soft caption -> sampled reconstruction (with grad) -> similarity to the original, as a loss."""
+
+    clip: float = 1.0  # weight of (1 - CLIP cosine similarity)
+    lpips: float = 0.0  # weight of the LPIPS distance
+    clip_metric: MetricConfig = field(default_factory=lambda: MetricConfig(kind="clip"))
+    lpips_metric: MetricConfig = field(default_factory=lambda: MetricConfig(kind="lpips"))
+
+
+@dataclass
+class LossConfig:
+    """Weights of the terms; a weight of 0 skips the term's computation."""
+
+    # alternate: micro-batch i runs the image direction (caption_nll, i2t2i, image_sim) when i is even and the
+    # text direction (denoise, t2i2t) when odd, as the original; sum: every term on every micro-batch.
+    schedule: str = "alternate"
+    caption_nll: float = 1.0  # captioner task loss on (image, reference caption)
+    label_smoothing: float = 0.1
+    denoise: float = 1.0  # generator task loss: UNet noise MSE on (image, reference caption)
+    i2t2i: float = 1.0  # image -> soft caption -> UNet noise MSE on the ORIGINAL image's latents (lambda)
+    t2i2t: float = 1.0  # text -> UNet -> x0 estimate / sample -> VAE decode -> captioner NLL of the ORIGINAL text
+    # deviation: the decoded image goes through BLIP's own resize + mean/std (preprocess_tensor); the original fed
+    # the VAE output to the captioner unnormalised.
+    # deviation: the UNet's captions are padded to the text encoder's 77 tokens, as SD was trained and samples;
+    # the original padded to the longest caption of the batch.
+    # one_step: x0 predicted from the noised latents of the denoise term, one UNet call, as the original;
+    # sampler: a full DDIM sample with gradient through its last steps (see SamplerConfig).
+    # deviation: the original gave scheduler.step the CLEAN latents, and decoded its prev_sample (still noisy);
+    # here the x0 estimate comes from the noised latents the UNet saw, with per-sample timesteps (any batch size).
+    t2i2t_form: str = "one_step"
+    # one_step draws its timestep below this (x0 estimates from t near 1000 are blurs) in a UNet call of its own,
+    # so the denoise task loss keeps the full range; None: the full range, sharing the task loss's UNet call.
+    one_step_max_timestep: int | None = None
+    image_sim: float = 0.0
+    image_sim_terms: ImageSimConfig = field(default_factory=ImageSimConfig)
+    # The regularisers (i2t2i, t2i2t, image_sim) see only the first N pairs of each micro-batch; None: all.
+    # They cost an extra UNet and captioner pass and a VAE decode; a part of the batch keeps a joint step cheap.
+    regularizer_items: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Training pairs. ``shapes``: rendered from (seed, step), nothing on disk; ``karpathy`` / ``coco``: files."""
+
+    kind: str = "shapes"  # shapes | karpathy | coco
+    annotations: str | None = None  # Karpathy dataset_coco.json or COCO captions_*.json
+    images: str | None = None  # image root the annotation file names are relative to
+    train_split: list[str] = field(default_factory=lambda: ["train", "restval"])  # karpathy only
+    val_split: list[str] = field(default_factory=lambda: ["val"])
+    val_annotations: str | None = None  # coco: a separate annotation file for validation
+    resolution: int | None = None  # None: the generator's native resolution; BLIP resizes to its own size
+    val_items: int = 16
+    num_workers: int = 0
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 500  # optimizer steps; 0: only at the end
+    final: bool = True  # validate once more when training finishes
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(method="greedy", num_beams=1,
+                                                                            min_new_tokens=3, max_new_tokens=20))
+    metric: MetricConfig = field(default_factory=lambda: MetricConfig(kind="clip"))  # reconstruction score
+    grid_items: int = 8
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 1  # per process and micro-batch
+    grad_accum: int = 8
+    # deviation: the original ran batch 1 only (scheduler.step takes one timestep); any batch size works here.
+    # auto: the launcher's fp16/bf16 if given, else bf16 on GPUs that have it, else fp16; fp32 on CPU | no | fp16 | bf16
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = True  # model layers, each sampled step and the VAE decode
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
+    warmup_steps: int = 0
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 2
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    cpu: bool = False  # force the CPU even where a GPU is present
+    threads: int | None = None  # torch CPU threads per process (None: cores / processes)
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "finetune"
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    captioner_lora: AdapterConfig = field(default_factory=lambda: AdapterConfig(targets="xattn_qkvo"))
+    unet_lora: AdapterConfig = field(default_factory=lambda: AdapterConfig(targets="attn2"))
+    captioner_optim: OptimConfig = field(default_factory=OptimConfig)
+    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(weight_decay=1e-2))
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# Keys a resumed run may change: they do not change what a step computes.
+VOLATILE_KEYS = ("train.steps", "train.checkpoint_every", "train.checkpoints_total_limit", "train.log_every",
+                 "train.report_to", "train.threads", "data.num_workers", "validation.")
+
+CHOICES = {
+    "bridge.variant": ("prob", "logit", "gumbel"),
+    "bridge.unmapped": ("drop", "unk"),
+    "loss.schedule": ("alternate", "sum"),
+    "loss.t2i2t_form": ("one_step", "sampler"),
+    "data.kind": ("shapes", "karpathy", "coco"),
+    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "train.report_to": ("tensorboard", "wandb", "none"),
+}
+
+
+def finetune_config_path(name_or_path: str) -> Path:
+    """A YAML path, or a name under configs/ (``shapes-smoke`` or ``finetune-shapes-smoke``)."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"finetune config not found: {p}")
+        return p
+    for stem in (name_or_path, f"finetune-{name_or_path}"):
+        if (CONFIG_DIR / f"{stem}.yaml").is_file():
+            return CONFIG_DIR / f"{stem}.yaml"
+    known = sorted(p.stem for p in CONFIG_DIR.glob("finetune-*.yaml"))
+    raise ConfigError(f"unknown finetune config {name_or_path!r}; available: {', '.join(known)} (or a YAML path)")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_finetune_config(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
+    """Read a finetune YAML over the defaults, apply ``key=value`` overrides, validate."""
+    path = finetune_config_path(path_or_name)
+    data = _merge(FinetuneConfig().to_dict(), read_yaml(path))
+    data.setdefault("name", path.stem)
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        cfg = from_dict(FinetuneConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    check(cfg)
+    return cfg
+
+
+def check(cfg: FinetuneConfig) -> None:
+    """Choices and ranges that the types alone do not catch, named by dotted key."""
+    flat = _flatten(cfg.to_dict())
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}={flat[key]!r}: expected one of {', '.join(choices)}")
+    t = cfg.train
+    for key, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                       ("sampler.num_steps", cfg.sampler.num_steps)]:
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+    if not 0 <= cfg.sampler.grad_steps <= cfg.sampler.num_steps:
+        raise ConfigError(f"sampler.grad_steps={cfg.sampler.grad_steps}: must be in 0..sampler.num_steps")
+    for name in ("caption_nll", "denoise", "i2t2i", "t2i2t", "image_sim"):
+        if getattr(cfg.loss, name) < 0:
+            raise ConfigError(f"loss.{name}: weights must be >= 0")
+    if cfg.data.kind != "shapes" and not cfg.data.annotations:
+        raise ConfigError(f"data.kind={cfg.data.kind}: set data.annotations (and data.images)")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ, ignoring the volatile ones (a resumed run may change those)."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and not any(k == v or (v.endswith(".") and k.startswith(v))
+                                                      for v in VOLATILE_KEYS))

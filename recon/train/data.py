@@ -1,0 +1,181 @@
+"""Training pairs (image, reference caption) as a pure function of the micro-step: resuming needs no data state.
+
+* :class:`ShapesPairs`: scenes rendered from ``(seed, stream)`` (recon.shapes.world); validation scores
+  captions by exact attributes and generated images with the bundle's judge when it is present.
+* :class:`CaptionFilePairs`: a Karpathy split file or COCO caption annotations plus an image root (read with
+  recon.captions_io). Sample ``k`` of the run is item ``perm_epoch[k mod N]`` with a seeded permutation per
+  epoch and one of its references chosen by a seeded draw.
+
+``train_batch(micro_step, rank, world_size, n)``: process ``rank``'s ``n`` pairs of that micro-step (processes
+never share a pair). Images are float ``[n, 3, R, R]`` in [0, 1] at the generator's resolution ``R`` (shortest
+side resized, bicubic antialiased, center crop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recon.similarity.preprocess import center_crop_or_pad, resize
+from recon.train.config import DataConfig
+
+VAL_STREAM = 1_000_003  # shapes validation renders: a stream no training step reaches in practice
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [n, 3, R, R] float in [0, 1]
+    captions: list[str]
+    meta: list[Any] = field(default_factory=list)  # per item: the shapes Scene, or the image id
+
+
+def fit(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """``[n, 3, H, W]`` -> ``[n, 3, R, R]``: shortest side to R (bicubic, antialiased), center crop, clamp."""
+    h, w = images.shape[-2:]
+    if (h, w) == (resolution, resolution):
+        return images
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
+    return center_crop_or_pad(resize(images, size), (resolution, resolution)).clamp(0, 1)
+
+
+class ShapesPairs:
+    """The shapes world: a fresh rendered batch per micro-step, exact ground truth for validation."""
+
+    def __init__(self, resolution: int, seed: int = 0, judge_dir: str | Path | None = None):
+        self.resolution, self.seed = int(resolution), int(seed)
+        self.judge_dir = Path(judge_dir) if judge_dir and Path(judge_dir).is_dir() else None
+        self._judge = None
+
+    def _batch(self, scenes) -> Batch:
+        from recon.shapes import world
+
+        arr = world.render_batch(scenes)
+        images = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0)
+        return Batch(fit(images, self.resolution), [s.caption for s in scenes], list(scenes))
+
+    def train_batch(self, micro_step: int, rank: int = 0, world_size: int = 1, n: int = 1) -> Batch:
+        from recon.shapes import world
+
+        return self._batch(world.sample_scenes(n, self.seed, "train", micro_step * world_size + rank))
+
+    def val_batch(self, n: int) -> Batch:
+        from recon.shapes import world
+
+        return self._batch(world.sample_scenes(n, self.seed, "test", VAL_STREAM))
+
+    def caption_texts(self, n: int = 256) -> list[str]:
+        from recon.shapes import world
+
+        return [s.caption for s in world.sample_scenes(n, self.seed, "train", 0)]
+
+    def score_captions(self, captions: list[str], batch: Batch) -> dict[str, float]:
+        """Exact-attribute accuracy of captions against the scenes (recon.shapes.world.parse_caption)."""
+        from recon.shapes import world
+
+        parsed = [world.parse_caption(c) for c in captions]
+        truth = [s.attributes for s in batch.meta]
+        return {"caption_tuple_acc": float(np.mean([p == t for p, t in zip(parsed, truth)])),
+                "caption_attr_acc": float(np.mean([p[a] == t[a] for p, t in zip(parsed, truth)
+                                                   for a in world.ATTRIBUTES])),
+                "caption_unparseable": float(np.mean([not world.is_parseable(p) for p in parsed]))}
+
+    def score_images(self, images: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """The judge's exact-attribute accuracy on images generated from the reference captions."""
+        if self.judge_dir is None:
+            return {}
+        from recon.shapes import models, world
+
+        if self._judge is None:
+            self._judge = models.load_judge(self.judge_dir, "cpu")
+        pred = self._judge.predict(fit(images.float().cpu(), world.IMAGE_SIZE))
+        truth = [s.attributes for s in batch.meta]
+        return {"generator_judge_tuple_acc": float(np.mean([p == t for p, t in zip(pred, truth)])),
+                "generator_judge_attr_acc": float(np.mean([p[a] == t[a] for p, t in zip(pred, truth)
+                                                           for a in world.ATTRIBUTES]))}
+
+
+class CaptionFilePairs:
+    """Karpathy / COCO caption files over an image root."""
+
+    def __init__(self, cfg: DataConfig, resolution: int, seed: int = 0):
+        self.cfg, self.resolution, self.seed = cfg, int(resolution), int(seed)
+        self.train_items = self._items(cfg.annotations, cfg.train_split)
+        val_file = cfg.val_annotations or cfg.annotations
+        self.val_items = self._items(val_file, cfg.val_split)
+        if not self.train_items:
+            raise ValueError(f"data: no training pairs in {cfg.annotations}")
+
+    def _items(self, annotations: str | None, split: list[str]) -> list[tuple[str, list[str]]]:
+        from recon import captions_io
+
+        if annotations is None:
+            return []
+        if self.cfg.kind == "karpathy":
+            refs = captions_io.read_karpathy(annotations, split)
+        else:
+            refs = captions_io.read_coco_captions(annotations)
+        root = Path(self.cfg.images or Path(annotations).parent)
+        return [(str(root / refs.file_names[i]), caps) for i, caps in refs.refs.items() if caps and i in refs.file_names]
+
+    def _load(self, items: list[tuple[str, str]]) -> Batch:
+        from recon.data import image_to_tensor, load_image
+
+        images = [fit(image_to_tensor(load_image(p))[None], self.resolution)[0] for p, _ in items]
+        return Batch(torch.stack(images), [c for _, c in items], [p for p, _ in items])
+
+    def train_batch(self, micro_step: int, rank: int = 0, world_size: int = 1, n: int = 1) -> Batch:
+        total = len(self.train_items)
+        picked = []
+        for j in range(n):
+            k = (micro_step * world_size + rank) * n + j
+            epoch, pos = divmod(k, total)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(total)
+            path, caps = self.train_items[int(perm[pos])]
+            picked.append((path, caps[int(np.random.default_rng([self.seed, k, 1]).integers(len(caps)))]))
+        return self._load(picked)
+
+    def val_batch(self, n: int) -> Batch:
+        return self._load([(p, caps[0]) for p, caps in self.val_items[:n]])
+
+    def caption_texts(self, n: int = 256) -> list[str]:
+        return [caps[0] for _, caps in self.train_items[:n]]
+
+    def score_captions(self, captions: list[str], batch: Batch) -> dict[str, float]:
+        return {}
+
+    def score_images(self, images: torch.Tensor, batch: Batch) -> dict[str, float]:
+        return {}
+
+
+def make_pairs(cfg: DataConfig, resolution: int, seed: int, judge_dir: str | Path | None = None):
+    if cfg.kind == "shapes":
+        return ShapesPairs(resolution, seed, judge_dir)
+    return CaptionFilePairs(cfg, resolution, seed)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Micro-steps ``start, start+1, ...`` as a dataset, so a DataLoader's workers can prefetch them."""
+
+    def __init__(self, pairs, start: int, stop: int, rank: int, world_size: int, n: int):
+        self.pairs, self.start, self.stop = pairs, start, stop
+        self.rank, self.world_size, self.n = rank, world_size, n
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.pairs.train_batch(self.start + i, self.rank, self.world_size, self.n)
+
+
+def batches(pairs, start: int, stop: int, rank: int, world_size: int, n: int, num_workers: int = 0):
+    """An iterator over the training batches of micro-steps ``start..stop-1`` (prefetched by workers if > 0)."""
+    data = StepBatches(pairs, start, stop, rank, world_size, n)
+    if num_workers <= 0:
+        return (data[i] for i in range(len(data)))
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers,
+                                            persistent_workers=False, prefetch_factor=2))

@@ -1,0 +1,390 @@
+"""``recon finetune``: joint LoRA finetuning of the captioner and the generator, with reconstruction regularisers.
+
+Reads top to bottom, like diffusers' train_text_to_image_lora.py: config -> Accelerator -> load the two roles
+-> LoRA on both (fp32 under mixed precision) -> bridge and objective -> optimizer -> resume -> the loop
+(micro-batches, one optimizer step, log, checkpoint, validate) -> exports.
+
+Run directory ``OUT``::
+
+    finetune.yaml              the resolved config (a rerun with the same OUT resumes; see VOLATILE_KEYS)
+    bridge.json                the vocabulary index's coverage
+    metrics.jsonl              one record per optimizer step (unweighted loss terms, total, lr, grad norm)
+    validation.jsonl           one record per validation; samples/step-N.png the grids
+    checkpoints/checkpoint-N/  accelerate save_state (LoRA weights, optimizer, scheduler, RNG), written to a
+                               temporary name and renamed, so a kill mid-save leaves the previous one loadable
+    captioner_adapter/         peft adapter -> CaptionerConfig.adapter
+    sd_lora/                   pytorch_lora_weights.safetensors -> GeneratorConfig.lora
+    logs/                      TensorBoard (or wandb)
+
+Design notes. The models are not wrapped in DDP: a step may call the UNet k + 2 times before one backward,
+which DDP's reducer does not support; instead the LoRA gradients (a few MB) are averaged with one all-reduce
+before clipping. Each micro-step draws its noise, timesteps and data from its own seed
+(``derive_seed(seed, "train", micro_step, rank)``), so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from recon import hub
+from recon.runs import derive_seed, read_jsonl
+from recon.train import adapters
+from recon.train.bridge import SoftTokenBridge, coverage_line, token_coverage, vocab_index
+from recon.train.config import FinetuneConfig, changed_keys
+from recon.train.data import batches, make_pairs
+from recon.train.losses import Diffusion, JointObjective
+
+log = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None) -> dict:
+    """Train (or resume) the run in ``out``; returns the summary. ``stop_after``: stop after that many optimizer
+    steps in total, as if killed after its checkpoint (tests, time-boxed jobs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    out = Path(out)
+    t = cfg.train
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(t.mixed_precision, t.cpu), cpu=t.cpu,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    main, device, rank, world = accelerator.is_main_process, accelerator.device, accelerator.process_index, \
+        accelerator.num_processes
+    if t.threads is not None or world > 1:
+        hub.configure_threads(t.threads)
+    if main:
+        write_or_check_config(out, cfg)
+    accelerator.wait_for_everyone()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # --- the two roles, frozen, with LoRA on the targets (trainable params in fp32; their init is seeded)
+    set_seed(t.seed)
+    captioner, pipe = load_roles(cfg, device, weight_dtype, seed=t.seed)
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params([captioner.model, pipe.unet], dtype=torch.float32)
+    if t.gradient_checkpointing:
+        enable_checkpointing(captioner_base(captioner.model))
+        pipe.unet.enable_gradient_checkpointing()
+    captioner.model.train()
+    pipe.unet.train()
+
+    # --- bridge, objective, data
+    index = vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root())
+    bridge = SoftTokenBridge(index, pipe.text_encoder, pipe.tokenizer, cfg.bridge).to(device)
+    diffusion = Diffusion(pipe, gradient_checkpointing=t.gradient_checkpointing)
+    objective = JointObjective(captioner, diffusion, bridge, cfg.loss, cfg.sampler, image_sim_metrics(cfg, device))
+    resolution = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    pairs = make_pairs(cfg.data, cfg.data.resolution or resolution, t.seed, judge_dir=judge_dir(cfg))
+    if main:
+        texts = pairs.caption_texts()
+        ids = captioner.tokenizer(texts, add_special_tokens=False).input_ids
+        report = dict(index.coverage, caption_token_coverage=round(token_coverage(index, ids), 4), variant=cfg.bridge.variant,
+                      unmapped=cfg.bridge.unmapped)
+        (out / "bridge.json").write_text(json.dumps(report, indent=2) + "\n")
+        accelerator.print(coverage_line(index.coverage) + f"; {100 * report['caption_token_coverage']:.1f}% of "
+                          "the training captions' tokens")
+
+    # --- optimizer, schedule, checkpointed state
+    from diffusers.optimization import get_scheduler
+
+    groups = []
+    for module, opt in ((captioner.model, cfg.captioner_optim), (pipe.unet, cfg.generator_optim)):
+        params = list(adapters.trainable(module).values())
+        if params:
+            groups.append({"params": params, "lr": opt.lr, "weight_decay": opt.weight_decay, "betas": tuple(opt.betas)})
+    if not groups:
+        raise ValueError("nothing to train: captioner_lora.targets and unet_lora.targets are both 'none'")
+    params = [p for g in groups for p in g["params"]]
+    optimizer = accelerator.prepare(torch.optim.AdamW(groups))
+    # not prepared: accelerate would step a prepared scheduler once per process
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.warmup_steps,
+                                 num_training_steps=t.steps)
+    state = adapters.TrainState({"captioner": captioner.model, "unet": pipe.unet})
+    accelerator.register_for_checkpointing(lr_scheduler, state)
+    latest = latest_checkpoint(out / "checkpoints")
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        accelerator.print(f"resumed from {latest} at step {state.step}")
+    if main:
+        truncate_records(out, state.step)
+    if t.report_to != "none":
+        accelerator.init_trackers("recon-finetune", config=tracker_config(cfg))
+
+    # --- validation set (fixed), metric
+    val_batch = pairs.val_batch(cfg.data.val_items) if main else None
+    val_metric = None
+
+    def run_validation(step: int) -> None:
+        nonlocal val_metric
+        if not main:
+            return
+        from recon.data import save_png
+        from recon.similarity import load_similarity
+        from recon.train.validation import validate
+
+        val_metric = val_metric or load_similarity(cfg.validation.metric, device, "validation.metric", role="image")
+        with accelerator.autocast():
+            v = validate(captioner, pipe, cfg.generator, val_batch, pairs, cfg.validation, val_metric, t.seed)
+        save_png(v.grid, out / "samples" / f"step-{step:08d}.png")
+        append_jsonl(out / "validation.jsonl", {"step": step, **v.metrics, "captions": v.captions[:8]})
+        accelerator.log(v.metrics, step=step)
+        log_grid(accelerator, v.grid, step)
+        accelerator.print(f"validation step {step}: " + " ".join(f"{k[4:]} {x:.4f}" for k, x in v.metrics.items()))
+
+    # --- the loop
+    accum, micro_total = t.grad_accum, t.steps * t.grad_accum
+    data = batches(pairs, state.step * accum, micro_total, rank, world, t.batch_size, cfg.data.num_workers)
+    last_stop = min(t.steps, stop_after) if stop_after is not None else t.steps
+    t0, first = time.time(), state.step
+    while state.step < last_stop:
+        sums, counts, total = defaultdict(float), defaultdict(int), 0.0
+        for micro in range(accum):
+            micro_step = state.step * accum + micro
+            batch = next(data)
+            g = torch.Generator(device).manual_seed(derive_seed(t.seed, "train", micro_step, rank))
+            with accelerator.autocast():
+                terms = objective(batch.images.to(device), batch.captions, objective.direction(micro_step), g)
+            accelerator.backward(terms.total / accum)
+            total += float(terms.total.detach()) / accum
+            for k, v in terms.values.items():
+                sums[k] += v
+                counts[k] += 1
+        average_gradients(accelerator, params)
+        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        record = {"step": state.step, "loss": total, **{k: sums[k] / counts[k] for k in sums},
+                  "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0]}
+        record = reduce_record(accelerator, record)
+        if main:
+            append_jsonl(out / "metrics.jsonl", record)
+        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
+        if state.step % t.log_every == 0 or state.step == last_stop:
+            rate = (time.time() - t0) / (state.step - first)
+            accelerator.print(f"step {state.step}/{t.steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                                          if k != "step") + f" {rate:.2f}s/step")
+        if state.step % t.checkpoint_every == 0 or state.step == last_stop:
+            save_checkpoint(accelerator, out / "checkpoints", state.step, t.checkpoints_total_limit)
+        if cfg.validation.every and state.step % cfg.validation.every == 0 and state.step < t.steps:
+            run_validation(state.step)
+        accelerator.wait_for_everyone()
+
+    summary = {"step": state.step, "finished": state.step >= t.steps, "seconds": round(time.time() - t0, 1),
+               "out": str(out)}
+    if summary["finished"] and main:
+        if cfg.validation.final:
+            run_validation(state.step)
+        summary["captioner_adapter"] = str(adapters.export_captioner_adapter(captioner.model, out))
+        summary["sd_lora"] = str(adapters.export_sd_lora(pipe.unet, out))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def mixed_precision(setting: str, cpu: bool) -> str:
+    """``auto``: fp16 / bf16 if ``accelerate launch --mixed_precision`` (or ``accelerate config``) chose one, else
+    bf16 on a GPU that has it, fp16 on other GPUs, fp32 ("no") on the CPU. The launcher's "no" is its default,
+    not a choice, so it does not count: ask for fp32 on a GPU with ``train.mixed_precision=no``."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("fp16", "bf16"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    if cpu or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def captioner_base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def enable_checkpointing(model) -> None:
+    """transformers' activation checkpointing (non-reentrant: LoRA inputs need no requires_grad trick)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:  # the KV cache is off under checkpointing anyway; say so once, not per call
+        text_config.use_cache = False
+
+
+def load_roles(cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The captioner (BlipCaptioner with LoRA) and the diffusers pipeline (UNet with LoRA), frozen elsewhere.
+
+    A starting adapter (``captioner.adapter`` / ``generator.lora``) is merged into the base weights first, so
+    the new LoRA trains on top of it. The LoRA initialisation draws from ``torch.manual_seed(seed)``, whatever
+    ran before (building the tiny builtins, for one, draws from the global generator).
+    """
+    from recon.captioners import BlipCaptioner
+
+    captioner = BlipCaptioner.from_config(cfg.captioner, device, dtype=dtype)
+    model = captioner.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    torch.manual_seed(seed)
+    model = adapters.add_captioner_lora(model, cfg.captioner_lora)
+    captioner = BlipCaptioner(model, captioner.processor, cfg.captioner, model_id=captioner.model_id)
+    g = cfg.generator
+    pipe = hub.load_diffusion_pipeline(g.model, device, dtype, scheduler=g.scheduler, lora=g.lora,
+                                       field="generator.model")
+    if g.lora:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    torch.manual_seed(seed + 1)
+    adapters.add_unet_lora(pipe.unet, cfg.unet_lora)
+    return captioner, pipe
+
+
+def image_sim_metrics(cfg: FinetuneConfig, device: torch.device) -> dict:
+    import warnings
+
+    from recon.similarity import load_similarity
+
+    terms, metrics = cfg.loss.image_sim_terms, {}
+    with warnings.catch_warnings():  # lpips builds torchvision backbones with long-deprecated arguments
+        warnings.simplefilter("ignore", UserWarning)
+        if cfg.loss.image_sim and terms.clip:
+            metrics["clip"] = load_similarity(terms.clip_metric, device, "loss.image_sim_terms.clip_metric", "image")
+        if cfg.loss.image_sim and terms.lpips:
+            metrics["lpips"] = load_similarity(terms.lpips_metric, device, "loss.image_sim_terms.lpips_metric",
+                                               "image")
+    return metrics
+
+
+def judge_dir(cfg: FinetuneConfig) -> Path | None:
+    """The shapes bundle's judge scores generated images when the generator is a shapes one."""
+    if cfg.data.kind != "shapes":
+        return None
+    return hub.SHAPES_BUNDLE / "judge"
+
+
+def write_or_check_config(out: Path, cfg: FinetuneConfig) -> None:
+    from recon.data import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "finetune.yaml"
+    if path.exists():
+        diff = changed_keys(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
+        if diff:
+            raise ValueError(f"{out} holds a finetune run with a different config ({', '.join(diff[:6])}"
+                             f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to resume")
+    atomic_write_text(path, cfg.to_yaml())
+
+
+def tracker_config(cfg: FinetuneConfig) -> dict:
+    """TensorBoard's hparams take scalars only."""
+    from recon.train.config import _flatten
+
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(cfg.to_dict()).items()}
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    line = (json.dumps(record, allow_nan=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def truncate_records(out: Path, step: int) -> None:
+    """On (re)start, drop records past the checkpoint the run resumes from (a killed run may have logged them)."""
+    from recon.data import atomic_write_text
+
+    for name in ("metrics.jsonl", "validation.jsonl"):
+        path = out / name
+        records, good = read_jsonl(path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if path.exists() and (len(kept) != len(records) or path.stat().st_size != good):
+            atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+
+
+def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Mean of the LoRA gradients over processes, in one all-reduce (the models are not DDP-wrapped)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def reduce_record(accelerator, record: dict) -> dict:
+    """Loss terms averaged over processes (each logs its own micro-batches' values)."""
+    if accelerator.num_processes == 1:
+        return record
+    keys = [k for k in record if k not in ("step", "lr")]
+    values = accelerator.reduce(torch.tensor([record[k] for k in keys], device=accelerator.device), "mean")
+    return record | dict(zip(keys, values.tolist()))
+
+
+def log_grid(accelerator, grid: torch.Tensor, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("val/samples", grid, step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"val/samples": wandb.Image(grid.permute(1, 2, 0).numpy())}, step=step)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (temporary names of an interrupted save are ignored)."""
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(accelerator, root: Path, step: int, keep: int) -> Path:
+    """``accelerator.save_state`` into ``.checkpoint-N.tmp``, fsync, rename to ``checkpoint-N``, drop the oldest
+    beyond ``keep``. A kill at any point leaves the previous checkpoint complete and the newest one loadable."""
+    final, tmp = root / f"checkpoint-{step:08d}", root / f".checkpoint-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        adapters.fsync_tree(tmp)
+        if final.exists():  # the same step saved again (a rerun after a kill): swap it out first
+            os.rename(final, root / f".checkpoint-{step:08d}.old")
+        os.rename(tmp, final)
+        shutil.rmtree(root / f".checkpoint-{step:08d}.old", ignore_errors=True)
+        for stale in root.glob(".checkpoint-*.tmp"):  # leftovers of interrupted saves
+            shutil.rmtree(stale, ignore_errors=True)
+        found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
+        for _, old in found[:-keep] if keep > 0 else []:
+            trash = old.with_name(f".{old.name}.tmp")  # renamed first: a kill mid-delete leaves no half checkpoint
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,282 @@
+"""`recon finetune` end to end on tiny models: config, CLI wiring, resume equivalence, atomic checkpoints, exports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from recon.config import ConfigError
+from recon.train.config import FinetuneConfig, changed_keys, load_finetune_config
+
+# Fast settings of the smoke config: one pair per step, alternating directions, no sampled image loss.
+FAST = ["train.steps=3", "train.batch_size=1", "train.grad_accum=2", "train.checkpoint_every=1",
+        "train.report_to=none", "loss.schedule=alternate", "loss.image_sim=0", "validation.final=false"]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_state(out) -> dict[str, torch.Tensor]:
+    from recon.train.joint import latest_checkpoint
+
+    state = torch.load(latest_checkpoint(out / "checkpoints") / "custom_checkpoint_1.pkl", weights_only=False)
+    return {k: v for k, v in state.items() if k != "step"}
+
+
+# ----------------------------------------------------------------------------------------------- config / CLI
+def test_config_loads_presets_and_overrides():
+    cfg = load_finetune_config("finetune-shapes-smoke", ["loss.i2t2i=0.5", "bridge.variant=logit"])
+    assert isinstance(cfg, FinetuneConfig) and cfg.loss.i2t2i == 0.5 and cfg.bridge.variant == "logit"
+    assert load_finetune_config("shapes-smoke").name == "finetune-shapes-smoke"
+    paper = load_finetune_config("finetune-blip-sd14-paper")
+    assert paper.captioner_lora.targets == "xattn_q" and paper.unet_lora.targets == "attn2_q"
+    assert (paper.train.batch_size, paper.train.grad_accum, paper.loss.label_smoothing) == (1, 8, 0.1)
+    with pytest.raises(ConfigError, match="i2t2j"):
+        load_finetune_config("finetune-shapes-smoke", ["loss.i2t2j=1"])
+    with pytest.raises(ConfigError, match="bridge.variant"):
+        load_finetune_config("finetune-shapes-smoke", ["bridge.variant=dense"])
+    with pytest.raises(ConfigError, match="grad_steps"):
+        load_finetune_config("finetune-shapes-smoke", ["sampler.grad_steps=9"])
+
+
+def test_changed_keys_ignores_volatile_settings():
+    a = FinetuneConfig().to_dict()
+    b = FinetuneConfig().to_dict()
+    b["train"]["steps"] = 99
+    b["validation"]["every"] = 3
+    assert changed_keys(a, b) == []
+    b["loss"]["i2t2i"] = 0.0
+    assert changed_keys(a, b) == ["loss.i2t2i"]
+
+
+def test_register_adds_the_finetune_command():
+    from recon.train import commands
+
+    parser = argparse.ArgumentParser(prog="recon")
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["finetune", "finetune-shapes-smoke", "--out", "x", "--set", "a.b=1", "--set", "c=2"])
+    assert args.handler is commands.run_finetune and args.overrides == ["a.b=1", "c=2"] and args.out == "x"
+
+
+def test_a_run_directory_refuses_another_config(tmp_path):
+    from recon.train.joint import write_or_check_config
+
+    cfg = load_finetune_config("finetune-shapes-smoke")
+    write_or_check_config(tmp_path, cfg)
+    write_or_check_config(tmp_path, load_finetune_config("finetune-shapes-smoke", ["train.steps=10"]))  # resumable
+    with pytest.raises(ValueError, match="loss.i2t2i"):
+        write_or_check_config(tmp_path, load_finetune_config("finetune-shapes-smoke", ["loss.i2t2i=0"]))
+
+
+# ----------------------------------------------------------------------------------------------- resume
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, recon_cache):
+    from recon.train import commands
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    argv = ["finetune", "finetune-shapes-smoke", "--out", str(out)]
+    assert commands.main(argv + [x for o in FAST for x in ("--set", o)]) == 0
+    return out
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(uninterrupted, tmp_path, monkeypatch):
+    """Stop after step 1; kill the save of step 2 midway; resume twice: identical losses and LoRA weights."""
+    from accelerate import Accelerator
+
+    from recon.train.joint import finetune, latest_checkpoint
+
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST)
+    summary = finetune(cfg, tmp_path, stop_after=1)
+    assert summary["step"] == 1 and not summary["finished"]
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "checkpoint-00000001"
+
+    real_save = Accelerator.save_state
+
+    def killed_save(self, output_dir=None, **kw):
+        real_save(self, output_dir, **kw)
+        (tmp_path / "checkpoints").joinpath("marker").write_text("the save ran")
+        raise KeyboardInterrupt  # as if killed after the files were written, before the rename
+
+    monkeypatch.setattr(Accelerator, "save_state", killed_save)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, tmp_path)
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "checkpoint-00000001" in names and ".checkpoint-00000002.tmp" in names
+    assert "checkpoint-00000002" not in names
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "checkpoint-00000001"
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]  # step 2 was logged, then lost with the kill
+
+    summary = finetune(cfg, tmp_path)
+    assert summary["finished"] and summary["step"] == 3
+    ours, ref = metrics(tmp_path), metrics(uninterrupted)
+    assert [r["step"] for r in ours] == [1, 2, 3]
+    assert ours == ref  # every logged loss term, grad norm and lr, bit for bit
+    a, b = lora_state(tmp_path), lora_state(uninterrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["checkpoint-00000002", "checkpoint-00000003", "marker"]  # rotation kept the newest 2
+
+
+# ----------------------------------------------------------------------------------------------- exports
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, recon_cache):
+    """A short run with a large learning rate, so the LoRA weights visibly change both models."""
+    from recon.train.joint import finetune
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST + [
+        "train.steps=2", "captioner_optim.lr=0.05", "generator_optim.lr=0.05", "validation.final=true"])
+    summary = finetune(cfg, out)
+    return cfg, out, summary
+
+
+def ours(cfg, out):
+    """Fresh LoRA-wrapped roles with the run's final LoRA weights (from its last checkpoint)."""
+    from recon.train.adapters import TrainState
+    from recon.train.joint import latest_checkpoint, load_roles
+
+    captioner, pipe = load_roles(cfg, torch.device("cpu"), torch.float32)
+    state = torch.load(latest_checkpoint(out / "checkpoints") / "custom_checkpoint_1.pkl", weights_only=False)
+    TrainState({"captioner": captioner.model, "unet": pipe.unet}).load_state_dict(state)
+    return captioner, pipe
+
+
+@pytest.fixture(scope="module")
+def randomised(tmp_path_factory, recon_cache):
+    """Roles whose LoRA weights are all far from zero, exported: every adapter weight must reach the outputs.
+
+    The tiny random BLIP's vision tower is initialised with std 1e-10 (BlipVisionConfig's initializer_range), so
+    its cross-attention sees ~0 and LoRA there cannot change its logits; self-attention is targeted as well here.
+    """
+    from recon.train.adapters import export_captioner_adapter, export_sd_lora
+    from recon.train.joint import load_roles
+
+    cfg = load_finetune_config("finetune-shapes-smoke", ["captioner_lora.targets=decoder_attn"])
+    captioner, pipe = load_roles(cfg, torch.device("cpu"), torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in (captioner.model, pipe.unet):
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("exported")
+    export_captioner_adapter(captioner.model, out)
+    export_sd_lora(pipe.unet, out)
+    return cfg, out, captioner, pipe
+
+
+def captioner_inputs():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 32, 32), ["a red circle", "a blue square on a white background"]
+
+
+def unet_inputs(pipe):
+    torch.manual_seed(0)
+    ids = pipe.tokenizer(["a red circle"] * 2, padding="max_length", return_tensors="pt").input_ids
+    return torch.randn(2, 4, 32, 32), torch.tensor([10, 500]), pipe.text_encoder(ids)[0]
+
+
+def check_captioner_adapter(cfg, out, captioner, tiny_models, must_differ: bool) -> None:
+    """Plain transformers + peft, and recon's preset path (CaptionerConfig.adapter), give our logits."""
+    from peft import PeftModel
+    from transformers import BlipForConditionalGeneration
+
+    from recon.captioners import BlipCaptioner
+    from recon.config import CaptionerConfig
+
+    pixels, texts = captioner_inputs()
+    with torch.no_grad():
+        ref = captioner.teacher_forced_logits(pixels, texts)[0]
+        base = BlipForConditionalGeneration.from_pretrained(tiny_models / "captioner").eval()
+        before = BlipCaptioner(base, captioner.processor, cfg.captioner).teacher_forced_logits(pixels, texts)[0]
+        plain = BlipCaptioner(PeftModel.from_pretrained(base, out / "captioner_adapter").eval(), captioner.processor,
+                              cfg.captioner)
+        preset = BlipCaptioner.from_config(CaptionerConfig(model=str(tiny_models / "captioner"),
+                                                           prompt=cfg.captioner.prompt,
+                                                           adapter=str(out / "captioner_adapter")), "cpu")
+        if must_differ:
+            assert (ref - before).abs().max() > 1e-2  # the adapter matters
+        torch.testing.assert_close(plain.teacher_forced_logits(pixels, texts)[0], ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(preset.teacher_forced_logits(pixels, texts)[0], ref, rtol=0, atol=1e-5)
+
+
+def check_sd_lora(out, pipe, tiny_models) -> None:
+    """Plain diffusers load_lora_weights, and recon's preset path (GeneratorConfig.lora), give our UNet output."""
+    from diffusers import StableDiffusionPipeline
+
+    from recon import hub
+
+    latents, t, states = unet_inputs(pipe)
+    with torch.no_grad():
+        ref = pipe.unet(latents, t, encoder_hidden_states=states).sample
+        plain = StableDiffusionPipeline.from_pretrained(tiny_models / "generator", safety_checker=None,
+                                                        requires_safety_checker=False)
+        before = plain.unet(latents, t, encoder_hidden_states=states).sample
+        plain.load_lora_weights(out / "sd_lora")
+        preset = hub.load_diffusion_pipeline("builtin:tiny-random/generator", torch.device("cpu"), torch.float32,
+                                             lora=str(out / "sd_lora"))
+        assert (ref - before).abs().max() > 1e-2
+        torch.testing.assert_close(plain.unet(latents, t, encoder_hidden_states=states).sample, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(preset.unet(latents, t, encoder_hidden_states=states).sample, ref, rtol=0, atol=1e-5)
+
+
+def test_exports_load_in_plain_peft_diffusers_and_recon(randomised, tiny_models):
+    cfg, out, captioner, pipe = randomised
+    assert json.loads((out / "captioner_adapter" / "adapter_config.json").read_text())["r"] == 4
+    check_captioner_adapter(cfg, out, captioner, tiny_models, must_differ=True)
+    check_sd_lora(out, pipe, tiny_models)
+
+
+def test_trained_run_exports_reproduce_its_checkpoint(trained, tiny_models):
+    cfg, out, _ = trained
+    captioner, pipe = ours(cfg, out)
+    check_captioner_adapter(cfg, out, captioner, tiny_models, must_differ=False)
+    check_sd_lora(out, pipe, tiny_models)
+
+
+def test_run_writes_its_directory(trained):
+    cfg, out, summary = trained
+    assert summary["finished"]
+    for name in ("finetune.yaml", "bridge.json", "metrics.jsonl", "validation.jsonl", "summary.json",
+                 "captioner_adapter/adapter_config.json", "captioner_adapter/adapter_model.safetensors",
+                 "sd_lora/pytorch_lora_weights.safetensors", "samples/step-00000002.png"):
+        assert (out / name).is_file(), name
+    val = json.loads((out / "validation.jsonl").read_text().splitlines()[-1])
+    assert {"val/ref_log_likelihood", "val/recon_clip_similarity", "val/caption_tuple_acc"} <= set(val)
+    assert json.loads((out / "bridge.json").read_text())["caption_token_coverage"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_caption_file_pairs_are_a_function_of_the_step(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from recon.train.config import DataConfig
+    from recon.train.data import CaptionFilePairs, ShapesPairs
+
+    images = []
+    for i in range(5):
+        Image.fromarray(np.full((40, 60, 3), 40 * i, np.uint8)).save(tmp_path / f"im{i}.png")
+        split = "val" if i == 4 else "train"
+        images.append({"filename": f"im{i}.png", "split": split, "cocoid": i,
+                       "sentences": [{"raw": f"image {i} caption {j}"} for j in range(2)]})
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": images}))
+    cfg = DataConfig(kind="karpathy", annotations=str(tmp_path / "karpathy.json"), images=str(tmp_path),
+                     train_split=["train"], val_split=["val"])
+    pairs = CaptionFilePairs(cfg, resolution=16, seed=0)
+    b = pairs.train_batch(3, rank=1, world_size=2, n=2)
+    assert b.images.shape == (2, 3, 16, 16) and 0 <= b.images.min() and b.images.max() <= 1
+    again = pairs.train_batch(3, rank=1, world_size=2, n=2)
+    assert b.captions == again.captions and torch.equal(b.images, again.images)
+    other_rank = pairs.train_batch(3, rank=0, world_size=2, n=2)
+    seen = {c.split()[1] for s in range(2) for c in pairs.train_batch(s, n=2).captions}
+    assert seen == {"0", "1", "2", "3"} and b.captions != other_rank.captions  # one epoch covers every item once
+    assert pairs.val_batch(8).captions == ["image 4 caption 0"]
+    shapes = ShapesPairs(resolution=64, seed=0)
+    s0, s1 = shapes.train_batch(0, 0, 2, 3), shapes.train_batch(0, 1, 2, 3)
+    assert s0.images.shape == (3, 3, 64, 64) and s0.captions != s1.captions
