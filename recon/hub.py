@@ -10,6 +10,7 @@ a local directory instead. Nothing here runs at import time.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import socket
@@ -121,6 +122,26 @@ def resolve(model_id: str, what: str = "model", field: str | None = None) -> str
         raise _not_available(model_id, what, field)
     log.info("downloading %s from the Hugging Face hub", model_id)
     return snapshot_download(model_id)
+
+
+@functools.lru_cache(maxsize=64)
+def fingerprint(model_id: str | None) -> str | None:
+    """Identity of a model's files for cache keys: a retrained local / builtin model gets new keys.
+
+    Local dirs and files hash (name, size, mtime) of their files; hub ids resolve to a snapshot dir whose path
+    holds the commit. Unresolvable ids fall back to the id itself (the cache may still serve them)."""
+    if not model_id:
+        return model_id
+    try:
+        path = Path(resolve(model_id))
+    except (ModelNotAvailableError, OSError):
+        return model_id
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256(str(path).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def cache_root() -> Path:

@@ -132,7 +132,9 @@ class Reconstructor:
     def caption(self, images: Sequence[Image.Image], ids: Sequence[str], hashes: Sequence[str]) -> list[list[str]]:
         c = self.config.captioner
         seeds = [derive_seed(self.config.run.seed, i, -1, 0) for i in ids]
-        keys = [self.cache.key(stage="caption", image=h, model=c.model, checkpoint=c.checkpoint, adapter=c.adapter,
+        models = [hub.fingerprint(m) for m in (c.model, c.checkpoint, c.adapter)]
+        keys = [self.cache.key(stage="caption", image=h, model=c.model, files=models, checkpoint=c.checkpoint,
+                               adapter=c.adapter,
                                backend=c.backend, prompt=c.prompt, n=c.num_candidates, decoding=c.decoding.__dict__,
                                seed=s if c.decoding.method == "nucleus" else None) for h, s in zip(hashes, seeds)]
         out: list[list[str] | None] = [self.cache.get_json("captions", k) for k in keys]
@@ -150,7 +152,8 @@ class Reconstructor:
         """PNG per (prompt, seed), cached. Misses of one group (item) are generated in their own batches unless
         ``generator.batch_across_items``: the batch layout of an item never depends on the other items."""
         g = self.config.generator
-        keys = [self.cache.key(stage="generate", model=g.model, lora=g.lora, scheduler=g.scheduler,
+        files = [hub.fingerprint(g.model), hub.fingerprint(g.lora)]
+        keys = [self.cache.key(stage="generate", model=g.model, files=files, lora=g.lora, scheduler=g.scheduler,
                                steps=g.num_inference_steps, guidance=g.guidance_scale, h=g.height, w=g.width,
                                negative=g.negative_prompt, safety=g.safety_checker, prompt=p, seed=s)
                 for p, s in zip(prompts, seeds)]
@@ -180,7 +183,7 @@ class Reconstructor:
     def score_images(self, original: torch.Tensor, original_hash: str, pngs: Sequence[bytes]) -> dict[str, list[float]]:
         """Similarity of one original ``[3, H, W]`` to each reconstruction, per metric (cached per pair)."""
         names = self.metric_names("image")
-        specs = {n: m.__dict__ for n, m in zip(names, self.config.similarity.image)}
+        specs = {n: {**m.__dict__, "files": hub.fingerprint(m.model)} for n, m in zip(names, self.config.similarity.image)}
         scores: dict[str, list[float]] = {}
         for n in names:
             keys = [self.cache.key(stage="score", metric=specs.get(n, n), a=original_hash,
