@@ -1,16 +1,12 @@
 """``recon score`` and ``recon analyze``: argparse wiring. recon/cli.py calls :func:`register`; handlers return
 exit codes and raise ValueError / RuntimeError subclasses (DataError, RunError, ...) for errors a user can fix,
 which the CLI prints as one line.
-
-``python -m recon.scoring_cli score ...`` runs the same commands without the rest of the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 
 from recon.run_args import add_run_args, config_from_args
@@ -77,27 +73,3 @@ def run_analyze(args: argparse.Namespace) -> int:
                       "spearman": {m: res["item"][m]["spearman"]["r"] for m in res["metrics"]},
                       "kendall": {m: res["item"][m]["kendall"]["r"] for m in res["metrics"]}}))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point, with the same error handling as ``recon.cli.main``."""
-    parser = argparse.ArgumentParser(prog="python -m recon.scoring_cli")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return args.handler(args)
-    except KeyboardInterrupt:
-        print("recon: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except USER_ERRORS as e:
-        if os.environ.get("RECON_DEBUG"):
-            raise
-        print(f"recon: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -245,7 +245,7 @@ def _cli(args, recon_cache):
 
     env = dict(os.environ, RECON_CACHE=str(recon_cache), HF_HUB_OFFLINE="1", RECON_THREADS="1")
     env.pop("RECON_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "recon.scoring_cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "recon", *args], env=env, capture_output=True,
                           text=True, timeout=600)
 
 
