@@ -152,6 +152,15 @@ def reconstruct_images(config: Config, source: str | Path, out: str | Path, limi
                    preflight=lambda: recon.preflight(("captioner", "generator", "image")))
 
 
+def _split_valid_texts(items) -> tuple[list[dict], list]:
+    """Failed records for empty / null texts, and the items that can be processed."""
+    records, good = [], []
+    for it in items:
+        err = validate_text(it.text)
+        (records.append(failed(it.id, err, text=it.text)) if err else good.append(it))
+    return records, good
+
+
 def reconstruct_texts(config: Config, texts: str | Path, out: str | Path, limit: int | None = None,
                       retry_failed: bool = False, progress: bool = True,
                       reconstructor: Reconstructor | None = None) -> RunDir:
@@ -160,10 +169,7 @@ def reconstruct_texts(config: Config, texts: str | Path, out: str | Path, limit:
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
 
     def process(chunk, run: RunDir) -> list[dict]:
-        records, good = [], []
-        for it in chunk:
-            err = validate_text(it.text)
-            (records.append(failed(it.id, err, text=it.text)) if err else good.append(it))
+        records, good = _split_valid_texts(chunk)
         if good:
             for it, rec in zip(good, recon.text_to_image_to_text([it.text for it in good], [it.id for it in good])):
                 rec["images"] = []
@@ -209,10 +215,7 @@ def generate_images(config: Config, texts: str | Path, out: str | Path, limit: i
     K = config.generator.images_per_caption
 
     def process(chunk, run: RunDir) -> list[dict]:
-        records, good = [], []
-        for it in chunk:
-            err = validate_text(it.text)
-            (records.append(failed(it.id, err, text=it.text)) if err else good.append(it))
+        records, good = _split_valid_texts(chunk)
         if good:
             seeds = [derive_seed(config.run.seed, it.id, 0, k) for it in good for k in range(K)]
             rendered = recon.render([it.text for it in good for _ in range(K)], seeds,

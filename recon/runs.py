@@ -50,11 +50,12 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
     return records, good
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": value}`` (config comparison, tracker hparams)."""
     if isinstance(d, dict):
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}
 
@@ -82,7 +83,7 @@ class RunDir:
         new = config.to_dict()
         if cfg_path.exists():
             old = yaml.safe_load(cfg_path.read_text()) or {}
-            a, b = _flatten(old), _flatten(new)
+            a, b = flatten(old), flatten(new)
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in VOLATILE_KEYS)
             if diff:
                 raise RunError(f"{self.path} holds a run with a different config ({', '.join(diff[:6])}"

@@ -25,6 +25,7 @@ from recon.config import (
     from_dict,
     read_yaml,
 )
+from recon.runs import flatten
 
 # LoRA target presets: a name here, or any regex peft full-matches against module names.
 CAPTIONER_TARGETS = {
@@ -248,7 +249,7 @@ def load_finetune_config(path_or_name: str, overrides: list[str] | tuple[str, ..
 
 def check(cfg: FinetuneConfig) -> None:
     """Choices and ranges that the types alone do not catch, named by dotted key."""
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}={flat[key]!r}: expected one of {', '.join(choices)}")
@@ -266,18 +267,9 @@ def check(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"data.kind={cfg.data.kind}: set data.annotations (and data.images)")
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def changed_keys(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ, ignoring the volatile ones (a resumed run may change those)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     return sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and not any(k == v or (v.endswith(".") and k.startswith(v))
                                                       for v in VOLATILE_KEYS))

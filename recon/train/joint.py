@@ -295,9 +295,9 @@ def write_or_check_config(out: Path, cfg: FinetuneConfig) -> None:
 
 def tracker_config(cfg: FinetuneConfig) -> dict:
     """TensorBoard's hparams take scalars only."""
-    from recon.train.config import _flatten
+    from recon.runs import flatten
 
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(cfg.to_dict()).items()}
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(cfg.to_dict()).items()}
 
 
 def append_jsonl(path: Path, record: dict) -> None:
