@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = 1
+VERSION = 2  # 2: BLIP vision position embeddings initialised at std 0.02 (transformers' default is 1e-10)
 PARTS = ("captioner", "generator", "clip", "clip_vision")
 
 
@@ -27,7 +27,7 @@ def build_blip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
     tok = make_blip_tokenizer()
     cfg = BlipConfig(
         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8),
+                           image_size=image_size, patch_size=8, initializer_range=0.02),
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                          num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64,
                          bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id),

@@ -30,6 +30,14 @@ def test_dotted_overrides_parse_yaml_scalars_and_list_indices():
     assert c.generator.negative_prompt == "ugly, blurry"
 
 
+def test_float_fields_accept_exponents_without_a_dot():
+    # PyYAML reads "1e-4" as a string (YAML 1.1 wants "1.0e-4"); a float field still takes it.
+    c = load_config("tiny-random", ["generator.guidance_scale=1e-4"])
+    assert c.generator.guidance_scale == 1e-4
+    with pytest.raises(ConfigError, match=r"generator\.guidance_scale"):
+        load_config("tiny-random", ["generator.guidance_scale=high"])
+
+
 @pytest.mark.parametrize("override, needle", [
     ("generator.guidance_scle=5", "guidance_scle"),
     ("run.seed=abc", "run.seed"),

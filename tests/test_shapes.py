@@ -139,6 +139,26 @@ def test_bundle_loads_with_plain_libraries_in_fp32():
 
 
 @needs_bundle
+def test_generator_follows_the_position_and_the_captioner_reads_it():
+    # The v1 bundle failed exactly here: its UNet took the object's position from the starting noise (same place for
+    # all five position captions) and its captioner guessed position at chance. Fast checks of both.
+    from recon.shapes.evaluate import Bundle
+
+    b = Bundle(BUNDLE, torch.device("cpu"))
+    scene = world.sample_scenes(1, 0, "test", 3)[0]
+    captions = [world.caption_for({**scene.attributes, "position": p}, 0) for p in world.POSITIONS]
+    read = [j["position"] for j in b.judge.predict(b.generate(captions, [7] * len(captions)))]
+    assert sum(r == p for r, p in zip(read, world.POSITIONS)) >= 4, read
+
+    scenes = world.sample_scenes(20, 0, "test", 3)
+    pix = b.processor(images=list(world.render_batch(scenes)), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        out = b.captioner.generate(pixel_values=pix, num_beams=3, max_new_tokens=20)
+    parsed = [world.parse_caption(c) for c in b.processor.batch_decode(out, skip_special_tokens=True)]
+    assert sum(p.get("position") == s.attributes["position"] for p, s in zip(parsed, scenes)) >= 18
+
+
+@needs_bundle
 def test_judge_reads_renders():
     from recon.shapes.metrics import judge_accuracy, render_batch
     from recon.shapes.models import load_judge

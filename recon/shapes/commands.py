@@ -33,6 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--init-from", type=Path, default=None,
                     help="unet/captioner: continue from this bundle's weights (fresh optimizer and schedule)")
     tr.add_argument("--batch", type=int, default=None, help="batch size (default: the recipe's)")
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     tr.set_defaults(handler=run_train)
 
     ev = sub.add_parser("eval", help="measure the bundle on held-out renders and held-out combinations")
@@ -46,6 +47,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--n-generate", type=int, default=None, metavar="N",
                     help="generation metrics on the first N items of each split only (default: all n)")
     ev.add_argument("--card", action="store_true", help="write MODEL_CARD.md, VERSION and eval.json into the bundle")
+    ev.add_argument("--card-note", type=Path, default=None, metavar="MD",
+                    help="with --card: markdown appended to the card (history, known limits)")
     ev.add_argument("--json", action="store_true", help="print only the json")
     ev.add_argument("--captioner", default="blip", choices=["blip", "flamingo"],
                     help="flamingo: few-shot learning of an unseen caption format, keyed by shot count")
@@ -84,7 +87,7 @@ def run_train(args: argparse.Namespace) -> int:
     work = args.work or cache_root() / "shapes-train" / Path(args.out).resolve().name
     train(TrainArgs(component=args.component, out=Path(args.out), work=Path(work), seed=args.seed,
                     steps=args.steps, minutes=args.minutes, threads=args.threads, device=args.device,
-                    init_from=args.init_from, batch=args.batch))
+                    init_from=args.init_from, batch=args.batch, lr=args.lr))
     return 0
 
 
@@ -93,6 +96,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from recon.shapes.evaluate import BARS, evaluate
 
     configure_threads(args.threads)
+    if args.card_note and not args.card_note.is_file():
+        print(f"--card-note {args.card_note}: no such file", file=sys.stderr)
+        return 2
     if args.captioner == "flamingo":
         from recon.shapes.flamingo import fewshot_eval
 
@@ -105,7 +111,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.card:
         from recon.shapes.card import write_model_card
 
-        print(f"wrote {write_model_card(args.bundle, result)}", file=sys.stderr)
+        note = args.card_note.read_text(encoding="utf-8") if args.card_note else ""
+        print(f"wrote {write_model_card(args.bundle, result, note)}", file=sys.stderr)
     if not args.json:
         failed = [k for k, bar in BARS.items() if result["test"][k] < bar]
         print("bars: " + ("all met" if not failed else "below bar: " + ", ".join(failed)), file=sys.stderr)

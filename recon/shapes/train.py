@@ -36,10 +36,12 @@ from recon.shapes.metrics import (
 
 COMPONENTS = ("vae", "unet", "captioner", "weak", "clip", "judge")
 # Steps of the shipped bundle; each fits the 90 CPU-minute budget of the whole bundle (see MODEL_CARD.md).
-DEFAULT_STEPS = {"vae": 600, "unet": 2400, "captioner": 1000, "weak": 300, "clip": 600, "judge": 300}
+DEFAULT_STEPS = {"vae": 600, "unet": 2400, "captioner": 1600, "weak": 300, "clip": 600, "judge": 300}
 BATCH = {"vae": 16, "unet": 32, "captioner": 64, "weak": 64, "clip": 128, "judge": 128}
 LR = {"vae": 2e-3, "unet": 1e-3, "captioner": 1e-3, "weak": 1e-3, "clip": 1e-3, "judge": 2e-3}
 CAPTION_DROPOUT = 0.1  # empty prompt 10% of the time: the unconditional branch of classifier-free guidance
+AUX_WEIGHT = 1.0  # captioner: weight of the attribute heads on the ViT's [CLS] (see train_captioner)
+CAPTIONER_WIDTH = models.CAPTIONER_VISION["hidden_size"]
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainArgs:
     device: str = "cpu"
     init_from: Path | None = None  # unet / captioner: start from this bundle's weights (continue a finished run)
     batch: int | None = None  # None: the recipe's BATCH
+    lr: float | None = None  # None: the recipe's LR
     eval_every: int = 250
     checkpoint_seconds: float = 180.0
 
@@ -83,7 +86,7 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
              ema=None, weight_decay: float = 0.01) -> dict:
     """Optimise ``params`` with AdamW for the budget; checkpoint, resume, log progress. Returns a record."""
     plan = {"total": args.steps or DEFAULT_STEPS[name]}
-    opt = torch.optim.AdamW(params, lr=LR[name], weight_decay=weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(params, lr=args.lr or LR[name], weight_decay=weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(plan))
     ckpt = args.work / f"{name}.ckpt.pt"
     step, wall0, cpu0, metrics = 0, 0.0, 0.0, {}
@@ -142,8 +145,8 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
     save_ckpt()
     for m in modules.values():
         m.eval()
-    return {"steps": step, "batch_size": bs(args, name), "lr": LR[name], "wall_minutes": round(wall_now() / 60, 2),
-            "cpu_minutes": round(cpu_now() / 60, 2), "threads": args.threads, "validation": metrics}
+    return {"steps": step, "batch_size": bs(args, name), "lr": args.lr or LR[name],
+            "wall_minutes": round(wall_now() / 60, 2), "cpu_minutes": round(cpu_now() / 60, 2), "threads": args.threads, "validation": metrics}
 
 
 def write_record(args: TrainArgs, name: str, record: dict) -> None:
@@ -276,6 +279,14 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
 
     processor = BlipProcessor(image_processor=models.image_processor(), tokenizer=tok)
     weak_saved = {"done": (args.out / "captioner_weak" / "config.json").exists() or name == "weak"}
+    # Real BLIP starts from an ImageNet-trained ViT. Ours starts from scratch, and the captioning loss alone taught it
+    # colour, size and background but not where the object is or its shape (chance after 1000 steps: the decoder's
+    # cross-attention needs object-aware patch features first). Linear attribute heads on the [CLS] token, trained
+    # with the captioning loss and then discarded, play the part of that pretraining.
+    aux = torch.nn.ModuleDict({a: torch.nn.Linear(CAPTIONER_WIDTH, len(world.VALUES[a]))
+                               for a in world.ATTRIBUTES}).to(dev) if AUX_WEIGHT else None
+    aux_targets = lambda scenes: {a: torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes],  # noqa: E731
+                                                  device=dev) for a in world.ATTRIBUTES}
 
     def step_fn(step: int) -> float:
         scenes, x = render_batch(args.seed, "train", step, bs(args, name), dev)
@@ -290,8 +301,11 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
         logits = h @ head.decoder.weight[used].T + head.decoder.bias[used]
         target = to_used[ids[:, 1:]].masked_fill(enc.attention_mask[:, 1:] == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, len(used)), target.reshape(-1), label_smoothing=0.1)
+        if aux is not None:
+            y = aux_targets(scenes)
+            loss = loss + AUX_WEIGHT * sum(F.cross_entropy(aux[a](image_embeds[:, 0]), y[a]) for a in aux) / len(aux)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         return loss.item()
 
     def validate(step: int) -> dict:
@@ -306,8 +320,9 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
             weak_saved["done"] = True
         return metrics
 
-    params = list(model.parameters())
-    record = run_loop(args, name, {"model": model}, params, step_fn, validate)
+    params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
+    modules = {"model": model, **({"aux": aux} if aux is not None else {})}
+    record = run_loop(args, name, modules, params, step_fn, validate)
     with torch.no_grad():  # AdamW's decay never touches unused rows' bias (no grad), but keep the invariant exact
         head.decoder.bias[unused] = models.UNUSED_TOKEN_BIAS
     if args.init_from:
