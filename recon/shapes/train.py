@@ -86,7 +86,8 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
              ema=None, weight_decay: float = 0.01) -> dict:
     """Optimise ``params`` with AdamW for the budget; checkpoint, resume, log progress. Returns a record."""
     plan = {"total": args.steps or DEFAULT_STEPS[name]}
-    opt = torch.optim.AdamW(params, lr=args.lr or LR[name], weight_decay=weight_decay, betas=(0.9, 0.99))
+    lr = args.lr or LR[name]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(plan))
     ckpt = args.work / f"{name}.ckpt.pt"
     step, wall0, cpu0, metrics = 0, 0.0, 0.0, {}
@@ -145,8 +146,8 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
     save_ckpt()
     for m in modules.values():
         m.eval()
-    return {"steps": step, "batch_size": bs(args, name), "lr": args.lr or LR[name],
-            "wall_minutes": round(wall_now() / 60, 2), "cpu_minutes": round(cpu_now() / 60, 2), "threads": args.threads, "validation": metrics}
+    return {"steps": step, "batch_size": bs(args, name), "lr": lr, "wall_minutes": round(wall_now() / 60, 2),
+            "cpu_minutes": round(cpu_now() / 60, 2), "threads": args.threads, "validation": metrics}
 
 
 def write_record(args: TrainArgs, name: str, record: dict) -> None:
@@ -284,7 +285,7 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
     # cross-attention needs object-aware patch features first). Linear attribute heads on the [CLS] token, trained
     # with the captioning loss and then discarded, play the part of that pretraining.
     aux = torch.nn.ModuleDict({a: torch.nn.Linear(CAPTIONER_WIDTH, len(world.VALUES[a]))
-                               for a in world.ATTRIBUTES}).to(dev) if AUX_WEIGHT else None
+                               for a in world.ATTRIBUTES}).to(dev)
     aux_targets = lambda scenes: {a: torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes],  # noqa: E731
                                                   device=dev) for a in world.ATTRIBUTES}
 
@@ -301,9 +302,8 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
         logits = h @ head.decoder.weight[used].T + head.decoder.bias[used]
         target = to_used[ids[:, 1:]].masked_fill(enc.attention_mask[:, 1:] == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, len(used)), target.reshape(-1), label_smoothing=0.1)
-        if aux is not None:
-            y = aux_targets(scenes)
-            loss = loss + AUX_WEIGHT * sum(F.cross_entropy(aux[a](image_embeds[:, 0]), y[a]) for a in aux) / len(aux)
+        y = aux_targets(scenes)
+        loss = loss + AUX_WEIGHT * sum(F.cross_entropy(aux[a](image_embeds[:, 0]), y[a]) for a in aux) / len(aux)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         return loss.item()
@@ -320,9 +320,8 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
             weak_saved["done"] = True
         return metrics
 
-    params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
-    modules = {"model": model, **({"aux": aux} if aux is not None else {})}
-    record = run_loop(args, name, modules, params, step_fn, validate)
+    params = list(model.parameters()) + list(aux.parameters())
+    record = run_loop(args, name, {"model": model, "aux": aux}, params, step_fn, validate)
     with torch.no_grad():  # AdamW's decay never touches unused rows' bias (no grad), but keep the invariant exact
         head.decoder.bias[unused] = models.UNUSED_TOKEN_BIAS
     if args.init_from:
