@@ -7,7 +7,7 @@ from pathlib import Path
 
 from recon.shapes import world
 
-BUNDLE_VERSION = "2"
+BUNDLE_VERSION = "3"
 PARTS = {"captioner": "BlipForConditionalGeneration + BlipProcessor (transformers)",
          "captioner_weak": "a weak captioner for candidate-ranking experiments (see training/captioner_weak.json)",
          "generator": "StableDiffusionPipeline folder: AutoencoderKL, CLIPTextModel + CLIPTokenizer, "

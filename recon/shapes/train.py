@@ -36,7 +36,7 @@ from recon.shapes.metrics import (
 
 COMPONENTS = ("vae", "unet", "captioner", "weak", "clip", "judge")
 # Steps of the shipped bundle; each fits the 90 CPU-minute budget of the whole bundle (see MODEL_CARD.md).
-DEFAULT_STEPS = {"vae": 600, "unet": 3200, "captioner": 1600, "weak": 300, "clip": 600, "judge": 300}
+DEFAULT_STEPS = {"vae": 1800, "unet": 3200, "captioner": 1600, "weak": 300, "clip": 600, "judge": 300}
 BATCH = {"vae": 16, "unet": 32, "captioner": 64, "weak": 64, "clip": 128, "judge": 128}
 LR = {"vae": 2e-3, "unet": 1e-3, "captioner": 1e-3, "weak": 1e-3, "clip": 1e-3, "judge": 2e-3}
 CAPTION_DROPOUT = 0.1  # empty prompt 10% of the time: the unconditional branch of classifier-free guidance
