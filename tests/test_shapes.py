@@ -169,8 +169,8 @@ def test_judge_reads_renders():
 
 @needs_bundle
 def test_vae_round_trip_keeps_every_attribute():
-    # The generator can draw no better than its VAE decodes: v2's VAE (600 steps, 28 dB) returned renders whose shape
-    # the judge read at 81%, and the generator's shape accuracy stalled just under it.
+    # The generator can draw no better than its VAE decodes: v2's VAE (600 steps, 28.7 dB) returned renders whose shape
+    # the judge read at 81% (300 renders), and the generator's shape accuracy stalled just under it.
     from diffusers import AutoencoderKL
 
     from recon.shapes.metrics import judge_accuracy, render_batch
