@@ -173,14 +173,12 @@ def test_vae_round_trip_keeps_every_attribute():
     # the judge read at 81% (300 renders), and the generator's shape accuracy stalled just under it.
     from diffusers import AutoencoderKL
 
-    from recon.shapes.metrics import judge_accuracy, render_batch
+    from recon.shapes.metrics import judge_accuracy, render_batch, vae_round_trip
     from recon.shapes.models import load_judge
 
     vae = AutoencoderKL.from_pretrained(BUNDLE / "generator" / "vae", torch_dtype=torch.float32).eval()
     scenes, x = render_batch(0, "test", 5, 100)
-    with torch.no_grad():
-        rec = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
-    assert judge_accuracy(load_judge(BUNDLE / "judge"), rec, scenes)["tuple_acc"] >= 0.95
+    assert judge_accuracy(load_judge(BUNDLE / "judge"), vae_round_trip(vae, x), scenes)["tuple_acc"] >= 0.95
 
 
 def test_commands_register_parses():

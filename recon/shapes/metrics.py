@@ -24,6 +24,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
 
 
+@torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    """Encode (latent mode) and decode ``images`` in [0, 1]; the result is in [0, 1]."""
+    return (vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
 

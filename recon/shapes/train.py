@@ -32,6 +32,7 @@ from recon.shapes.metrics import (
     normalize,
     render_batch,
     to_tensor,  # noqa: F401  re-exported: recon/shapes/flamingo.py imports it from here
+    vae_round_trip,
 )
 
 COMPONENTS = ("vae", "unet", "captioner", "weak", "clip", "judge")
@@ -41,7 +42,6 @@ BATCH = {"vae": 16, "unet": 32, "captioner": 64, "weak": 64, "clip": 128, "judge
 LR = {"vae": 2e-3, "unet": 1e-3, "captioner": 1e-3, "weak": 1e-3, "clip": 1e-3, "judge": 2e-3}
 CAPTION_DROPOUT = 0.1  # empty prompt 10% of the time: the unconditional branch of classifier-free guidance
 AUX_WEIGHT = 1.0  # captioner: weight of the attribute heads on the ViT's [CLS] (see train_captioner)
-CAPTIONER_WIDTH = models.CAPTIONER_VISION["hidden_size"]
 
 
 @dataclass
@@ -177,8 +177,7 @@ def train_vae(args: TrainArgs) -> dict:
     @torch.no_grad()
     def validate(step: int) -> dict:
         _, x = render_batch(args.seed, "test", 0, 256, dev)
-        rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample.clamp(-1, 1)
-        mse = F.mse_loss((rec + 1) / 2, x).item()
+        mse = F.mse_loss(vae_round_trip(vae, x), x).item()
         return {"psnr_db": round(10 * math.log10(1 / mse), 2)}
 
     record = run_loop(args, "vae", {"vae": vae}, list(vae.parameters()), step_fn, validate)
@@ -284,10 +283,12 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
     # colour, size and background but not where the object is or its shape (chance after 1000 steps: the decoder's
     # cross-attention needs object-aware patch features first). Linear attribute heads on the [CLS] token, trained
     # with the captioning loss and then discarded, play the part of that pretraining.
-    aux = torch.nn.ModuleDict({a: torch.nn.Linear(CAPTIONER_WIDTH, len(world.VALUES[a]))
+    aux = torch.nn.ModuleDict({a: torch.nn.Linear(models.CAPTIONER_VISION["hidden_size"], len(world.VALUES[a]))
                                for a in world.ATTRIBUTES}).to(dev)
-    aux_targets = lambda scenes: {a: torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes],  # noqa: E731
-                                                  device=dev) for a in world.ATTRIBUTES}
+
+    def aux_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
+        return {a: torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes], device=dev)
+                for a in world.ATTRIBUTES}
 
     def step_fn(step: int) -> float:
         scenes, x = render_batch(args.seed, "train", step, bs(args, name), dev)
