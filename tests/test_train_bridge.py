@@ -68,6 +68,53 @@ def test_index_maps_same_words_and_reports_coverage(bert_index, bert_tokenizer, 
     assert token_coverage(bert_index, ids.input_ids) == 1.0
 
 
+@pytest.fixture(scope="module")
+def shapes_text_side():
+    """The shipped shapes bundle's real BERT captioner tokenizer, CLIP tokenizer and text encoder."""
+    from transformers import AutoProcessor, CLIPTextModel, CLIPTokenizer
+
+    from recon.hub import SHAPES_BUNDLE
+
+    bert = AutoProcessor.from_pretrained(SHAPES_BUNDLE / "captioner").tokenizer
+    clip = CLIPTokenizer.from_pretrained(SHAPES_BUNDLE / "generator" / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(SHAPES_BUNDLE / "generator" / "text_encoder").eval()
+    return bert, clip, encoder
+
+
+def test_index_is_one_to_one(bert_index, bert_tokenizer, clip_tokenizer):
+    index, clip_vocab, bert_vocab = bert_index.index, clip_tokenizer.get_vocab(), bert_tokenizer.get_vocab()
+    assert int(torch.bincount(index[bert_index.mapped]).max()) == 1  # no WordPiece reaches two CLIP rows
+    assert index[clip_vocab["circle"]] == UNMAPPED  # the word-start piece: "circle" took "circle</w>"
+    # a continuation piece ends its word ("##ing" -> "ing</w>") unless a word-initial piece holds that form
+    assert index[clip_vocab["ly</w>"]] == bert_vocab["##ly"] and index[clip_vocab["ly"]] == UNMAPPED
+    assert index[clip_vocab["ing</w>"]] == bert_vocab["ing"] and index[clip_vocab["ing"]] == bert_vocab["##ing"]
+    assert index[clip_vocab["s</w>"]] == bert_vocab["s"] and index[clip_vocab["s"]] == bert_vocab["##s"]
+
+
+# Words that are one token in both vocabularies: inside the shapes world and well beyond it.
+SINGLE_TOKEN_CAPTIONS = ["a small red circle at the top left on a white background",
+                         "a large blue square in the center on a black background",
+                         "two dogs on a couch in the living room", "a man riding a horse on the beach",
+                         "the old train station at night, with people waiting"]
+
+
+@pytest.mark.parametrize("variant", ["prob", "logit"])
+def test_certain_captioner_reproduces_the_tokenized_caption(variant, shapes_text_side):
+    bert, clip, encoder = shapes_text_side
+    bridge = SoftTokenBridge(vocab_index(bert, clip, None), encoder, clip, BridgeConfig(variant=variant))
+    for caption in SINGLE_TOKEN_CAPTIONS:
+        words = caption.replace(",", " ,").split()
+        assert all(len(bert.tokenize(w)) == 1 and len(clip.tokenize(w)) == 1 for w in words), caption
+        logits, mask = one_hot_logits(bert, [caption], width=len(words) + 2)
+        ids = clip([caption], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            last, pooled = bridge(logits, mask)
+            ref = encoder(ids)
+        rel = (last - ref.last_hidden_state).norm() / ref.last_hidden_state.norm()
+        assert rel <= 1e-3, (caption, float(rel))
+        torch.testing.assert_close(pooled, ref.pooler_output, rtol=1e-4, atol=1e-4)
+
+
 def test_index_is_cached_on_disk(bert_tokenizer, clip_tokenizer, tmp_path, monkeypatch):
     import recon.train.bridge as bridge_module
 

@@ -49,6 +49,11 @@ HELDOUT_COMBOS: frozenset[tuple[str, ...]] = frozenset(
         : round(HELDOUT_FRACTION * len(ALL_COMBOS))])
 SEEN_COMBOS: tuple[tuple[str, ...], ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
 SPLITS = {"train": 0, "test": 1, "heldout": 2}  # mixed into the seed: splits never share a random stream
+# The held-out combinations in two fixed halves (semi-supervised experiments supply unpaired data of one half and
+# measure the other); "heldout_a" / "heldout_b" draw from one half, under the held-out split's random stream.
+_HALVES = np.random.default_rng(_HELDOUT_SEED + 1).permutation(len(HELDOUT_COMBOS))
+HELDOUT_A: tuple[tuple[str, ...], ...] = tuple(sorted(HELDOUT_COMBOS)[i] for i in sorted(_HALVES[: len(_HALVES) // 2]))
+HELDOUT_B: tuple[tuple[str, ...], ...] = tuple(sorted(HELDOUT_COMBOS)[i] for i in sorted(_HALVES[len(_HALVES) // 2:]))
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,13 @@ def _rng(seed: int, split: str, *stream: int) -> np.random.Generator:
 def sample_scenes(n: int, seed: int, split: str = "train", stream: int = 0) -> list[Scene]:
     """``n`` scenes drawn deterministically from ``(seed, split, stream)``.
 
-    ``train`` and ``test`` use the seen combinations, ``heldout`` only the held-out ones. Training uses
-    ``stream = step`` so every batch is fresh yet reproducible (and resume needs no data state).
+    ``train`` and ``test`` use the seen combinations, ``heldout`` only the held-out ones, ``heldout_a`` /
+    ``heldout_b`` one half of them (``heldout``'s random stream). Training uses ``stream = step`` so every batch is
+    fresh yet reproducible (and resume needs no data state).
     """
-    rng = _rng(seed, split, stream)
-    combos = sorted(HELDOUT_COMBOS) if split == "heldout" else SEEN_COMBOS
+    halves = {"heldout_a": HELDOUT_A, "heldout_b": HELDOUT_B}
+    rng = _rng(seed, "heldout" if split in halves else split, stream)
+    combos = halves.get(split) or (sorted(HELDOUT_COMBOS) if split == "heldout" else SEEN_COMBOS)
     idx = rng.integers(0, len(combos), n)
     jit = rng.uniform(-1, 1, (n, 3))
     tint = rng.integers(-12, 13, (n, 3))

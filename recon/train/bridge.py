@@ -1,8 +1,8 @@
 """Captioner logits -> soft tokens in the generator's text-encoder vocabulary -> text-encoder states, with grad.
 
 The captioner (BLIP: BERT WordPiece, 30524 ids) and the generator's text encoder (CLIP BPE, 49408 ids) do not
-share a vocabulary. A fixed index maps every CLIP token to the WordPiece id of the same word (``dog</w>`` and
-``dog`` -> ``dog``); CLIP tokens without one are *unmapped*. It is built once per tokenizer pair and cached under
+share a vocabulary. A fixed one-to-one index maps a CLIP token to the WordPiece id of the same word (``dog</w>``
+-> ``dog``; see :func:`build_index` for the rule); CLIP tokens without one are *unmapped*. It is built once per tokenizer pair and cached under
 ``$RECON_CACHE/bridge`` (a few ms to load, ~1 s to build). Everything is a gather along the vocabulary, never a
 dense 30k x 49k matrix.
 
@@ -33,7 +33,7 @@ from recon.train.config import BridgeConfig
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: one-to-one (v1 summed every CLIP row of a word)
 UNMAPPED = -1
 
 
@@ -57,25 +57,49 @@ def build_index(source_vocab: dict[str, int], target_vocab: dict[str, int],
                 target_special: set[int] = frozenset()) -> torch.Tensor:
     """``index[target id] = source id`` of the same word, or ``UNMAPPED`` (-1); ``[len(target_vocab)]`` long.
 
-    Per target token: the same token string if the source has it (identical vocabularies map to themselves),
-    else its text (end-of-word marker removed) as a word-initial source token, lower-cased if the source has
-    only that, else the ``##`` continuation piece. ``target_special`` ids (BOS/EOS) stay unmapped.
+    One-to-one: every source token reaches at most one target token, so a captioner certain of a word feeds the
+    text encoder exactly that word's embedding (never the sum of ``dog</w>`` and ``dog``). The rule, per source
+    WordPiece (identical vocabularies simply map to themselves):
+
+    * a word-initial piece ``w`` takes CLIP's whole word ``w</w>``, else the word-start piece ``w`` (right for the
+      first piece of a word that continues with ``##`` pieces);
+    * a continuation piece ``##w`` takes ``w</w>`` (it usually ends its word) if no word-initial piece holds it,
+      else the inner piece ``w``;
+    * pieces with no exact match try their lower-cased text last (a cased captioner; CLIP is lower-case).
+
+    Words CLIP splits into several BPE tokens reach none of them (a captioner token cannot become two text-encoder
+    slots). ``target_special`` ids (BOS/EOS) stay unmapped.
     """
-    decoder = _clip_byte_decoder()
     index = torch.full((max(target_vocab.values()) + 1,), UNMAPPED, dtype=torch.long)
+    if source_vocab == target_vocab:
+        for token, tid in target_vocab.items():
+            if tid not in target_special:
+                index[tid] = tid
+        return index
+    decoder = _clip_byte_decoder()
+    whole, inner = {}, {}  # text -> target id, for word-final (``</w>``) and word-inner tokens
     for token, tid in target_vocab.items():
-        if tid in target_special:
-            continue
-        if token in source_vocab:
-            index[tid] = source_vocab[token]
-            continue
-        text = _clip_token_text(token, decoder)
-        if not text:
-            continue
-        for candidate in (text, text.lower(), "##" + text, "##" + text.lower()):
-            if candidate in source_vocab:
-                index[tid] = source_vocab[candidate]
-                break
+        text = None if tid in target_special else _clip_token_text(token, decoder)
+        if text:
+            (whole if token.endswith("</w>") else inner).setdefault(text, tid)
+    # word-initial pieces first: they own the whole-word forms; then continuation pieces; lower-casing last
+    order = sorted(source_vocab.items(), key=lambda kv: (kv[0].startswith("##") and len(kv[0]) > 2, kv[1]))
+    claimed: set[int] = set()
+    placed: set[int] = set()
+    for fold in (False, True):
+        for piece, sid in order:
+            if sid in placed:
+                continue
+            cont = piece.startswith("##") and len(piece) > 2
+            text = piece[2:] if cont else piece
+            text = text.lower() if fold else text
+            for table in (whole, inner):
+                tid = table.get(text)
+                if tid is not None and tid not in claimed:
+                    index[tid] = sid
+                    claimed.add(tid)
+                    placed.add(sid)
+                    break
     return index
 
 
@@ -195,6 +219,7 @@ class SoftTokenBridge(nn.Module):
         self.bos_id, self.eos_id = int(tokenizer.bos_token_id), int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
         self.coverage = index.coverage
+        self._table: tuple | None = None  # (key, table, count): see aggregated_table
         keep_unk = self.cfg.unmapped == "unk"
         gather = index.index.clone()
         if keep_unk:
@@ -216,11 +241,22 @@ class SoftTokenBridge(nn.Module):
 
     def aggregated_table(self, n_source: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per captioner token: the sum of the CLIP embedding rows mapped to it ``[V_src, D]`` and their number
-        ``[V_src]`` (float32). ``q @ E_clip`` equals ``p @ table`` for ``prob`` and is computed that way."""
-        emb = self.encoder.token_embedding().weight.float()
-        idx = self.gather_index[self.include]
-        table = emb.new_zeros(n_source, emb.shape[1]).index_add(0, idx, emb[self.include])
-        return table, torch.bincount(idx, minlength=n_source).float()
+        ``[V_src]`` (float32). ``q @ E_clip`` equals ``p @ table`` for ``prob`` and is computed that way.
+
+        With the one-to-one index a row is one CLIP embedding (or zero); under ``unmapped="unk"`` the [UNK] row
+        sums every unmapped CLIP row. The text encoder is frozen, so the table is built once and kept (~150 MB at
+        real vocabulary sizes: rebuilding it every micro-step cost as much as a small model's forward pass); a
+        change to the embedding weights (their version counter) rebuilds it.
+        """
+        weight = self.encoder.token_embedding().weight
+        key = (n_source, weight.device, weight.data_ptr(), weight._version)
+        if self._table is None or self._table[0] != key or weight.requires_grad:
+            idx = self.gather_index[self.include]
+            with torch.set_grad_enabled(weight.requires_grad):  # a trained embedding: rebuilt with grad each call
+                emb = weight.float()
+                table = emb.new_zeros(n_source, emb.shape[1]).index_add(0, idx, emb[self.include])
+            self._table = (key, table, torch.bincount(idx, minlength=n_source).float())
+        return self._table[1], self._table[2]
 
     def soft_embeddings(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[N, V_src]`` -> ``[N, D]``: expected (or straight-through sampled) CLIP token embeddings.

@@ -65,8 +65,10 @@ class OptimConfig:
 class BridgeConfig:
     """Captioner logits -> CLIP-vocabulary soft tokens (see recon.train.bridge)."""
 
-    # deviation: the index also matches lower-cased text and "##" continuation pieces, so 46.6% of the 49408 CLIP
-    # ids stay unmapped with BERT's vocabulary (the original's exact-word index left 58% unmapped).
+    # The index is one-to-one (see recon.train.bridge.build_index): a WordPiece reaches one CLIP token, its
+    # whole word "w</w>" first; with BERT's vocabulary 21748 WordPieces (71%) reach a CLIP token and 56% of the
+    # 49408 CLIP ids stay unmapped. deviation: "##" continuation pieces map too (to "w</w>" or "w"), which the
+    # original's exact-word index left out.
     variant: str = "prob"  # prob (the original) | logit | gumbel (straight-through)
     temperature: float = 1.0  # softmax(logits / T)
     # deviation: the original sent every CLIP id without a same-word WordPiece to [UNK], so p([UNK]) was copied
@@ -99,7 +101,9 @@ class LossConfig:
     """Weights of the terms; a weight of 0 skips the term's computation."""
 
     # alternate: micro-batch i runs the image direction (caption_nll, i2t2i, image_sim) when i is even and the
-    # text direction (denoise, t2i2t) when odd, as the original; sum: every term on every micro-batch.
+    # text direction (denoise, t2i2t) when odd, as the original (4 + 4 of its 8 micro-batches): train.grad_accum
+    # must be even, so every optimizer step sees both directions and both models take every step; sum: every term
+    # on every micro-batch.
     schedule: str = "alternate"
     caption_nll: float = 1.0  # captioner task loss on (image, reference caption)
     label_smoothing: float = 0.1
@@ -120,7 +124,8 @@ class LossConfig:
     one_step_max_timestep: int | None = None
     image_sim: float = 0.0
     image_sim_terms: ImageSimConfig = field(default_factory=ImageSimConfig)
-    # The regularisers (i2t2i, t2i2t, image_sim) see only the first N pairs of each micro-batch; None: all.
+    # The regularisers (i2t2i, t2i2t, image_sim) see only the first N pairs (or unpaired items, see DataConfig) of
+    # each micro-batch; None: all.
     # They cost an extra UNet and captioner pass and a VAE decode; a part of the batch keeps a joint step cheap.
     regularizer_items: int | None = None
 
@@ -138,6 +143,14 @@ class DataConfig:
     resolution: int | None = None  # None: the generator's native resolution; BLIP resizes to its own size
     val_items: int = 16
     num_workers: int = 0
+    # Semi-supervised data. The task losses (caption_nll, denoise) see only labelled pairs; when unlabelled images
+    # are given, i2t2i and image_sim run on them (teacher-forced on the captioner's own caption, decoded with
+    # captioner.decoding, no gradient through decoding), and when unpaired texts are given, t2i2t runs on them
+    # (a sampled image: loss.t2i2t_form=sampler). Otherwise the regularisers use the labelled pairs.
+    labelled_pairs: int | None = None  # a fixed pool of N pairs (shapes: N scenes; files: N of a seeded shuffle)
+    unlabelled_images: str | None = None  # an image folder, or "shapes" (fresh scenes, no captions)
+    unpaired_texts: str | None = None  # a .txt / .json / .jsonl texts file, or "shapes" (fresh captions, no images)
+    unpaired_combos: str = "seen"  # shapes: the combinations unpaired data is drawn from: seen | heldout_a | heldout_b
 
 
 @dataclass
@@ -163,6 +176,9 @@ class TrainConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = True  # model layers, each sampled step and the VAE decode
     max_grad_norm: float = 1.0
+    # per_model: each model's LoRA gradient clipped to max_grad_norm on its own (one model's large gradient does not
+    # shrink the other's step); joint: one norm over both; generator: the UNet only, as the original code did.
+    grad_clip: str = "per_model"
     lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
     warmup_steps: int = 0
     checkpoint_every: int = 500
@@ -206,6 +222,8 @@ CHOICES = {
     "loss.schedule": ("alternate", "sum"),
     "loss.t2i2t_form": ("one_step", "sampler"),
     "data.kind": ("shapes", "karpathy", "coco"),
+    "data.unpaired_combos": ("seen", "heldout_a", "heldout_b"),
+    "train.grad_clip": ("per_model", "joint", "generator"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "wandb", "none"),
 }
@@ -265,6 +283,42 @@ def check(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"loss.{name}: weights must be >= 0")
     if cfg.data.kind != "shapes" and not cfg.data.annotations:
         raise ConfigError(f"data.kind={cfg.data.kind}: set data.annotations (and data.images)")
+    if cfg.loss.schedule == "alternate" and t.grad_accum % 2:
+        raise ConfigError(f"train.grad_accum={t.grad_accum}: loss.schedule=alternate gives even micro-steps the image "
+                          "direction and odd ones the text direction; use an even grad_accum so every optimizer step "
+                          "sees both (or loss.schedule=sum)")
+    if cfg.data.labelled_pairs is not None and cfg.data.labelled_pairs < 1:
+        raise ConfigError(f"data.labelled_pairs={cfg.data.labelled_pairs}: must be >= 1 (or null for all)")
+    for key in ("unlabelled_images", "unpaired_texts"):
+        if getattr(cfg.data, key) == "shapes" and cfg.data.kind != "shapes":
+            raise ConfigError(f"data.{key}=shapes needs data.kind=shapes; give a path for data.kind={cfg.data.kind}")
+    if cfg.data.unpaired_texts and cfg.loss.t2i2t and cfg.loss.t2i2t_form != "sampler":
+        raise ConfigError("loss.t2i2t_form=one_step needs the text's own image (its noised latents); with "
+                          "data.unpaired_texts set loss.t2i2t_form=sampler")
+    check_gradient_paths(cfg)
+
+
+def check_gradient_paths(cfg: FinetuneConfig) -> None:
+    """Every loss term with a weight > 0 must be able to move some trained LoRA: a term that cannot would cost
+    its forward passes and train nothing, silently."""
+    trained = {"captioner": cfg.captioner_lora.targets not in ("", "none"),
+               "unet": cfg.unet_lora.targets not in ("", "none")}
+    through_sampler = cfg.sampler.grad_steps > 0
+    reaches = {
+        "caption_nll": {"captioner"},
+        "denoise": {"unet"},
+        "i2t2i": {"captioner", "unet"},
+        # the captioner reads the sampled image even without gradient through the sampler (synthetic pairs)
+        "t2i2t": {"captioner", "unet"} if cfg.loss.t2i2t_form == "one_step" or through_sampler else {"captioner"},
+        "image_sim": {"captioner", "unet"} if through_sampler else set(),
+    }
+    for term, models in reaches.items():
+        if getattr(cfg.loss, term) > 0 and not any(trained[m] for m in models):
+            why = ("sampler.grad_steps=0 stops every gradient through the sampled image" if not models else
+                   f"it reaches only {' and '.join(sorted(models))}, and {'/'.join(m + '_lora' for m in sorted(models))}"
+                   f".targets is none")
+            raise ConfigError(f"loss.{term}={getattr(cfg.loss, term)}: this term cannot carry a gradient ({why}); "
+                              f"set loss.{term}=0 or give it a path")
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:

@@ -6,9 +6,15 @@
   recon.captions_io). Sample ``k`` of the run is item ``perm_epoch[k mod N]`` with a seeded permutation per
   epoch and one of its references chosen by a seeded draw.
 
-``train_batch(micro_step, rank, world_size, n)``: process ``rank``'s ``n`` pairs of that micro-step (processes
-never share a pair). Images are float ``[n, 3, R, R]`` in [0, 1] at the generator's resolution ``R`` (shortest
-side resized, bicubic antialiased, center crop).
+``train_batch(micro_step, rank, world_size, n)``: process ``rank``'s ``n`` pairs of that micro-step: items
+``rank * n .. rank * n + n - 1`` of the micro-step's global batch of ``n * world_size``, so one process with
+batch ``2n`` sees what two with ``n`` see together. Images are float ``[n, 3, R, R]`` in [0, 1] at the
+generator's resolution ``R`` (shortest side resized, bicubic antialiased, center crop).
+
+Semi-supervised data (``data.labelled_pairs``, ``data.unlabelled_images``, ``data.unpaired_texts``): a fixed pool of
+labelled pairs, drawn in seeded epochs, and per micro-step ``n`` unlabelled images and ``n`` unpaired texts
+(:class:`Unpaired`) on ``Batch.unlabelled`` / ``Batch.texts``. Shapes streams: labelled pool, unlabelled images and
+unpaired texts each have their own stream of the ``train`` split; evaluation draws from ``test`` / ``heldout``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from recon.similarity.preprocess import center_crop_or_pad, resize
 from recon.train.config import DataConfig
 
 VAL_STREAM = 1_000_003  # shapes validation renders: a stream no training step reaches in practice
+# Shapes training streams of the semi-supervised sources (the train split; plain pairs use stream = micro-step).
+LABELLED_STREAM = 3_000_017
+UNLABELLED_STREAM = 4_000_000_000  # + micro-step
+UNPAIRED_TEXT_STREAM = 5_000_000_000  # + micro-step
 
 
 @dataclass
@@ -31,6 +41,14 @@ class Batch:
     images: torch.Tensor  # [n, 3, R, R] float in [0, 1]
     captions: list[str]
     meta: list[Any] = field(default_factory=list)  # per item: the shapes Scene, or the image id
+    unlabelled: torch.Tensor | None = None  # [n, 3, R, R] images without captions (data.unlabelled_images)
+    texts: list[str] | None = None  # texts without images (data.unpaired_texts)
+
+
+def epoch_pick(k: int, total: int, seed: int, *salt: int) -> int:
+    """Item of global sample ``k`` when ``total`` items are drawn in seeded epochs (a permutation per epoch)."""
+    epoch, pos = divmod(k, total)
+    return int(np.random.default_rng([seed, *salt, epoch]).permutation(total)[pos])
 
 
 def fit(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -46,10 +64,17 @@ def fit(images: torch.Tensor, resolution: int) -> torch.Tensor:
 class ShapesPairs:
     """The shapes world: a fresh rendered batch per micro-step, exact ground truth for validation."""
 
-    def __init__(self, resolution: int, seed: int = 0, judge_dir: str | Path | None = None):
+    def __init__(self, resolution: int, seed: int = 0, judge_dir: str | Path | None = None,
+                 cfg: DataConfig | None = None):
+        from recon.shapes import world
+
+        self.cfg = cfg or DataConfig()
         self.resolution, self.seed = int(resolution), int(seed)
         self.judge_dir = Path(judge_dir) if judge_dir and Path(judge_dir).is_dir() else None
         self._judge = None
+        n = self.cfg.labelled_pairs
+        self.pool = world.sample_scenes(n, self.seed, "train", LABELLED_STREAM) if n else None
+        self.unpaired = Unpaired(self.cfg, self.resolution, self.seed)
 
     def _batch(self, scenes) -> Batch:
         from recon.shapes import world
@@ -61,7 +86,13 @@ class ShapesPairs:
     def train_batch(self, micro_step: int, rank: int = 0, world_size: int = 1, n: int = 1) -> Batch:
         from recon.shapes import world
 
-        return self._batch(world.sample_scenes(n, self.seed, "train", micro_step * world_size + rank))
+        mine = slice(rank * n, rank * n + n)
+        if self.pool is None:
+            scenes = world.sample_scenes(n * world_size, self.seed, "train", micro_step)[mine]
+        else:
+            first = micro_step * n * world_size
+            scenes = [self.pool[epoch_pick(first + k, len(self.pool), self.seed)] for k in range(mine.start, mine.stop)]
+        return self.unpaired.fill(self._batch(scenes), micro_step, rank, world_size, n)
 
     def val_batch(self, n: int) -> Batch:
         from recon.shapes import world
@@ -71,7 +102,7 @@ class ShapesPairs:
     def caption_texts(self, n: int = 256) -> list[str]:
         from recon.shapes import world
 
-        return [s.caption for s in world.sample_scenes(n, self.seed, "train", 0)]
+        return [s.caption for s in (self.pool or world.sample_scenes(n, self.seed, "train", 0))[:n]]
 
     def score_captions(self, captions: list[str], batch: Batch) -> dict[str, float]:
         """Exact-attribute accuracy of captions against the scenes (recon.shapes.world.parse_caption)."""
@@ -109,6 +140,10 @@ class CaptionFilePairs:
         self.val_items = self._items(val_file, cfg.val_split)
         if not self.train_items:
             raise ValueError(f"data: no training pairs in {cfg.annotations}")
+        if cfg.labelled_pairs is not None:  # a seeded subset, the same for every run with this seed
+            keep = np.random.default_rng([self.seed, 2]).permutation(len(self.train_items))[: cfg.labelled_pairs]
+            self.train_items = [self.train_items[int(i)] for i in sorted(keep)]
+        self.unpaired = Unpaired(cfg, self.resolution, self.seed)
 
     def _items(self, annotations: str | None, split: list[str]) -> list[tuple[str, list[str]]]:
         from recon import captions_io
@@ -129,15 +164,12 @@ class CaptionFilePairs:
         return Batch(torch.stack(images), [c for _, c in items], [p for p, _ in items])
 
     def train_batch(self, micro_step: int, rank: int = 0, world_size: int = 1, n: int = 1) -> Batch:
-        total = len(self.train_items)
         picked = []
         for j in range(n):
             k = (micro_step * world_size + rank) * n + j
-            epoch, pos = divmod(k, total)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(total)
-            path, caps = self.train_items[int(perm[pos])]
+            path, caps = self.train_items[epoch_pick(k, len(self.train_items), self.seed)]
             picked.append((path, caps[int(np.random.default_rng([self.seed, k, 1]).integers(len(caps)))]))
-        return self._load(picked)
+        return self.unpaired.fill(self._load(picked), micro_step, rank, world_size, n)
 
     def val_batch(self, n: int) -> Batch:
         return self._load([(p, caps[0]) for p, caps in self.val_items[:n]])
@@ -152,9 +184,51 @@ class CaptionFilePairs:
         return {}
 
 
+class Unpaired:
+    """Unlabelled images and unpaired texts for a micro-step's global batch (``data.unlabelled_images``,
+    ``data.unpaired_texts``): a folder / texts file drawn in seeded epochs, or fresh shapes scenes."""
+
+    def __init__(self, cfg: DataConfig, resolution: int, seed: int):
+        from recon.data import list_images, load_texts, validate_text
+
+        self.cfg, self.resolution, self.seed = cfg, resolution, seed
+        self.images = self.texts = None
+        if cfg.unlabelled_images and cfg.unlabelled_images != "shapes":
+            self.images = [item.path for item in list_images(cfg.unlabelled_images)]
+        if cfg.unpaired_texts and cfg.unpaired_texts != "shapes":
+            self.texts = [t.text for t in load_texts(cfg.unpaired_texts) if validate_text(t.text) is None]
+            if not self.texts:
+                raise ValueError(f"data.unpaired_texts: {cfg.unpaired_texts} holds no usable text")
+
+    def _scenes(self, base: int, micro_step: int, mine: slice, size: int):
+        from recon.shapes import world
+
+        split = "train" if self.cfg.unpaired_combos == "seen" else self.cfg.unpaired_combos
+        return world.sample_scenes(size, self.seed, split, base + micro_step)[mine]
+
+    def fill(self, batch: Batch, micro_step: int, rank: int, world_size: int, n: int) -> Batch:
+        """``batch`` with process ``rank``'s ``n`` unlabelled images and unpaired texts of the micro-step."""
+        from recon.data import image_to_tensor, load_image
+        from recon.shapes import world
+
+        mine, size = slice(rank * n, rank * n + n), n * world_size
+        first = micro_step * size  # global sample index of the micro-step's first item
+        if self.cfg.unlabelled_images == "shapes":
+            arr = world.render_batch(self._scenes(UNLABELLED_STREAM, micro_step, mine, size))
+            batch.unlabelled = fit(torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0), self.resolution)
+        elif self.images is not None:
+            paths = [self.images[epoch_pick(first + k, len(self.images), self.seed, 3)] for k in range(mine.start, mine.stop)]
+            batch.unlabelled = torch.stack([fit(image_to_tensor(load_image(p))[None], self.resolution)[0] for p in paths])
+        if self.cfg.unpaired_texts == "shapes":
+            batch.texts = [s.caption for s in self._scenes(UNPAIRED_TEXT_STREAM, micro_step, mine, size)]
+        elif self.texts is not None:
+            batch.texts = [self.texts[epoch_pick(first + k, len(self.texts), self.seed, 4)] for k in range(mine.start, mine.stop)]
+        return batch
+
+
 def make_pairs(cfg: DataConfig, resolution: int, seed: int, judge_dir: str | Path | None = None):
     if cfg.kind == "shapes":
-        return ShapesPairs(resolution, seed, judge_dir)
+        return ShapesPairs(resolution, seed, judge_dir, cfg)
     return CaptionFilePairs(cfg, resolution, seed)
 
 

@@ -100,11 +100,13 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
     # --- optimizer, schedule, checkpointed state
     from diffusers.optimization import get_scheduler
 
-    groups = []
-    for module, opt in ((captioner.model, cfg.captioner_optim), (pipe.unet, cfg.generator_optim)):
-        params = list(adapters.trainable(module).values())
-        if params:
-            groups.append({"params": params, "lr": opt.lr, "weight_decay": opt.weight_decay, "betas": tuple(opt.betas)})
+    groups, model_params = [], {}
+    for name, module, opt in (("captioner", captioner.model, cfg.captioner_optim),
+                              ("unet", pipe.unet, cfg.generator_optim)):
+        model_params[name] = list(adapters.trainable(module).values())
+        if model_params[name]:
+            groups.append({"params": model_params[name], "lr": opt.lr, "weight_decay": opt.weight_decay,
+                           "betas": tuple(opt.betas)})
     if not groups:
         raise ValueError("nothing to train: captioner_lora.targets and unet_lora.targets are both 'none'")
     params = [p for g in groups for p in g["params"]]
@@ -156,21 +158,23 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
             batch = next(data)
             g = torch.Generator(device).manual_seed(derive_seed(t.seed, "train", micro_step, rank))
             with accelerator.autocast():
-                terms = objective(batch.images.to(device), batch.captions, objective.direction(micro_step), g)
+                terms = objective(batch.images.to(device), batch.captions, objective.direction(micro_step), g,
+                                  unlabelled=None if batch.unlabelled is None else batch.unlabelled.to(device),
+                                  texts=batch.texts)
             accelerator.backward(terms.total / accum)
             total += float(terms.total.detach()) / accum
             for k, v in terms.values.items():
                 sums[k] += v
                 counts[k] += 1
         average_gradients(accelerator, params)
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        norms = clip_gradients(accelerator, model_params, t.max_grad_norm, t.grad_clip)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
 
         record = {"step": state.step, "loss": total, **{k: sums[k] / counts[k] for k in sums},
-                  "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0]}
+                  **norms, "lr": lr_scheduler.get_last_lr()[0]}
         record = reduce_record(accelerator, record)
         if main:
             append_jsonl(out / "metrics.jsonl", record)
@@ -322,17 +326,38 @@ def truncate_records(out: Path, step: int) -> None:
 
 
 def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Mean of the LoRA gradients over processes, in one all-reduce (the models are not DDP-wrapped)."""
+    """Mean of the LoRA gradients over processes, in one all-reduce (the models are not DDP-wrapped).
+
+    A parameter no process computed a gradient for keeps ``grad = None``, as in a single process, so AdamW skips
+    it (a zero gradient would still move it: weight decay, and momentum from earlier steps)."""
     if accelerator.num_processes == 1:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
+    had = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1).float() for g in grads] + [had]), reduction="sum")
+    any_grad = flat[-len(params):] > 0
     offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+    for p, g, keep in zip(params, grads, any_grad.tolist()):
+        p.grad = (flat[offset:offset + p.numel()].view_as(p) / accelerator.num_processes).to(g.dtype) if keep else None
         offset += p.numel()
+
+
+def clip_gradients(accelerator, model_params: dict[str, list[torch.nn.Parameter]], max_norm: float,
+                   mode: str) -> dict[str, float]:
+    """Clip the LoRA gradients as ``train.grad_clip`` says (per_model | joint | generator); returns the norms
+    before clipping: ``grad_norm`` (both models) and ``grad_norm_<model>`` per model."""
+    accelerator.unscale_gradients()  # fp16: the grad scaler's unscale, once per step
+    grads = {name: [p.grad for p in ps if p.grad is not None] for name, ps in model_params.items()}
+    norms = {name: torch.nn.utils.get_total_norm(g) if g else torch.zeros(()) for name, g in grads.items()}
+    total = torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms.values()]))
+    for name, g in grads.items():
+        if not g:
+            continue
+        if mode == "per_model" or (mode == "generator" and name == "unet"):
+            torch.nn.utils.clip_grads_with_norm_(g, max_norm, norms[name])
+        elif mode == "joint":
+            torch.nn.utils.clip_grads_with_norm_(g, max_norm, total.to(g[0].device))
+    return {"grad_norm": float(total), **{f"grad_norm_{name}": float(n) for name, n in norms.items()}}
 
 
 def reduce_record(accelerator, record: dict) -> dict:

@@ -16,7 +16,9 @@ Text direction (``JointObjective.text_terms``)::
                  -> BLIP preprocessing -> captioner NLL of the ORIGINAL caption
 
 The regularisers (i2t2i, image_sim, t2i2t) may use only the first ``loss.regularizer_items`` pairs of a
-micro-batch; the task losses always use all of it. All images are float ``[B, 3, H, W]`` in [0, 1].
+micro-batch; the task losses always use all of it. Given unlabelled images, i2t2i and image_sim run on them
+instead, teacher-forced on the captioner's own caption (decoded without gradient, ``captioner.decoding``); given
+unpaired texts, t2i2t runs on them through a sampled image (there is no image to noise). All images are float ``[B, 3, H, W]`` in [0, 1].
 Randomness (noise, timesteps, VAE posterior samples, Gumbel noise) comes only from the ``torch.Generator``
 passed in, so a step is a pure function of its seed.
 """
@@ -195,13 +197,14 @@ class JointObjective:
         return "image" if micro_step % 2 == 0 else "text"
 
     def __call__(self, images: torch.Tensor, captions: list[str], direction: str,
-                 generator: torch.Generator | None = None) -> Terms:
+                 generator: torch.Generator | None = None, unlabelled: torch.Tensor | None = None,
+                 texts: list[str] | None = None) -> Terms:
         terms: dict[str, torch.Tensor] = {}
         latents = _Lazy(lambda: self.diffusion.encode(images, generator))  # one VAE encode for both directions
         if direction in ("image", "both"):
-            terms.update(self.image_terms(images, captions, generator, latents))
+            terms.update(self.image_terms(images, captions, generator, latents, unlabelled))
         if direction in ("text", "both"):
-            terms.update(self.text_terms(images, captions, generator, latents))
+            terms.update(self.text_terms(images, captions, generator, latents, texts))
         if not terms:
             raise ValueError(f"direction {direction!r}: every loss weight of it is 0")
         total = sum(getattr(self.loss, k) * v for k, v in terms.items())
@@ -215,7 +218,21 @@ class JointObjective:
         pixel_values = self.captioner.preprocess_tensor(images.to(self.captioner.device))
         return self.captioner.teacher_forced_logits(pixel_values, list(captions))
 
-    def image_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def own_captions(self, images: torch.Tensor) -> list[str]:
+        """The captioner's caption of each image (its configured decoding, eval mode, no gradient)."""
+        from recon.data import tensor_to_pil
+
+        model = self.captioner.model
+        was_training = model.training
+        model.eval()
+        try:
+            return [c[0] for c in self.captioner.caption([tensor_to_pil(x) for x in images.float().cpu()], 1)]
+        finally:
+            model.train(was_training)
+
+    def image_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None,
+                    unlabelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         w, d = self.loss, self.diffusion
         if not (w.caption_nll or w.i2t2i or w.image_sim):
             return {}
@@ -225,16 +242,25 @@ class JointObjective:
         if w.caption_nll:
             logits, labels = self.caption_logits(images, captions)
             out["caption_nll"] = captioning_nll(logits, labels, w.label_smoothing)
-            logits, labels = logits[reg], labels[reg]
+        if not (w.i2t2i or w.image_sim):
+            return out
+        if unlabelled is not None:  # the captioner's own caption of each unlabelled image is its target
+            reg_images = unlabelled[self.regularized(unlabelled.shape[0])]
+            logits, labels = self.caption_logits(reg_images, self.own_captions(reg_images))
+            reg_latents = _Lazy(lambda: d.encode(reg_images, generator))
         else:
-            logits, labels = self.caption_logits(images[reg], captions[reg])
-        if w.i2t2i or w.image_sim:
-            states, _ = self.bridge(logits, caption_positions(labels, self.end_token_id), generator)
+            reg_images = images[reg]
+            if w.caption_nll:
+                logits, labels = logits[reg], labels[reg]
+            else:
+                logits, labels = self.caption_logits(images[reg], captions[reg])
+            reg_latents = _Lazy(lambda: latents()[reg])
+        states, _ = self.bridge(logits, caption_positions(labels, self.end_token_id), generator)
         if w.i2t2i:
-            noisy, target, t = d.noised(latents()[reg], generator)
+            noisy, target, t = d.noised(reg_latents(), generator)
             out["i2t2i"] = F.mse_loss(d.predict(noisy, t, states).float(), target.float())
         if w.image_sim:
-            out["image_sim"] = self.image_similarity_loss(images[reg], states, generator)
+            out["image_sim"] = self.image_similarity_loss(reg_images, states, generator)
         return out
 
     def image_similarity_loss(self, images: torch.Tensor, states: torch.Tensor, generator) -> torch.Tensor:
@@ -251,8 +277,20 @@ class JointObjective:
             loss = loss + cfg.lpips * self.metrics["lpips"](recon, originals).mean()
         return loss
 
-    def text_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None) -> dict[str, torch.Tensor]:
+    def text_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None,
+                   texts: list[str] | None = None) -> dict[str, torch.Tensor]:
         w, d = self.loss, self.diffusion
+        if texts is not None:  # the task loss on the pairs, t2i2t on the unpaired texts (no image to noise)
+            out = {}
+            if w.denoise:
+                noisy, target, t = d.noised((latents or _Lazy(lambda: d.encode(images, generator)))(), generator)
+                out["denoise"] = F.mse_loss(d.predict(noisy, t, d.text_states(captions)).float(), target.float())
+            if w.t2i2t:
+                texts = texts[self.regularized(len(texts))]
+                z0 = d.sample(d.text_states(texts), generator, self.sampler)
+                logits, labels = self.caption_logits(d.decode(z0), texts)
+                out["t2i2t"] = captioning_nll(logits, labels, w.label_smoothing)
+            return out
         one_step = w.t2i2t and w.t2i2t_form == "one_step"
         if not (w.denoise or w.t2i2t):
             return {}
