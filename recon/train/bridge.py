@@ -72,7 +72,7 @@ def build_index(source_vocab: dict[str, int], target_vocab: dict[str, int],
     """
     index = torch.full((max(target_vocab.values()) + 1,), UNMAPPED, dtype=torch.long)
     if source_vocab == target_vocab:
-        for token, tid in target_vocab.items():
+        for tid in target_vocab.values():
             if tid not in target_special:
                 index[tid] = tid
         return index
