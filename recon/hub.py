@@ -38,6 +38,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def processes_on_cpu() -> bool:
+    """Launched as several processes (accelerate launch / torchrun set WORLD_SIZE) on a machine without a GPU.
+
+    accelerate sets up its CPU process group (gloo) only when asked for the CPU explicitly; otherwise every
+    process runs as a world of one and they duplicate each other's work silently. Pass this as ``cpu=``."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: fp32 on CPU (bf16 autocast measured slower than fp32 on our CPUs), fp16 on CUDA."""
     if dtype == "auto":

@@ -42,7 +42,7 @@ def distributed() -> Distributed:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=hub.processes_on_cpu())
         return Distributed(state.process_index, state.num_processes, state)
     return Distributed()
 

@@ -280,3 +280,103 @@ def test_caption_file_pairs_are_a_function_of_the_step(tmp_path):
     shapes = ShapesPairs(resolution=64, seed=0)
     s0, s1 = shapes.train_batch(0, 0, 2, 3), shapes.train_batch(0, 1, 2, 3)
     assert s0.images.shape == (3, 3, 64, 64) and s0.captions != s1.captions
+
+
+# ----------------------------------------------------------------------------------------------- semi-supervised
+SEMI = ["data.labelled_pairs=3", "data.unlabelled_images=shapes", "data.unpaired_texts=shapes",
+        "loss.t2i2t_form=sampler", "loss.image_sim=0", "train.steps=2", "train.batch_size=1", "train.grad_accum=2",
+        "loss.schedule=alternate", "train.report_to=none", "validation.final=false", "train.checkpoint_every=2"]
+
+
+def test_config_rejects_terms_that_cannot_carry_a_gradient():
+    with pytest.raises(ConfigError, match=r"loss\.image_sim=0\.5.*sampler\.grad_steps=0"):
+        load_finetune_config("finetune-shapes-smoke", ["sampler.grad_steps=0"])
+    with pytest.raises(ConfigError, match=r"loss\.caption_nll=1\.0.*captioner_lora\.targets is none"):
+        load_finetune_config("finetune-shapes-smoke", ["captioner_lora.targets=none"])
+    with pytest.raises(ConfigError, match=r"loss\.denoise"):
+        load_finetune_config("finetune-shapes-smoke", ["unet_lora.targets=none"])
+    # the synthetic-pairs control: no gradient through the sampler, but the captioner still reads the sample
+    cfg = load_finetune_config("finetune-shapes-smoke", ["sampler.grad_steps=0", "loss.image_sim=0",
+                                                         "loss.t2i2t_form=sampler"])
+    assert cfg.sampler.grad_steps == 0 and cfg.loss.t2i2t == 1.0
+    with pytest.raises(ConfigError, match=r"train\.grad_accum=3.*alternate"):
+        load_finetune_config("finetune-shapes-smoke", ["loss.schedule=alternate", "train.grad_accum=3"])
+    with pytest.raises(ConfigError, match=r"loss\.t2i2t_form=one_step.*unpaired_texts"):
+        load_finetune_config("finetune-shapes-smoke", ["data.unpaired_texts=shapes"])
+    with pytest.raises(ConfigError, match=r"data\.unlabelled_images=shapes needs data\.kind=shapes"):
+        load_finetune_config("finetune-blip-sd14-paper", ["data.unlabelled_images=shapes"])
+
+
+def test_semi_supervised_run_trains_every_term_on_its_own_data(tmp_path):
+    from recon.train.joint import finetune
+
+    cfg = load_finetune_config("finetune-shapes-smoke", SEMI + ["loss.i2t2i=1", "loss.t2i2t=1"])
+    assert finetune(cfg, tmp_path)["finished"]
+    records = metrics(tmp_path)
+    assert len(records) == 2
+    for r in records:  # every optimizer step saw both directions
+        assert {"caption_nll", "i2t2i", "denoise", "t2i2t"} <= set(r) and r["grad_norm_captioner"] > 0 \
+            and r["grad_norm_unet"] > 0
+
+
+def test_labelled_pool_and_unpaired_streams_stay_out_of_evaluation():
+    from recon.shapes import world
+    from recon.train.data import UNLABELLED_STREAM, UNPAIRED_TEXT_STREAM, ShapesPairs
+
+    cfg = load_finetune_config("finetune-shapes-smoke", SEMI + ["data.labelled_pairs=50"]).data
+    pairs = ShapesPairs(32, 0, None, cfg)
+    train_scenes = set(pairs.pool)
+    for step in range(20):
+        b = pairs.train_batch(step, 0, 1, 4)
+        assert set(b.meta) <= train_scenes and b.unlabelled.shape == (4, 3, 32, 32) and len(b.texts) == 4
+        train_scenes |= set(pairs.unpaired._scenes(UNLABELLED_STREAM, step, slice(0, 4), 4))
+        train_scenes |= set(pairs.unpaired._scenes(UNPAIRED_TEXT_STREAM, step, slice(0, 4), 4))
+    evaluated = set(pairs.val_batch(64).meta) | set(world.sample_scenes(256, 0, "test", 2_000_003)) \
+        | set(world.sample_scenes(256, 0, "heldout", 2_000_003))
+    assert not train_scenes & evaluated
+    assert len(pairs.pool) == 50
+    b2 = ShapesPairs(32, 0, None, cfg).train_batch(7, 0, 1, 4)  # a pure function of the step
+    assert b2.captions == pairs.train_batch(7, 0, 1, 4).captions
+
+
+def test_heldout_halves_restrict_unpaired_data():
+    from recon.shapes import world
+    from recon.train.data import ShapesPairs
+
+    cfg = load_finetune_config("finetune-shapes-smoke", SEMI + ["data.unpaired_combos=heldout_a"]).data
+    b = ShapesPairs(32, 0, None, cfg).train_batch(3, 0, 1, 8)
+    assert all(world.parse_caption(t) and tuple(world.parse_caption(t)[a] for a in world.ATTRIBUTES)
+               in world.HELDOUT_A for t in b.texts)
+    assert set(world.HELDOUT_A).isdisjoint(world.HELDOUT_B) and len(world.HELDOUT_A) == len(world.HELDOUT_B) == 30
+
+
+# ----------------------------------------------------------------------------------------------- processes
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, recon_cache):
+    """torchrun with 2 CPU processes x batch 1 == 1 process x batch 2: the same pairs, averaged gradients, and no
+    update of a model no process had a gradient for (the UNet here: caption_nll only)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    sets = ["train.steps=2", "train.grad_accum=1", "loss.schedule=sum", "loss.denoise=0", "loss.i2t2i=0",
+            "loss.t2i2t=0", "loss.image_sim=0", "data.labelled_pairs=1", "train.report_to=none",
+            "validation.final=false", "train.checkpoint_every=2"]
+    env = dict(os.environ, RECON_CACHE=str(recon_cache), CUDA_VISIBLE_DEVICES="")
+    outs = {}
+    for procs, batch in ((1, 2), (2, 1)):
+        out = tmp_path / f"p{procs}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               "-m", "recon", "finetune", "finetune-shapes-smoke", "--out", str(out)]
+        cmd += [x for s in sets + [f"train.batch_size={batch}"] for x in ("--set", s)]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["processes"] == procs
+        outs[procs] = out
+    unet = [load_file(outs[p] / "sd_lora" / "pytorch_lora_weights.safetensors") for p in (1, 2)]
+    assert unet[0].keys() == unet[1].keys() and all(torch.equal(unet[0][k], unet[1][k]) for k in unet[0])
+    cap = [load_file(outs[p] / "captioner_adapter" / "adapter_model.safetensors") for p in (1, 2)]
+    for k in cap[0]:
+        torch.testing.assert_close(cap[0][k], cap[1][k], rtol=0, atol=1e-6)
+    assert metrics(outs[1])[-1]["caption_nll"] == pytest.approx(metrics(outs[2])[-1]["caption_nll"], abs=1e-5)

@@ -193,3 +193,37 @@ def test_loss_config_defaults_are_the_original():
     loss = LossConfig()
     assert (loss.schedule, loss.label_smoothing, loss.i2t2i, loss.t2i2t, loss.t2i2t_form) == \
         ("alternate", 0.1, 1.0, 1.0, "one_step")
+
+
+def test_unlabelled_images_train_both_models_on_the_captioners_own_caption(parts, monkeypatch):
+    obj = objective(parts, i2t2i=1.0)
+    images, captions = batch()
+    unlabelled, _ = batch(n=2, seed=5)
+    seen = []
+    real = obj.own_captions
+    monkeypatch.setattr(obj, "own_captions", lambda x: seen.append(x) or real(x))
+    zero(parts)
+    terms = obj(images, captions, "image", torch.Generator().manual_seed(0), unlabelled=unlabelled)
+    # the smoke config regularises the first loss.regularizer_items=1 item of each micro-batch
+    assert set(terms.values) == {"i2t2i"} and len(seen) == 1 and torch.equal(seen[0], unlabelled[:1])
+    assert parts["captioner"].model.training  # decoding switched to eval mode and back
+    terms.total.backward()
+    assert nonzero(lora_grads(parts["captioner"].model)) and nonzero(lora_grads(parts["pipe"].unet))
+    zero(parts)
+
+
+@pytest.mark.parametrize("grad_steps", [1, 0])
+def test_unpaired_texts_go_through_a_sampled_image(parts, grad_steps):
+    """t2i2t on texts without images; with no gradient through the sampler only the captioner learns (the
+    synthetic-pairs control)."""
+    obj = objective(parts, t2i2t=1.0, sampler=SamplerConfig(num_steps=2, grad_steps=grad_steps))
+    obj.loss.t2i2t_form = "sampler"
+    images, captions = batch()
+    zero(parts)
+    terms = obj(images, captions, "text", torch.Generator().manual_seed(0), texts=["a red circle", "a blue square"])
+    assert set(terms.values) == {"t2i2t"}
+    terms.total.backward()
+    assert nonzero(lora_grads(parts["captioner"].model))
+    unet = lora_grads(parts["pipe"].unet)
+    assert nonzero(unet) if grad_steps else none_or_zero(unet)
+    zero(parts)

@@ -57,7 +57,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
     out = Path(out)
     t = cfg.train
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(t.mixed_precision, t.cpu), cpu=t.cpu,
+        mixed_precision=mixed_precision(t.mixed_precision, t.cpu), cpu=t.cpu or hub.processes_on_cpu(),
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     main, device, rank, world = accelerator.is_main_process, accelerator.device, accelerator.process_index, \
@@ -190,7 +190,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
         accelerator.wait_for_everyone()
 
     summary = {"step": state.step, "finished": state.step >= t.steps, "seconds": round(time.time() - t0, 1),
-               "out": str(out)}
+               "processes": world, "out": str(out)}
     if summary["finished"] and main:
         if cfg.validation.final:
             run_validation(state.step)
