@@ -106,6 +106,28 @@ def paired_test(a: Sequence[float], b: Sequence[float], n_resamples: int = N_RES
     return PairedTest(est.value, est.low, est.high, p, int(d.size))
 
 
+def seeds_by_items_bootstrap(a: np.ndarray, b: np.ndarray | None = None, n_resamples: int = 2000,
+                             confidence: float = CONFIDENCE, seed: int | Sequence[int] = 0) -> PairedTest:
+    """Mean of ``a`` (or of ``a - b``) over a ``[seeds, items]`` grid, with a two-way bootstrap CI.
+
+    For training runs evaluated on shared items: each resample draws training seeds and items independently
+    (a crossed design: every seed saw the same items), so the interval covers both training-seed and evaluation
+    variance. ``b`` on the same grid is paired: the same draws for both. ``p_value`` is the two-sided bootstrap
+    p of a zero difference, ``2 * min(P(d* <= 0), P(d* >= 0))`` (``nan`` without ``b``); ``n`` counts seeds.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    d = a if b is None else a - np.asarray(b, dtype=np.float64)
+    if d.ndim != 2:
+        raise ValueError(f"expected a [seeds, items] grid, got shape {d.shape}")
+    s, n = d.shape
+    rng = _rng(seed)
+    rows, cols = rng.integers(0, s, (n_resamples, s)), rng.integers(0, n, (n_resamples, n))
+    means = np.stack([d[r][:, c].mean() for r, c in zip(rows, cols)])
+    lo, hi = _percentiles(means, confidence)
+    p = float("nan") if b is None else min(1.0, 2 * min(np.mean(means <= 0), np.mean(means >= 0)))
+    return PairedTest(float(d.mean()), lo, hi, p, int(s))
+
+
 def sign_flip_p_value(d: np.ndarray, n_permutations: int = N_PERMUTATIONS, seed: int | Sequence[int] = 0) -> float:
     """Two-sided paired permutation test of ``mean(d) = 0``: each pair's two values are swapped at random (the
     sign of its difference flipped). Exact over all ``2^n`` flips when that is at most ``n_permutations``;

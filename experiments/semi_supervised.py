@@ -1,0 +1,293 @@
+"""Semi-supervised joint finetuning in the shapes world: can the reconstruction losses use data without labels?
+
+Every arm is a ``recon finetune`` run of ``configs/finetune-shapes.yaml`` (alternating image / text micro-batches,
+both in every optimizer step, so every arm updates each model equally often) from the shapes bundle, with a
+fixed pool of labelled pairs (``data.labelled_pairs``) and, per arm, unpaired data for the regularisers:
+
+  task          task losses only (captioner NLL, UNet denoising) on the labelled pairs
+  t2i2t         + unpaired texts -> sampled image (gradient through its last 5 of 10 DDIM steps) -> captioner NLL
+  t2i2t_nograd  the same with no gradient through the sampler (sampler.grad_steps=0): the captioner learns from
+                synthetic pairs and the UNet is not pushed by the captioner -- the control for "the cycle is
+                differentiable"
+  i2t2i         + unlabelled images -> the captioner's own caption as soft tokens -> UNet denoising of the image
+  both          t2i2t + i2t2i
+
+Experiments (``--experiment``):
+
+  e1  weak captioner (59% tuple accuracy), full generator; labelled pairs from ``--labelled`` (a list)
+  e2  full captioner and generator; unpaired texts and unlabelled images of held-out half A only
+      (``data.unpaired_combos=heldout_a``); measured on seen scenes, half A and half B
+
+Evaluation (fixed scenes for every arm and seed, so arms are paired): caption tuple / attribute accuracy of beam-3
+captions of ``--n`` test scenes (and held-out scenes), parsed back exactly; generator judge accuracy of images
+generated from the reference captions (DDIM 20, guidance 5), read by the bundle's judge. Intervals: two-way
+bootstrap over training seeds and scenes (recon.stats.seeds_by_items_bootstrap), paired to ``task``.
+
+    python experiments/semi_supervised.py --out runs/semi-e1 --experiment e1 --labelled 200 --seeds 0,1,2 --jobs 2
+    python experiments/semi_supervised.py --out runs/semi-e1 --report-only      # tables and plot of what is done
+
+Resumable: a finished arm (its ``eval.json``) is skipped; an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ARMS = {
+    "task": ["loss.i2t2i=0", "loss.t2i2t=0"],
+    "t2i2t": ["loss.i2t2i=0", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler"],
+    "t2i2t_nograd": ["loss.i2t2i=0", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler",
+                     "sampler.grad_steps=0"],
+    "i2t2i": ["loss.i2t2i=1", "loss.t2i2t=0", "data.unlabelled_images=shapes"],
+    "both": ["loss.i2t2i=1", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler",
+             "data.unlabelled_images=shapes"],
+}
+EXPERIMENTS = {
+    "e1": {"captioner": "captioner_weak", "extra": [], "splits": ("test", "heldout")},
+    "e2": {"captioner": "captioner", "extra": ["data.unpaired_combos=heldout_a"],
+           "splits": ("test", "heldout_a", "heldout_b")},
+}
+EVAL_STREAM = 2_000_003  # the test / held-out stream of experiments/joint_finetune.py; no training stream is here
+EVAL_SEED = 0  # the scenes are the same for every arm and training seed
+METRICS = ("caption_tuple_acc", "caption_attr_acc", "judge_tuple_acc")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- one arm
+def arm_overrides(bundle: Path, experiment: str, arm: str, labelled: int, seed: int, steps: int | None) -> list[str]:
+    spec = EXPERIMENTS[experiment]
+    sets = [f"captioner.model={bundle / spec['captioner']}", f"generator.model={bundle / 'generator'}",
+            f"validation.metric.model={bundle / 'clip'}", f"loss.image_sim_terms.clip_metric.model={bundle / 'clip'}",
+            "validation.every=0", "validation.final=false", "train.report_to=none", "train.threads=1",
+            f"data.labelled_pairs={labelled}", f"train.seed={seed}", *spec["extra"], *ARMS.get(arm, [])]
+    return sets + ([f"train.steps={steps}"] if steps else [])
+
+
+def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle: Path) -> dict:
+    """Per scene 0/1 correctness of the captioner (per split) and of the generator (on test scenes)."""
+    import torch
+
+    from recon.captioners import BlipCaptioner
+    from recon.generators.diffusion import DiffusionGenerator
+    from recon.runs import derive_seed
+    from recon.shapes import models, world
+
+    device = torch.device("cpu")
+    captioner = BlipCaptioner.from_config(dataclasses.replace(cfg.captioner, adapter=adapter), device, batch_size=64)
+    out: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for split in splits:
+            scenes = world.sample_scenes(n, EVAL_SEED, split, EVAL_STREAM)
+            captions = [c[0] for c in captioner.caption([world.render_pil(s) for s in scenes], num_candidates=1,
+                                                        decoding=cfg.captioner.decoding)]
+            parsed = [world.parse_caption(c) for c in captions]
+            truth = [s.attributes for s in scenes]
+            out[f"{split}/caption_tuple_acc"] = [float(p == t) for p, t in zip(parsed, truth)]
+            out[f"{split}/caption_attr_acc"] = [float(np.mean([p[a] == t[a] for a in world.ATTRIBUTES]))
+                                                for p, t in zip(parsed, truth)]
+            out[f"{split}/captions"] = captions[:8]
+        generator = DiffusionGenerator.from_config(dataclasses.replace(cfg.generator, lora=lora), device,
+                                                   batch_size=64)
+        scenes = world.sample_scenes(n, EVAL_SEED, "test", EVAL_STREAM)
+        seeds = [derive_seed(EVAL_SEED, f"eval{i}", 0, 0) for i in range(n)]
+        judged = models.load_judge(bundle / "judge", device).predict(
+            generator.generate([s.caption for s in scenes], seeds).images)
+        out["test/judge_tuple_acc"] = [float(j == s.attributes) for j, s in zip(judged, scenes)]
+    return out
+
+
+def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: int, steps: int | None,
+            bundle: Path) -> dict:
+    """Train (resumably) and evaluate one arm; ``eval.json`` in its run directory marks it done."""
+    import torch
+
+    from recon.train.config import load_finetune_config
+    from recon.train.joint import finetune
+
+    torch.set_num_threads(1)
+    cfg = load_finetune_config("finetune-shapes", arm_overrides(bundle, experiment, arm, labelled, seed, steps))
+    adapter = lora = None
+    t0 = time.time()
+    if arm != "start":
+        summary = finetune(cfg, out)
+        adapter, lora = str(out / "captioner_adapter"), str(out / "sd_lora")
+    train_s = time.time() - t0
+    result = evaluate(cfg, adapter, lora, n, EXPERIMENTS[experiment]["splits"], bundle)
+    record = {"experiment": experiment, "arm": arm, "labelled": labelled, "seed": seed, "n": n,
+              "train_cpu_s": round(train_s, 1), "eval_cpu_s": round(time.time() - t0 - train_s, 1), **result}
+    if arm != "start":
+        record["steps"] = summary["step"]
+    from recon.data import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval.json", json.dumps(record))
+    return record
+
+
+# ----------------------------------------------------------------------------------------------- report
+def load_records(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.glob("**/eval.json"))]
+
+
+def fmt(e) -> str:
+    return f"{100 * e.diff:5.1f} [{100 * e.low:5.1f}, {100 * e.high:5.1f}]"
+
+
+def report(root: Path) -> str:
+    """Markdown tables: per labelled size and arm, mean over seeds with CIs; paired differences to ``task``."""
+    from recon.stats import seeds_by_items_bootstrap
+
+    records = load_records(root)
+    if not records:
+        return "no finished arms yet"
+    keys = [k for k in records[0] if k.endswith(METRICS) and isinstance(records[0][k], list)]
+    by = {}
+    for r in records:
+        by.setdefault(r["labelled"], {}).setdefault(r["arm"], {})[r["seed"]] = r
+    lines = []
+    for labelled in sorted(by):
+        arms = by[labelled]
+        order = [a for a in ("start", *ARMS) if a in arms]
+        lines += [f"### {labelled} labelled pairs", "",
+                  "| arm | seeds | " + " | ".join(k.replace("/", " ") + " %" for k in keys) + " | train CPU-min |",
+                  "| --- | --- |" + " --- |" * len(keys) + " --- |"]
+        grids = {}
+        for arm in order:
+            seeds = sorted(arms[arm])
+            grids[arm] = {k: np.array([arms[arm][s][k] for s in seeds]) for k in keys}
+            minutes = np.mean([arms[arm][s]["train_cpu_s"] for s in seeds]) / 60
+            cells = [fmt(seeds_by_items_bootstrap(grids[arm][k])) for k in keys]
+            lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+        if "task" in arms:
+            lines += ["", "Differences to `task` (points; 95% CI over seeds and scenes, paired on shared seeds; "
+                      "bootstrap p):", "", "| arm | " + " | ".join(k.replace("/", " ") for k in keys) + " |",
+                      "| --- |" + " --- |" * len(keys)]
+            for arm in order:
+                if arm in ("task", "start"):
+                    continue
+                shared = sorted(set(arms[arm]) & set(arms["task"]))
+                if not shared:
+                    continue
+                cells = []
+                for k in keys:
+                    t = seeds_by_items_bootstrap(np.array([arms[arm][s][k] for s in shared]),
+                                                 np.array([arms["task"][s][k] for s in shared]))
+                    cells.append(f"{100 * t.diff:+.1f} [{100 * t.low:+.1f}, {100 * t.high:+.1f}] p={t.p_value:.3f}")
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc") -> Path | None:
+    """Accuracy per arm (mean over seeds, 95% CI) against labelled pairs (a line per arm; bars for one size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from recon.stats import seeds_by_items_bootstrap
+
+    records = [r for r in load_records(root) if r["arm"] != "start" and metric in r]
+    if not records:
+        return None
+    sizes = sorted({r["labelled"] for r in records})
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    arms = [a for a in ARMS if any(r["arm"] == a for r in records)]
+    for i, arm in enumerate(arms):
+        xs, ys, lo, hi = [], [], [], []
+        for size in sizes:
+            grid = [r[metric] for r in records if r["arm"] == arm and r["labelled"] == size]
+            if grid:
+                e = seeds_by_items_bootstrap(np.array(grid))
+                xs.append(size if len(sizes) > 1 else i)
+                ys.append(100 * e.diff)
+                lo.append(100 * (e.diff - e.low))
+                hi.append(100 * (e.high - e.diff))
+        if len(sizes) > 1:
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm)
+        else:
+            ax.bar(xs, ys, yerr=[lo, hi], capsize=4, label=arm)
+    if len(sizes) > 1:
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled pairs")
+        ax.legend()
+    else:
+        ax.set_xticks(range(len(arms)), arms)
+        ax.set_xlabel(f"arm ({sizes[0]} labelled pairs)")
+    ax.set_ylabel(f"{metric} % (95% CI, seeds x scenes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/semi-e1"))
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="e1")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--labelled", default="200", help="comma-separated labelled pool sizes")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: the config's)")
+    parser.add_argument("--n", type=int, default=400, help="evaluation scenes per split")
+    parser.add_argument("--jobs", type=int, default=2, help="arms trained at once, one thread each")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--bundle", type=Path, default=None)
+    parser.add_argument("--one", nargs=3, metavar=("ARM", "LABELLED", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from recon import hub
+
+    bundle = (args.bundle or hub.SHAPES_BUNDLE).resolve()
+    if args.one:  # a worker: one arm in this process
+        arm, labelled, seed = args.one[0], int(args.one[1]), int(args.one[2])
+        r = run_arm(args.out / f"l{labelled}" / arm / f"seed{seed}", args.experiment, arm, labelled, seed, args.n,
+                    args.steps, bundle)
+        log(f"{arm} l{labelled} seed{seed}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items()
+                                                         if k.endswith(METRICS)))
+        return 0
+    if not args.report_only:
+        jobs = [("start", int(labelled), 0) for labelled in args.labelled.split(",")][:1]
+        jobs += [(arm, int(labelled), int(seed)) for labelled in args.labelled.split(",")
+                 for seed in args.seeds.split(",") for arm in args.arms.split(",")]
+        pending = [j for j in jobs if not (args.out / f"l{j[1]}" / j[0] / f"seed{j[2]}" / "eval.json").exists()]
+        log(f"{len(pending)} of {len(jobs)} arms to run, {args.jobs} at a time")
+
+        def work(job):
+            arm, labelled, seed = job
+            cmd = [sys.executable, __file__, "--out", str(args.out), "--experiment", args.experiment, "--n",
+                   str(args.n), "--bundle", str(bundle), "--one", arm, str(labelled), str(seed)]
+            cmd += ["--steps", str(args.steps)] if args.steps else []
+            logfile = args.out / f"l{labelled}" / arm / f"seed{seed}.log"
+            logfile.parent.mkdir(parents=True, exist_ok=True)
+            with open(logfile, "a") as f:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            log(f"{arm} l{labelled} seed{seed}: exit {rc} ({logfile})")
+            return rc
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            failures = sum(rc != 0 for rc in pool.map(work, pending))
+        if failures:
+            log(f"{failures} arm(s) failed; rerun to retry them")
+    md = report(args.out)
+    (args.out / "results.md").write_text(md + "\n")
+    plot(args.out, args.out / "caption_tuple_acc.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
