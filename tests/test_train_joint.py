@@ -380,3 +380,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, recon_cach
     for k in cap[0]:
         torch.testing.assert_close(cap[0][k], cap[1][k], rtol=0, atol=1e-6)
     assert metrics(outs[1])[-1]["caption_nll"] == pytest.approx(metrics(outs[2])[-1]["caption_nll"], abs=1e-5)
+
+
+def test_flamingo_finetune_runs_and_its_adapter_loads(tmp_path):
+    import dataclasses
+
+    from recon.captioners.flamingo import FlamingoCaptioner
+    from recon.shapes import world
+    from recon.train.joint import finetune
+
+    cfg = load_finetune_config("finetune-flamingo-shapes-smoke", ["train.report_to=none", "validation.final=false"])
+    summary = finetune(cfg, tmp_path)
+    assert summary["finished"] and {"caption_nll", "i2t2i", "denoise", "t2i2t"} <= set(metrics(tmp_path)[-1])
+    adapted = FlamingoCaptioner.from_config(dataclasses.replace(cfg.captioner, adapter=summary["captioner_adapter"]),
+                                            "cpu")
+    assert any("lora_A" in n for n, _ in adapted.model.named_parameters())
+    caption = adapted.caption([world.render_pil(world.sample_scenes(1, 0, "test", 3)[0])])[0][0]
+    assert world.is_parseable(world.parse_caption(caption))

@@ -227,3 +227,59 @@ def test_unpaired_texts_go_through_a_sampled_image(parts, grad_steps):
     unet = lora_grads(parts["pipe"].unet)
     assert nonzero(unet) if grad_steps else none_or_zero(unet)
     zero(parts)
+
+
+# ----------------------------------------------------------------------------------------------- Flamingo
+@pytest.fixture(scope="module")
+def flamingo_parts(recon_cache):
+    """The shapes bundle's Flamingo captioner and generator with LoRA, as `recon finetune` loads them."""
+    from recon import hub
+    from recon.train.bridge import SoftTokenBridge, vocab_index
+    from recon.train.joint import load_roles
+    from recon.train.losses import Diffusion
+
+    cfg = load_finetune_config("finetune-flamingo-shapes-smoke")
+    captioner, pipe = load_roles(cfg, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for module in (captioner.model, pipe.unet):
+            for name, p in module.named_parameters():
+                if p.requires_grad and "lora_B" in name:
+                    p.normal_(0, 0.02)
+    bridge = SoftTokenBridge(vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root()), pipe.text_encoder,
+                             pipe.tokenizer, cfg.bridge)
+    return dict(cfg=cfg, captioner=captioner, pipe=pipe, bridge=bridge, diffusion=Diffusion(pipe), metrics={})
+
+
+@pytest.mark.parametrize("term", ["i2t2i", "t2i2t"])
+def test_flamingo_trains_jointly_through_a_reconstruction_term(flamingo_parts, term):
+    from recon.captioners.base import TrainableCaptioner
+
+    parts = flamingo_parts
+    assert isinstance(parts["captioner"], TrainableCaptioner)
+    obj = objective(parts, **{term: 1.0})
+    images, captions = batch(n=2)
+    zero(parts)
+    terms = obj(images[:, :, ::2, ::2], captions, "both", torch.Generator().manual_seed(0))  # 32 px: the shapes UNet
+    assert set(terms.values) == {term}
+    terms.total.backward()
+    grads = lora_grads(parts["captioner"].model)
+    for block in ("perceiver", "gated_cross_attn"):
+        mine = {n: g for n, g in grads.items() if block in n}
+        assert mine and nonzero(mine), block
+    assert nonzero(lora_grads(parts["pipe"].unet))
+    zero(parts)
+
+
+def test_flamingo_bridge_is_exact_for_its_words(flamingo_parts):
+    """The shapes LM's byte-level word tokens ("Ġcircle") map one-to-one onto CLIP's whole words."""
+    parts = flamingo_parts
+    cap, pipe = parts["captioner"], parts["pipe"]
+    text = "a small red circle at the top left on a white background"
+    ids = cap.tokenizer(" " + text, add_special_tokens=False).input_ids
+    logits = torch.zeros(1, len(ids), len(cap.tokenizer))
+    logits[0, range(len(ids)), ids] = 1e4
+    with torch.no_grad():
+        last, _ = parts["bridge"](logits, torch.ones(1, len(ids), dtype=torch.bool))
+        ref = pipe.text_encoder(pipe.tokenizer([text], padding="max_length", max_length=77,
+                                               return_tensors="pt").input_ids).last_hidden_state
+    assert float((last - ref).norm() / ref.norm()) <= 1e-3

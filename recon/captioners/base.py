@@ -27,3 +27,26 @@ class Captioner(Protocol):
                 decoding: DecodingConfig | None = None, seeds: Sequence[int] | None = None) -> list[list[str]]: ...
 
     def log_likelihood(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TrainableCaptioner(Captioner, Protocol):
+    """What joint finetuning (recon.train) needs of a captioner beyond captioning.
+
+    ``model``: the ``nn.Module`` LoRA is added to (and trained); ``tokenizer``: its vocabulary, which the soft-token
+    bridge maps onto the generator's; ``end_token_id``: the token that ends a caption (excluded from the soft
+    caption); ``preprocess_tensor``: ``[B, 3, H, W]`` in [0, 1] -> the model's pixel input, differentiable;
+    ``teacher_forced_logits``: (pixels, texts) -> ``logits [B, T, V]`` predicting ``labels [B, T]`` (-100 where
+    not scored), differentiable in pixels and weights.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def end_token_id(self) -> int | None: ...
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def teacher_forced_logits(self, pixel_values: torch.Tensor, texts: Sequence[str]
+                              ) -> tuple[torch.Tensor, torch.Tensor]: ...

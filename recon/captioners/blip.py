@@ -157,6 +157,12 @@ class BlipCaptioner:
         return self._vision_weight.device
 
     @property
+    def end_token_id(self) -> int | None:
+        """The token that ends a caption: BLIP's ``[SEP]`` (BLIP-2's language model: its EOS)."""
+        tok = self.tokenizer
+        return tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+
+    @property
     def dtype(self) -> torch.dtype:
         return self._vision_weight.dtype
 

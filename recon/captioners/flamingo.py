@@ -358,6 +358,11 @@ class FlamingoCaptioner:
         return self.model.perceiver.latents.device
 
     @property
+    def end_token_id(self) -> int | None:
+        """``<|endofchunk|>``: the token that ends a caption chunk."""
+        return self.tokenizer.convert_tokens_to_ids(EOC_TOKEN)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.perceiver.latents.dtype
 

@@ -49,8 +49,10 @@ def _check_matched(model: nn.Module, regex: str, where: str) -> None:
 
 def add_captioner_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Freeze the captioner; return a peft ``PeftModel`` with LoRA on the targets (or the frozen model)."""
+    from recon.captioners.flamingo import LORA_TARGETS
+
     model.requires_grad_(False)
-    regex = target_regex(cfg.targets, CAPTIONER_TARGETS, "captioner_lora")
+    regex = target_regex(cfg.targets, {**CAPTIONER_TARGETS, "flamingo": LORA_TARGETS}, "captioner_lora")
     if regex is None:
         return model
     from peft import get_peft_model

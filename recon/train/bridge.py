@@ -53,18 +53,41 @@ def _clip_token_text(token: str, byte_decoder: dict[str, int]) -> str | None:
         return None
 
 
+def _source_pieces(source_vocab: dict[str, int], decoder: dict[str, int]) -> dict[int, tuple[str, bool]]:
+    """Per source id: (its text, whether it starts a word), for the three vocabulary styles captioners use:
+    WordPiece (BERT / BLIP: ``##`` marks a continuation), byte-level BPE (GPT-2 / OPT / MPT and our shapes LM:
+    ``Ġ`` marks a word start) and SentencePiece (Llama: ``▁`` marks a word start)."""
+    tokens = source_vocab.keys()
+    byte_level = any(t.startswith("\u0120") for t in tokens)  # "Ġ": a space in GPT-2's byte alphabet
+    sentencepiece = not byte_level and any(t.startswith("\u2581") for t in tokens)  # "▁"
+    out = {}
+    for token, sid in source_vocab.items():
+        if byte_level:
+            text = _clip_token_text(token, decoder)  # the same byte alphabet as CLIP's BPE
+            initial = bool(text) and text.startswith(" ")
+            text = text.strip() if text else None
+        elif sentencepiece:
+            initial, text = token.startswith("\u2581"), token.lstrip("\u2581")
+        else:
+            initial = not (token.startswith("##") and len(token) > 2)
+            text = token if initial else token[2:]
+        if text:
+            out[sid] = (text, initial)
+    return out
+
+
 def build_index(source_vocab: dict[str, int], target_vocab: dict[str, int],
                 target_special: set[int] = frozenset()) -> torch.Tensor:
     """``index[target id] = source id`` of the same word, or ``UNMAPPED`` (-1); ``[len(target_vocab)]`` long.
 
     One-to-one: every source token reaches at most one target token, so a captioner certain of a word feeds the
     text encoder exactly that word's embedding (never the sum of ``dog</w>`` and ``dog``). The rule, per source
-    WordPiece (identical vocabularies simply map to themselves):
+    piece (identical vocabularies simply map to themselves):
 
-    * a word-initial piece ``w`` takes CLIP's whole word ``w</w>``, else the word-start piece ``w`` (right for the
-      first piece of a word that continues with ``##`` pieces);
-    * a continuation piece ``##w`` takes ``w</w>`` (it usually ends its word) if no word-initial piece holds it,
-      else the inner piece ``w``;
+    * a word-initial piece ``w`` (WordPiece ``w``, byte-level ``Ġw``, SentencePiece ``▁w``) takes CLIP's whole
+      word ``w</w>``, else the word-start piece ``w`` (right for the first piece of a word that continues);
+    * a continuation piece (``##w``; a byte-level or SentencePiece piece without its marker) takes ``w</w>`` (it
+      usually ends its word) if no word-initial piece holds it, else the inner piece ``w``;
     * pieces with no exact match try their lower-cased text last (a cased captioner; CLIP is lower-case).
 
     Words CLIP splits into several BPE tokens reach none of them (a captioner token cannot become two text-encoder
@@ -82,17 +105,15 @@ def build_index(source_vocab: dict[str, int], target_vocab: dict[str, int],
         text = None if tid in target_special else _clip_token_text(token, decoder)
         if text:
             (whole if token.endswith("</w>") else inner).setdefault(text, tid)
-    # word-initial pieces first: they own the whole-word forms; then continuation pieces; lower-casing last
-    order = sorted(source_vocab.items(), key=lambda kv: (kv[0].startswith("##") and len(kv[0]) > 2, kv[1]))
+    pieces = _source_pieces(source_vocab, decoder)
+    order = sorted(pieces, key=lambda sid: (not pieces[sid][1], sid))  # word-initial pieces own the whole words
     claimed: set[int] = set()
     placed: set[int] = set()
     for fold in (False, True):
-        for piece, sid in order:
+        for sid in order:
             if sid in placed:
                 continue
-            cont = piece.startswith("##") and len(piece) > 2
-            text = piece[2:] if cont else piece
-            text = text.lower() if fold else text
+            text = pieces[sid][0].lower() if fold else pieces[sid][0]
             for table in (whole, inner):
                 tid = table.get(text)
                 if tid is not None and tid not in claimed:

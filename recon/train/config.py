@@ -34,6 +34,8 @@ CAPTIONER_TARGETS = {
     "xattn_q": r".*text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.self\.query",  # the paper's choice
     "decoder_attn": r".*text_decoder\.bert\.encoder\.layer\.\d+\.(attention|crossattention)\."
                     r"(self\.(query|key|value)|output\.dense)",
+    # "flamingo": the Flamingo backend's perceiver and gated cross-attention projections
+    # (recon.captioners.flamingo.LORA_TARGETS; its tanh gates stay frozen here)
 }
 UNET_TARGETS = {
     "attn2": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",  # cross-attention (text -> image)

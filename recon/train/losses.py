@@ -179,7 +179,8 @@ class Terms:
 class JointObjective:
     """The weighted sum of the configured terms for one direction (``image``, ``text`` or ``both``).
 
-    ``captioner``: a :class:`recon.captioners.BlipCaptioner` (its ``.model`` may carry LoRA);
+    ``captioner``: a :class:`recon.captioners.base.TrainableCaptioner` (BLIP or Flamingo; ``.model`` may carry
+    LoRA);
     ``image_sim_metrics``: ``{"clip": ClipImageSimilarity, "lpips": LpipsDistance}`` for the weights > 0.
     """
 
@@ -188,8 +189,7 @@ class JointObjective:
         self.captioner, self.diffusion, self.bridge = captioner, diffusion, bridge
         self.loss, self.sampler = loss, sampler
         self.metrics = image_sim_metrics or {}
-        tok = captioner.tokenizer
-        self.end_token_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        self.end_token_id = captioner.end_token_id
 
     def direction(self, micro_step: int) -> str:
         if self.loss.schedule == "sum":
