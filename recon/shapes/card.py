@@ -93,7 +93,9 @@ def write_model_card(bundle: Path, result: dict, extra: str = "") -> Path:
                   f"sample whose reconstruction is most CLIP-similar to the image {_pct(w['reranked_tuple_acc'])}, "
                   f"best possible {_pct(w['oracle_tuple_acc'])}."]
     lines += ["", "The full numbers are in `eval.json`. The judge is a classifier trained on renders; generated images "
-              "it misreads count as wrong, so generator accuracy is a lower bound up to the judge's own errors.", ""]
+              "it misreads count as wrong, so generator accuracy is a lower bound up to the judge's own errors.", "",
+              "Joint finetuning of these parts (the reconstruction losses as regularisers, with few labels and "
+              "unpaired data): `experiments/RESULTS.md`.", ""]
     if extra:
         lines += [extra.strip(), ""]
     path = bundle / "MODEL_CARD.md"
