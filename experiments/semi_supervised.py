@@ -17,6 +17,9 @@ Experiments (``--experiment``):
   e1  weak captioner (59% tuple accuracy), full generator; labelled pairs from ``--labelled`` (a list)
   e2  full captioner and generator; unpaired texts and unlabelled images of held-out half A only
       (``data.unpaired_combos=heldout_a``); measured on seen scenes, half A and half B
+  e3  weak generator (``--generator``: a UNet trained for a cut recipe), full captioner frozen (a critic): arms
+      denoise (task loss only) / t2i2t_onestep (+ text -> one-step x0 at t <= 500 -> captioner NLL) / image_sim
+      (+ image -> soft caption -> sampled reconstruction -> 1 - CLIP cosine); every term on every micro-batch
 
 Evaluation (fixed scenes for every arm and seed, so arms are paired): caption tuple / attribute accuracy of beam-3
 captions of ``--n`` test scenes (and held-out scenes), parsed back exactly; generator judge accuracy of images
@@ -51,10 +54,22 @@ ARMS = {
     "both": ["loss.i2t2i=1", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler",
              "data.unlabelled_images=shapes"],
 }
+E3_COMMON = ["captioner_lora.targets=none", "loss.caption_nll=0", "loss.i2t2i=0", "loss.schedule=sum",
+             "train.grad_accum=1"]
+E3_ARMS = {
+    "denoise": E3_COMMON + ["loss.t2i2t=0", "loss.image_sim=0"],
+    "t2i2t_onestep": E3_COMMON + ["loss.t2i2t=1", "loss.t2i2t_form=one_step", "loss.one_step_max_timestep=500",
+                                  "loss.image_sim=0"],
+    "image_sim": E3_COMMON + ["loss.t2i2t=0", "loss.image_sim=1"],
+}
 EXPERIMENTS = {
-    "e1": {"captioner": "captioner_weak", "extra": [], "splits": ("test", "heldout")},
+    "e1": {"captioner": "captioner_weak", "extra": [], "splits": ("test", "heldout"), "judge_splits": ("test",),
+           "arms": ARMS, "baseline": "task"},
     "e2": {"captioner": "captioner", "extra": ["data.unpaired_combos=heldout_a"],
-           "splits": ("test", "heldout_a", "heldout_b")},
+           "splits": ("test", "heldout_a", "heldout_b"), "judge_splits": ("test", "heldout_a", "heldout_b"),
+           "arms": ARMS, "baseline": "task"},
+    "e3": {"captioner": "captioner", "extra": [], "splits": (), "judge_splits": ("test", "heldout"),
+           "arms": E3_ARMS, "baseline": "denoise"},
 }
 EVAL_STREAM = 2_000_003  # the test / held-out stream of experiments/joint_finetune.py; no training stream is here
 EVAL_SEED = 0  # the scenes are the same for every arm and training seed
@@ -66,17 +81,20 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- one arm
-def arm_overrides(bundle: Path, experiment: str, arm: str, labelled: int, seed: int, steps: int | None) -> list[str]:
+def arm_overrides(bundle: Path, experiment: str, arm: str, labelled: int, seed: int, steps: int | None,
+                  generator: Path | None = None) -> list[str]:
     spec = EXPERIMENTS[experiment]
-    sets = [f"captioner.model={bundle / spec['captioner']}", f"generator.model={bundle / 'generator'}",
+    sets = [f"captioner.model={bundle / spec['captioner']}", f"generator.model={generator or bundle / 'generator'}",
             f"validation.metric.model={bundle / 'clip'}", f"loss.image_sim_terms.clip_metric.model={bundle / 'clip'}",
             "validation.every=0", "validation.final=false", "train.report_to=none", "train.threads=1",
-            f"data.labelled_pairs={labelled}", f"train.seed={seed}", *spec["extra"], *ARMS.get(arm, [])]
+            f"data.labelled_pairs={labelled or 'null'}", f"train.seed={seed}", *spec["extra"],
+            *spec["arms"].get(arm, [])]
     return sets + ([f"train.steps={steps}"] if steps else [])
 
 
-def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle: Path) -> dict:
-    """Per scene 0/1 correctness of the captioner (per split) and of the generator (on test scenes)."""
+def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle: Path,
+             judge_splits=("test",)) -> dict:
+    """Per scene 0/1 correctness of the captioner and of the generator, per split."""
     import torch
 
     from recon.captioners import BlipCaptioner
@@ -100,16 +118,17 @@ def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle:
             out[f"{split}/captions"] = captions[:8]
         generator = DiffusionGenerator.from_config(dataclasses.replace(cfg.generator, lora=lora), device,
                                                    batch_size=64)
-        scenes = world.sample_scenes(n, EVAL_SEED, "test", EVAL_STREAM)
+        judge = models.load_judge(bundle / "judge", device)
         seeds = [derive_seed(EVAL_SEED, f"eval{i}", 0, 0) for i in range(n)]
-        judged = models.load_judge(bundle / "judge", device).predict(
-            generator.generate([s.caption for s in scenes], seeds).images)
-        out["test/judge_tuple_acc"] = [float(j == s.attributes) for j, s in zip(judged, scenes)]
+        for split in judge_splits:
+            scenes = world.sample_scenes(n, EVAL_SEED, split, EVAL_STREAM)
+            judged = judge.predict(generator.generate([s.caption for s in scenes], seeds).images)
+            out[f"{split}/judge_tuple_acc"] = [float(j == s.attributes) for j, s in zip(judged, scenes)]
     return out
 
 
 def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: int, steps: int | None,
-            bundle: Path) -> dict:
+            bundle: Path, generator: Path | None = None) -> dict:
     """Train (resumably) and evaluate one arm; ``eval.json`` in its run directory marks it done."""
     import torch
 
@@ -117,14 +136,17 @@ def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: i
     from recon.train.joint import finetune
 
     torch.set_num_threads(1)
-    cfg = load_finetune_config("finetune-shapes", arm_overrides(bundle, experiment, arm, labelled, seed, steps))
+    cfg = load_finetune_config("finetune-shapes", arm_overrides(bundle, experiment, arm, labelled, seed, steps,
+                                                                generator))
     adapter = lora = None
     t0 = time.time()
     if arm != "start":
         summary = finetune(cfg, out)
         adapter, lora = str(out / "captioner_adapter"), str(out / "sd_lora")
     train_s = time.time() - t0
-    result = evaluate(cfg, adapter, lora, n, EXPERIMENTS[experiment]["splits"], bundle)
+    spec = EXPERIMENTS[experiment]
+    result = evaluate(cfg, adapter if cfg.captioner_lora.targets != "none" else None, lora, n, spec["splits"],
+                      bundle, spec["judge_splits"])
     record = {"experiment": experiment, "arm": arm, "labelled": labelled, "seed": seed, "n": n,
               "train_cpu_s": round(train_s, 1), "eval_cpu_s": round(time.time() - t0 - train_s, 1), **result}
     if arm != "start":
@@ -153,14 +175,16 @@ def report(root: Path) -> str:
     if not records:
         return "no finished arms yet"
     keys = [k for k in records[0] if k.endswith(METRICS) and isinstance(records[0][k], list)]
+    spec = EXPERIMENTS[records[0].get("experiment", "e1")]
+    base = spec["baseline"]
     by = {}
     for r in records:
         by.setdefault(r["labelled"], {}).setdefault(r["arm"], {})[r["seed"]] = r
     lines = []
     for labelled in sorted(by):
         arms = by[labelled]
-        order = [a for a in ("start", *ARMS) if a in arms]
-        lines += [f"### {labelled} labelled pairs", "",
+        order = [a for a in ("start", *spec["arms"]) if a in arms]
+        lines += [f"### {labelled or 'unlimited'} labelled pairs", "",
                   "| arm | seeds | " + " | ".join(k.replace("/", " ") + " %" for k in keys) + " | train CPU-min |",
                   "| --- | --- |" + " --- |" * len(keys) + " --- |"]
         grids = {}
@@ -170,20 +194,20 @@ def report(root: Path) -> str:
             minutes = np.mean([arms[arm][s]["train_cpu_s"] for s in seeds]) / 60
             cells = [fmt(seeds_by_items_bootstrap(grids[arm][k])) for k in keys]
             lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + f" | {minutes:.1f} |")
-        if "task" in arms:
-            lines += ["", "Differences to `task` (points; 95% CI over seeds and scenes, paired on shared seeds; "
+        if base in arms:
+            lines += ["", f"Differences to `{base}` (points; 95% CI over seeds and scenes, paired on shared seeds; "
                       "bootstrap p):", "", "| arm | " + " | ".join(k.replace("/", " ") for k in keys) + " |",
                       "| --- |" + " --- |" * len(keys)]
             for arm in order:
-                if arm in ("task", "start"):
+                if arm in (base, "start"):
                     continue
-                shared = sorted(set(arms[arm]) & set(arms["task"]))
+                shared = sorted(set(arms[arm]) & set(arms[base]))
                 if not shared:
                     continue
                 cells = []
                 for k in keys:
                     t = seeds_by_items_bootstrap(np.array([arms[arm][s][k] for s in shared]),
-                                                 np.array([arms["task"][s][k] for s in shared]))
+                                                 np.array([arms[base][s][k] for s in shared]))
                     cells.append(f"{100 * t.diff:+.1f} [{100 * t.low:+.1f}, {100 * t.high:+.1f}] p={t.p_value:.3f}")
                 lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -202,9 +226,10 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc") -> Path
     records = [r for r in load_records(root) if r["arm"] != "start" and metric in r]
     if not records:
         return None
+    all_arms = EXPERIMENTS[records[0].get("experiment", "e1")]["arms"]
     sizes = sorted({r["labelled"] for r in records})
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    arms = [a for a in ARMS if any(r["arm"] == a for r in records)]
+    arms = [a for a in all_arms if any(r["arm"] == a for r in records)]
     for i, arm in enumerate(arms):
         xs, ys, lo, hi = [], [], [], []
         for size in sizes:
@@ -238,14 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/semi-e1"))
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="e1")
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--labelled", default="200", help="comma-separated labelled pool sizes")
+    parser.add_argument("--arms", default=None, help="comma-separated (default: every arm of the experiment)")
+    parser.add_argument("--labelled", default="200", help="comma-separated labelled pool sizes (0: unlimited)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: the config's)")
     parser.add_argument("--n", type=int, default=400, help="evaluation scenes per split")
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once, one thread each")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--bundle", type=Path, default=None)
+    parser.add_argument("--generator", type=Path, default=None, help="generator dir (default: the bundle's)")
+    parser.add_argument("--metric", default=None, help="plotted metric (default: caption tuple acc; e3: judge)")
     parser.add_argument("--one", nargs=3, metavar=("ARM", "LABELLED", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -255,14 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:  # a worker: one arm in this process
         arm, labelled, seed = args.one[0], int(args.one[1]), int(args.one[2])
         r = run_arm(args.out / f"l{labelled}" / arm / f"seed{seed}", args.experiment, arm, labelled, seed, args.n,
-                    args.steps, bundle)
+                    args.steps, bundle, args.generator)
         log(f"{arm} l{labelled} seed{seed}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items()
                                                          if k.endswith(METRICS)))
         return 0
     if not args.report_only:
         jobs = [("start", int(labelled), 0) for labelled in args.labelled.split(",")][:1]
         jobs += [(arm, int(labelled), int(seed)) for labelled in args.labelled.split(",")
-                 for seed in args.seeds.split(",") for arm in args.arms.split(",")]
+                 for seed in args.seeds.split(",")
+                 for arm in (args.arms.split(",") if args.arms else EXPERIMENTS[args.experiment]["arms"])]
         pending = [j for j in jobs if not (args.out / f"l{j[1]}" / j[0] / f"seed{j[2]}" / "eval.json").exists()]
         log(f"{len(pending)} of {len(jobs)} arms to run, {args.jobs} at a time")
 
@@ -271,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--out", str(args.out), "--experiment", args.experiment, "--n",
                    str(args.n), "--bundle", str(bundle), "--one", arm, str(labelled), str(seed)]
             cmd += ["--steps", str(args.steps)] if args.steps else []
+            cmd += ["--generator", str(args.generator)] if args.generator else []
             logfile = args.out / f"l{labelled}" / arm / f"seed{seed}.log"
             logfile.parent.mkdir(parents=True, exist_ok=True)
             with open(logfile, "a") as f:
@@ -284,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{failures} arm(s) failed; rerun to retry them")
     md = report(args.out)
     (args.out / "results.md").write_text(md + "\n")
-    plot(args.out, args.out / "caption_tuple_acc.png")
+    metric = args.metric or ("test/judge_tuple_acc" if args.experiment == "e3" else "test/caption_tuple_acc")
+    plot(args.out, args.out / f"{metric.replace('/', '_')}.png", metric)
     print(md)
     return 0
 

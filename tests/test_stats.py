@@ -110,3 +110,26 @@ def test_compare_rules_tests_the_reference_against_each_rule():
     assert p["b"] == "random" and p["diff"] == pytest.approx(good.mean() - rand.mean()) and p["p_value"] < 0.01
     md = rules_markdown(table, "t")
     assert "**reconstruction**" in md and "reconstruction − random" in md
+
+
+def test_seeds_by_items_bootstrap_covers_seed_and_item_variance():
+    import numpy as np
+
+    from recon.stats import seeds_by_items_bootstrap
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(0, 1, 200)
+    # three training seeds that shift every item by a seed effect: the interval must widen with that spread
+    tight = np.stack([items, items, items])
+    loose = np.stack([items - 1, items, items + 1])
+    a, b = seeds_by_items_bootstrap(tight), seeds_by_items_bootstrap(loose)
+    assert a.diff == pytest.approx(items.mean()) and b.diff == pytest.approx(items.mean())
+    assert a.n == b.n == 3 and np.isnan(a.p_value)
+    assert (b.high - b.low) > 2 * (a.high - a.low)
+    # paired: a constant improvement of 0.5 on every seed and item is certain; no difference gives p = 1
+    t = seeds_by_items_bootstrap(loose + 0.5, loose)
+    assert t.diff == pytest.approx(0.5) and t.low == pytest.approx(0.5) and t.high == pytest.approx(0.5)
+    assert t.p_value == 0.0
+    assert seeds_by_items_bootstrap(loose, loose).p_value == 1.0
+    with pytest.raises(ValueError, match="seeds, items"):
+        seeds_by_items_bootstrap(items)
