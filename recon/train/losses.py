@@ -18,7 +18,8 @@ Text direction (``JointObjective.text_terms``)::
 The regularisers (i2t2i, image_sim, t2i2t) may use only the first ``loss.regularizer_items`` pairs of a
 micro-batch; the task losses always use all of it. Given unlabelled images, i2t2i and image_sim run on them
 instead, teacher-forced on the captioner's own caption (decoded without gradient, ``captioner.decoding``); given
-unpaired texts, t2i2t runs on them through a sampled image (there is no image to noise). All images are float ``[B, 3, H, W]`` in [0, 1].
+unpaired texts, t2i2t runs on them through a sampled image (there is no image to noise). All images are float
+``[B, 3, H, W]`` in [0, 1].
 Randomness (noise, timesteps, VAE posterior samples, Gumbel noise) comes only from the ``torch.Generator``
 passed in, so a step is a pure function of its seed.
 """
@@ -279,42 +280,38 @@ class JointObjective:
 
     def text_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None,
                    texts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """denoise on the pairs; t2i2t on the pairs' captions, or on ``texts`` (unpaired: a sampled image)."""
         w, d = self.loss, self.diffusion
-        if texts is not None:  # the task loss on the pairs, t2i2t on the unpaired texts (no image to noise)
-            out = {}
-            if w.denoise:
-                noisy, target, t = d.noised((latents or _Lazy(lambda: d.encode(images, generator)))(), generator)
-                out["denoise"] = F.mse_loss(d.predict(noisy, t, d.text_states(captions)).float(), target.float())
-            if w.t2i2t:
-                texts = texts[self.regularized(len(texts))]
-                z0 = d.sample(d.text_states(texts), generator, self.sampler)
-                logits, labels = self.caption_logits(d.decode(z0), texts)
-                out["t2i2t"] = captioning_nll(logits, labels, w.label_smoothing)
-            return out
-        one_step = w.t2i2t and w.t2i2t_form == "one_step"
         if not (w.denoise or w.t2i2t):
             return {}
         latents = latents or _Lazy(lambda: d.encode(images, generator))
         out: dict[str, torch.Tensor] = {}
         reg = self.regularized(images.shape[0])
+        on_pairs = w.t2i2t and texts is None
         rows = slice(None) if w.denoise else reg
-        states = d.text_states(captions[rows])
+        states = d.text_states(captions[rows]) if w.denoise or on_pairs else None
         if w.denoise:
             noisy, target, t = d.noised(latents()[rows], generator)
             pred = d.predict(noisy, t, states)
             out["denoise"] = F.mse_loss(pred.float(), target.float())
-        if one_step:
+        if not w.t2i2t:
+            return out
+        if not on_pairs:
+            target_texts = texts[self.regularized(len(texts))]
+            z0 = d.sample(d.text_states(target_texts), generator, self.sampler)
+        elif w.t2i2t_form == "one_step":
+            target_texts = captions[reg]
             if w.denoise and not w.one_step_max_timestep:  # the original: the x0 of the task loss's UNet call
                 noisy, pred, t = noisy[reg], pred[reg], t[reg]
             else:  # its own draw, so restricting the timesteps does not bias the task loss
                 noisy, _, t = d.noised(latents()[reg], generator, w.one_step_max_timestep)
                 pred = d.predict(noisy, t, states[reg])
             z0 = d.predicted_original(noisy, pred, t)
-        elif w.t2i2t:
+        else:
+            target_texts = captions[reg]
             z0 = d.sample(states[reg], generator, self.sampler)
-        if w.t2i2t:
-            logits, labels = self.caption_logits(d.decode(z0), captions[reg])
-            out["t2i2t"] = captioning_nll(logits, labels, w.label_smoothing)
+        logits, labels = self.caption_logits(d.decode(z0), target_texts)
+        out["t2i2t"] = captioning_nll(logits, labels, w.label_smoothing)
         return out
 
 
