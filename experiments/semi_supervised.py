@@ -11,6 +11,8 @@ fixed pool of labelled pairs (``data.labelled_pairs``) and, per arm, unpaired da
                 differentiable"
   i2t2i         + unlabelled images -> the captioner's own caption as soft tokens -> UNet denoising of the image
   both          t2i2t + i2t2i
+  pseudo_label  + unlabelled images labelled by the generator: of 8 sampled captions the one under which the UNet
+                denoises the image best (no gradient through the generator) -- the control for i2t2i
 
 Experiments (``--experiment``):
 
@@ -53,6 +55,7 @@ ARMS = {
     "i2t2i": ["loss.i2t2i=1", "loss.t2i2t=0", "data.unlabelled_images=shapes"],
     "both": ["loss.i2t2i=1", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler",
              "data.unlabelled_images=shapes"],
+    "pseudo_label": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.pseudo_label=1", "data.unlabelled_images=shapes"],
 }
 E3_COMMON = ["captioner_lora.targets=none", "loss.caption_nll=0", "loss.i2t2i=0", "loss.schedule=sum",
              "train.grad_accum=1"]

@@ -303,6 +303,8 @@ def test_config_rejects_terms_that_cannot_carry_a_gradient():
         load_finetune_config("finetune-shapes-smoke", ["loss.schedule=alternate", "train.grad_accum=3"])
     with pytest.raises(ConfigError, match=r"loss\.t2i2t_form=one_step.*unpaired_texts"):
         load_finetune_config("finetune-shapes-smoke", ["data.unpaired_texts=shapes"])
+    with pytest.raises(ConfigError, match=r"loss\.pseudo_label.*data\.unlabelled_images"):
+        load_finetune_config("finetune-shapes-smoke", ["loss.pseudo_label=1"])
     with pytest.raises(ConfigError, match=r"data\.unlabelled_images=shapes needs data\.kind=shapes"):
         load_finetune_config("finetune-blip-sd14-paper", ["data.unlabelled_images=shapes"])
 

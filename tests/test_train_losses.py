@@ -283,3 +283,26 @@ def test_flamingo_bridge_is_exact_for_its_words(flamingo_parts):
         ref = pipe.text_encoder(pipe.tokenizer([text], padding="max_length", max_length=77,
                                                return_tensors="pt").input_ids).last_hidden_state
     assert float((last - ref).norm() / ref.norm()) <= 1e-3
+
+
+def test_pseudo_labels_pick_the_caption_the_generator_denoises_best(flamingo_parts, monkeypatch):
+    """The shapes UNet's denoising error, used as a classifier, prefers the true caption over a wrong shape."""
+    from recon.shapes import world
+
+    parts = flamingo_parts
+    obj = objective(parts, pseudo_label=1.0)
+    obj.loss.pseudo_label_candidates, obj.loss.pseudo_label_draws = 2, 8
+    scenes = world.sample_scenes(6, 0, "test", 11)
+    wrong = [s.with_attribute("shape", next(x for x in world.SHAPES if x != s.attributes["shape"])) for s in scenes]
+    offered = [[w.caption, s.caption] if i % 2 else [s.caption, w.caption]
+               for i, (s, w) in enumerate(zip(scenes, wrong))]
+    monkeypatch.setattr(parts["captioner"], "caption", lambda images, k, decoding, seeds: offered)
+    images = torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float() / 255
+    chosen = obj.pseudo_labels(images, torch.Generator().manual_seed(0))
+    assert sum(c == s.caption for c, s in zip(chosen, scenes)) >= 5
+    terms = obj(images, [s.caption for s in scenes], "image", torch.Generator().manual_seed(0), unlabelled=images)
+    assert set(terms.values) == {"pseudo_label"}
+    zero(parts)
+    terms.total.backward()
+    assert nonzero(lora_grads(parts["captioner"].model)) and none_or_zero(lora_grads(parts["pipe"].unet))
+    zero(parts)

@@ -126,6 +126,15 @@ class LossConfig:
     one_step_max_timestep: int | None = None
     image_sim: float = 0.0
     image_sim_terms: ImageSimConfig = field(default_factory=ImageSimConfig)
+    # pseudo_label: captioner NLL on unlabelled images, each labelled by the generator: of the captioner's
+    # pseudo_label_candidates sampled captions, the one under which the UNet denoises the image best (lowest noise
+    # MSE over pseudo_label_draws noise draws shared by the candidates). The generator's knowledge used without a
+    # gradient through it: the control for i2t2i. Needs data.unlabelled_images.
+    pseudo_label: float = 0.0
+    pseudo_label_candidates: int = 8
+    pseudo_label_draws: int = 4
+    pseudo_label_decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(
+        method="nucleus", top_p=0.9, min_new_tokens=3, max_new_tokens=20))
     # The regularisers (i2t2i, t2i2t, image_sim) see only the first N pairs (or unpaired items, see DataConfig) of
     # each micro-batch; None: all.
     # They cost an extra UNet and captioner pass and a VAE decode; a part of the batch keeps a joint step cheap.
@@ -280,7 +289,7 @@ def check(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{key}={value}: must be >= 1")
     if not 0 <= cfg.sampler.grad_steps <= cfg.sampler.num_steps:
         raise ConfigError(f"sampler.grad_steps={cfg.sampler.grad_steps}: must be in 0..sampler.num_steps")
-    for name in ("caption_nll", "denoise", "i2t2i", "t2i2t", "image_sim"):
+    for name in ("caption_nll", "denoise", "i2t2i", "t2i2t", "image_sim", "pseudo_label"):
         if getattr(cfg.loss, name) < 0:
             raise ConfigError(f"loss.{name}: weights must be >= 0")
     if cfg.data.kind != "shapes" and not cfg.data.annotations:
@@ -294,6 +303,13 @@ def check(cfg: FinetuneConfig) -> None:
     for key in ("unlabelled_images", "unpaired_texts"):
         if getattr(cfg.data, key) == "shapes" and cfg.data.kind != "shapes":
             raise ConfigError(f"data.{key}=shapes needs data.kind=shapes; give a path for data.kind={cfg.data.kind}")
+    if cfg.loss.pseudo_label and not cfg.data.unlabelled_images:
+        raise ConfigError("loss.pseudo_label labels unlabelled images: set data.unlabelled_images")
+    for key in ("pseudo_label_candidates", "pseudo_label_draws"):
+        if getattr(cfg.loss, key) < 1:
+            raise ConfigError(f"loss.{key}={getattr(cfg.loss, key)}: must be >= 1")
+    if cfg.loss.pseudo_label_decoding.method == "greedy" and cfg.loss.pseudo_label_candidates > 1:
+        raise ConfigError("loss.pseudo_label_decoding.method=greedy gives one candidate; use nucleus or beam")
     if cfg.data.unpaired_texts and cfg.loss.t2i2t and cfg.loss.t2i2t_form != "sampler":
         raise ConfigError("loss.t2i2t_form=one_step needs the text's own image (its noised latents); with "
                           "data.unpaired_texts set loss.t2i2t_form=sampler")
@@ -313,6 +329,7 @@ def check_gradient_paths(cfg: FinetuneConfig) -> None:
         # the captioner reads the sampled image even without gradient through the sampler (synthetic pairs)
         "t2i2t": {"captioner", "unet"} if cfg.loss.t2i2t_form == "one_step" or through_sampler else {"captioner"},
         "image_sim": {"captioner", "unet"} if through_sampler else set(),
+        "pseudo_label": {"captioner"},
     }
     for term, models in reaches.items():
         if getattr(cfg.loss, term) > 0 and not any(trained[m] for m in models):

@@ -232,10 +232,32 @@ class JointObjective:
         finally:
             model.train(was_training)
 
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor, generator) -> list[str]:
+        """Per image, the captioner's sampled candidate under which the UNet denoises the image best."""
+        from recon.data import tensor_to_pil
+
+        w, d = self.loss, self.diffusion
+        k, m, n = w.pseudo_label_candidates, w.pseudo_label_draws, images.shape[0]
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator, device=generator.device if generator else None)
+        model = self.captioner.model
+        was_training = model.training
+        model.eval()
+        try:
+            candidates = self.captioner.caption([tensor_to_pil(x) for x in images.float().cpu()], k,
+                                                w.pseudo_label_decoding, seeds=seeds.tolist())
+        finally:
+            model.train(was_training)
+        noisy, target, t = d.noised(d.encode(images, generator).repeat_interleave(m, 0), generator)
+        errors = torch.stack([
+            (d.predict(noisy, t, d.text_states([c[j] for c in candidates]).repeat_interleave(m, 0)).float()
+             - target.float()).pow(2).mean(dim=(1, 2, 3)).view(n, m).mean(1) for j in range(k)], dim=1)
+        return [c[int(j)] for c, j in zip(candidates, errors.argmin(1))]
+
     def image_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None,
                     unlabelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         w, d = self.loss, self.diffusion
-        if not (w.caption_nll or w.i2t2i or w.image_sim):
+        if not (w.caption_nll or w.i2t2i or w.image_sim or w.pseudo_label):
             return {}
         latents = latents or _Lazy(lambda: d.encode(images, generator))
         out: dict[str, torch.Tensor] = {}
@@ -243,6 +265,10 @@ class JointObjective:
         if w.caption_nll:
             logits, labels = self.caption_logits(images, captions)
             out["caption_nll"] = captioning_nll(logits, labels, w.label_smoothing)
+        if w.pseudo_label and unlabelled is not None:
+            chosen = unlabelled[self.regularized(unlabelled.shape[0])]
+            logits_pl, labels_pl = self.caption_logits(chosen, self.pseudo_labels(chosen, generator))
+            out["pseudo_label"] = captioning_nll(logits_pl, labels_pl, w.label_smoothing)
         if not (w.i2t2i or w.image_sim):
             return out
         if unlabelled is not None:  # the captioner's own caption of each unlabelled image is its target
