@@ -399,3 +399,30 @@ def test_flamingo_finetune_runs_and_its_adapter_loads(tmp_path):
     assert any("lora_A" in n for n, _ in adapted.model.named_parameters())
     caption = adapted.caption([world.render_pil(world.sample_scenes(1, 0, "test", 3)[0])])[0][0]
     assert world.is_parseable(world.parse_caption(caption))
+
+
+def test_unpaired_folder_and_texts_file(tmp_path):
+    from PIL import Image
+
+    from recon.train.config import DataConfig
+    from recon.train.data import Batch, Unpaired
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i, color in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (40, 24), color).save(folder / f"{i}.png")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle\n\n   \na blue square\n")
+    unpaired = Unpaired(DataConfig(unlabelled_images=str(folder), unpaired_texts=str(texts)), 16, 0)
+    seen_texts, seen_pixels = set(), set()
+    for step in range(3):  # 2 processes x 1 item: one epoch of 3 images spans the steps
+        for rank in (0, 1):
+            b = unpaired.fill(Batch(torch.zeros(1, 3, 16, 16), ["x"]), step, rank, 2, 1)
+            assert b.unlabelled.shape == (1, 3, 16, 16) and len(b.texts) == 1
+            seen_texts.add(b.texts[0])
+            seen_pixels.add(tuple(b.unlabelled[0, :, 8, 8].mul(255).round().int().tolist()))
+    assert seen_texts == {"a red circle", "a blue square"} and len(seen_pixels) == 3  # blank lines skipped
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ValueError, match="unpaired_texts.*empty.txt"):
+        Unpaired(DataConfig(unpaired_texts=str(empty)), 16, 0)

@@ -61,6 +61,13 @@ def fit(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return center_crop_or_pad(resize(images, size), (resolution, resolution)).clamp(0, 1)
 
 
+def render_scenes(scenes, resolution: int) -> torch.Tensor:
+    """Shapes scenes -> ``[n, 3, R, R]`` float images in [0, 1]."""
+    from recon.shapes import world
+
+    return fit(torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float().div(255.0), resolution)
+
+
 class ShapesPairs:
     """The shapes world: a fresh rendered batch per micro-step, exact ground truth for validation."""
 
@@ -77,11 +84,7 @@ class ShapesPairs:
         self.unpaired = Unpaired(self.cfg, self.resolution, self.seed)
 
     def _batch(self, scenes) -> Batch:
-        from recon.shapes import world
-
-        arr = world.render_batch(scenes)
-        images = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0)
-        return Batch(fit(images, self.resolution), [s.caption for s in scenes], list(scenes))
+        return Batch(render_scenes(scenes, self.resolution), [s.caption for s in scenes], list(scenes))
 
     def train_batch(self, micro_step: int, rank: int = 0, world_size: int = 1, n: int = 1) -> Batch:
         from recon.shapes import world
@@ -209,13 +212,11 @@ class Unpaired:
     def fill(self, batch: Batch, micro_step: int, rank: int, world_size: int, n: int) -> Batch:
         """``batch`` with process ``rank``'s ``n`` unlabelled images and unpaired texts of the micro-step."""
         from recon.data import image_to_tensor, load_image
-        from recon.shapes import world
 
         mine, size = slice(rank * n, rank * n + n), n * world_size
         first = micro_step * size  # global sample index of the micro-step's first item
         if self.cfg.unlabelled_images == "shapes":
-            arr = world.render_batch(self._scenes(UNLABELLED_STREAM, micro_step, mine, size))
-            batch.unlabelled = fit(torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0), self.resolution)
+            batch.unlabelled = render_scenes(self._scenes(UNLABELLED_STREAM, micro_step, mine, size), self.resolution)
         elif self.images is not None:
             paths = [self.images[epoch_pick(first + k, len(self.images), self.seed, 3)] for k in range(mine.start, mine.stop)]
             batch.unlabelled = torch.stack([fit(image_to_tensor(load_image(p))[None], self.resolution)[0] for p in paths])
