@@ -21,10 +21,11 @@ def metrics(out) -> list[dict]:
 
 
 def lora_state(out) -> dict[str, torch.Tensor]:
-    from recon.train.joint import latest_checkpoint
+    from safetensors.torch import load_file
 
-    state = torch.load(latest_checkpoint(out / "checkpoints") / "custom_checkpoint_1.pkl", weights_only=False)
-    return {k: v for k, v in state.items() if k != "step"}
+    from recon.train.joint import LORA_FILE, latest_checkpoint
+
+    return load_file(latest_checkpoint(out / "checkpoints") / LORA_FILE)
 
 
 # ----------------------------------------------------------------------------------------------- config / CLI
@@ -138,11 +139,10 @@ def trained(tmp_path_factory, recon_cache):
 def ours(cfg, out):
     """Fresh LoRA-wrapped roles with the run's final LoRA weights (from its last checkpoint)."""
     from recon.train.adapters import TrainState
-    from recon.train.joint import latest_checkpoint, load_roles
+    from recon.train.joint import load_roles
 
     captioner, pipe = load_roles(cfg, torch.device("cpu"), torch.float32)
-    state = torch.load(latest_checkpoint(out / "checkpoints") / "custom_checkpoint_1.pkl", weights_only=False)
-    TrainState({"captioner": captioner.model, "unet": pipe.unet}).load_state_dict(state)
+    TrainState({"captioner": captioner.model, "unet": pipe.unet}).load_state_dict({"step": 0, **lora_state(out)})
     return captioner, pipe
 
 
@@ -426,3 +426,45 @@ def test_unpaired_folder_and_texts_file(tmp_path):
     empty.write_text("\n \n")
     with pytest.raises(ValueError, match="unpaired_texts.*empty.txt"):
         Unpaired(DataConfig(unpaired_texts=str(empty)), 16, 0)
+
+
+class _Planted:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_resuming_never_unpickles_a_planted_file(tmp_path):
+    """Each pickle-format file a resume could read is replaced by (or added as) a malicious pickle: nothing runs,
+    and the resume either ignores the file or stops with a message naming the checkpoint."""
+    import pickle
+
+    from recon.train.joint import finetune, latest_checkpoint
+
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST)
+    finetune(cfg, tmp_path, stop_after=1)
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    marker = tmp_path / "pwned"
+    outcomes = {}
+    for name in ("custom_checkpoint_0.pkl", "scheduler.bin", "scaler.pt", "random_states_0.pkl", "optimizer.bin"):
+        original = (ckpt / name).read_bytes() if (ckpt / name).exists() else None
+        (ckpt / name).write_bytes(pickle.dumps(_Planted(marker)))
+        try:
+            outcomes[name] = finetune(cfg, tmp_path, stop_after=1)["step"]  # resumed and stopped at once
+        except ValueError as e:
+            assert "cannot resume from this checkpoint" in str(e) and str(ckpt) in str(e)
+            outcomes[name] = "refused"
+        assert not marker.exists(), name
+        if original is None:
+            (ckpt / name).unlink()
+        else:
+            (ckpt / name).write_bytes(original)
+    assert outcomes == {"custom_checkpoint_0.pkl": "refused", "scheduler.bin": 1, "scaler.pt": 1,
+                        "random_states_0.pkl": 1, "optimizer.bin": "refused"}  # accelerate skips bad RNG states
+    assert finetune(cfg, tmp_path)["finished"] and not marker.exists()

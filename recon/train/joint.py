@@ -115,10 +115,9 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.steps)
     state = adapters.TrainState({"captioner": captioner.model, "unet": pipe.unet})
-    accelerator.register_for_checkpointing(lr_scheduler, state)
     latest = latest_checkpoint(out / "checkpoints")
     if latest is not None:
-        accelerator.load_state(str(latest))
+        load_checkpoint(accelerator, latest, state, lr_scheduler)
         accelerator.print(f"resumed from {latest} at step {state.step}")
     if main:
         truncate_records(out, state.step)
@@ -184,7 +183,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
             accelerator.print(f"step {state.step}/{t.steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                                           if k != "step") + f" {rate:.2f}s/step")
         if state.step % t.checkpoint_every == 0 or state.step == last_stop:
-            save_checkpoint(accelerator, out / "checkpoints", state.step, t.checkpoints_total_limit)
+            save_checkpoint(accelerator, out / "checkpoints", state.step, t.checkpoints_total_limit, state,
+                            lr_scheduler)
         if cfg.validation.every and state.step % cfg.validation.every == 0 and state.step < t.steps:
             run_validation(state.step)
         accelerator.wait_for_everyone()
@@ -389,6 +389,25 @@ def log_grid(accelerator, grid: torch.Tensor, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
+def load_checkpoint(accelerator, path: Path, state: adapters.TrainState, lr_scheduler) -> None:
+    """Resume from ``path`` (see :func:`save_checkpoint`); stops with a clear error on a file it cannot trust."""
+    from safetensors.torch import load_file
+
+    for name in (LORA_FILE, TRAINER_FILE):
+        if not (path / name).is_file():
+            raise ValueError(f"{path}: no {name} (a checkpoint of an older recon, or damaged); start a new --out")
+    try:
+        accelerator.load_state(str(path))
+        trainer = json.loads((path / TRAINER_FILE).read_text())
+        tensors = load_file(str(path / LORA_FILE))
+    except Exception as e:  # a damaged file, or a planted pickle that weights_only=True refused to run
+        raise ValueError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:300]}); remove "
+                         "it to resume from the previous one, or start a new --out") from None
+    state.load_state_dict({"step": trainer["step"], **tensors})
+    if lr_scheduler is not None and trainer.get("lr_scheduler") is not None:
+        lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint (temporary names of an interrupted save are ignored)."""
     if not root.is_dir():
@@ -397,9 +416,20 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(accelerator, root: Path, step: int, keep: int) -> Path:
+LORA_FILE, TRAINER_FILE = "lora.safetensors", "trainer_state.json"
+
+
+def save_checkpoint(accelerator, root: Path, step: int, keep: int, state: adapters.TrainState | None = None,
+                    lr_scheduler=None) -> Path:
     """``accelerator.save_state`` into ``.checkpoint-N.tmp``, fsync, rename to ``checkpoint-N``, drop the oldest
-    beyond ``keep``. A kill at any point leaves the previous checkpoint complete and the newest one loadable."""
+    beyond ``keep``. A kill at any point leaves the previous checkpoint complete and the newest one loadable.
+
+    Nothing in it needs unpickling: accelerate writes the optimizer and RNG states (loaded back with
+    ``weights_only=True``); the LoRA weights go to ``lora.safetensors`` and the step and LR-scheduler state to
+    ``trainer_state.json`` (accelerate's ``register_for_checkpointing`` would pickle them and load the pickle with
+    ``weights_only=False``: resuming a shared run directory could run code)."""
+    from safetensors.torch import save_file
+
     final, tmp = root / f"checkpoint-{step:08d}", root / f".checkpoint-{step:08d}.tmp"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -407,6 +437,11 @@ def save_checkpoint(accelerator, root: Path, step: int, keep: int) -> Path:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and state is not None:
+        tensors = {k: v.contiguous() for k, v in state.state_dict().items() if k != "step"}
+        save_file(tensors, str(tmp / LORA_FILE))
+        trainer = {"step": state.step, "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler else None}
+        (tmp / TRAINER_FILE).write_text(json.dumps(trainer))
     if accelerator.is_main_process:
         adapters.fsync_tree(tmp)
         if final.exists():  # the same step saved again (a rerun after a kill): swap it out first
