@@ -215,3 +215,31 @@ def test_eval_bars_on_200_items():
     result = evaluate(200, 0, BUNDLE)
     for key, bar in BARS.items():
         assert result["test"][key] >= bar - 0.05, (key, result["test"][key])
+
+
+def test_training_resume_refuses_a_planted_pickle(tmp_path):
+    """`recon shapes train` resumes from its work directory with weights_only=True: a planted pickle never runs."""
+    import pathlib
+    import pickle
+
+    from recon.shapes.train import TrainArgs, run_loop
+
+    class Planted:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (tmp_path / "pwned",))
+
+    layer = torch.nn.Linear(2, 1)
+    args = TrainArgs(component="judge", out=tmp_path, work=tmp_path, steps=2)
+
+    def step(_):
+        loss = layer(torch.ones(1, 2)).sum()
+        loss.backward()
+        return float(loss)
+
+    run_loop(args, "judge", {"m": layer}, list(layer.parameters()), step)
+    run_loop(TrainArgs(component="judge", out=tmp_path, work=tmp_path, steps=3), "judge", {"m": layer},
+             list(layer.parameters()), step)  # a real checkpoint resumes
+    (tmp_path / "judge.ckpt.pt").write_bytes(pickle.dumps(Planted()))
+    with pytest.raises(ValueError, match="judge.ckpt.pt: cannot resume"):
+        run_loop(args, "judge", {"m": layer}, list(layer.parameters()), step)
+    assert not (tmp_path / "pwned").exists()

@@ -92,7 +92,11 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
     ckpt = args.work / f"{name}.ckpt.pt"
     step, wall0, cpu0, metrics = 0, 0.0, 0.0, {}
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        try:  # tensors, numbers and lists only: a work directory is never unpickled beyond that
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e)[:300]}); delete it to "
+                             "train from the start") from None
         for k, m in modules.items():
             m.load_state_dict(state["modules"][k])
         opt.load_state_dict(state["opt"])
