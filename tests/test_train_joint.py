@@ -42,6 +42,10 @@ def test_config_loads_presets_and_overrides():
         load_finetune_config("finetune-shapes-smoke", ["bridge.variant=dense"])
     with pytest.raises(ConfigError, match="grad_steps"):
         load_finetune_config("finetune-shapes-smoke", ["sampler.grad_steps=9"])
+    for bad, field in [("train.checkpoint_every=0", "train.checkpoint_every"), ("data.val_items=0", "data.val_items"),
+                       ("captioner_optim.lr=nan", "captioner_optim.lr"), ("train.max_grad_norm=0", "max_grad_norm")]:
+        with pytest.raises(ConfigError, match=field):
+            load_finetune_config("finetune-shapes-smoke", [bad])
 
 
 def test_changed_keys_ignores_volatile_settings():

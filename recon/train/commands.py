@@ -30,6 +30,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     from recon.train.config import load_finetune_config
     from recon.train.joint import finetune
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after {args.stop_after}: must be >= 1 (optimizer steps)")
     cfg = load_finetune_config(args.config, args.overrides)
     summary = finetune(cfg, args.out, stop_after=args.stop_after)
     return 0 if summary["step"] > 0 or summary["finished"] else 1

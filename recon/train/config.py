@@ -8,6 +8,7 @@ Each deviation from the original training code is named where its default is set
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,9 +285,19 @@ def check(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{key}={flat[key]!r}: expected one of {', '.join(choices)}")
     t = cfg.train
     for key, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                       ("sampler.num_steps", cfg.sampler.num_steps)]:
+                       ("sampler.num_steps", cfg.sampler.num_steps), ("train.checkpoint_every", t.checkpoint_every),
+                       ("train.log_every", t.log_every), ("data.val_items", cfg.data.val_items),
+                       ("validation.num_inference_steps", cfg.validation.num_inference_steps),
+                       ("captioner_lora.rank", cfg.captioner_lora.rank), ("unet_lora.rank", cfg.unet_lora.rank)]:
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
+    for key, value in [("train.max_grad_norm", t.max_grad_norm), ("captioner_optim.lr", cfg.captioner_optim.lr),
+                       ("generator_optim.lr", cfg.generator_optim.lr), ("bridge.temperature", cfg.bridge.temperature)]:
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key}={value}: must be a finite number > 0")
+    for key, value in [("validation.every", cfg.validation.every), ("train.warmup_steps", t.warmup_steps)]:
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must be >= 0")
     if not 0 <= cfg.sampler.grad_steps <= cfg.sampler.num_steps:
         raise ConfigError(f"sampler.grad_steps={cfg.sampler.grad_steps}: must be in 0..sampler.num_steps")
     for name in ("caption_nll", "denoise", "i2t2i", "t2i2t", "image_sim", "pseudo_label"):
