@@ -188,7 +188,7 @@ def report(root: Path) -> str:
         arms = by[labelled]
         order = [a for a in ("start", *spec["arms"]) if a in arms]
         lines += [f"### {labelled or 'unlimited'} labelled pairs", "",
-                  "| arm | seeds | " + " | ".join(k.replace("/", " ") + " %" for k in keys) + " | train CPU-min |",
+                  "| arm | seeds | " + " | ".join(k.replace("/", " ") + " %" for k in keys) + " | train wall-min |",
                   "| --- | --- |" + " --- |" * len(keys) + " --- |"]
         grids = {}
         for arm in order:
