@@ -271,7 +271,7 @@ def _render_item(r: dict, images: _Images) -> str:
 
 
 class RecordList(list):
-    """Records of a ``results.jsonl``; ``skipped_lines`` counts the unreadable lines at its end."""
+    """Records of a ``results.jsonl``; ``skipped_lines`` counts its unreadable lines."""
 
     skipped_lines: int = 0
 
@@ -279,15 +279,15 @@ class RecordList(list):
 def read_records(path: str | Path) -> RecordList:
     """The records of a run's ``results.jsonl`` for :func:`write_report`.
 
-    Reads like a resuming run does (:func:`recon.runs.read_jsonl`): from the first torn or corrupt line on
-    (a run killed mid-write), lines are skipped and counted in ``skipped_lines``, which the report shows.
+    Reads like a resuming run does (:func:`recon.runs.read_jsonl`): torn or corrupt lines (a run killed
+    mid-write) are skipped and counted in ``skipped_lines``, which the report shows.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such results file; is this a run directory?")
-    records, valid_bytes = read_jsonl(path)
+    records, bad = read_jsonl(path)
     out = RecordList(records)
-    out.skipped_lines = sum(1 for line in path.read_bytes()[valid_bytes:].splitlines() if line.strip())
+    out.skipped_lines = len(bad)
     return out
 
 

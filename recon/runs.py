@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +22,8 @@ import yaml
 from recon.config import Config
 from recon.data import atomic_write_bytes, atomic_write_text  # noqa: F401 - re-exported for jobs
 
+log = logging.getLogger(__name__)
+
 RESULTS = "results.jsonl"
 # Settings that do not change any result: a resumed run may change them freely.
 VOLATILE_KEYS = {"run.batch_size", "run.device", "run.threads", "run.cache_dir", "run.max_report_items"}
@@ -30,24 +33,44 @@ class RunError(RuntimeError):
     """The run directory cannot be used as asked; the message says why and what to do."""
 
 
-def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """Records of a JSONL file and the byte length of its valid prefix (a torn or corrupt tail is ignored)."""
+def read_jsonl(path: Path) -> tuple[list[dict], list[bytes]]:
+    """Every record (JSON object line) of a JSONL file, and the lines that are not one: corrupt lines anywhere,
+    and a last line torn by a kill mid-write (no newline). Blank lines are neither."""
     path = Path(path)
     if not path.exists():
-        return [], 0
-    data = path.read_bytes()
-    records, good = [], 0
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
+        return [], []
+    records, bad = [], []
+    for line in path.read_bytes().splitlines(keepends=True):
+        if not line.strip():
+            continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break
+            rec = json.loads(line) if line.endswith(b"\n") else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
         if isinstance(rec, dict):
             records.append(rec)
-        good += len(line)
-    return records, good
+        else:
+            bad.append(line if line.endswith(b"\n") else line + b"\n")
+    return records, bad
+
+
+def set_aside_bad_lines(path: Path) -> list[dict]:
+    """The records of ``path``; lines that are not records are appended to ``path.corrupt`` (fsynced) and then
+    ``path`` is rewritten without them, atomically. Nothing is ever deleted: a bad line moves, with a warning."""
+    path = Path(path)
+    records, bad = read_jsonl(path)
+    if bad:
+        aside = path.with_name(path.name + ".corrupt")
+        fd = os.open(aside, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"".join(bad))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n"
+                                        for r in records))
+        log.warning("%s: %d unreadable line(s) moved to %s", path, len(bad), aside)
+    return records
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -76,7 +99,7 @@ class RunDir:
             for rec in read_jsonl(p)[0]:
                 if "id" in rec:
                     self._done[str(rec["id"])] = rec
-        self._repair_tail()
+        set_aside_bad_lines(self.results_path)
 
     def _check_config(self, config: Config) -> None:
         cfg_path = self.path / "config.yaml"
@@ -91,12 +114,6 @@ class RunDir:
                                "or the same settings to resume it")
         if self.rank == 0:
             atomic_write_text(cfg_path, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
-
-    def _repair_tail(self) -> None:
-        _, good = read_jsonl(self.results_path)
-        if self.results_path.exists() and self.results_path.stat().st_size > good:
-            with open(self.results_path, "r+b") as f:  # cut a record torn by a kill mid-write
-                f.truncate(good)
 
     def done(self, item_id: str, retry_failed: bool = False) -> bool:
         rec = self._done.get(str(item_id))

@@ -136,8 +136,8 @@ def test_read_records(tmp_path):
     path.write_bytes(body + b'{"id": "c", "caption": "caf' + "é".encode()[:1])  # killed mid-character
     records = read_records(path)
     assert records == good and records.skipped_lines == 1
-    path.write_text('{"id": "a"}\n{"id": \n{"id": "b"}\n')  # corrupt: read up to it, like a resuming run
-    assert read_records(path) == [{"id": "a"}] and read_records(path).skipped_lines == 2
+    path.write_text('{"id": "a"}\n{"id": \n{"id": "b"}\n')  # corrupt in the middle: skipped, the rest read
+    assert read_records(path) == [{"id": "a"}, {"id": "b"}] and read_records(path).skipped_lines == 1
     with pytest.raises(DataError, match="no such results file"):
         read_records(tmp_path / "absent.jsonl")
 

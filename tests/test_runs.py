@@ -57,3 +57,24 @@ def test_cache_roundtrip_and_disabled(tmp_path):
     off = Cache(None)
     off.put_json("ns", k, 1)
     assert off.get_json("ns", k) is None
+
+
+def test_resume_sets_corrupt_lines_aside_and_keeps_every_record(tmp_path):
+    cfg = load_config("tiny-random")
+    run = RunDir(tmp_path, cfg)
+    for i in range(3):
+        run.append({"id": f"a{i}", "status": "ok"})
+    path = tmp_path / "results.jsonl"
+    valid = path.read_bytes()
+    lines = valid.splitlines(keepends=True)
+    # a corrupt line in the middle, then 12 more valid records, then a line torn by a kill
+    more = b"".join(b'{"id": "b%d", "status": "ok"}\n' % i for i in range(12))
+    path.write_bytes(lines[0] + b'{"id": "x", "sta\n' + b"".join(lines[1:]) + more + b'{"id": "torn"')
+    resumed = RunDir(tmp_path, cfg)
+    kept = read_jsonl(path)[0]
+    assert [r["id"] for r in kept] == ["a0", "a1", "a2"] + [f"b{i}" for i in range(12)]
+    assert all(resumed.done(r["id"]) for r in kept)
+    assert (tmp_path / "results.jsonl.corrupt").read_bytes() == b'{"id": "x", "sta\n{"id": "torn"\n'
+    assert read_jsonl(path)[1] == []  # the file is clean again; a second resume moves nothing
+    RunDir(tmp_path, cfg)
+    assert (tmp_path / "results.jsonl.corrupt").read_bytes().count(b"\n") == 2

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from recon import hub
-from recon.runs import derive_seed, read_jsonl
+from recon.runs import derive_seed, set_aside_bad_lines
 from recon.train import adapters
 from recon.train.bridge import SoftTokenBridge, coverage_line, token_coverage, vocab_index
 from recon.train.config import FinetuneConfig, changed_keys
@@ -323,14 +323,15 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def truncate_records(out: Path, step: int) -> None:
-    """On (re)start, drop records past the checkpoint the run resumes from (a killed run may have logged them)."""
+    """On (re)start, drop records past the checkpoint the run resumes from (a killed run may have logged them;
+    the resumed run logs those steps again, identically); unreadable lines are set aside, not dropped."""
     from recon.data import atomic_write_text
 
     for name in ("metrics.jsonl", "validation.jsonl"):
         path = out / name
-        records, good = read_jsonl(path)
+        records = set_aside_bad_lines(path)
         kept = [r for r in records if r.get("step", 0) <= step]
-        if path.exists() and (len(kept) != len(records) or path.stat().st_size != good):
+        if len(kept) != len(records):
             atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
 
 
