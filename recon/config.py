@@ -8,6 +8,7 @@ so a typo fails early with the dotted name of the field instead of deep inside a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -247,9 +248,52 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     for o in overrides:
         apply_override(data, o)
     try:
-        return from_dict(Config, data)
+        cfg = from_dict(Config, data)
+        check(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+DECODING_METHODS = ("greedy", "beam", "nucleus")
+
+
+def check_decoding(d: DecodingConfig, where: str) -> None:
+    """Ranges of a decoding config, named by dotted key (``where`` is its prefix)."""
+    if d.method not in DECODING_METHODS:
+        raise ConfigError(f"{where}.method={d.method!r}: expected one of {', '.join(DECODING_METHODS)}")
+    for key in ("num_beams", "max_new_tokens"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"{where}.{key}={getattr(d, key)}: must be >= 1")
+    if not 0 <= d.min_new_tokens <= d.max_new_tokens:
+        raise ConfigError(f"{where}.min_new_tokens={d.min_new_tokens}: must be in 0..{where}.max_new_tokens "
+                          f"({d.max_new_tokens})")
+    if not (0 < d.top_p <= 1) or d.top_k < 0:
+        raise ConfigError(f"{where}.top_p={d.top_p} / top_k={d.top_k}: top_p in (0, 1], top_k >= 0")
+    for key in ("temperature", "repetition_penalty"):
+        value = getattr(d, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where}.{key}={value}: must be a finite number > 0")
+
+
+def check(cfg: Config) -> None:
+    """Ranges the types alone do not catch, checked before any work and named by dotted key."""
+    c, g, r = cfg.captioner, cfg.generator, cfg.run
+    check_decoding(c.decoding, "captioner.decoding")
+    for key, value in [("captioner.num_candidates", c.num_candidates), ("generator.num_inference_steps",
+                       g.num_inference_steps), ("generator.images_per_caption", g.images_per_caption),
+                       ("run.batch_size", r.batch_size)]:
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+    if not math.isfinite(g.guidance_scale) or g.guidance_scale < 0:
+        raise ConfigError(f"generator.guidance_scale={g.guidance_scale}: must be a finite number >= 0")
+    for key, value in [("generator.height", g.height), ("generator.width", g.width)]:
+        if value is not None and (value < 8 or value % 8):
+            raise ConfigError(f"{key}={value}: must be a multiple of 8 (the VAE's downsampling), >= 8, or null")
+    if r.threads is not None and r.threads < 1:
+        raise ConfigError(f"run.threads={r.threads}: must be >= 1 (or null for the physical cores)")
+    if r.max_report_items < 0:
+        raise ConfigError(f"run.max_report_items={r.max_report_items}: must be >= 0")
 
 
 def _merge(base: dict, over: dict) -> dict:

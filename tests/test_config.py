@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from recon.config import Config, ConfigError, apply_override, list_presets, load_config
@@ -67,3 +69,19 @@ def test_apply_override_appends_to_list():
     d = {"a": [1]}
     apply_override(d, "a.1=2")
     assert d == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("override,field", [
+    ("generator.num_inference_steps=-3", "generator.num_inference_steps"),
+    ("generator.num_inference_steps=0", "generator.num_inference_steps"),
+    ("generator.images_per_caption=0", "generator.images_per_caption"),
+    ("generator.height=7", "generator.height"),
+    ("generator.guidance_scale=.nan", "generator.guidance_scale"),
+    ("captioner.decoding.num_beams=0", "captioner.decoding.num_beams"),
+    ("captioner.decoding.method=sample", "captioner.decoding.method"),
+    ("captioner.num_candidates=0", "captioner.num_candidates"),
+    ("run.batch_size=0", "run.batch_size"),
+])
+def test_out_of_range_values_stop_before_any_work(override, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        load_config("shapes", [override])

@@ -23,6 +23,7 @@ from recon.config import (
     GeneratorConfig,
     MetricConfig,
     apply_override,
+    check_decoding,
     from_dict,
     read_yaml,
 )
@@ -284,6 +285,10 @@ def check(cfg: FinetuneConfig) -> None:
         if flat[key] not in choices:
             raise ConfigError(f"{key}={flat[key]!r}: expected one of {', '.join(choices)}")
     t = cfg.train
+    for where, decoding in [("captioner.decoding", cfg.captioner.decoding),
+                            ("validation.decoding", cfg.validation.decoding),
+                            ("loss.pseudo_label_decoding", cfg.loss.pseudo_label_decoding)]:
+        check_decoding(decoding, where)
     for key, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
                        ("sampler.num_steps", cfg.sampler.num_steps), ("train.checkpoint_every", t.checkpoint_every),
                        ("train.log_every", t.log_every), ("data.val_items", cfg.data.val_items),
