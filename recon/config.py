@@ -237,13 +237,7 @@ def apply_override(data: dict, override: str) -> None:
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset name or YAML path (None: the embedded default), then apply dotted overrides."""
     path = preset_path(preset or DEFAULT_PRESET)
-    data = read_yaml(path)
-    base = data.pop("base", None)  # a preset may extend another one
-    if base:
-        parent = Config().to_dict() if base == "none" else load_config(base).to_dict()
-        data = _merge(parent, data)
-    else:
-        data = _merge(Config().to_dict(), data)
+    data = _preset_dict(path)
     data.setdefault("name", path.stem)
     for o in overrides:
         apply_override(data, o)
@@ -294,6 +288,20 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"run.threads={r.threads}: must be >= 1 (or null for the physical cores)")
     if r.max_report_items < 0:
         raise ConfigError(f"run.max_report_items={r.max_report_items}: must be >= 0")
+
+
+def _preset_dict(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A preset's values over its ``base:`` chain (a preset may extend another one) over the defaults."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"{path}: its base: chain loops ({chain}); break the cycle")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if not base or base == "none":
+        return _merge(Config().to_dict(), data)
+    parent = _preset_dict(preset_path(base), (*seen, path.resolve()))
+    parent.setdefault("name", preset_path(base).stem)
+    return _merge(parent, data)
 
 
 def _merge(base: dict, over: dict) -> dict:

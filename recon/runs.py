@@ -73,6 +73,17 @@ def set_aside_bad_lines(path: Path) -> list[dict]:
     return records
 
 
+def read_run_config(path: Path) -> dict:
+    """The resolved config a run directory holds (``config.yaml`` / ``finetune.yaml``), or a clear error."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is damaged ({type(e).__name__}); restore it, or pass a new --out") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path} is damaged (not a mapping); restore it, or pass a new --out")
+    return data
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> ``{"a.b.c": value}`` (config comparison, tracker hparams)."""
     if isinstance(d, dict):
@@ -90,6 +101,8 @@ class RunDir:
         self.path = Path(path)
         self.rank, self.world_size = rank, world_size
         self.images_dir = self.path / "images"
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--out {self.path} is a file, not a directory; pass a new or existing directory")
         self.images_dir.mkdir(parents=True, exist_ok=True)
         self._check_config(config)
         name = RESULTS if world_size == 1 else f"results.rank{rank}.jsonl"
@@ -105,7 +118,7 @@ class RunDir:
         cfg_path = self.path / "config.yaml"
         new = config.to_dict()
         if cfg_path.exists():
-            old = yaml.safe_load(cfg_path.read_text()) or {}
+            old = read_run_config(cfg_path)
             a, b = flatten(old), flatten(new)
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in VOLATILE_KEYS)
             if diff:

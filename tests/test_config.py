@@ -85,3 +85,10 @@ def test_apply_override_appends_to_list():
 def test_out_of_range_values_stop_before_any_work(override, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config("shapes", [override])
+
+
+def test_base_cycle_is_a_config_error(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="base: chain loops"):
+        load_config(str(tmp_path / "a.yaml"))

@@ -78,3 +78,30 @@ def test_resume_sets_corrupt_lines_aside_and_keeps_every_record(tmp_path):
     assert read_jsonl(path)[1] == []  # the file is clean again; a second resume moves nothing
     RunDir(tmp_path, cfg)
     assert (tmp_path / "results.jsonl.corrupt").read_bytes().count(b"\n") == 2
+
+
+def test_out_that_is_a_file_or_a_damaged_config_is_a_clear_error(tmp_path):
+    cfg = load_config("tiny-random")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(RunError, match="is a file, not a directory"):
+        RunDir(afile, cfg)
+    RunDir(tmp_path / "run", cfg)
+    (tmp_path / "run" / "config.yaml").write_text("run: [unclosed\n")
+    with pytest.raises(RunError, match="config.yaml is damaged"):
+        RunDir(tmp_path / "run", cfg)
+
+
+def test_finetune_out_checks(tmp_path):
+    from recon.train.config import load_finetune_config
+    from recon.train.joint import write_or_check_config
+
+    cfg = load_finetune_config("finetune-shapes-smoke")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(RunError, match="is a file"):
+        write_or_check_config(afile, cfg)
+    write_or_check_config(tmp_path / "ft", cfg)
+    (tmp_path / "ft" / "finetune.yaml").write_bytes(b"\xff\xfe: [")
+    with pytest.raises(RunError, match="finetune.yaml is damaged"):
+        write_or_check_config(tmp_path / "ft", cfg)

@@ -34,7 +34,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 
 from recon import hub
 from recon.runs import derive_seed, set_aside_bad_lines
@@ -295,11 +294,14 @@ def judge_dir(cfg: FinetuneConfig) -> Path | None:
 
 def write_or_check_config(out: Path, cfg: FinetuneConfig) -> None:
     from recon.data import atomic_write_text
+    from recon.runs import RunError, read_run_config
 
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "finetune.yaml"
     if path.exists():
-        diff = changed_keys(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
+        diff = changed_keys(read_run_config(path), cfg.to_dict())
         if diff:
             raise ValueError(f"{out} holds a finetune run with a different config ({', '.join(diff[:6])}"
                              f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to resume")
