@@ -68,6 +68,15 @@ def run_job(config: Config, out: str | Path, items: Sequence, process: Callable[
     hub.configure_threads(config.run.threads)
     dist = distributed()
     run = RunDir(out, config, dist.rank, dist.world_size)
+    try:
+        _run_items(run, dist, config, items, process, desc, retry_failed, report, progress, preflight)
+    finally:
+        run.close()
+    return run
+
+
+def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, process, desc: str,
+               retry_failed: bool, report: bool, progress: bool, preflight) -> None:
     mine = list(items)[dist.rank::dist.world_size]
     todo = [it for it in mine if not run.done(it.id, retry_failed)]
     if todo and preflight is not None:
@@ -103,7 +112,6 @@ def run_job(config: Config, out: str | Path, items: Sequence, process: Callable[
 
             write_report(run.path, records, config.to_dict(), max_items=config.run.max_report_items)
     dist.wait()
-    return run
 
 
 def _rel(run: RunDir, path: Path) -> str:

@@ -73,6 +73,26 @@ def set_aside_bad_lines(path: Path) -> list[dict]:
     return records
 
 
+def lock_run_dir(path: Path):
+    """An exclusive OS lock on ``path/.lock`` (flock: released when the holder exits or is killed), or a RunError
+    naming the process that holds it. Returns the open lock file; closing it releases the lock."""
+    import fcntl
+
+    f = open(Path(path) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"{path} is in use by {holder}; wait for it to finish, or pass another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"recon pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def read_run_config(path: Path) -> dict:
     """The resolved config a run directory holds (``config.yaml`` / ``finetune.yaml``), or a clear error."""
     try:
@@ -104,6 +124,7 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"--out {self.path} is a file, not a directory; pass a new or existing directory")
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_run_dir(self.path) if rank == 0 else None
         self._check_config(config)
         name = RESULTS if world_size == 1 else f"results.rank{rank}.jsonl"
         self.results_path = self.path / name
@@ -127,6 +148,12 @@ class RunDir:
                                "or the same settings to resume it")
         if self.rank == 0:
             atomic_write_text(cfg_path, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
+
+    def close(self) -> None:
+        """Release the run directory's lock (also released when the process exits or is killed)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def done(self, item_id: str, retry_failed: bool = False) -> bool:
         rec = self._done.get(str(item_id))

@@ -19,6 +19,9 @@ def test_append_resume_and_torn_tail(tmp_path):
     run.append({"id": "b", "status": "failed", "error": "x"})
     with open(run.results_path, "ab") as f:  # a kill mid-write leaves a torn line
         f.write(b'{"id": "c", "sta')
+    with pytest.raises(RunError, match="in use by recon pid"):  # one process per run directory at a time
+        RunDir(tmp_path, cfg)
+    run.close()
     again = RunDir(tmp_path, cfg)
     assert again.done("a") and again.done("b") and not again.done("c")
     assert not again.done("b", retry_failed=True)
@@ -64,6 +67,7 @@ def test_resume_sets_corrupt_lines_aside_and_keeps_every_record(tmp_path):
     run = RunDir(tmp_path, cfg)
     for i in range(3):
         run.append({"id": f"a{i}", "status": "ok"})
+    run.close()
     path = tmp_path / "results.jsonl"
     valid = path.read_bytes()
     lines = valid.splitlines(keepends=True)
@@ -76,6 +80,7 @@ def test_resume_sets_corrupt_lines_aside_and_keeps_every_record(tmp_path):
     assert all(resumed.done(r["id"]) for r in kept)
     assert (tmp_path / "results.jsonl.corrupt").read_bytes() == b'{"id": "x", "sta\n{"id": "torn"\n'
     assert read_jsonl(path)[1] == []  # the file is clean again; a second resume moves nothing
+    resumed.close()
     RunDir(tmp_path, cfg)
     assert (tmp_path / "results.jsonl.corrupt").read_bytes().count(b"\n") == 2
 

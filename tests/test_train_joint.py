@@ -472,3 +472,15 @@ def test_resuming_never_unpickles_a_planted_file(tmp_path):
     assert outcomes == {"custom_checkpoint_0.pkl": "refused", "scheduler.bin": 1, "scaler.pt": 1,
                         "random_states_0.pkl": 1, "optimizer.bin": "refused"}  # accelerate skips bad RNG states
     assert finetune(cfg, tmp_path)["finished"] and not marker.exists()
+
+
+def test_one_finetune_per_run_directory(tmp_path):
+    from recon.runs import RunError
+    from recon.train.joint import finetune, write_or_check_config
+
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST)
+    held = write_or_check_config(tmp_path, cfg)  # as a running finetune holds it
+    with pytest.raises(RunError, match="in use by recon pid"):
+        finetune(cfg, tmp_path)
+    held.close()
+    assert finetune(cfg, tmp_path, stop_after=1)["step"] == 1

@@ -63,8 +63,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
         accelerator.num_processes
     if t.threads is not None or world > 1:
         hub.configure_threads(t.threads)
-    if main:
-        write_or_check_config(out, cfg)
+    lock = write_or_check_config(out, cfg) if main else None  # held until training returns (or the process ends)
     accelerator.wait_for_everyone()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -198,6 +197,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if lock is not None:
+        lock.close()
     return summary
 
 
@@ -292,13 +293,16 @@ def judge_dir(cfg: FinetuneConfig) -> Path | None:
     return hub.SHAPES_BUNDLE / "judge"
 
 
-def write_or_check_config(out: Path, cfg: FinetuneConfig) -> None:
+def write_or_check_config(out: Path, cfg: FinetuneConfig):
+    """Create ``out``, lock it (one process per run directory; returns the lock file) and write its config, or
+    refuse a different config."""
     from recon.data import atomic_write_text
-    from recon.runs import RunError, read_run_config
+    from recon.runs import RunError, lock_run_dir, read_run_config
 
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(out)
     path = out / "finetune.yaml"
     if path.exists():
         diff = changed_keys(read_run_config(path), cfg.to_dict())
@@ -306,6 +310,7 @@ def write_or_check_config(out: Path, cfg: FinetuneConfig) -> None:
             raise ValueError(f"{out} holds a finetune run with a different config ({', '.join(diff[:6])}"
                              f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to resume")
     atomic_write_text(path, cfg.to_yaml())
+    return lock
 
 
 def tracker_config(cfg: FinetuneConfig) -> dict:
