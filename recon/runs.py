@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,13 @@ def set_aside_bad_lines(path: Path) -> list[dict]:
                                         for r in records))
         log.warning("%s: %d unreadable line(s) moved to %s", path, len(bad), aside)
     return records
+
+
+def item_dir_name(item_id: str) -> str:
+    """A flat, readable, collision-free folder name for an item id (see :meth:`RunDir.image_path`)."""
+    text = str(item_id)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "item"
+    return f"{slug}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def lock_run_dir(path: Path):
@@ -174,9 +182,9 @@ class RunDir:
         self._done[str(record["id"])] = record
 
     def image_path(self, item_id: str, name: str) -> Path:
-        """``images/<item id>/<name>``; the id is a relative path already (folder structure is kept)."""
-        safe = str(item_id).replace("..", "__").lstrip("/")
-        return self.images_dir / safe / name
+        """``images/<readable slug>-<8 hex of sha256(id)>/<name>``: one folder per exact id, so ids that differ only
+        in characters the slug folds (``a..b.png`` / ``a__b.png``, ``"."`` / ``""``) never share a file."""
+        return self.images_dir / item_dir_name(item_id) / name
 
     def merge_shards(self, order: Iterable[str] | None = None) -> list[dict]:
         """Merge shard files (and an existing results.jsonl) into results.jsonl, last record per id wins."""

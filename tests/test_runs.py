@@ -110,3 +110,13 @@ def test_finetune_out_checks(tmp_path):
     (tmp_path / "ft" / "finetune.yaml").write_bytes(b"\xff\xfe: [")
     with pytest.raises(RunError, match="finetune.yaml is damaged"):
         write_or_check_config(tmp_path / "ft", cfg)
+
+
+def test_item_folders_never_collide(tmp_path):
+    run = RunDir(tmp_path, load_config("tiny-random"))
+    ids = ["a..b.png", "a__b.png", ".", "", "../etc/passwd", "sub/dir/x.png", "sub_dir_x.png", "<img src=x>.png"]
+    folders = [run.image_path(i, "original.png").parent for i in ids]
+    assert len(set(folders)) == len(ids)
+    for f in folders:  # one flat folder under images/, never outside it
+        assert f.parent == run.images_dir and f.name.isprintable() and "/" not in f.name
+    assert run.image_path("cat.png", "k0.png") == run.image_path("cat.png", "k0.png")  # stable across calls
