@@ -114,6 +114,13 @@ def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, 
     dist.wait()
 
 
+def input_images(source: str | Path, out: str | Path) -> list:
+    """The images of ``source``, leaving out the run directory ``out`` when it lies inside it: a run never reads
+    its own outputs back as inputs."""
+    run_dir = Path(out).resolve()
+    return [it for it in list_images(source) if run_dir not in it.path.resolve().parents]
+
+
 def _rel(run: RunDir, path: Path) -> str:
     return path.relative_to(run.path).as_posix()
 
@@ -132,7 +139,7 @@ def reconstruct_images(config: Config, source: str | Path, out: str | Path, limi
                        retry_failed: bool = False, progress: bool = True, reconstructor: Reconstructor | None = None
                        ) -> RunDir:
     """image -> N captions -> K images each -> similarity to the original; best candidate chosen."""
-    items = list_images(source)[:limit]
+    items = input_images(source, out)[:limit]
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
 
     def process(chunk, run: RunDir) -> list[dict]:
@@ -195,7 +202,7 @@ def reconstruct_texts(config: Config, texts: str | Path, out: str | Path, limit:
 def caption_images(config: Config, source: str | Path, out: str | Path, limit: int | None = None,
                    retry_failed: bool = False, progress: bool = True) -> RunDir:
     """Caption a folder; also writes ``captions.json`` in COCO results format (image_id = file stem)."""
-    items = list_images(source)[:limit]
+    items = input_images(source, out)[:limit]
     recon = Reconstructor(config, cache=make_cache(config))
 
     def process(chunk, run: RunDir) -> list[dict]:

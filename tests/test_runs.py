@@ -120,3 +120,15 @@ def test_item_folders_never_collide(tmp_path):
     for f in folders:  # one flat folder under images/, never outside it
         assert f.parent == run.images_dir and f.name.isprintable() and "/" not in f.name
     assert run.image_path("cat.png", "k0.png") == run.image_path("cat.png", "k0.png")  # stable across calls
+
+
+def test_a_run_inside_its_input_folder_never_reads_its_outputs(tmp_path):
+    from PIL import Image
+
+    from recon.jobs import input_images
+
+    for name in ("a.png", "b.png", "out/images/a-1234abcd/original.png", "out/images/a-1234abcd/c0_k0.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    assert [it.id for it in input_images(tmp_path, tmp_path / "out")] == ["a.png", "b.png"]
+    assert len(input_images(tmp_path, tmp_path.parent / "elsewhere")) == 4
