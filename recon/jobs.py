@@ -69,6 +69,7 @@ def run_job(config: Config, out: str | Path, items: Sequence, process: Callable[
     dist = distributed()
     run = RunDir(out, config, dist.rank, dist.world_size)
     try:
+        run.claim(desc)
         _run_items(run, dist, config, items, process, desc, retry_failed, report, progress, preflight)
     finally:
         run.close()

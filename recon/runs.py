@@ -157,6 +157,20 @@ class RunDir:
         if self.rank == 0:
             atomic_write_text(cfg_path, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
 
+    def claim(self, command: str) -> None:
+        """Record which command fills this directory (``run.json``); another command's directory is refused, since
+        its records would count as done (``recon caption`` then ``recon reconstruct`` into one ``--out``)."""
+        path = self.path / "run.json"
+        if path.exists():
+            try:
+                held = json.loads(path.read_text()).get("command")
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                raise RunError(f"{path} is damaged; restore it, or pass a new --out") from None
+            if held != command:
+                raise RunError(f"{self.path} holds a `recon {held}` run; `recon {command}` needs its own --out")
+        elif self.rank == 0:
+            atomic_write_text(path, json.dumps({"command": command}) + "\n")
+
     def close(self) -> None:
         """Release the run directory's lock (also released when the process exits or is killed)."""
         if self._lock is not None:

@@ -132,3 +132,12 @@ def test_a_run_inside_its_input_folder_never_reads_its_outputs(tmp_path):
         Image.new("RGB", (4, 4)).save(tmp_path / name)
     assert [it.id for it in input_images(tmp_path, tmp_path / "out")] == ["a.png", "b.png"]
     assert len(input_images(tmp_path, tmp_path.parent / "elsewhere")) == 4
+
+
+def test_one_command_per_run_directory(tmp_path):
+    cfg = load_config("tiny-random")
+    run = RunDir(tmp_path, cfg)
+    run.claim("caption")
+    run.claim("caption")  # the same command resumes
+    with pytest.raises(RunError, match="holds a `recon caption` run; `recon reconstruct` needs its own --out"):
+        run.claim("reconstruct")
