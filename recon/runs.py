@@ -238,6 +238,13 @@ class Cache:
     def __init__(self, root: str | Path | None):
         self.root = Path(root) if root else None
         self.hits = self.misses = 0
+        if self.root is not None:  # checked once here, not per item (every item would fail, and count as done)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunError(f"cache directory {self.root} cannot be used ({e.strerror or e}); set RECON_CACHE "
+                               "(or run.cache_dir) to a writable directory, or run.cache_dir='' to disable it"
+                               ) from None
 
     @staticmethod
     def key(**parts: Any) -> str:

@@ -141,3 +141,12 @@ def test_one_command_per_run_directory(tmp_path):
     run.claim("caption")  # the same command resumes
     with pytest.raises(RunError, match="holds a `recon caption` run; `recon reconstruct` needs its own --out"):
         run.claim("reconstruct")
+
+
+def test_a_cache_path_that_is_a_file_stops_before_any_work(tmp_path):
+    afile = tmp_path / "cachefile"
+    afile.write_text("x")
+    with pytest.raises(RunError, match="cache directory .*cachefile.* cannot be used"):
+        Cache(afile)
+    with pytest.raises(RunError, match="cannot be used"):
+        Cache(afile / "sub")
