@@ -7,6 +7,20 @@ from __future__ import annotations
 import argparse
 
 
+def count(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum``; anything else is argparse's one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def add_run_args(p: argparse.ArgumentParser, default_preset: str | None = None,
                  limit_help: str = "process only the first N items") -> None:
     p.add_argument("--preset", default=default_preset,
@@ -15,10 +29,10 @@ def add_run_args(p: argparse.ArgumentParser, default_preset: str | None = None,
                    help="dotted config override, e.g. --set generator.images_per_caption=4 (repeatable)")
     p.add_argument("--out", default=None, help="run directory (rerunning with the same --out resumes)")
     p.add_argument("--seed", type=int, default=None, help="run seed (run.seed)")
-    p.add_argument("--batch-size", type=int, default=None, help="items per batch (run.batch_size)")
+    p.add_argument("--batch-size", type=count(1), default=None, help="items per batch (run.batch_size)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (run.device)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (run.threads)")
-    p.add_argument("--limit", type=int, default=None, help=limit_help)
+    p.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (run.threads)")
+    p.add_argument("--limit", type=count(0), default=None, help=limit_help)
     p.add_argument("--retry-failed", action="store_true", help="on resume, redo items recorded as failed")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the content-keyed cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -92,3 +92,17 @@ def test_base_cycle_is_a_config_error(tmp_path):
     (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
     with pytest.raises(ConfigError, match="base: chain loops"):
         load_config(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--limit", "-1"),
+                                        ("--threads", "0")])
+def test_run_flags_out_of_range_are_usage_errors(flag, value, capsys):
+    import argparse
+
+    from recon.run_args import add_run_args
+
+    p = argparse.ArgumentParser(prog="recon reconstruct")
+    add_run_args(p)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args([flag, value])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
