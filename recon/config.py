@@ -250,6 +250,11 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 DECODING_METHODS = ("greedy", "beam", "nucleus")
+# The result key of each similarity kind, as recon.similarity's IMAGE_METRICS / TEXT_METRICS name them (a test keeps
+# the two equal): kinds and select_by are checked at load, without importing any model library.
+IMAGE_METRIC_NAMES = {"clip": "clip_similarity", "clip_pooler": "clip_pooler_similarity",
+                      "lpips": "lpips_distance", "ssim": "ssim_similarity", "psnr": "psnr_similarity"}
+TEXT_METRIC_NAMES = {"clip_text": "clip_text_similarity", "sbert": "sbert_similarity"}
 
 
 def check_decoding(d: DecodingConfig, where: str) -> None:
@@ -288,6 +293,21 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"run.threads={r.threads}: must be >= 1 (or null for the physical cores)")
     if r.max_report_items < 0:
         raise ConfigError(f"run.max_report_items={r.max_report_items}: must be >= 0")
+    image_keys = []
+    for role, table in (("image", IMAGE_METRIC_NAMES), ("text", TEXT_METRIC_NAMES)):
+        for i, m in enumerate(getattr(cfg.similarity, role)):
+            if m.kind not in table:
+                other = "text" if role == "image" else "image"
+                hint = f" (a {other} similarity: list it under similarity.{other})" if m.kind in {
+                    **IMAGE_METRIC_NAMES, **TEXT_METRIC_NAMES} else ""
+                raise ConfigError(f"similarity.{role}.{i}.kind={m.kind!r}: unknown {role} similarity{hint}; "
+                                  f"valid kinds: {', '.join(table)}")
+            if role == "image":
+                image_keys.append(m.name or table[m.kind])
+    select = cfg.similarity.select_by
+    if select is not None and select not in image_keys:
+        raise ConfigError(f"similarity.select_by={select!r}: not one of the image metrics' keys "
+                          f"({', '.join(image_keys) or 'none configured'})")
 
 
 def _preset_dict(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -25,6 +25,7 @@ def test_paper_preset_settings():
 
 def test_dotted_overrides_parse_yaml_scalars_and_list_indices():
     c = load_config("tiny-random", ["generator.guidance_scale=5", "similarity.image.0.kind=lpips",
+                                    "similarity.select_by=lpips_distance",  # the clip metric it selected by is gone
                                     "captioner.prompt=", "run.threads=null", "generator.negative_prompt=ugly, blurry"])
     assert c.generator.guidance_scale == 5.0 and isinstance(c.generator.guidance_scale, float)
     assert c.similarity.image[0].kind == "lpips"
@@ -106,3 +107,18 @@ def test_run_flags_out_of_range_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         p.parse_args([flag, value])
     assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_metric_kinds_and_select_by_are_checked_at_load():
+    from recon.config import IMAGE_METRIC_NAMES, TEXT_METRIC_NAMES
+    from recon.similarity import IMAGE_METRICS, TEXT_METRICS
+
+    assert {k: c.name for k, c in IMAGE_METRICS.items()} == IMAGE_METRIC_NAMES
+    assert {k: c.name for k, c in TEXT_METRICS.items()} == TEXT_METRIC_NAMES
+    with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind='dino2'"):
+        load_config("shapes", ["similarity.image.0.kind=dino2"])
+    with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind='sbert'.*list it under similarity\.text"):
+        load_config("shapes", ["similarity.image.0.kind=sbert"])
+    with pytest.raises(ConfigError, match=r"similarity\.select_by='lpips_distance'"):
+        load_config("shapes", ["similarity.select_by=lpips_distance"])
+    assert load_config("shapes", ["similarity.select_by=clip_similarity"]).similarity.select_by == "clip_similarity"
