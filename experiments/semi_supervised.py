@@ -85,13 +85,13 @@ def log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- one arm
 def arm_overrides(bundle: Path, experiment: str, arm: str, labelled: int, seed: int, steps: int | None,
-                  generator: Path | None = None) -> list[str]:
+                  generator: Path | None = None, extra: list[str] = ()) -> list[str]:
     spec = EXPERIMENTS[experiment]
     sets = [f"captioner.model={bundle / spec['captioner']}", f"generator.model={generator or bundle / 'generator'}",
             f"validation.metric.model={bundle / 'clip'}", f"loss.image_sim_terms.clip_metric.model={bundle / 'clip'}",
             "validation.every=0", "validation.final=false", "train.report_to=none", "train.threads=1",
             f"data.labelled_pairs={labelled or 'null'}", f"train.seed={seed}", *spec["extra"],
-            *spec["arms"].get(arm, [])]
+            *spec["arms"].get(arm, []), *extra]
     return sets + ([f"train.steps={steps}"] if steps else [])
 
 
@@ -131,7 +131,7 @@ def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle:
 
 
 def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: int, steps: int | None,
-            bundle: Path, generator: Path | None = None) -> dict:
+            bundle: Path, generator: Path | None = None, extra: list[str] = ()) -> dict:
     """Train (resumably) and evaluate one arm; ``eval.json`` in its run directory marks it done."""
     import torch
 
@@ -140,7 +140,7 @@ def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: i
 
     torch.set_num_threads(1)
     cfg = load_finetune_config("finetune-shapes", arm_overrides(bundle, experiment, arm, labelled, seed, steps,
-                                                                generator))
+                                                                generator, extra))
     adapter = lora = None
     t0 = time.time()
     if arm != "start":
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--generator", type=Path, default=None, help="generator dir (default: the bundle's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every arm")
     parser.add_argument("--metric", default=None, help="plotted metric (default: caption tuple acc; e3: judge)")
     parser.add_argument("--one", nargs=3, metavar=("ARM", "LABELLED", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:  # a worker: one arm in this process
         arm, labelled, seed = args.one[0], int(args.one[1]), int(args.one[2])
         r = run_arm(args.out / f"l{labelled}" / arm / f"seed{seed}", args.experiment, arm, labelled, seed, args.n,
-                    args.steps, bundle, args.generator)
+                    args.steps, bundle, args.generator, args.overrides)
         log(f"{arm} l{labelled} seed{seed}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items()
                                                          if k.endswith(METRICS)))
         return 0
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.n), "--bundle", str(bundle), "--one", arm, str(labelled), str(seed)]
             cmd += ["--steps", str(args.steps)] if args.steps else []
             cmd += ["--generator", str(args.generator)] if args.generator else []
+            cmd += [x for o in args.overrides for x in ("--set", o)]
             logfile = args.out / f"l{labelled}" / arm / f"seed{seed}.log"
             logfile.parent.mkdir(parents=True, exist_ok=True)
             with open(logfile, "a") as f:

@@ -34,6 +34,9 @@ CAPTIONER_TARGETS = {
     # BLIP text decoder cross-attention (image -> text): query/key/value and output projection
     "xattn_qkvo": r".*text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.(self\.(query|key|value)|output\.dense)",
     "xattn_q": r".*text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.self\.query",  # the paper's choice
+    # cross-attention plus the vision encoder's self-attention: for a captioner whose image features are the limit
+    "vision_xattn": r".*(vision_model\.encoder\.layers\.\d+\.self_attn\.(qkv|projection)"
+                    r"|text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.(self\.(query|key|value)|output\.dense))",
     "decoder_attn": r".*text_decoder\.bert\.encoder\.layer\.\d+\.(attention|crossattention)\."
                     r"(self\.(query|key|value)|output\.dense)",
     # "flamingo": the Flamingo backend's perceiver and gated cross-attention projections
