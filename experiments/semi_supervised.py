@@ -226,6 +226,7 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc") -> Path
 
     from recon.stats import seeds_by_items_bootstrap
 
+    start = [r for r in load_records(root) if r["arm"] == "start" and metric in r]
     records = [r for r in load_records(root) if r["arm"] != "start" and metric in r]
     if not records:
         return None
@@ -247,6 +248,9 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc") -> Path
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm)
         else:
             ax.bar(xs, ys, yerr=[lo, hi], capsize=4, label=arm)
+    if start:
+        ax.axhline(100 * float(np.mean(start[0][metric])), color="gray", linestyle="--", label="start (untrained)")
+        ax.legend(loc="lower right")
     if len(sizes) > 1:
         ax.set_xscale("log")
         ax.set_xlabel("labelled pairs")
