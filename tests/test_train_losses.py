@@ -12,15 +12,14 @@ from recon.train.config import LossConfig, SamplerConfig, load_finetune_config
 ALL_OFF = dict(caption_nll=0.0, denoise=0.0, i2t2i=0.0, t2i2t=0.0, image_sim=0.0)
 
 
-@pytest.fixture(scope="module")
-def parts(recon_cache):
-    """Smoke-config roles with LoRA on both models, the bridge, the diffusion helper, the metrics."""
+def build_parts(config: str) -> dict:
+    """A finetune config's roles with LoRA on both models, the bridge, the diffusion helper, the metrics."""
     from recon import hub
     from recon.train.bridge import SoftTokenBridge, vocab_index
     from recon.train.joint import image_sim_metrics, load_roles
     from recon.train.losses import Diffusion
 
-    cfg = load_finetune_config("finetune-shapes-smoke")
+    cfg = load_finetune_config(config)
     captioner, pipe = load_roles(cfg, torch.device("cpu"), torch.float32)
     with torch.no_grad():  # LoRA B starts at zero; give every LoRA weight a value so all gradients can flow
         for module in (captioner.model, pipe.unet):
@@ -31,6 +30,12 @@ def parts(recon_cache):
                              pipe.tokenizer, cfg.bridge)
     return dict(cfg=cfg, captioner=captioner, pipe=pipe, bridge=bridge, diffusion=Diffusion(pipe),
                 metrics=image_sim_metrics(cfg, torch.device("cpu")))
+
+
+@pytest.fixture(scope="module")
+def parts(recon_cache):
+    """Smoke-config roles (tiny random models)."""
+    return build_parts("finetune-shapes-smoke")
 
 
 def objective(parts, checkpointing=False, sampler=None, **weights):
@@ -233,21 +238,7 @@ def test_unpaired_texts_go_through_a_sampled_image(parts, grad_steps):
 @pytest.fixture(scope="module")
 def flamingo_parts(recon_cache):
     """The shapes bundle's Flamingo captioner and generator with LoRA, as `recon finetune` loads them."""
-    from recon import hub
-    from recon.train.bridge import SoftTokenBridge, vocab_index
-    from recon.train.joint import load_roles
-    from recon.train.losses import Diffusion
-
-    cfg = load_finetune_config("finetune-flamingo-shapes-smoke")
-    captioner, pipe = load_roles(cfg, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        for module in (captioner.model, pipe.unet):
-            for name, p in module.named_parameters():
-                if p.requires_grad and "lora_B" in name:
-                    p.normal_(0, 0.02)
-    bridge = SoftTokenBridge(vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root()), pipe.text_encoder,
-                             pipe.tokenizer, cfg.bridge)
-    return dict(cfg=cfg, captioner=captioner, pipe=pipe, bridge=bridge, diffusion=Diffusion(pipe), metrics={})
+    return build_parts("finetune-flamingo-shapes-smoke")
 
 
 @pytest.mark.parametrize("term", ["i2t2i", "t2i2t"])
