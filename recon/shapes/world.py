@@ -51,9 +51,10 @@ SEEN_COMBOS: tuple[tuple[str, ...], ...] = tuple(c for c in ALL_COMBOS if c not 
 SPLITS = {"train": 0, "test": 1, "heldout": 2}  # mixed into the seed: splits never share a random stream
 # The held-out combinations in two fixed halves (semi-supervised experiments supply unpaired data of one half and
 # measure the other); "heldout_a" / "heldout_b" draw from one half, under the held-out split's random stream.
-_HALVES = np.random.default_rng(_HELDOUT_SEED + 1).permutation(len(HELDOUT_COMBOS))
-HELDOUT_A: tuple[tuple[str, ...], ...] = tuple(sorted(HELDOUT_COMBOS)[i] for i in sorted(_HALVES[: len(_HALVES) // 2]))
-HELDOUT_B: tuple[tuple[str, ...], ...] = tuple(sorted(HELDOUT_COMBOS)[i] for i in sorted(_HALVES[len(_HALVES) // 2:]))
+_SORTED_HELDOUT = sorted(HELDOUT_COMBOS)
+_HALVES = np.random.default_rng(_HELDOUT_SEED + 1).permutation(len(_SORTED_HELDOUT))
+HELDOUT_A: tuple[tuple[str, ...], ...] = tuple(_SORTED_HELDOUT[i] for i in sorted(_HALVES[: len(_HALVES) // 2]))
+HELDOUT_B: tuple[tuple[str, ...], ...] = tuple(_SORTED_HELDOUT[i] for i in sorted(_HALVES[len(_HALVES) // 2:]))
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def sample_scenes(n: int, seed: int, split: str = "train", stream: int = 0) -> l
     """
     halves = {"heldout_a": HELDOUT_A, "heldout_b": HELDOUT_B}
     rng = _rng(seed, "heldout" if split in halves else split, stream)
-    combos = halves.get(split) or (sorted(HELDOUT_COMBOS) if split == "heldout" else SEEN_COMBOS)
+    combos = halves.get(split) or (_SORTED_HELDOUT if split == "heldout" else SEEN_COMBOS)
     idx = rng.integers(0, len(combos), n)
     jit = rng.uniform(-1, 1, (n, 3))
     tint = rng.integers(-12, 13, (n, 3))

@@ -181,8 +181,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
             accelerator.print(f"step {state.step}/{t.steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                                           if k != "step") + f" {rate:.2f}s/step")
         if state.step % t.checkpoint_every == 0 or state.step == last_stop:
-            save_checkpoint(accelerator, out / "checkpoints", state.step, t.checkpoints_total_limit, state,
-                            lr_scheduler)
+            save_checkpoint(accelerator, out / "checkpoints", t.checkpoints_total_limit, state, lr_scheduler)
         if cfg.validation.every and state.step % cfg.validation.every == 0 and state.step < t.steps:
             run_validation(state.step)
         accelerator.wait_for_everyone()
@@ -412,8 +411,7 @@ def load_checkpoint(accelerator, path: Path, state: adapters.TrainState, lr_sche
         raise ValueError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:300]}); remove "
                          "it to resume from the previous one, or start a new --out") from None
     state.load_state_dict({"step": trainer["step"], **tensors})
-    if lr_scheduler is not None and trainer.get("lr_scheduler") is not None:
-        lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    lr_scheduler.load_state_dict(trainer["lr_scheduler"])
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -427,8 +425,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 LORA_FILE, TRAINER_FILE = "lora.safetensors", "trainer_state.json"
 
 
-def save_checkpoint(accelerator, root: Path, step: int, keep: int, state: adapters.TrainState | None = None,
-                    lr_scheduler=None) -> Path:
+def save_checkpoint(accelerator, root: Path, keep: int, state: adapters.TrainState, lr_scheduler) -> Path:
     """``accelerator.save_state`` into ``.checkpoint-N.tmp``, fsync, rename to ``checkpoint-N``, drop the oldest
     beyond ``keep``. A kill at any point leaves the previous checkpoint complete and the newest one loadable.
 
@@ -438,6 +435,7 @@ def save_checkpoint(accelerator, root: Path, step: int, keep: int, state: adapte
     ``weights_only=False``: resuming a shared run directory could run code)."""
     from safetensors.torch import save_file
 
+    step = state.step
     final, tmp = root / f"checkpoint-{step:08d}", root / f".checkpoint-{step:08d}.tmp"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -445,10 +443,10 @@ def save_checkpoint(accelerator, root: Path, step: int, keep: int, state: adapte
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and state is not None:
+    if accelerator.is_main_process:
         tensors = {k: v.contiguous() for k, v in state.state_dict().items() if k != "step"}
         save_file(tensors, str(tmp / LORA_FILE))
-        trainer = {"step": state.step, "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler else None}
+        trainer = {"step": step, "lr_scheduler": lr_scheduler.state_dict()}
         (tmp / TRAINER_FILE).write_text(json.dumps(trainer))
     if accelerator.is_main_process:
         adapters.fsync_tree(tmp)

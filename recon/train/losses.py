@@ -220,34 +220,29 @@ class JointObjective:
         return self.captioner.teacher_forced_logits(pixel_values, list(captions))
 
     @torch.no_grad()
-    def own_captions(self, images: torch.Tensor) -> list[str]:
-        """The captioner's caption of each image (its configured decoding, eval mode, no gradient)."""
+    def captions_of(self, images: torch.Tensor, k: int = 1, decoding=None, seeds=None) -> list[list[str]]:
+        """The captioner's ``k`` captions of each image (eval mode, no gradient; ``decoding`` None: its own)."""
         from recon.data import tensor_to_pil
 
         model = self.captioner.model
         was_training = model.training
         model.eval()
         try:
-            return [c[0] for c in self.captioner.caption([tensor_to_pil(x) for x in images.float().cpu()], 1)]
+            return self.captioner.caption([tensor_to_pil(x) for x in images.float().cpu()], k, decoding, seeds=seeds)
         finally:
             model.train(was_training)
+
+    def own_captions(self, images: torch.Tensor) -> list[str]:
+        """The captioner's caption of each image (its configured decoding): the i2t2i target of unlabelled images."""
+        return [c[0] for c in self.captions_of(images)]
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, generator) -> list[str]:
         """Per image, the captioner's sampled candidate under which the UNet denoises the image best."""
-        from recon.data import tensor_to_pil
-
         w, d = self.loss, self.diffusion
         k, m, n = w.pseudo_label_candidates, w.pseudo_label_draws, images.shape[0]
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator, device=generator.device if generator else None)
-        model = self.captioner.model
-        was_training = model.training
-        model.eval()
-        try:
-            candidates = self.captioner.caption([tensor_to_pil(x) for x in images.float().cpu()], k,
-                                                w.pseudo_label_decoding, seeds=seeds.tolist())
-        finally:
-            model.train(was_training)
+        candidates = self.captions_of(images, k, w.pseudo_label_decoding, seeds.tolist())
         noisy, target, t = d.noised(d.encode(images, generator).repeat_interleave(m, 0), generator)
         errors = torch.stack([
             (d.predict(noisy, t, d.text_states([c[j] for c in candidates]).repeat_interleave(m, 0)).float()
