@@ -17,6 +17,11 @@ neighbours. Variants:
 
 and prints ratios to (captioner + sd), with and without gradient checkpointing (goal: joint <= 1.3x).
 
+The floor: every forward + backward pass the enabled terms need, each timed alone on the same batch (``floor``
+runs them one by one: VAE encode, caption text encoding, captioner teacher-forced pass, bridge + text encoder,
+a UNet pass, VAE decode, captioner pass on decoded pixels) and summed per variant; the table prints
+step / floor (goal for the joint steps: <= 1.15x). What is left above the floor is the objective's own overhead.
+
     python benchmarks/bench_finetune.py                                   # tiny random models (seconds)
     python benchmarks/bench_finetune.py --config finetune-shapes          # the shapes bundle
     python benchmarks/bench_finetune.py --config finetune-blip-sd14-paper --device cuda   # real models, a GPU
@@ -67,6 +72,57 @@ def proc_status(key: str) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# The passes each variant needs (see floor_components): t2i2t one_step reuses the denoise UNet call unless
+# loss.one_step_max_timestep gives it timesteps of its own (one more UNet pass); B/4 sub-batches are not modelled.
+FLOOR = {
+    "captioner": ["captioner"],
+    "sd": ["vae_encode", "text_states", "unet"],
+    "joint_sum": ["vae_encode", "captioner", "bridge", "unet", "text_states", "unet", "vae_decode",
+                  "captioner_on_pixels"],
+    "joint_alt": ["vae_encode", "captioner", "bridge", "unet", "text_states", "unet", "vae_decode",
+                  "captioner_on_pixels"],
+}
+
+
+def floor_components(objective, images, captions, generator, torch) -> dict:
+    """One call per pass the losses need, each alone, with the backward it needs; returns the callables."""
+    from recon.train.bridge import caption_positions
+    from recon.train.losses import captioning_nll
+
+    d = objective.diffusion
+    latents = d.encode(images, generator)
+    logits0, labels0 = objective.caption_logits(images, captions)
+    logits0, positions = logits0.detach(), caption_positions(labels0, objective.end_token_id)
+    states0 = d.text_states(captions)
+    noisy, target, t = d.noised(latents, generator)
+
+    def captioner():
+        logits, labels = objective.caption_logits(images, captions)
+        captioning_nll(logits, labels).backward()
+
+    def bridge():
+        x = logits0.clone().requires_grad_(True)
+        states, _ = objective.bridge(x, positions, generator)
+        states.float().pow(2).mean().backward()
+
+    def unet():
+        s = states0.clone().requires_grad_(True)
+        torch.nn.functional.mse_loss(d.predict(noisy, t, s).float(), target.float()).backward()
+
+    def vae_decode():
+        z = latents.clone().requires_grad_(True)
+        d.decode(z).mean().backward()
+
+    def captioner_on_pixels():
+        x = images.clone().float().requires_grad_(True)
+        logits, labels = objective.caption_logits(x, captions)
+        captioning_nll(logits, labels).backward()
+
+    return {"vae_encode": lambda: d.encode(images, generator), "text_states": lambda: d.text_states(captions),
+            "captioner": captioner, "bridge": bridge, "unet": unet, "vae_decode": vae_decode,
+            "captioner_on_pixels": captioner_on_pixels}
 
 
 def run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
@@ -122,6 +178,26 @@ def run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    if variant == "floor":
+        clock = time.perf_counter if device.type == "cuda" else time.process_time
+        parts = floor_components(objective, images, batch.captions, torch.Generator(device).manual_seed(0), torch)
+        seconds = {}
+        for name, fn in parts.items():
+            times = []
+            for i in range(args["warmup"] + args["steps"]):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = clock()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= args["warmup"]:
+                    times.append(clock() - t0)
+                optimizer.zero_grad(set_to_none=True)
+            seconds[name] = statistics.median(times)
+        queue.put({"variant": "floor", "checkpointing": checkpointing, "components": seconds})
+        return
 
     base_rss = reset_peak_rss()
     if device.type == "cuda":
@@ -181,14 +257,25 @@ def main(argv: list[str] | None = None) -> int:
     for checkpointing in (False, True):
         rows = {v: measure(args, v, checkpointing) for v in a.variants.split(",")}
         results += rows.values()
+        parts = measure(args, "floor", checkpointing)["components"]
+        results.append({"floor_components": parts, "checkpointing": checkpointing})
+        own_call = ["unet"] if cfg.loss.one_step_max_timestep else []  # t2i2t's own timesteps: a UNet pass of its own
+        floors = {v: sum(parts[c] for c in FLOOR[v] + (own_call if v.startswith("joint") else [])) for v in rows
+                  if v in FLOOR}
         print(f"\ngradient checkpointing {'on' if checkpointing else 'off'}")
-        print(f"{'variant':<12} {'step s':>8} {'peak MB':>9} {'time x':>7} {'mem x':>7} {'wall s':>8}")
+        print("floor passes (s): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+        print(f"{'variant':<12} {'step s':>8} {'peak MB':>9} {'time x':>7} {'mem x':>7} {'wall s':>8} {'floor s':>8} "
+              f"{'/floor':>7}")
         base_t = rows["captioner"]["step_s"] + rows["sd"]["step_s"] if {"captioner", "sd"} <= rows.keys() else None
         base_m = max(rows["captioner"]["peak_mb"], rows["sd"]["peak_mb"]) if base_t else None
         for v, r in rows.items():
             tx = f"{r['step_s'] / base_t:.2f}" if base_t else ""
             mx = f"{r['peak_mb'] / base_m:.2f}" if base_m and base_m > 0 else ""
-            print(f"{v:<12} {r['step_s']:>8.3f} {r['peak_mb']:>9.1f} {tx:>7} {mx:>7} {r['wall_s']:>8.3f}", flush=True)
+            fl = floors.get(v)
+            # joint_alt takes two optimizer steps: its floor is the same passes, its step time both steps
+            fx = f"{fl:>8.3f} {r['step_s'] / fl:>7.2f}" if fl else ""
+            print(f"{v:<12} {r['step_s']:>8.3f} {r['peak_mb']:>9.1f} {tx:>7} {mx:>7} {r['wall_s']:>8.3f} {fx}",
+                  flush=True)
         if base_t:
             print(f"(time x: / (captioner + sd) = {base_t:.3f} s; mem x: / max(captioner, sd) peak)")
     if a.json:

@@ -7,7 +7,10 @@ Prints, as JSON lines:
   * throughput (items/s) at each batch size;
   * cache: a full ``reconstruct_images`` run vs. a rerun into a new run dir with the same content-keyed cache and
     no model loaded (goal >= 50x);
-  * peak RSS.
+  * peak RSS;
+  * whole processes (subprocess, median of 3): ``recon --help`` / ``presets`` / ``report`` (goal <= 0.5 s), the README
+    demo (16 shapes images, default preset) cold, rerun into a new ``--out`` with every stage cached (goal <= 3 s)
+    and resumed when finished (goal <= 1.5 s). ``--only-processes`` runs just these.
 
     python benchmarks/bench_reconstruct.py --preset tiny-random --n 8 --repeats 3 --threads 2
     python benchmarks/bench_reconstruct.py --sd15-random --device cuda --dtype fp16 --n 8   # GPU, SD v1.5 arch
@@ -79,6 +82,34 @@ def sd15_random_components(device, dtype, size):
     return pipe, blip, proc, clip
 
 
+def whole_process_timings(repeats: int = 3) -> dict:
+    """Seconds of whole ``recon`` processes as a user starts them (import time included), median of ``repeats``."""
+    import subprocess
+
+    def timed(*args: str, env: dict) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "recon", *args], env=env, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, RECON_CACHE=str(Path(tmp) / "cache"), HF_HUB_OFFLINE="1")
+        data, out = str(Path(tmp) / "data"), Path(tmp)
+        timed("shapes", "render", "--n", "16", "--out", data, env=env)
+        res = {"cold_demo_s": timed("reconstruct", data, "--out", str(out / "cold"), "--no-progress", env=env)}
+        for name, args in [("help_s", ["--help"]), ("presets_s", ["presets"]), ("report_s", ["report", str(out / "cold")])]:
+            res[name] = statistics.median(timed(*args, env=env) for _ in range(repeats))
+        res["cached_new_out_s"] = statistics.median(
+            timed("reconstruct", data, "--out", str(out / f"new{i}"), "--no-progress", env=env) for i in range(repeats))
+        res["resume_finished_s"] = statistics.median(
+            timed("reconstruct", data, "--out", str(out / "new0"), "--no-progress", env=env) for _ in range(repeats))
+    res = {k: round(v, 3) for k, v in res.items()}
+    res["goals"] = {"startup_le_0.5s": max(res["help_s"], res["presets_s"], res["report_s"]) <= 0.5,
+                    "cached_new_out_le_3s": res["cached_new_out_s"] <= 3.0,
+                    "resume_le_1.5s": res["resume_finished_s"] <= 1.5,
+                    "cached_speedup_vs_cold": round(res["cold_demo_s"] / res["cached_new_out_s"], 1)}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny-random")
@@ -91,7 +122,11 @@ def main() -> None:
     ap.add_argument("--sd15-random", action="store_true", help="SD v1.5 architecture, random weights, 512 px")
     ap.add_argument("--steps", type=int, default=None, help="override generator.num_inference_steps")
     ap.add_argument("--no-cache-bench", action="store_true")
+    ap.add_argument("--only-processes", action="store_true", help="only the whole-process timings")
     args = ap.parse_args()
+    if args.only_processes:
+        print(json.dumps({"whole_process": whole_process_timings(args.repeats)}), flush=True)
+        return
 
     threads = hub.configure_threads(args.threads)
     device = hub.resolve_device(args.device)
@@ -206,6 +241,8 @@ def main() -> None:
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print(json.dumps(out), flush=True)
+    if not args.sd15_random:
+        print(json.dumps({"whole_process": whole_process_timings(args.repeats)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 import sys
 
-from recon.cli import main
+try:  # a Ctrl-C while the CLI module loads is one line too, as inside main()
+    from recon.cli import main
+except KeyboardInterrupt:
+    print("recon: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -8,6 +8,7 @@ corpus-level values pycocoevalcap reports are in the run's ``corpus.json``).
 
 from __future__ import annotations
 
+import html
 import itertools
 from collections.abc import Sequence
 
@@ -110,8 +111,27 @@ def _pv(p) -> str:
 
 
 def _md(text) -> str:
-    """A table cell: pipes and line breaks would break the markdown table."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Text for a markdown table cell or list item: HTML-escaped (markdown renders raw HTML, and file names and
+    captions come from users), pipes and line breaks escaped (they would break the table)."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def coverage_notes(board: dict) -> list[str]:
+    """One note per metric that some system scored on fewer items than it has ok (no references for some
+    images, a metric that failed on some captions): its mean covers those items only."""
+    notes = []
+    for m in board["metrics"]:
+        short = [f"{s} {board['rows'][s][m]['n']}/{board['counts'][s]['ok']}" for s in board["systems"]
+                 if board["rows"][s][m]["n"] < board["counts"][s]["ok"]]
+        if short:
+            notes.append(f"{m} covers only part of the ok items ({', '.join(short)}): its mean is over those")
+    return notes
+
+
+def estimate_cell(board: dict, system: str, metric: str) -> str:
+    """``mean [low, high]``, with ``(n=k/N)`` when the metric covers only k of the system's N ok items."""
+    e, ok = board["rows"][system][metric], board["counts"][system]["ok"]
+    return _est(e) + (f" (n={e['n']}/{ok})" if e["n"] < ok else "")
 
 
 def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
@@ -124,7 +144,7 @@ def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
     lines.append("| items ok / failed | " + " | ".join(
         f"{board['counts'][s]['ok']} / {board['counts'][s]['failed']}" for s in systems) + " |")
     for m in metrics:
-        lines.append(f"| {_md(m)} ({metric_direction(m)}) | " + " | ".join(_est(board["rows"][s][m]) for s in systems)
+        lines.append(f"| {_md(m)} ({metric_direction(m)}) | " + " | ".join(estimate_cell(board, s, m) for s in systems)
                      + " |")
     if board["paired"]:
         pairs = list(dict.fromkeys((p["a"], p["b"]) for p in board["paired"]))

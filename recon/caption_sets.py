@@ -19,6 +19,8 @@ from recon.data import DataError, atomic_write_text, list_images, read_json, val
 from recon.runs import RunError
 
 INPUTS = "inputs.json"
+ALL_METRICS = ("recon", "clipscore", "refclipscore", "bleu", "meteor", "rouge", "cider", "spice", "sbert")
+NEEDS_REFS = ("refclipscore", "bleu", "meteor", "rouge", "cider", "spice", "sbert")
 
 
 @dataclass(frozen=True)
@@ -140,15 +142,31 @@ def build_items(sets: Sequence[CaptionSet], images: str | Path, refs: References
     extension, or through the file name a COCO annotation file gives it. ``limit`` keeps the first N image ids.
     """
     files = list_images(images)
-    lookup: dict[str, tuple[int, Path]] = {}
+    # Aliases by precedence: the exact relative path, then it without extension, then the bare file name. Two files
+    # behind one alias (a.png and a.jpg for "a") make an id that uses it ambiguous: an error naming both.
+    tiers: list[dict[str, list[tuple[int, Path]]]] = [{}, {}, {}]
     for n, it in enumerate(files):
-        for alias in (Path(it.id).with_suffix("").as_posix(), it.id, Path(it.id).name):
-            lookup.setdefault(alias, (n, it.path))
-    if refs is not None:
-        for key, name in refs.file_names.items():
-            hit = lookup.get(name) or lookup.get(Path(name).name)
-            if hit is not None:
-                lookup.setdefault(key, hit)
+        for tier, alias in zip(tiers, (it.id, Path(it.id).with_suffix("").as_posix(), Path(it.id).name)):
+            tier.setdefault(alias, []).append((n, it.path))
+
+    def find(key: str) -> tuple[int, Path] | None:
+        for tier in tiers:
+            hits = tier.get(key)
+            if hits and len(hits) > 1:
+                raise DataError(f"image_id {key!r} matches several files in {images}: "
+                                f"{', '.join(str(p) for _, p in hits)}; rename one of them, or use ids with "
+                                "extensions")
+            if hits:
+                return hits[0]
+        return None
+
+    lookup: dict[str, tuple[int, Path]] = {}
+    for key in dict.fromkeys(e.key for s in sets for e in s.entries if e.key is not None):
+        hit = find(key)
+        if hit is None and refs is not None and (name := refs.file_names.get(key)) is not None:
+            hit = find(name) or find(Path(name).name)
+        if hit is not None:
+            lookup[key] = hit
     keys: dict[str, int] = {}
     for s in sets:
         for e in s.entries:
@@ -182,6 +200,8 @@ def build_items(sets: Sequence[CaptionSet], images: str | Path, refs: References
 
 def check_inputs(out: Path, inputs: dict) -> None:
     """Refuse to resume a run directory over different inputs; record the inputs of a new one."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")
     path = Path(out) / INPUTS
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))

@@ -239,14 +239,26 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     path = preset_path(preset or DEFAULT_PRESET)
     data = _preset_dict(path)
     data.setdefault("name", path.stem)
+    preset_only = _validate(data)
     for o in overrides:
         apply_override(data, o)
+    try:
+        return _validate(data, raise_=True)
+    except ConfigError as e:
+        if overrides and not isinstance(preset_only, ConfigError):  # the preset is fine: an override broke it
+            raise ConfigError(f"--set {' '.join(overrides)}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _validate(data: dict, raise_: bool = False) -> Config | ConfigError:
     try:
         cfg = from_dict(Config, data)
         check(cfg)
         return cfg
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        if raise_:
+            raise
+        return e
 
 
 DECODING_METHODS = ("greedy", "beam", "nucleus")

@@ -19,11 +19,13 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch loads where a tensor is made: `recon report` and `recon presets` never import it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +303,8 @@ def load_texts(path: str | Path) -> list[TextItem]:
                             "make the ids unique")
         first[item_id] = where
         items.append(TextItem(item_id, text))
+    if not items:
+        raise DataError(f"{path}: holds no texts (only blank lines, or an empty list); give one text per line")
     return items
 
 
@@ -309,6 +313,8 @@ def load_texts(path: str | Path) -> list[TextItem]:
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """float32 ``[3, H, W]`` in [0, 1] from an image of any mode (normalised by :func:`to_rgb`)."""
+    import torch
+
     rgb = img if img.mode == "RGB" else to_rgb(img)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
 
@@ -319,6 +325,8 @@ def tensor_to_pil(t: torch.Tensor) -> Image.Image:
     Values are clamped to [0, 1] (NaN -> 0) and rounded to the nearest 8-bit level, so
     ``tensor_to_pil(image_to_tensor(img))`` reproduces ``img`` exactly.
     """
+    import torch
+
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 3 or t.shape[0] not in (1, 3):
@@ -332,7 +340,7 @@ def tensor_to_pil(t: torch.Tensor) -> Image.Image:
 
 def encode_png(img: torch.Tensor | Image.Image) -> bytes:
     """PNG bytes of an RGB image; deterministic: no timestamp, text, ICC or EXIF chunks are written."""
-    pil = tensor_to_pil(img) if isinstance(img, torch.Tensor) else to_rgb(img)
+    pil = to_rgb(img) if isinstance(img, Image.Image) else tensor_to_pil(img)
     clean = Image.frombytes("RGB", pil.size, pil.tobytes())  # drops info (icc_profile, exif, dpi, ...)
     buf = io.BytesIO()
     clean.save(buf, format="PNG", compress_level=6)

@@ -14,10 +14,14 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from recon.config import ConfigError, MetricConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ class ModelNotAvailableError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- devices / dtype
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -43,11 +49,17 @@ def processes_on_cpu() -> bool:
 
     accelerate sets up its CPU process group (gloo) only when asked for the CPU explicitly; otherwise every
     process runs as a world of one and they duplicate each other's work silently. Pass this as ``cpu=``."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: fp32 on CPU (bf16 autocast measured slower than fp32 on our CPUs), fp16 on CUDA."""
+    import torch
+
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -58,7 +70,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def configure_threads(threads: int | None) -> int:
-    """Set torch CPU threads deliberately: oversubscribed threads made tiny-model generation 9x slower here."""
+    """Set torch CPU threads deliberately: oversubscribed threads made tiny-model generation 9x slower here.
+
+    Before torch is imported this sets ``OMP_NUM_THREADS``, which torch reads when it loads: a run that never
+    needs torch (every stage cached) does not import it just to set its threads."""
     if threads is None:
         threads = int(os.environ.get("RECON_THREADS", "0")) or max(1, (os.cpu_count() or 2))
         try:  # inside `accelerate launch` several processes share the cores
@@ -66,7 +81,10 @@ def configure_threads(threads: int | None) -> int:
         except ValueError:
             world = 1
         threads = max(1, threads // max(1, world))
-    torch.set_num_threads(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     return threads
 
 
@@ -182,6 +200,9 @@ def load_diffusion_pipeline(model_id: str, device: torch.device, dtype: torch.dt
     import diffusers
     from diffusers import StableDiffusionPipeline
 
+    if os.environ.get("RECON_QUIET") == "1":  # set by the CLI; diffusers reads no env var for its loading bar
+        diffusers.utils.logging.disable_progress_bar()
+
     path = resolve(model_id, "generator", field)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if not safety_checker:
@@ -200,15 +221,42 @@ def load_diffusion_pipeline(model_id: str, device: torch.device, dtype: torch.dt
     return pipe.to(device)
 
 
-def open_clip_name(model: str | None, pretrained: str | None, field: str | None = None) -> tuple[str, str | None]:
-    """Resolve an open_clip spec to (name for open_clip's factory, pretrained), checking availability offline."""
-    import open_clip
+DEFAULT_OPEN_CLIP = ("ViT-B-32", "openai")
+DEFAULT_HF_CLIP_VISION = "openai/clip-vit-base-patch32"
 
+
+def open_clip_source(cfg: MetricConfig, where: str) -> tuple[str, str | None]:
+    """(model, pretrained) for hub.load_open_clip; refuses a bare architecture without weights.
+
+    open_clip happily builds an architecture with random weights when ``pretrained`` is missing: as a metric
+    that would score noise, so it is an error here. ``org/repo`` is read as ``hf-hub:org/repo``.
+    """
+    if cfg.model is None:
+        return DEFAULT_OPEN_CLIP[0], cfg.pretrained or DEFAULT_OPEN_CLIP[1]
+    model = cfg.model
+    if model.startswith(("builtin:", "hf-hub:")) or Path(model).expanduser().exists():
+        return model, cfg.pretrained
+    if model.startswith((".", "/", "~")):
+        resolve(model, "CLIP model", f"{where}.model")  # raises: the path does not exist
+    if model.count("/") == 1:
+        return "hf-hub:" + model, cfg.pretrained
+    if not cfg.pretrained:
+        raise ConfigError(f"{where}.pretrained: open_clip architecture {model!r} needs pretrained weights (a tag "
+                          f"such as 'openai', or a weights file); without them it would score with random weights. "
+                          f"Or set {where}.model to hf-hub:ORG/REPO or a local open_clip directory.")
+    return model, cfg.pretrained
+
+
+def open_clip_name(model: str | None, pretrained: str | None, field: str | None = None) -> tuple[str, str | None]:
+    """Resolve an open_clip spec to (name for open_clip's factory, pretrained), checking availability offline.
+    Local and builtin models are checked without importing open_clip (seconds)."""
     model = model or "ViT-B-32"
     if model.startswith("builtin:") or Path(model).expanduser().is_dir():
         return "local-dir:" + resolve(model, "CLIP model", field), None
     if model.startswith("hf-hub:"):
         return "local-dir:" + resolve(model[len("hf-hub:"):], "CLIP model", field), None
+    import open_clip
+
     if pretrained and not Path(pretrained).expanduser().is_file():
         cfg = open_clip.get_pretrained_cfg(model, pretrained)
         if not cfg:
@@ -262,6 +310,8 @@ def load_lpips(net: str, random_backbone: bool, device: torch.device):
 
 
 def check_lpips(net: str, random_backbone: bool) -> None:
+    import torch
+
     if net not in LPIPS_BACKBONE_FILES:
         raise ValueError(f"lpips net {net!r}: expected one of {sorted(LPIPS_BACKBONE_FILES)}")
     weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
@@ -292,6 +342,8 @@ def load_sbert(model_id: str | None, device: torch.device, field: str | None = N
 
 def load_safetensors_or_pt(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights safely: safetensors when possible, else torch.load(weights_only=True)."""
+    import torch
+
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from recon import hub
-from recon.config import Config
+from recon.config import Config, ConfigError
 from recon.data import DataError, list_images, load_image, load_texts, validate_text, write_coco_results
 from recon.pipeline import Reconstructor, png_bytes
 from recon.runs import Cache, RunDir, atomic_write_bytes, derive_seed, sha256_file
@@ -76,10 +76,35 @@ def run_job(config: Config, out: str | Path, items: Sequence, process: Callable[
     return run
 
 
+def fingerprint(item) -> tuple[str, str | None]:
+    """The record key that identifies an item's content, and its value: ``input_sha256`` of an image file (None
+    when unreadable), or the ``text`` itself. Resume redoes an item whose recorded content differs."""
+    if hasattr(item, "path"):
+        try:
+            return "input_sha256", sha256_file(item.path) if item.path is not None else None
+        except OSError:
+            return "input_sha256", None
+    return "text", getattr(item, "text", None)
+
+
+def _todo(run: RunDir, items: Sequence, retry_failed: bool) -> tuple[list, dict]:
+    """The items still to do (not recorded, or recorded for other content), and each one's fingerprint."""
+    todo, prints = [], {}
+    for it in items:
+        key, value = prints[it.id] = fingerprint(it)
+        rec = run.record(it.id)
+        if rec is not None and key in rec and rec[key] != value:
+            log.warning("%s changed since it was recorded; redoing it", it.id)
+        elif run.done(it.id, retry_failed):
+            continue
+        todo.append(it)
+    return todo, prints
+
+
 def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, process, desc: str,
                retry_failed: bool, report: bool, progress: bool, preflight) -> None:
     mine = list(items)[dist.rank::dist.world_size]
-    todo = [it for it in mine if not run.done(it.id, retry_failed)]
+    todo, prints = _todo(run, mine, retry_failed)
     if todo and preflight is not None:
         preflight()
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or dist.rank != 0, unit="item")
@@ -102,6 +127,9 @@ def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, 
                     records.append(failed(it.id, e1))
         pos = {it.id: n for n, it in enumerate(chunk)}
         for r in sorted(records, key=lambda r: pos.get(r["id"], len(pos))):  # input order within a batch
+            if r["id"] in prints:
+                key, value = prints[r["id"]]
+                r.setdefault(key, value)
             run.append(r)
         bar.update(len(chunk))
     bar.close()
@@ -140,6 +168,9 @@ def reconstruct_images(config: Config, source: str | Path, out: str | Path, limi
                        retry_failed: bool = False, progress: bool = True, reconstructor: Reconstructor | None = None
                        ) -> RunDir:
     """image -> N captions -> K images each -> similarity to the original; best candidate chosen."""
+    if not config.similarity.image:
+        raise ConfigError("similarity.image is empty: reconstruct scores and ranks candidates by an image "
+                          "similarity; list at least one (e.g. --set similarity.image.0.kind=clip)")
     items = input_images(source, out)[:limit]
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
 
@@ -181,6 +212,9 @@ def reconstruct_texts(config: Config, texts: str | Path, out: str | Path, limit:
                       retry_failed: bool = False, progress: bool = True,
                       reconstructor: Reconstructor | None = None) -> RunDir:
     """text -> K images -> a caption each -> text similarity to the original text."""
+    if not config.similarity.text:
+        log.warning("similarity.text is empty: reconstruct-text records captions of the generated images but no "
+                    "text similarity (add one, e.g. --set similarity.text.0.kind=clip_text)")
     items = load_texts(texts)[:limit]
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
 
@@ -204,6 +238,13 @@ def caption_images(config: Config, source: str | Path, out: str | Path, limit: i
                    retry_failed: bool = False, progress: bool = True) -> RunDir:
     """Caption a folder; also writes ``captions.json`` in COCO results format (image_id = file stem)."""
     items = input_images(source, out)[:limit]
+    stems: dict[str, Path] = {}
+    for it in items:  # captions.json names an image by its path without extension
+        stem = Path(it.id).with_suffix("").as_posix()
+        if stem in stems:
+            raise DataError(f"{stems[stem]} and {it.path} would share the image_id {stem!r} in captions.json; "
+                            "rename one of them, or caption them from separate folders")
+        stems[stem] = it.path
     recon = Reconstructor(config, cache=make_cache(config))
 
     def process(chunk, run: RunDir) -> list[dict]:

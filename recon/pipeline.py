@@ -11,14 +11,17 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from recon import hub
 from recon.config import Config
 from recon.data import encode_png, image_to_tensor
 from recon.runs import Cache, derive_seed
+
+if TYPE_CHECKING:  # torch loads on the first model run: a rerun served by the cache never imports it
+    import torch
 
 
 def png_bytes(image: torch.Tensor | Image.Image) -> bytes:
@@ -50,12 +53,19 @@ class Reconstructor:
     def __init__(self, config: Config, device: torch.device | str | None = None, cache: Cache | None = None,
                  captioner=None, generator=None, image_metrics=None, text_metrics=None):
         self.config = config
-        self.device = hub.resolve_device(str(device) if device is not None else config.run.device)
+        self._device_spec = str(device) if device is not None else config.run.device
+        self._device: torch.device | None = None
         self.cache = cache or Cache(None)
         self._captioner, self._generator = captioner, generator
         self._image_metrics, self._text_metrics = image_metrics, text_metrics
 
     # ------------------------------------------------------------------ lazily loaded roles
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = hub.resolve_device(self._device_spec)
+        return self._device
+
     @property
     def captioner(self):
         if self._captioner is None:
@@ -89,14 +99,14 @@ class Reconstructor:
         return self._text_metrics
 
     def metric_names(self, kind: str = "image") -> list[str]:
-        """Result keys of the configured metrics, known without loading any model."""
-        from recon.similarity import IMAGE_METRICS, TEXT_METRICS
+        """Result keys of the configured metrics, known without loading any model (or importing torch)."""
+        from recon.config import IMAGE_METRIC_NAMES, TEXT_METRIC_NAMES
 
         loaded = self._image_metrics if kind == "image" else self._text_metrics
-        table, metrics = (IMAGE_METRICS, self.config.similarity.image) if kind == "image" else \
-            (TEXT_METRICS, self.config.similarity.text)
+        table, metrics = (IMAGE_METRIC_NAMES, self.config.similarity.image) if kind == "image" else \
+            (TEXT_METRIC_NAMES, self.config.similarity.text)
         if loaded is None and all(m.kind in table for m in metrics):
-            return [m.name or table[m.kind].name for m in metrics]
+            return [m.name or table[m.kind] for m in metrics]
         return list(self.image_metrics if kind == "image" else self.text_metrics)  # loading names bad kinds
 
     def preflight(self, stages: Sequence[str] = ("captioner", "generator", "image", "text")) -> None:
@@ -115,7 +125,7 @@ class Reconstructor:
         for kind in ("image", "text"):
             if kind not in stages or (self._image_metrics if kind == "image" else self._text_metrics) is not None:
                 continue
-            from recon.similarity.image import DEFAULT_HF_CLIP_VISION, open_clip_source
+            from recon.hub import DEFAULT_HF_CLIP_VISION, open_clip_source
 
             for n, m in enumerate(sim.image if kind == "image" else sim.text):
                 where = f"similarity.{kind}.{n}"
@@ -179,9 +189,10 @@ class Reconstructor:
                 out[i] = r
         return out  # type: ignore[return-value]
 
-    @torch.inference_mode()
-    def score_images(self, original: torch.Tensor, original_hash: str, pngs: Sequence[bytes]) -> dict[str, list[float]]:
-        """Similarity of one original ``[3, H, W]`` to each reconstruction, per metric (cached per pair)."""
+    def score_images(self, original: torch.Tensor | Image.Image, original_hash: str,
+                     pngs: Sequence[bytes]) -> dict[str, list[float]]:
+        """Similarity of one original (``[3, H, W]`` tensor, or a PIL image made one only on a cache miss) to each
+        reconstruction, per metric (cached per pair)."""
         names = self.metric_names("image")
         specs = {n: {**m.__dict__, "files": hub.fingerprint(m.model)} for n, m in zip(names, self.config.similarity.image)}
         scores: dict[str, list[float]] = {}
@@ -191,18 +202,25 @@ class Reconstructor:
             vals = [self.cache.get_json("scores", k) for k in keys]
             miss = [i for i, v in enumerate(vals) if v is None]
             if miss:
+                import torch
+
                 metric = self.image_metrics[n]
+                if isinstance(original, Image.Image):
+                    original = to_tensor(original)
                 recon = torch.stack([to_tensor(pngs[i]) for i in miss]).to(self.device)
-                fresh = metric(original.unsqueeze(0).to(self.device), recon).float().cpu().tolist()  # 1 vs K
+                with torch.inference_mode():
+                    fresh = metric(original.unsqueeze(0).to(self.device), recon).float().cpu().tolist()  # 1 vs K
                 for i, v in zip(miss, fresh):
                     vals[i] = v
                     self.cache.put_json("scores", keys[i], v)
             scores[n] = [float(v) for v in vals]
         return scores
 
-    @torch.inference_mode()
     def score_texts(self, texts: Sequence[str], others: Sequence[str]) -> dict[str, list[float]]:
-        return {n: m(list(texts), list(others)).float().cpu().tolist() for n, m in self.text_metrics.items()}
+        import torch
+
+        with torch.inference_mode():
+            return {n: m(list(texts), list(others)).float().cpu().tolist() for n, m in self.text_metrics.items()}
 
     # ------------------------------------------------------------------ the two directions
     def select_metric(self) -> str:
@@ -229,7 +247,7 @@ class Reconstructor:
         rendered = self.render(prompts, seeds, groups)
         records, pos = [], 0
         for item_id, image, h, caps in zip(ids, images, hashes, captions):
-            original = to_tensor(image)
+            original = image  # made a tensor only if a score is not cached
             candidates, warnings = [], []
             for cap in caps:
                 chunk, chunk_seeds = rendered[pos:pos + K], seeds[pos:pos + K]

@@ -112,6 +112,13 @@ def read_run_config(path: Path) -> dict:
     return data
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equality for config values, with NaN equal to NaN (an identical rerun is never a "different config")."""
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return a == b
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> ``{"a.b.c": value}`` (config comparison, tracker hparams)."""
     if isinstance(d, dict):
@@ -146,10 +153,12 @@ class RunDir:
     def _check_config(self, config: Config) -> None:
         cfg_path = self.path / "config.yaml"
         new = config.to_dict()
-        if cfg_path.exists():
+        holds_records = any(p.stat().st_size for p in [self.path / RESULTS, *self.path.glob("results.rank*.jsonl")]
+                            if p.is_file())
+        if cfg_path.exists() and holds_records:  # a run stopped before its first record binds no config
             old = read_run_config(cfg_path)
             a, b = flatten(old), flatten(new)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in VOLATILE_KEYS)
+            diff = sorted(k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)) and k not in VOLATILE_KEYS)
             if diff:
                 raise RunError(f"{self.path} holds a run with a different config ({', '.join(diff[:6])}"
                                f"{' ...' if len(diff) > 6 else ''}); pass a new --out to start a new run, "
@@ -219,7 +228,12 @@ class RunDir:
         return records
 
     def records(self) -> list[dict]:
-        return read_jsonl(self.path / RESULTS)[0]
+        """The records of results.jsonl, the last one per id (a redone item is appended again), in first-seen
+        order."""
+        latest: dict[str, dict] = {}
+        for rec in read_jsonl(self.path / RESULTS)[0]:
+            latest[str(rec.get("id"))] = rec
+        return list(latest.values())
 
 
 def _json_default(o: Any):

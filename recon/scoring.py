@@ -30,14 +30,21 @@ from pathlib import Path
 import numpy as np
 
 from recon import caption_metrics as cm
-from recon.caption_sets import build_items, check_inputs, read_caption_set, read_references, system_names
+from recon.caption_sets import (
+    ALL_METRICS,
+    INPUTS,
+    NEEDS_REFS,
+    build_items,
+    check_inputs,
+    read_caption_set,
+    read_references,
+    system_names,
+)
 from recon.config import Config, MetricConfig
 from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_image
 from recon.runs import RunDir, derive_seed, sha256_file
 
 SCORE = "score"  # the records' direction
-ALL_METRICS = ("recon", "clipscore", "refclipscore", "bleu", "meteor", "rouge", "cider", "spice", "sbert")
-NEEDS_REFS = ("refclipscore", "bleu", "meteor", "rouge", "cider", "spice", "sbert")
 
 
 def parse_metrics(spec: str | Sequence[str] | None, have_refs: bool) -> list[str]:
@@ -192,7 +199,7 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
                        progress: bool = True, clip_prefix: str = "", reconstructor=None,
                        n_resamples: int = 1000) -> ScoreRun:
     """Score caption files against an image folder (see the module docstring); returns the finished run."""
-    from recon.analysis import leaderboard, leaderboard_markdown
+    from recon.analysis import coverage_notes, leaderboard, leaderboard_markdown
     from recon.jobs import failed, make_cache, run_job
     from recon.pipeline import Reconstructor, png_bytes
     from recon.scoring_report import write_score_report
@@ -212,6 +219,8 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
         notes.append(missing)
         ref_metrics.remove("spice")
     items = build_items(sets, images, references, limit)
+    if not items:
+        raise DataError(f"no captions to score: {', '.join(map(str, captions))} hold no entries")
     check_inputs(Path(out), {"captions": [{"name": s, "sha256": sha256_file(p)} for s, p in zip(systems, captions)],
                              "refs": sha256_file(refs) if refs else None, "images": str(Path(images).resolve()),
                              "metrics": metrics, "limit": limit, "clip_prefix": clip_prefix})
@@ -296,6 +305,7 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
     aggregate = aggregate_scores(records, systems)
     atomic_write_text(run.path / "aggregate.json", json.dumps(aggregate, indent=1) + "\n")
     board = leaderboard(records, systems, seed=config.run.seed, n_resamples=n_resamples)
+    notes += coverage_notes(board)
     board["notes"] = notes
     atomic_write_text(run.path / "leaderboard.json", json.dumps(board, indent=1) + "\n")
     atomic_write_text(run.path / "leaderboard.md", leaderboard_markdown(board, notes))
@@ -324,6 +334,9 @@ def analyze_run(run_dir: str | Path, recon_metric: str | None = None, seed: int 
 
     run_dir = Path(run_dir)
     if not (run_dir / "results.jsonl").is_file():
+        if (run_dir / INPUTS).is_file():
+            raise ValueError(f"{run_dir}: this score run holds no items yet (its `recon score` stopped before the "
+                             "first one); rerun that command to fill it")
         raise FileNotFoundError(f"{run_dir}: no results.jsonl (is this a recon score run directory?)")
     records = [r for r in read_records(run_dir / "results.jsonl") if r.get("direction") == SCORE]
     if not records:

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from recon.run_args import add_run_args, config_from_args
+from recon.run_args import add_run_args, config_from_args, count
 
 # Errors a user can fix: one line, no traceback (RECON_DEBUG=1 shows it); the same tuple as recon.cli's.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
@@ -17,7 +17,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 
 def register(subparsers) -> None:
     """Add the ``score`` and ``analyze`` commands to an argparse subparsers object."""
-    from recon.scoring import ALL_METRICS
+    from recon.caption_sets import ALL_METRICS
 
     p = subparsers.add_parser("score", help="score caption files (one per system) against an image folder",
                               description="Score one or more caption files: reconstruction similarity, CLIPScore, "
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--names", default=None, help="comma-separated system names (default: the files' stems)")
     p.add_argument("--clip-prefix", default="", help="text put before captions for CLIPScore (Hessel et al. use "
                                                      "'A photo depicts ')")
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap / permutation resamples")
+    p.add_argument("--resamples", type=count(1), default=1000, help="bootstrap / permutation resamples")
     add_run_args(p, limit_help="score only the first N images (in the image folder's order), every system")
     p.set_defaults(handler=run_score)
 
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
                                               "score run (Spearman, Kendall, bootstrap CIs, scatter plots)")
     a.add_argument("run_dir")
     a.add_argument("--recon-metric", default=None, help="score key to correlate (default: the first recon_* key)")
-    a.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    a.add_argument("--resamples", type=count(1), default=1000, help="bootstrap resamples")
     a.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the run's seed)")
     a.set_defaults(handler=run_analyze)
 
@@ -48,8 +48,6 @@ def register(subparsers) -> None:
 def run_score(args: argparse.Namespace) -> int:
     from recon.scoring import score_caption_sets
 
-    if args.resamples < 1:
-        raise ValueError("--resamples must be at least 1")
     config = config_from_args(args)
     out = args.out or f"runs/score-{config.name}"
     names = [n for n in args.names.split(",")] if args.names else None

@@ -13,7 +13,7 @@ import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from recon.analysis import _corr, _est, _fmt, _p, _pv, system_of
+from recon.analysis import _corr, _fmt, _p, _pv, estimate_cell, system_of
 from recon.data import atomic_write_text
 from recon.report import _CSS, _config_text, _esc, _Images, _num, metric_direction
 
@@ -30,7 +30,7 @@ def leaderboard_html(board: Mapping) -> str:
         f"<td class='num'>{board['counts'][s]['ok']} / {board['counts'][s]['failed']}</td>" for s in systems) + "</tr>"]
     for m in metrics:
         rows.append(f"<tr><td>{_esc(m)} ({metric_direction(m)})</td>" + "".join(
-            f"<td class='num'>{_esc(_est(board['rows'][s][m]))}</td>" for s in systems) + "</tr>")
+            f"<td class='num'>{_esc(estimate_cell(board, s, m))}</td>" for s in systems) + "</tr>")
     parts = [f"<h2>Leaderboard</h2><p class='muted'>Mean of per-image scores with a "
              f"{round(100 * board['confidence'])}% percentile bootstrap CI ({board['n_resamples']} resamples of the "
              f"images); systems ordered by <code>{_esc(board['primary'])}</code>. Corpus-level BLEU / METEOR as "

@@ -12,13 +12,12 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 VERSION = 2  # 2: BLIP vision position embeddings initialised at std 0.02 (transformers' default is 1e-10)
 PARTS = ("captioner", "generator", "clip", "clip_vision")
 
 
 def build_blip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
+    import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     from recon.tokenizers import make_blip_tokenizer
@@ -42,6 +41,7 @@ def build_blip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
 
 def build_stable_diffusion(out: Path, seed: int = 0, sample_size: int = 32) -> Path:
     """A StableDiffusionPipeline folder: 2x-downsampling VAE, so images are ``2 * sample_size`` px."""
+    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -74,6 +74,7 @@ def build_stable_diffusion(out: Path, seed: int = 0, sample_size: int = 32) -> P
 def build_open_clip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
     """An open_clip ViT in the hub layout (open_clip_config.json + open_clip_model.safetensors)."""
     import open_clip
+    import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
@@ -90,6 +91,7 @@ def build_open_clip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
 
 
 def build_clip_vision(out: Path, seed: int = 0, image_size: int = 32) -> Path:
+    import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)

@@ -122,3 +122,15 @@ def test_metric_kinds_and_select_by_are_checked_at_load():
     with pytest.raises(ConfigError, match=r"similarity\.select_by='lpips_distance'"):
         load_config("shapes", ["similarity.select_by=lpips_distance"])
     assert load_config("shapes", ["similarity.select_by=clip_similarity"]).similarity.select_by == "clip_similarity"
+
+
+def test_set_errors_name_the_override_not_a_sound_preset():
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny-random", ["generator.height=7"])
+    assert str(e.value).startswith("--set generator.height=7: generator.height=7") and "tiny-random.yaml" not in str(e.value)
+
+
+def test_nan_config_values_compare_equal(tmp_path):
+    from recon.runs import same_value
+
+    assert same_value(float("nan"), float("nan")) and not same_value(float("nan"), 1.0) and same_value(1, 1.0)

@@ -131,3 +131,64 @@ def test_text_to_image_to_text_records_and_escaping(tmp_path, tiny_models):
     assert len(ok["images"]) == 2 and len(ok["captions"]) == 2 and "clip_text_similarity" in ok["scores"]
     html = (run.path / "report.html").read_text()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_resume_redoes_an_input_whose_content_changed(tmp_path, tiny_models, caplog):
+    src = _images(tmp_path / "src", n=2)
+    cfg = _cfg("generator.images_per_caption=1", "captioner.num_candidates=1")
+    run = reconstruct_images(cfg, src, tmp_path / "run", progress=False)
+    first = {r["id"]: r for r in run.records()}
+    assert first["img0.png"]["input_sha256"] and first["img0.png"]["input_sha256"] != first["img1.png"]["input_sha256"]
+    Image.new("RGB", (40, 40), "blue").save(src / "img1.png")  # same name, other picture
+    recon = Reconstructor(cfg)
+    run = reconstruct_images(cfg, src, run.path, progress=False, reconstructor=recon)
+    assert "img1.png changed since it was recorded; redoing it" in caplog.text
+    again = {r["id"]: r for r in run.records()}
+    assert len(run.records()) == 2 and again["img0.png"] == first["img0.png"]
+    assert again["img1.png"]["input_sha256"] != first["img1.png"]["input_sha256"]
+    assert len(read_jsonl(run.path / "results.jsonl")[0]) == 3  # the old record is kept, the new one counts
+
+
+def test_changed_text_is_redone_on_resume(tmp_path, tiny_models):
+    texts = tmp_path / "t.json"
+    texts.write_text(json.dumps({"a": "a red circle", "b": "a blue square"}))
+    cfg = _cfg("generator.images_per_caption=1")
+    reconstruct_texts(cfg, texts, tmp_path / "run", progress=False)
+    texts.write_text(json.dumps({"a": "a red circle", "b": "a green star"}))
+    run = reconstruct_texts(cfg, texts, tmp_path / "run", progress=False)
+    assert {r["id"]: r["text"] for r in run.records()} == {"a": "a red circle", "b": "a green star"}
+
+
+def test_an_empty_image_metric_list_stops_before_any_work(tmp_path):
+    from recon.config import ConfigError
+
+    src = _images(tmp_path / "src", n=1)
+    with pytest.raises(ConfigError, match="similarity.image is empty"):
+        reconstruct_images(_cfg("similarity.image=[]", "similarity.select_by=null"), src, tmp_path / "run",
+                           progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written that would lock the --out
+
+
+def test_reconstruct_text_without_a_text_metric_warns_at_start(tmp_path, caplog):
+    texts = tmp_path / "t.txt"
+    texts.write_text("a red circle\n")
+    cfg = _cfg("similarity.text=[]", "run.batch_size=1")
+    with pytest.raises(RuntimeError):  # stop at the first item: the warning must come before any work
+        reconstruct_texts(cfg, texts, tmp_path / "run", progress=False, reconstructor=_Boom())
+    assert "similarity.text is empty" in caplog.text
+
+
+class _Boom:
+    def preflight(self, stages):
+        raise RuntimeError("preflight reached")
+
+
+def test_caption_refuses_two_images_that_share_a_captions_json_id_before_any_work(tmp_path):
+    from recon.data import DataError
+    from recon.jobs import caption_images
+
+    src = _images(tmp_path / "src", n=1)
+    Image.new("RGB", (8, 8)).save(src / "img0.jpg")
+    with pytest.raises(DataError, match=r"img0\.jpg and .*img0\.png would share the image_id 'img0'"):
+        caption_images(_cfg(), src, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

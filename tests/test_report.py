@@ -72,9 +72,11 @@ def test_report_both_kinds_escaped_and_self_contained(run_dir):
     assert "<script" not in page.lower()  # the page has no scripts; every injected one is escaped
     assert page.count(XSS_ESCAPED) >= 7  # title x2, config, caption, text, captions, warning, error, id
     assert "text is empty" in page and "broken&lt;script&gt;" in page
-    # original + 2 candidates x 2 images + 2 text->image images + histograms (clip, lpips_distance, sbert)
+    # original + 2 candidates x 2 images + 2 text->image images; histograms (clip, lpips_distance, sbert) are SVG
     images = _embedded_images(page)
-    assert len(images) == 1 + 4 + 2 + 3
+    assert len(images) == 1 + 4 + 2
+    assert re.findall(r"<svg [^>]*><title>histogram of ([^<]*)</title>", page) == [
+        "clip (image-text-image)", "lpips_distance (image-text-image)", "sbert (text-image-text)"]
     original = images["images/cat.png/original.png"]
     assert original.size == (16, 16) and original.getpixel((0, 0)) == (200, 10, 10)
     assert images["images/line-1/k1.png"].getpixel((0, 0)) == (0, 0, 150)
@@ -109,7 +111,7 @@ def test_report_tolerates_missing_and_outside_images(run_dir, tmp_path):
     broken = {"id": "x", "status": "ok", "direction": "image-text-image", "candidates": [{"scores": "oops"}]}
     page = write_report(run_dir, [record, odd, broken], config=None).read_text(encoding="utf-8")
     assert "file not found" in page and "outside the run directory" in page
-    assert len(_embedded_images(page)) == 1  # only the sbert histogram
+    assert len(_embedded_images(page)) == 0 and page.count("<svg ") == 1  # only the sbert histogram
     assert "<script" not in page.lower() and "cannot render this record" in page
 
 

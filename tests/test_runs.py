@@ -31,10 +31,21 @@ def test_append_resume_and_torn_tail(tmp_path):
 
 
 def test_config_change_refused_but_volatile_keys_allowed(tmp_path):
-    RunDir(tmp_path, load_config("tiny-random"))
-    RunDir(tmp_path, load_config("tiny-random", ["run.batch_size=1", "run.device=cpu"]))
+    run = RunDir(tmp_path, load_config("tiny-random"))
+    run.append({"id": "a", "status": "ok"})
+    run.close()
+    RunDir(tmp_path, load_config("tiny-random", ["run.batch_size=1", "run.device=cpu"])).close()
     with pytest.raises(RunError, match="generator.guidance_scale"):
         RunDir(tmp_path, load_config("tiny-random", ["generator.guidance_scale=2"]))
+
+
+def test_a_run_stopped_before_its_first_record_takes_a_fixed_config(tmp_path):
+    """A preset that fails its preflight (an empty preset: no model ids) leaves a config.yaml but no record: the
+    rerun with the fixed config proceeds instead of being refused as a different run."""
+    RunDir(tmp_path, load_config("tiny-random", ["generator.guidance_scale=2"])).close()
+    run = RunDir(tmp_path, load_config("tiny-random"))
+    assert "guidance_scale: 5.0" in (tmp_path / "config.yaml").read_text()
+    run.close()
 
 
 def test_shards_merge_in_item_order(tmp_path):
@@ -91,7 +102,7 @@ def test_out_that_is_a_file_or_a_damaged_config_is_a_clear_error(tmp_path):
     afile.write_text("x")
     with pytest.raises(RunError, match="is a file, not a directory"):
         RunDir(afile, cfg)
-    RunDir(tmp_path / "run", cfg)
+    RunDir(tmp_path / "run", cfg).append({"id": "a", "status": "ok"})
     (tmp_path / "run" / "config.yaml").write_text("run: [unclosed\n")
     with pytest.raises(RunError, match="config.yaml is damaged"):
         RunDir(tmp_path / "run", cfg)

@@ -350,3 +350,34 @@ def test_timer_stages_are_exclusive():
             _time.sleep(0.25)
         _time.sleep(0.01)
     assert t.seconds["inner"] >= 0.25 and 0.02 <= t.seconds["outer"] < 0.2  # inclusive would be >= 0.27
+
+
+def test_an_id_that_matches_two_files_is_an_error_naming_both(tmp_path):
+    from recon.caption_sets import build_items, read_caption_set
+    from recon.data import DataError
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):
+        Image.new("RGB", (8, 8)).save(images / name)
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({"a": "x", "b": "y"}))
+    with pytest.raises(DataError, match=r"image_id 'a' matches several files .*a\.jpg, .*a\.png"):
+        build_items([read_caption_set(caps, "caps")], images)
+    caps.write_text(json.dumps({"a.png": "x", "b": "y"}))  # an exact id is not ambiguous
+    items = build_items([read_caption_set(caps, "caps")], images)
+    assert [(i.key, i.path.name) for i in items] == [("a.png", "a.png"), ("b", "b.png")]
+
+
+def test_partial_coverage_is_shown_and_markdown_escapes_names():
+    from recon.analysis import coverage_notes, leaderboard, leaderboard_markdown
+
+    system = "<img src=x onerror=alert(1)>"
+    records = [{"id": f"{system}/im{i}", "system": system, "image_id": f"im{i}", "status": "ok",
+                "scores": {"clipscore": 0.5 + i / 10, **({"bleu_4": 0.2} if i < 2 else {})}} for i in range(8)]
+    board = leaderboard(records, [system], n_resamples=20)
+    notes = coverage_notes(board)
+    assert notes == [f"bleu_4 covers only part of the ok items ({system} 2/8): its mean is over those"]
+    md = leaderboard_markdown(board, notes)
+    assert "(n=2/8)" in md and "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;" in md
+    assert md.count("(n=") == 1  # clipscore covers every item: no count shown

@@ -464,6 +464,7 @@ def test_resuming_never_unpickles_a_planted_file(tmp_path):
         except ValueError as e:
             assert "cannot resume from this checkpoint" in str(e) and str(ckpt) in str(e)
             outcomes[name] = "refused"
+            ckpt.with_name(f".damaged-{ckpt.name}").rename(ckpt)  # set aside, kept whole
         assert not marker.exists(), name
         if original is None:
             (ckpt / name).unlink()
@@ -484,3 +485,17 @@ def test_one_finetune_per_run_directory(tmp_path):
         finetune(cfg, tmp_path)
     held.close()
     assert finetune(cfg, tmp_path, stop_after=1)["step"] == 1
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    from recon.train.joint import finetune
+
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST)
+    finetune(cfg, tmp_path, stop_after=2)
+    newest = tmp_path / "checkpoints" / "checkpoint-00000002"
+    optimizer = newest / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # truncated
+    assert finetune(cfg, tmp_path, stop_after=1)["step"] == 1  # resumed from checkpoint 1
+    assert "checkpoint-00000002" in caplog.text and "trying the previous checkpoint" in caplog.text
+    assert (tmp_path / "checkpoints" / ".damaged-checkpoint-00000002" / "optimizer.bin").stat().st_size == 100
+    assert finetune(cfg, tmp_path)["finished"]

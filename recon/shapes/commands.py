@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 
 from recon.hub import SHAPES_BUNDLE
+from recon.run_args import count
+
+# The bundle's parts (recon.shapes.train trains them; defined here so `--help` needs no torch).
+COMPONENTS = ("vae", "unet", "captioner", "weak", "clip", "judge")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``shapes`` command (subcommands ``train`` and ``eval``) to an argparse subparsers object."""
-    from recon.shapes.train import COMPONENTS
 
     shapes = subparsers.add_parser("shapes", help="the shapes world: train or evaluate the offline bundle")
     sub = shapes.add_subparsers(dest="shapes_command", required=True)
@@ -26,21 +29,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--work", type=Path, default=None, help="checkpoints (default: $RECON_CACHE/shapes-train/NAME)")
     tr.add_argument("--seed", type=int, default=0)
     budget = tr.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the bundle's recipe)")
+    budget.add_argument("--steps", type=count(1), default=None, help="optimizer steps (default: the bundle's recipe)")
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget; steps set after 20 steps")
-    tr.add_argument("--threads", type=int, default=1, help="torch threads per process (oversubscribing is slow)")
+    tr.add_argument("--threads", type=count(1), default=1, help="torch threads per process (oversubscribing is slow)")
     tr.add_argument("--device", default="cpu", help="cpu (the recipe) or cuda")
     tr.add_argument("--init-from", type=Path, default=None,
                     help="unet/captioner: continue from this bundle's weights (fresh optimizer and schedule)")
-    tr.add_argument("--batch", type=int, default=None, help="batch size (default: the recipe's)")
+    tr.add_argument("--batch", type=count(1), default=None, help="batch size (default: the recipe's)")
     tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     tr.set_defaults(handler=run_train)
 
     ev = sub.add_parser("eval", help="measure the bundle on held-out renders and held-out combinations")
-    ev.add_argument("--n", type=int, default=1000, help="items per split")
+    ev.add_argument("--n", type=count(1), default=1000, help="items per split")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--bundle", type=Path, default=SHAPES_BUNDLE)
-    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--threads", type=count(1), default=None)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--rerank", type=int, default=0, metavar="N",
                     help="also rank the weak captioner's 8 sampled captions by reconstruction on N items")
@@ -56,7 +59,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.set_defaults(handler=run_eval)
 
     rd = sub.add_parser("render", help="write N rendered scenes as PNGs plus their true captions (refs.json)")
-    rd.add_argument("--n", type=int, default=16)
+    rd.add_argument("--n", type=count(1), default=16)
     rd.add_argument("--seed", type=int, default=0)
     rd.add_argument("--split", default="test", choices=["train", "test", "heldout"])
     rd.add_argument("--out", type=Path, required=True, help="folder for NNNN.png and refs.json")
@@ -69,8 +72,8 @@ def run_render(args: argparse.Namespace) -> int:
     from recon.data import atomic_write_text, save_png
     from recon.shapes.world import TEMPLATES, caption_for, render_pil, sample_scenes
 
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a directory; pass a new or existing directory")
     refs = {}
     for i, scene in enumerate(sample_scenes(args.n, args.seed, args.split)):
         save_png(render_pil(scene), args.out / f"{i:04d}.png")

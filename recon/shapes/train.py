@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from recon.shapes import models, world
+from recon.shapes.commands import COMPONENTS  # the CLI's list: it is read there without importing torch
 from recon.shapes.metrics import (
     captioner_accuracy,
     clip_zero_shot,
@@ -35,7 +36,6 @@ from recon.shapes.metrics import (
     vae_round_trip,
 )
 
-COMPONENTS = ("vae", "unet", "captioner", "weak", "clip", "judge")
 # Steps of the shipped bundle; each fits the 90 CPU-minute budget of the whole bundle (see MODEL_CARD.md).
 DEFAULT_STEPS = {"vae": 1800, "unet": 3200, "captioner": 1600, "weak": 300, "clip": 600, "judge": 300}
 BATCH = {"vae": 16, "unet": 32, "captioner": 64, "weak": 64, "clip": 128, "judge": 128}

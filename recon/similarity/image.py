@@ -7,41 +7,15 @@ pixels; pixel metrics first bring both batches to a common size (:func:`recon.si
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recon import hub
 from recon.config import ConfigError, MetricConfig
+from recon.hub import DEFAULT_HF_CLIP_VISION, DEFAULT_OPEN_CLIP, open_clip_source  # noqa: F401 - re-exported
 from recon.similarity.base import EmbeddingSimilarity, Similarity, as_device, freeze
 from recon.similarity.preprocess import ImagePreprocess, broadcast_batch, match_sizes
-
-DEFAULT_OPEN_CLIP = ("ViT-B-32", "openai")
-DEFAULT_HF_CLIP_VISION = "openai/clip-vit-base-patch32"
-
-
-def open_clip_source(cfg: MetricConfig, where: str) -> tuple[str, str | None]:
-    """(model, pretrained) for hub.load_open_clip; refuses a bare architecture without weights.
-
-    open_clip happily builds an architecture with random weights when ``pretrained`` is missing: as a metric
-    that would score noise, so it is an error here. ``org/repo`` is read as ``hf-hub:org/repo``.
-    """
-    if cfg.model is None:
-        return DEFAULT_OPEN_CLIP[0], cfg.pretrained or DEFAULT_OPEN_CLIP[1]
-    model = cfg.model
-    if model.startswith(("builtin:", "hf-hub:")) or Path(model).expanduser().exists():
-        return model, cfg.pretrained
-    if model.startswith((".", "/", "~")):
-        hub.resolve(model, "CLIP model", f"{where}.model")  # raises: the path does not exist
-    if model.count("/") == 1:
-        return "hf-hub:" + model, cfg.pretrained
-    if not cfg.pretrained:
-        raise ConfigError(f"{where}.pretrained: open_clip architecture {model!r} needs pretrained weights (a tag "
-                          f"such as 'openai', or a weights file); without them it would score with random weights. "
-                          f"Or set {where}.model to hf-hub:ORG/REPO or a local open_clip directory.")
-    return model, cfg.pretrained
 
 
 def _model_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -27,7 +27,7 @@ from recon.config import (
     from_dict,
     read_yaml,
 )
-from recon.runs import flatten
+from recon.runs import flatten, same_value
 
 # LoRA target presets: a name here, or any regex peft full-matches against module names.
 CAPTIONER_TARGETS = {
@@ -363,5 +363,5 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ, ignoring the volatile ones (a resumed run may change those)."""
     a, b = flatten(old), flatten(new)
     return sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and not any(k == v or (v.endswith(".") and k.startswith(v))
+                  if not same_value(a.get(k), b.get(k)) and not any(k == v or (v.endswith(".") and k.startswith(v))
                                                       for v in VOLATILE_KEYS))

@@ -192,14 +192,18 @@ class Unpaired:
     ``data.unpaired_texts``): a folder / texts file drawn in seeded epochs, or fresh shapes scenes."""
 
     def __init__(self, cfg: DataConfig, resolution: int, seed: int):
-        from recon.data import list_images, load_texts, validate_text
+        from recon.data import DataError, list_images, load_texts, validate_text
 
         self.cfg, self.resolution, self.seed = cfg, resolution, seed
         self.images = self.texts = None
         if cfg.unlabelled_images and cfg.unlabelled_images != "shapes":
             self.images = [item.path for item in list_images(cfg.unlabelled_images)]
         if cfg.unpaired_texts and cfg.unpaired_texts != "shapes":
-            self.texts = [t.text for t in load_texts(cfg.unpaired_texts) if validate_text(t.text) is None]
+            try:
+                items = load_texts(cfg.unpaired_texts)
+            except DataError as e:
+                raise ValueError(f"data.unpaired_texts: {e}") from None
+            self.texts = [t.text for t in items if validate_text(t.text) is None]
             if not self.texts:
                 raise ValueError(f"data.unpaired_texts: {cfg.unpaired_texts} holds no usable text")
 

@@ -51,7 +51,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
     """Train (or resume) the run in ``out``; returns the summary. ``stop_after``: stop after that many optimizer
     steps in total, as if killed after its checkpoint (tests, time-boxed jobs)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration
 
     out = Path(out)
     t = cfg.train
@@ -59,11 +59,22 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
         mixed_precision=mixed_precision(t.mixed_precision, t.cpu), cpu=t.cpu or hub.processes_on_cpu(),
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    if t.threads is not None or accelerator.num_processes > 1:
+        hub.configure_threads(t.threads)
+    lock = write_or_check_config(out, cfg) if accelerator.is_main_process else None  # held until training returns (or the process ends)
+    try:
+        return _train(cfg, out, stop_after, accelerator)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator) -> dict:
+    from accelerate.utils import set_seed
+
+    t = cfg.train
     main, device, rank, world = accelerator.is_main_process, accelerator.device, accelerator.process_index, \
         accelerator.num_processes
-    if t.threads is not None or world > 1:
-        hub.configure_threads(t.threads)
-    lock = write_or_check_config(out, cfg) if main else None  # held until training returns (or the process ends)
     accelerator.wait_for_everyone()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -113,10 +124,9 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.steps)
     state = adapters.TrainState({"captioner": captioner.model, "unet": pipe.unet})
-    latest = latest_checkpoint(out / "checkpoints")
-    if latest is not None:
-        load_checkpoint(accelerator, latest, state, lr_scheduler)
-        accelerator.print(f"resumed from {latest} at step {state.step}")
+    resumed = resume(accelerator, out / "checkpoints", state, lr_scheduler)
+    if resumed is not None:
+        accelerator.print(f"resumed from {resumed} at step {state.step}")
     if main:
         truncate_records(out, state.step)
     if t.report_to != "none":
@@ -196,8 +206,6 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if lock is not None:
-        lock.close()
     return summary
 
 
@@ -408,10 +416,34 @@ def load_checkpoint(accelerator, path: Path, state: adapters.TrainState, lr_sche
         trainer = json.loads((path / TRAINER_FILE).read_text())
         tensors = load_file(str(path / LORA_FILE))
     except Exception as e:  # a damaged file, or a planted pickle that weights_only=True refused to run
-        raise ValueError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:300]}); remove "
-                         "it to resume from the previous one, or start a new --out") from None
+        raise ValueError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:300]}); start a new "
+                         "--out if no earlier checkpoint loads") from None
     state.load_state_dict({"step": trainer["step"], **tensors})
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+
+
+def resume(accelerator, root: Path, state: adapters.TrainState, lr_scheduler) -> Path | None:
+    """Load the newest checkpoint that loads; a damaged one (a truncated optimizer file, a planted pickle) is
+    renamed ``.damaged-checkpoint-N`` (kept, never deleted) with a warning, and the previous one is tried. None:
+    no checkpoint (a fresh start); every checkpoint damaged: the error of the newest, after setting them aside."""
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if p.is_dir()
+                    and (m := CHECKPOINT_RE.match(p.name))), reverse=True) if root.is_dir() else []
+    errors = []
+    for _, path in found:
+        try:
+            load_checkpoint(accelerator, path, state, lr_scheduler)
+            return path
+        except ValueError as e:
+            errors.append(e)
+            log.warning("%s; trying the previous checkpoint", e)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                path.rename(path.with_name(f".damaged-{path.name}"))
+            accelerator.wait_for_everyone()
+    if errors:
+        raise ValueError(f"{errors[0]} (no earlier checkpoint loads either; each was renamed .damaged-*: restore "
+                         "one, or rerun to train from step 0)")
+    return None
 
 
 def latest_checkpoint(root: Path) -> Path | None:
