@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_mod
 import resource
 import statistics
 import sys
@@ -45,6 +46,7 @@ VARIANTS = {
                         quarter=True),
     "joint_alt": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["image", "text"]),
     "image_sim": dict(weights=dict(caption_nll=1.0, image_sim=1.0), directions=["image"]),
+    "floor": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=[]),  # see FLOOR
 }
 ALL_OFF = dict(caption_nll=0.0, denoise=0.0, i2t2i=0.0, t2i2t=0.0, image_sim=0.0)
 
@@ -225,7 +227,14 @@ def measure(args: dict, variant: str, checkpointing: bool) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=run_variant, args=(args, variant, checkpointing, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies (an error in the variant) must not leave the parent waiting forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"variant {variant} failed (exit code {proc.exitcode}); see its traceback above"
+                                   ) from None
     proc.join()
     return result
 

@@ -87,7 +87,28 @@ def leaderboard(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
     for p, adj in zip(paired, stats.holm([np.nan if p["p_value"] is None else p["p_value"] for p in paired])):
         p["p_holm"] = None if adj != adj else adj
     return {"metrics": metrics, "systems": systems, "primary": primary, "rows": rows, "counts": counts,
-            "paired": paired, "confidence": stats.CONFIDENCE, "n_resamples": n_resamples}
+            "paired": paired, "confidence": stats.CONFIDENCE, "n_resamples": n_resamples,
+            "corpus": corpus_rows(records, systems, seed, n_resamples)}
+
+
+CORPUS_BLEU = ("bleu_1", "bleu_2", "bleu_3", "bleu_4")
+
+
+def corpus_rows(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
+                n_resamples: int = stats.N_RESAMPLES) -> dict[str, dict[str, dict]]:
+    """``{system: {bleu_n: estimate}}``: corpus BLEU as pycocoevalcap computes it over the system's scored images
+    (from each record's ``bleu_stats``), with a bootstrap CI that recomputes the corpus score per resample of
+    images. Empty when no record carries the statistics."""
+    from recon.caption_metrics import corpus_bleu
+
+    out: dict[str, dict[str, dict]] = {}
+    for i, s in enumerate(systems):
+        rows = [r["bleu_stats"] for r in records if r.get("system") == s and r.get("status") == "ok"
+                and isinstance(r.get("bleu_stats"), list) and len(r["bleu_stats"]) == 10]
+        if rows:
+            ests = stats.bootstrap_statistic(np.asarray(rows), corpus_bleu, n_resamples, seed=[seed, 2000 + i])
+            out[s] = {name: e.to_dict() for name, e in zip(CORPUS_BLEU, ests)}
+    return out
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -116,6 +137,11 @@ def _md(text) -> str:
     return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
+def metric_label(metric: str, corpus: dict) -> str:
+    """A per-image BLEU row is labelled as such when the board also has the corpus BLEU rows papers table."""
+    return f"{metric} (mean of per-image)" if corpus and metric in CORPUS_BLEU else metric
+
+
 def coverage_notes(board: dict) -> list[str]:
     """One note per metric that some system scored on fewer items than it has ok (no references for some
     images, a metric that failed on some captions): its mean covers those items only."""
@@ -138,14 +164,20 @@ def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
     systems, metrics = board["systems"], board["metrics"]
     lines = ["# Leaderboard", "",
              f"Mean of per-image scores with a {round(100 * board['confidence'])}% percentile bootstrap CI "
-             f"({board['n_resamples']} resamples of the images); systems ordered by `{board['primary']}`.", "",
+             f"({board['n_resamples']} resamples of the images); systems ordered by `{board['primary']}`. "
+             "**Corpus** BLEU rows are pycocoevalcap's corpus scores (the numbers captioning papers table), their "
+             "CI recomputing the corpus score per resample.", "",
              "| metric (better) | " + " | ".join(_md(s) for s in systems) + " |",
              "|---|" + "---|" * len(systems)]
     lines.append("| items ok / failed | " + " | ".join(
         f"{board['counts'][s]['ok']} / {board['counts'][s]['failed']}" for s in systems) + " |")
+    corpus = board.get("corpus") or {}
+    for name in CORPUS_BLEU if corpus else ():
+        lines.append(f"| **{name} (corpus)** (higher) | " + " | ".join(
+            _est(corpus[s][name]) if s in corpus else "–" for s in systems) + " |")
     for m in metrics:
-        lines.append(f"| {_md(m)} ({metric_direction(m)}) | " + " | ".join(estimate_cell(board, s, m) for s in systems)
-                     + " |")
+        lines.append(f"| {_md(metric_label(m, corpus))} ({metric_direction(m)}) | "
+                     + " | ".join(estimate_cell(board, s, m) for s in systems) + " |")
     if board["paired"]:
         pairs = list(dict.fromkeys((p["a"], p["b"]) for p in board["paired"]))
         lines += ["", "## Paired differences (A − B on the images both scored)", "",

@@ -44,6 +44,42 @@ class ReferenceScores:
 
     per_item: dict[Hashable, dict[str, float]] = field(default_factory=dict)
     corpus: dict[str, float] = field(default_factory=dict)
+    # Per item, the sufficient statistics of corpus BLEU (see bleu_statistics): a corpus score of any subset of
+    # items (a bootstrap resample) is corpus_bleu of their sum.
+    bleu_stats: dict[Hashable, list[float]] = field(default_factory=dict)
+
+
+def bleu_statistics(gts: Mapping[Hashable, list[str]], res: Mapping[Hashable, list[str]], ids: Sequence[Hashable]
+                    ) -> dict[Hashable, list[float]]:
+    """Per item ``[testlen, reflen, guess_1..4, correct_1..4]`` as pycocoevalcap's BleuScorer counts them
+    (tokenized text; ``reflen`` the closest reference length, its ``option='closest'``)."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    out = {}
+    for i in ids:
+        scorer = BleuScorer(n=4)
+        scorer += (res[i][0], gts[i])
+        comps = scorer.ctest[0]
+        reflen = scorer._single_reflen(comps["reflen"], "closest", comps["testlen"])
+        out[i] = [float(comps["testlen"]), float(reflen), *map(float, comps["guess"]), *map(float, comps["correct"])]
+    return out
+
+
+def corpus_bleu(stats) -> list[float]:
+    """BLEU-1..4 of summed statistics ``[..., 10]`` (one row per item, or a leading resample axis: ``[R, n, 10]``
+    -> ``[R, 4]``), with BleuScorer.compute_score's smoothing constants, so the full set gives pycocoevalcap's
+    corpus BLEU exactly. Written here because pycocoevalcap recounts n-grams per call: a 1000-resample bootstrap
+    through it would tokenize and count the corpus 1000 times."""
+    import numpy as np
+
+    total = np.asarray(stats, dtype=np.float64).sum(axis=-2)
+    testlen, reflen, guess, correct = total[..., 0], total[..., 1], total[..., 2:6], total[..., 6:10]
+    small, tiny = 1e-9, 1e-15
+    cum = np.cumprod((correct + tiny) / (guess + small), axis=-1)
+    bleus = cum ** (1.0 / np.arange(1, 5))
+    ratio = (testlen + tiny) / (reflen + small)
+    penalty = np.where(ratio < 1, np.exp(1 - 1 / np.maximum(ratio, tiny)), 1.0)
+    return (bleus * penalty[..., None]).tolist()
 
 
 def spice_missing() -> str | None:
@@ -176,6 +212,7 @@ def _scorers(metrics: Sequence[str]) -> list:
 def _score_into(out: ReferenceScores, metric: str, scorer, gts: dict, res: dict, ids: list) -> None:
     if metric == "bleu":
         corpus, per = scorer.compute_score(gts, res, verbose=0)
+        out.bleu_stats.update(bleu_statistics(gts, res, ids))
     elif metric == "spice":
         with _quiet_fd2():
             corpus, per = scorer.compute_score({str(i): v for i, v in gts.items()},

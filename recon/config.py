@@ -265,7 +265,8 @@ DECODING_METHODS = ("greedy", "beam", "nucleus")
 # The result key of each similarity kind, as recon.similarity's IMAGE_METRICS / TEXT_METRICS name them (a test keeps
 # the two equal): kinds and select_by are checked at load, without importing any model library.
 IMAGE_METRIC_NAMES = {"clip": "clip_similarity", "clip_pooler": "clip_pooler_similarity",
-                      "lpips": "lpips_distance", "ssim": "ssim_similarity", "psnr": "psnr_similarity"}
+                      "lpips": "lpips_distance", "ssim": "ssim_similarity", "psnr": "psnr_similarity",
+                      "dino": "dino_similarity"}
 TEXT_METRIC_NAMES = {"clip_text": "clip_text_similarity", "sbert": "sbert_similarity"}
 
 

@@ -223,6 +223,7 @@ def load_diffusion_pipeline(model_id: str, device: torch.device, dtype: torch.dt
 
 DEFAULT_OPEN_CLIP = ("ViT-B-32", "openai")
 DEFAULT_HF_CLIP_VISION = "openai/clip-vit-base-patch32"
+DEFAULT_DINO = "facebook/dino-vitb16"
 
 
 def open_clip_source(cfg: MetricConfig, where: str) -> tuple[str, str | None]:
@@ -292,6 +293,20 @@ def load_hf_clip_vision(model_id: str, device: torch.device, field: str | None =
 
     path = resolve(model_id, "CLIP vision model", field)
     return CLIPVisionModel.from_pretrained(path).to(device).eval(), CLIPImageProcessor.from_pretrained(path)
+
+
+def load_dino(model_id: str, device: torch.device, field: str | None = None):
+    """A DINO (ViTModel) or DINOv2 (Dinov2Model) backbone by its config, and its image processor; eval mode.
+    Weights only from safetensors or a weights-only load (transformers' own rules); no remote code."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    path = resolve(model_id, "DINO model", field)
+    kind = AutoConfig.from_pretrained(path).model_type
+    if kind not in ("vit", "dinov2", "dinov2_with_registers"):
+        raise ValueError(f"{field or 'model'}={model_id!r} is a {kind!r} model; the dino metric takes a DINO ViT "
+                         "(model_type vit) or DINOv2 checkpoint")
+    extra = {"add_pooling_layer": False} if kind == "vit" else {}  # the CLS token is used, not ViT's pooler
+    return AutoModel.from_pretrained(path, **extra).to(device).eval(), AutoImageProcessor.from_pretrained(path)
 
 
 LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",

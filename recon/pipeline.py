@@ -125,7 +125,7 @@ class Reconstructor:
         for kind in ("image", "text"):
             if kind not in stages or (self._image_metrics if kind == "image" else self._text_metrics) is not None:
                 continue
-            from recon.hub import DEFAULT_HF_CLIP_VISION, open_clip_source
+            from recon.hub import DEFAULT_DINO, DEFAULT_HF_CLIP_VISION, open_clip_source
 
             for n, m in enumerate(sim.image if kind == "image" else sim.text):
                 where = f"similarity.{kind}.{n}"
@@ -135,6 +135,8 @@ class Reconstructor:
                     hub.check_lpips(m.net, m.random_backbone)
                 elif m.kind == "clip_pooler":
                     hub.resolve(m.model or DEFAULT_HF_CLIP_VISION, "CLIP vision model", f"{where}.model")
+                elif m.kind == "dino":
+                    hub.resolve(m.model or DEFAULT_DINO, "DINO model", f"{where}.model")
                 elif m.model:
                     hub.resolve(m.model, f"{m.kind} model", f"{where}.model")
 

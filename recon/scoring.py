@@ -258,6 +258,8 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
             per_system = reference_scores()
             for i, it in enumerate(good):
                 scores[i].update(per_system[it.system].per_item.get(it.key, {}))
+                if it.key in per_system[it.system].bleu_stats:  # the leaderboard's corpus BLEU, from records
+                    extra[i]["bleu_stats"] = per_system[it.system].bleu_stats[it.key]
         if good and references is not None:
             for i, it in enumerate(good):
                 if not refs_of[i]:

@@ -71,6 +71,24 @@ def test_bleu_rouge_cider_equal_pycocoevalcap_with_its_ptb_tokenizer():
     assert ours["other"].corpus["cider"] != ours["sys"].corpus["cider"]
 
 
+def test_corpus_bleu_from_per_item_statistics_equals_pycocoevalcap_on_every_subset():
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    ours = cm.reference_metrics({"sys": CANDS}, REFS, ("bleu",), tokenized=True)["sys"]
+    keys = list(CANDS)
+    for subset in (keys, keys[:1], keys[1:], [keys[0], keys[0], keys[2]]):  # a bootstrap resample repeats items
+        got = cm.corpus_bleu([ours.bleu_stats[k] for k in subset])
+        gts = {f"{n}": REFS[k] for n, k in enumerate(subset)}
+        res = {f"{n}": [CANDS[k]] for n, k in enumerate(subset)}
+        expected, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        assert got == pytest.approx(expected, abs=1e-12), subset
+    assert [ours.corpus[f"bleu_{n}"] for n in range(1, 5)] == pytest.approx(cm.corpus_bleu(list(ours.bleu_stats.values())),
+                                                                            abs=1e-12)
+    resamples = [[ours.bleu_stats[k] for k in keys], [ours.bleu_stats[k] for k in (keys[0],) * 3]]
+    batch = cm.corpus_bleu(resamples)  # [R, n, 10] -> [R, 4], each row the corpus BLEU of its resample
+    assert batch == [pytest.approx(cm.corpus_bleu(r), abs=1e-12) for r in resamples]
+
+
 @pytest.mark.slow  # METEOR's jar takes ~25 s to load its paraphrase tables
 def test_meteor_equals_pycocoevalcap():
     ours = cm.reference_metrics({"sys": CANDS}, REFS, ("meteor",))["sys"]
@@ -381,3 +399,16 @@ def test_partial_coverage_is_shown_and_markdown_escapes_names():
     md = leaderboard_markdown(board, notes)
     assert "(n=2/8)" in md and "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;" in md
     assert md.count("(n=") == 1  # clipscore covers every item: no count shown
+
+
+def test_leaderboard_headlines_corpus_bleu_as_pycocoevalcap_computes_it(score_run):
+    _, run = score_run
+    board = json.loads((run.path / "leaderboard.json").read_text())
+    corpus = json.loads((run.path / "corpus.json").read_text())
+    for system in ("sysA", "sysB"):
+        est = board["corpus"][system]["bleu_4"]
+        assert est["value"] == pytest.approx(corpus[system]["bleu_4"], abs=1e-12) and est["n"] == 2
+        assert est["low"] <= est["value"] <= est["high"]
+    md = (run.path / "leaderboard.md").read_text()
+    assert "**bleu_4 (corpus)**" in md and "bleu_4 (mean of per-image)" in md
+    assert "bleu_4 (corpus)" in (run.path / "leaderboard.html").read_text()

@@ -54,7 +54,7 @@ def test_keys_names_and_direction(image_metrics):
         assert metric.higher_is_better == name.endswith("_similarity")
         assert name.endswith(("_similarity", "_distance"))
     assert image_metrics["lpips_distance"].higher_is_better is False
-    assert set(IMAGE_METRICS) == {"clip", "clip_pooler", "lpips", "ssim", "psnr"}
+    assert set(IMAGE_METRICS) == {"clip", "clip_pooler", "lpips", "ssim", "psnr", "dino"}
     assert set(TEXT_METRICS) == {"clip_text", "sbert"}
 
 
@@ -252,7 +252,7 @@ def test_clip_text_on_tiny_clip_is_symmetric(tiny_models):
 # ----------------------------------------------------------------------------------------------- configs
 def test_unknown_kind_names_the_field_and_the_valid_kinds():
     cfg = SimilarityConfig(image=[MetricConfig(kind="ssim"), MetricConfig(kind="bogus")])
-    with pytest.raises(ConfigError, match=r"similarity\.image\.1\.kind.*'bogus'.*clip, clip_pooler, lpips, ssim, psnr"):
+    with pytest.raises(ConfigError, match=r"similarity\.image\.1\.kind.*'bogus'.*clip, clip_pooler, lpips, ssim, psnr, dino"):
         load_image_metrics(cfg, CPU)
     with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind.*text similarity"):
         load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="sbert")]), CPU)
@@ -275,3 +275,58 @@ def test_config_errors_before_loading_anything():
         load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="ssim", model="x")]), CPU)
     with pytest.raises(hub.ModelNotAvailableError, match="does not exist"):
         load_similarity(MetricConfig(kind="clip", model="/nonexistent/clip"), CPU)
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    """A DINO ViT and a DINOv2 of random weights, saved as transformers saves the real ones."""
+    from transformers import (
+        BitImageProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    root = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+    ViTModel(ViTConfig(image_size=32, **small), add_pooling_layer=False).save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    Dinov2Model(Dinov2Config(image_size=32, **small)).save_pretrained(root / "dinov2")
+    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(root / "dinov2")
+    return root
+
+
+@pytest.mark.parametrize("variant", ["dino", "dinov2"])
+def test_dino_is_the_cls_token_cosine_of_the_hf_model(tiny_dino, variant):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    metric = load_similarity(MetricConfig(kind="dino", model=str(tiny_dino / variant)), CPU, role="image")
+    assert metric.name == "dino_similarity" and metric.higher_is_better
+    x, y = images(1, 2), images(2, 2)
+    assert torch.allclose(metric(x, x), torch.ones(2), atol=1e-5)
+    model, processor = AutoModel.from_pretrained(tiny_dino / variant).eval(), \
+        AutoImageProcessor.from_pretrained(tiny_dino / variant)
+
+    def cls(batch):  # PIL path: uint8 images through the model's own processor
+        pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in batch]
+        with torch.no_grad():
+            out = model(**processor(images=pil, return_tensors="pt")).last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(out, dim=-1)
+
+    expected = (cls(x) * cls(y)).sum(-1)
+    torch.testing.assert_close(metric(x, y), expected, atol=0.03, rtol=0)  # torch vs PIL resampling only
+
+
+def test_dino_offline_names_the_id_and_a_wrong_model_type(tiny_models, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.hub_reachable.cache_clear()
+    with pytest.raises(hub.ModelNotAvailableError, match="facebook/dino-vitb16.*similarity.image.0.model"):
+        load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="dino")]), CPU)
+    with pytest.raises(ValueError, match="clip_vision_model.*dino metric takes a DINO ViT"):
+        load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="dino", model=str(tiny_models / "clip_vision"))]),
+                           CPU)

@@ -16,6 +16,7 @@ from recon.similarity.image import (
     PSNR_CAP_DB,
     ClipImageSimilarity,
     ClipVisionPoolerSimilarity,
+    DinoSimilarity,
     LpipsDistance,
     PsnrSimilarity,
     SsimSimilarity,
@@ -30,6 +31,7 @@ IMAGE_METRICS: dict[str, type[Similarity]] = {
     "lpips": LpipsDistance,
     "ssim": SsimSimilarity,
     "psnr": PsnrSimilarity,
+    "dino": DinoSimilarity,
 }
 TEXT_METRICS: dict[str, type[Similarity]] = {
     "clip_text": ClipTextSimilarity,
@@ -78,6 +80,6 @@ def load_text_metrics(cfg: SimilarityConfig, device: torch.device | str = "cpu")
 
 __all__ = [
     "IMAGE_METRICS", "TEXT_METRICS", "PSNR_CAP_DB", "ClipImageSimilarity", "ClipTextSimilarity",
-    "ClipVisionPoolerSimilarity", "EmbeddingSimilarity", "LpipsDistance", "PsnrSimilarity", "SbertSimilarity",
+    "ClipVisionPoolerSimilarity", "DinoSimilarity", "EmbeddingSimilarity", "LpipsDistance", "PsnrSimilarity", "SbertSimilarity",
     "Similarity", "SsimSimilarity", "load_image_metrics", "load_similarity", "load_text_metrics", "psnr", "ssim",
 ]

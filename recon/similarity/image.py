@@ -13,7 +13,7 @@ from torch import nn
 
 from recon import hub
 from recon.config import ConfigError, MetricConfig
-from recon.hub import DEFAULT_HF_CLIP_VISION, DEFAULT_OPEN_CLIP, open_clip_source  # noqa: F401 - re-exported
+from recon.hub import DEFAULT_DINO, DEFAULT_HF_CLIP_VISION, DEFAULT_OPEN_CLIP, open_clip_source  # noqa: F401 - re-exported
 from recon.similarity.base import EmbeddingSimilarity, Similarity, as_device, freeze
 from recon.similarity.preprocess import ImagePreprocess, broadcast_batch, match_sizes
 
@@ -78,6 +78,34 @@ class ClipVisionPoolerSimilarity(EmbeddingSimilarity):
         device, dtype = _model_dtype(self.vision)
         x = self.preprocess(images.to(device=device, dtype=dtype))
         return F.normalize(self.vision(pixel_values=x).pooler_output, dim=-1)
+
+
+class DinoSimilarity(EmbeddingSimilarity):
+    """Cosine of DINO / DINOv2 CLS-token features (transformers ``ViTModel`` / ``Dinov2Model``, the final layer's
+    ``last_hidden_state[:, 0]``, as the image-similarity literature uses them). Higher is more similar, in [-1, 1].
+    Images ``[B, 3, H, W]`` in [0, 1], any size, preprocessed like the model's image processor, in torch.
+    ``model``: a hub id (default ``facebook/dino-vitb16``; e.g. ``facebook/dinov2-base``) or a local directory."""
+
+    name = "dino_similarity"
+    higher_is_better = True
+
+    def __init__(self, backbone: nn.Module, processor, name: str | None = None):
+        super().__init__(name)
+        self.backbone = backbone
+        self.preprocess = processor if isinstance(processor, ImagePreprocess) else \
+            ImagePreprocess.from_hf_processor(processor)
+
+    @classmethod
+    def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
+        if cfg.pretrained is not None:
+            raise ConfigError(f"{where}.pretrained: the dino metric takes its weights from {where}.model")
+        model, processor = hub.load_dino(cfg.model or DEFAULT_DINO, as_device(device), field=f"{where}.model")
+        return cls(freeze(model), processor, name=cfg.name)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        device, dtype = _model_dtype(self.backbone)
+        x = self.preprocess(images.to(device=device, dtype=dtype))
+        return F.normalize(self.backbone(pixel_values=x).last_hidden_state[:, 0], dim=-1)
 
 
 def _no_model(cfg: MetricConfig, where: str) -> None:

@@ -1,0 +1,90 @@
+"""The reconstruction score as a ``torchmetrics.Metric``, for use inside one's own evaluation loop.
+
+    from recon.metrics import ReconstructionScore
+
+    metric = ReconstructionScore("shapes")                     # a preset name, a YAML path, or a Config
+    for images, captions in loader:                            # images [B, 3, H, W] in [0, 1] (or PIL), captions str
+        metric.update(images, captions)
+    metric.compute()                                           # mean over captions of the configured similarity
+
+Each caption is rendered ``generator.images_per_caption`` times with the configured generator and compared with
+its image by every configured image similarity, exactly as ``recon score`` computes its ``recon_*`` keys: the same
+seeds (``derive_seed(run seed, image key, 0, k)``), the same content-keyed cache (a caption already scored there is
+not generated again) and the same flagged-image handling. The image key is the ``ids`` given to ``update`` (use the
+image ids of a ``recon score`` run to reproduce its numbers), else the SHA-256 of the image's PNG bytes.
+Sums and counts are metric states with ``dist_reduce_fx="sum"``, so torchmetrics' distributed sync applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchmetrics import Metric
+
+from recon.config import Config, load_config
+
+
+class ReconstructionScore(Metric):
+    """Mean reconstruction similarity of (image, caption) pairs; see the module docstring.
+
+    ``compute()`` returns a scalar tensor (the ``select_by`` similarity, or the only one configured) or, with
+    ``all_metrics=True``, ``{recon_<metric key>: tensor}`` for every configured image similarity.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None  # depends on the configured similarity: see ``better`` ("higher" or "lower")
+
+    def __init__(self, config: str | Config | None = None, overrides: Sequence[str] = (), device: str | None = None,
+                 use_cache: bool = True, all_metrics: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        from recon.jobs import make_cache
+        from recon.pipeline import Reconstructor
+        from recon.runs import Cache
+
+        self.config = config if isinstance(config, Config) else load_config(config, list(overrides))
+        if not self.config.similarity.image:
+            raise ValueError("similarity.image is empty: the reconstruction score needs an image similarity")
+        self._recon = Reconstructor(self.config, device=device,
+                                    cache=make_cache(self.config) if use_cache else Cache(None))
+        self.keys = [f"recon_{n}" for n in self._recon.metric_names("image")]
+        self.selected = f"recon_{self._recon.select_metric()}"
+        self.better = "lower" if self.selected.endswith("_distance") else "higher"
+        self.all_metrics = all_metrics
+        for key in self.keys:
+            self.add_state(f"{key}_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{key}_n", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, images: torch.Tensor | Sequence[torch.Tensor | Image.Image], captions: Sequence[str],
+               ids: Sequence[str] | None = None) -> None:
+        """Score each ``(image, caption)``: images ``[B, 3, H, W]`` floats in [0, 1], or a list of ``[3, H, W]``
+        tensors / PIL images; ``ids`` (optional) name the images as a ``recon score`` run does."""
+        from recon.data import validate_text
+        from recon.pipeline import png_bytes, to_tensor
+        from recon.scoring import Timer, reconstruct
+
+        originals = [to_tensor(im) if isinstance(im, Image.Image) else im.detach().float().cpu() for im in images]
+        captions = list(captions)
+        if len(originals) != len(captions) or (ids is not None and len(ids) != len(captions)):
+            raise ValueError(f"update: {len(originals)} images, {len(captions)} captions"
+                             f"{'' if ids is None else f', {len(ids)} ids'}: give one of each per pair")
+        for i, caption in enumerate(captions):
+            if (err := validate_text(caption)) is not None:
+                raise ValueError(f"update: caption {i}: {err}")
+        hashes = [hashlib.sha256(png_bytes(x)).hexdigest() for x in originals]
+        keys = [str(i) for i in ids] if ids is not None else hashes
+        requests = [(key, key, x, h, c.strip()) for key, x, h, c in zip(keys, originals, hashes, captions)]
+        for result in reconstruct(self._recon, requests, self.config.run.seed, Timer()):
+            for key in self.keys:
+                value = result["scores"].get(key)
+                if value is not None:  # every reconstruction of the caption flagged: nothing to average
+                    setattr(self, f"{key}_sum", getattr(self, f"{key}_sum") + value)
+                    setattr(self, f"{key}_n", getattr(self, f"{key}_n") + 1)
+
+    def compute(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        means = {key: (getattr(self, f"{key}_sum") / getattr(self, f"{key}_n").clamp(min=1)).float()
+                 if getattr(self, f"{key}_n") > 0 else torch.tensor(float("nan")) for key in self.keys}
+        return means if self.all_metrics else means[self.selected]
