@@ -25,6 +25,13 @@ step / floor (goal for the joint steps: <= 1.15x). What is left above the floor 
     python benchmarks/bench_finetune.py                                   # tiny random models (seconds)
     python benchmarks/bench_finetune.py --config finetune-shapes          # the shapes bundle
     python benchmarks/bench_finetune.py --config finetune-blip-sd14-paper --device cuda   # real models, a GPU
+    python benchmarks/bench_finetune.py --real-arch --threads 1    # SD v1.5 + BLIP base architectures, random
+
+``--real-arch`` builds Stable Diffusion v1.5's architecture and BLIP base with random weights (saved once under
+$RECON_CACHE/bench-real-arch) and times one joint step per configuration at the real resolutions (512 px images,
+384 px captioner input), batch ``--batch-size`` (default 1): REAL_VARIANTS below, each with gradient checkpointing
+off and on. On the CPU the child's data segment is capped (``--memory-cap-gb``) so a configuration that does not
+fit fails alone ("> cap") instead of waking the OOM killer.
 """
 
 from __future__ import annotations
@@ -49,6 +56,36 @@ VARIANTS = {
     "floor": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=[]),  # see FLOOR
 }
 ALL_OFF = dict(caption_nll=0.0, denoise=0.0, i2t2i=0.0, t2i2t=0.0, image_sim=0.0)
+REAL_VARIANTS = {
+    "i2t2i+denoise": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0), directions=["both"]),
+    "+t2i2t_one_step": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["both"]),
+    "+image_sim": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0, image_sim=1.0),
+                       directions=["both"]),
+}
+VARIANTS.update(REAL_VARIANTS)
+
+
+def real_arch_models(root) -> list[str]:
+    """SD v1.5 (UNet, VAE, CLIP ViT-L/14 text encoder) and BLIP base with random weights, saved under ``root``
+    once; returns the config overrides that point a finetune config at them (512 px, batch of real size)."""
+    from pathlib import Path
+
+    root = Path(root)
+    if not (root / ".complete").exists():
+        import torch
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_reconstruct import sd15_random_components
+
+        pipe, blip, proc, _ = sd15_random_components(torch.device("cpu"), torch.float32, 512)
+        pipe.save_pretrained(root / "sd15")
+        blip.save_pretrained(root / "blip")
+        proc.save_pretrained(root / "blip")
+        (root / ".complete").write_text("1\n")
+    return [f"captioner.model={root / 'blip'}", f"generator.model={root / 'sd15'}", "data.resolution=512",
+            "loss.image_sim_terms.clip_metric.model=builtin:shapes/clip", "loss.image_sim_terms.lpips=0",
+            "loss.one_step_max_timestep=500", "sampler.num_steps=10", "sampler.grad_steps=1",
+            "captioner_lora.targets=xattn_q", "unet_lora.targets=attn2_q"]
 
 
 def reset_peak_rss() -> float:
@@ -128,6 +165,19 @@ def floor_components(objective, images, captions, generator, torch) -> dict:
 
 
 def run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
+
+    if args.get("memory_cap_gb") and args["device"] == "cpu":
+        cap = int(args["memory_cap_gb"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    try:
+        _run_variant(args, variant, checkpointing, queue)
+    except (MemoryError, RuntimeError) as e:
+        if "memory" not in str(e).lower():
+            raise
+        queue.put({"variant": variant, "checkpointing": checkpointing, "error": f"> {args['memory_cap_gb']} GB"})
+
+
+def _run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
     import dataclasses
 
     import torch
@@ -251,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--reg-items", type=int, default=None, help="joint_sum_q's loss.regularizer_items (B/4)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--real-arch", action="store_true", help="SD v1.5 + BLIP base architectures, random weights")
+    parser.add_argument("--memory-cap-gb", type=float, default=None, help="CPU: cap each variant's data segment")
     a = parser.parse_args(argv)
+    if a.real_arch:
+        return real_arch(a)
     from recon.train.config import load_finetune_config
 
     cfg = load_finetune_config(a.config, a.overrides)
@@ -290,6 +344,38 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": args, "results": results}, f, indent=2)
+    return 0
+
+
+def real_arch(a) -> int:
+    """One joint step per REAL_VARIANTS configuration, checkpointing off and on: step time and peak memory."""
+    import os
+    from pathlib import Path
+
+    from recon.hub import cache_root
+
+    overrides = real_arch_models(cache_root() / "bench-real-arch-v1") + list(a.overrides)
+    args = dict(config="finetune-shapes", overrides=overrides, batch_size=a.batch_size or 1, steps=a.steps,
+                warmup=a.warmup, device=a.device, threads=a.threads, reg_items=None,
+                memory_cap_gb=a.memory_cap_gb or (18 if a.device == "cpu" else None))
+    clock = "wall" if a.device.startswith("cuda") else "CPU"
+    print(f"real architectures (SD v1.5 UNet/VAE/text encoder, BLIP base; random weights), batch "
+          f"{args['batch_size']}, 512 px, device {a.device}, threads {a.threads}, {clock} seconds, median of "
+          f"{a.steps} step(s) after {a.warmup} warm-up; image_sim: 10 DDIM steps, gradient through the last",
+          flush=True)
+    print(f"{'configuration':<18} {'ckpt':>5} {'step s':>9} {'peak MB':>9}")
+    results = []
+    for variant in REAL_VARIANTS:
+        for checkpointing in (False, True):
+            r = measure(args, variant, checkpointing)
+            results.append(r)
+            if "error" in r:
+                print(f"{variant:<18} {'on' if checkpointing else 'off':>5} {'–':>9} {r['error']:>9}", flush=True)
+            else:
+                print(f"{variant:<18} {'on' if checkpointing else 'off':>5} {r['step_s']:>9.2f} {r['peak_mb']:>9.0f}",
+                      flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": args, "results": results, "pid": os.getpid()}, indent=2))
     return 0
 
 

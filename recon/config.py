@@ -267,7 +267,8 @@ DECODING_METHODS = ("greedy", "beam", "nucleus")
 IMAGE_METRIC_NAMES = {"clip": "clip_similarity", "clip_pooler": "clip_pooler_similarity",
                       "lpips": "lpips_distance", "ssim": "ssim_similarity", "psnr": "psnr_similarity",
                       "dino": "dino_similarity"}
-TEXT_METRIC_NAMES = {"clip_text": "clip_text_similarity", "sbert": "sbert_similarity"}
+TEXT_METRIC_NAMES = {"clip_text": "clip_text_similarity", "clip_text_pooler": "clip_text_pooler_similarity",
+                     "sbert": "sbert_similarity"}
 
 
 def check_decoding(d: DecodingConfig, where: str) -> None:
@@ -311,7 +312,7 @@ def check(cfg: Config) -> None:
         for i, m in enumerate(getattr(cfg.similarity, role)):
             if m.kind not in table:
                 other = "text" if role == "image" else "image"
-                hint = f" (a {other} similarity: list it under similarity.{other})" if m.kind in {
+                hint = f" ({'an' if other == 'image' else 'a'} {other} similarity: list it under similarity.{other})" if m.kind in {
                     **IMAGE_METRIC_NAMES, **TEXT_METRIC_NAMES} else ""
                 raise ConfigError(f"similarity.{role}.{i}.kind={m.kind!r}: unknown {role} similarity{hint}; "
                                   f"valid kinds: {', '.join(table)}")

@@ -295,6 +295,17 @@ def load_hf_clip_vision(model_id: str, device: torch.device, field: str | None =
     return CLIPVisionModel.from_pretrained(path).to(device).eval(), CLIPImageProcessor.from_pretrained(path)
 
 
+def load_hf_clip_text(model_id: str, device: torch.device, field: str | None = None):
+    """transformers CLIPTextModel + CLIPTokenizer (the paper's text pooler similarity): a CLIP directory or id, or a
+    diffusers pipeline directory (its text_encoder / tokenizer subfolders)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(resolve(model_id, "CLIP text model", field))
+    sub = {"subfolder": "text_encoder"} if (path / "text_encoder").is_dir() else {}
+    tok = {"subfolder": "tokenizer"} if (path / "tokenizer").is_dir() else {}
+    return CLIPTextModel.from_pretrained(path, **sub).to(device).eval(), CLIPTokenizer.from_pretrained(path, **tok)
+
+
 def load_dino(model_id: str, device: torch.device, field: str | None = None):
     """A DINO (ViTModel) or DINOv2 (Dinov2Model) backbone by its config, and its image processor; eval mode.
     Weights only from safetensors or a weights-only load (transformers' own rules); no remote code."""

@@ -135,6 +135,8 @@ class Reconstructor:
                     hub.check_lpips(m.net, m.random_backbone)
                 elif m.kind == "clip_pooler":
                     hub.resolve(m.model or DEFAULT_HF_CLIP_VISION, "CLIP vision model", f"{where}.model")
+                elif m.kind == "clip_text_pooler":
+                    hub.resolve(m.model or DEFAULT_HF_CLIP_VISION, "CLIP text model", f"{where}.model")
                 elif m.kind == "dino":
                     hub.resolve(m.model or DEFAULT_DINO, "DINO model", f"{where}.model")
                 elif m.model:

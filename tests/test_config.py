@@ -17,7 +17,7 @@ def test_paper_preset_settings():
     c = load_config("blip-sd14-paper")
     assert c.captioner.prompt == "a picture of "
     assert (c.captioner.decoding.method, c.captioner.decoding.num_beams) == ("beam", 3)
-    assert (c.captioner.decoding.min_new_tokens, c.captioner.decoding.max_new_tokens) == (5, 20)
+    assert (c.captioner.decoding.min_new_tokens, c.captioner.decoding.max_new_tokens) == (1, 16)  # see below
     assert c.generator.model == "CompVis/stable-diffusion-v1-4"
     assert (c.generator.guidance_scale, c.generator.num_inference_steps, c.generator.height) == (7.5, 50, 512)
     assert c.similarity.image[0].kind == "clip_pooler"
@@ -134,3 +134,19 @@ def test_nan_config_values_compare_equal(tmp_path):
     from recon.runs import same_value
 
     assert same_value(float("nan"), float("nan")) and not same_value(float("nan"), 1.0) and same_value(1, 1.0)
+
+
+def test_paper_preset_decodes_with_the_original_length_arithmetic():
+    """BLIP's original generate gets min_length=5, max_length=20 with the decoder prompt as input ids: the lengths
+    count the prompt ([DEC] + the prompt's tokens, its [SEP] dropped), counted here with the real BERT vocabulary."""
+    from recon.captioners.blip import generation_kwargs
+    from recon.tokenizers import make_blip_tokenizer
+
+    cfg = load_config("blip-sd14-paper")
+    prompt_len = len(make_blip_tokenizer()(cfg.captioner.prompt).input_ids) - 1  # [CLS]->[DEC] a picture of
+    assert prompt_len == 4
+    kw = generation_kwargs(cfg.captioner.decoding, cfg.captioner.num_candidates)
+    assert (kw["min_new_tokens"], kw["max_new_tokens"]) == (5 - prompt_len, 20 - prompt_len) == (1, 16)
+    assert (kw["num_beams"], kw["do_sample"], kw["repetition_penalty"]) == (3, False, 1.0)
+    assert [m.kind for m in cfg.similarity.text] == ["clip_text_pooler", "sbert"]
+    assert [m.kind for m in cfg.similarity.image] == ["clip_pooler", "dino"]

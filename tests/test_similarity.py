@@ -55,7 +55,7 @@ def test_keys_names_and_direction(image_metrics):
         assert name.endswith(("_similarity", "_distance"))
     assert image_metrics["lpips_distance"].higher_is_better is False
     assert set(IMAGE_METRICS) == {"clip", "clip_pooler", "lpips", "ssim", "psnr", "dino"}
-    assert set(TEXT_METRICS) == {"clip_text", "sbert"}
+    assert set(TEXT_METRICS) == {"clip_text", "clip_text_pooler", "sbert"}
 
 
 @pytest.mark.parametrize("key", ["clip_similarity", "clip_pooler_similarity", "lpips_distance", "ssim_similarity",
@@ -252,11 +252,12 @@ def test_clip_text_on_tiny_clip_is_symmetric(tiny_models):
 # ----------------------------------------------------------------------------------------------- configs
 def test_unknown_kind_names_the_field_and_the_valid_kinds():
     cfg = SimilarityConfig(image=[MetricConfig(kind="ssim"), MetricConfig(kind="bogus")])
-    with pytest.raises(ConfigError, match=r"similarity\.image\.1\.kind.*'bogus'.*clip, clip_pooler, lpips, ssim, psnr, dino"):
+    with pytest.raises(ConfigError,
+                       match=r"similarity\.image\.1\.kind.*'bogus'.*clip, clip_pooler, lpips, ssim, psnr, dino"):
         load_image_metrics(cfg, CPU)
     with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind.*text similarity"):
         load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="sbert")]), CPU)
-    with pytest.raises(ConfigError, match=r"similarity\.text\.0\.kind.*clip_text, sbert"):
+    with pytest.raises(ConfigError, match=r"similarity\.text\.0\.kind.*'psnr' is an image similarity.*clip_text, clip_text_pooler, sbert"):
         load_text_metrics(SimilarityConfig(text=[MetricConfig(kind="psnr")]), CPU)
 
 
@@ -330,3 +331,22 @@ def test_dino_offline_names_the_id_and_a_wrong_model_type(tiny_models, monkeypat
     with pytest.raises(ValueError, match="clip_vision_model.*dino metric takes a DINO ViT"):
         load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="dino", model=str(tiny_models / "clip_vision"))]),
                            CPU)
+
+
+def test_clip_text_pooler_is_the_pooler_cosine_of_hf_clip_text(tiny_models):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = tiny_models / "generator"  # a diffusers layout: its text_encoder and tokenizer
+    metric = load_similarity(MetricConfig(kind="clip_text_pooler", model=str(root)), CPU, role="text")
+    a, b = ["a red circle", "two blue squares on the left"], ["a red circle", "a green star"]
+    model = CLIPTextModel.from_pretrained(root, subfolder="text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+
+    def pooled(texts):
+        with torch.no_grad():
+            out = model(**tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")).pooler_output
+        return torch.nn.functional.normalize(out, dim=-1)
+
+    got = metric(a, b)
+    torch.testing.assert_close(got, (pooled(a) * pooled(b)).sum(-1), atol=1e-5, rtol=1e-5)
+    assert float(got[0]) == pytest.approx(1.0, abs=1e-5) and metric.name == "clip_text_pooler_similarity"

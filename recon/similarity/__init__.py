@@ -23,7 +23,7 @@ from recon.similarity.image import (
     psnr,
     ssim,
 )
-from recon.similarity.text import ClipTextSimilarity, SbertSimilarity
+from recon.similarity.text import ClipTextPoolerSimilarity, ClipTextSimilarity, SbertSimilarity
 
 IMAGE_METRICS: dict[str, type[Similarity]] = {
     "clip": ClipImageSimilarity,
@@ -35,6 +35,7 @@ IMAGE_METRICS: dict[str, type[Similarity]] = {
 }
 TEXT_METRICS: dict[str, type[Similarity]] = {
     "clip_text": ClipTextSimilarity,
+    "clip_text_pooler": ClipTextPoolerSimilarity,
     "sbert": SbertSimilarity,
 }
 
@@ -49,7 +50,7 @@ def load_similarity(cfg: MetricConfig, device: torch.device | str = "cpu", where
         hint = ""
         for other, other_table in tables.items():
             if other != role and cfg.kind in other_table:
-                hint = f" ('{cfg.kind}' is a {other} similarity: list it under similarity.{other})"
+                hint = f" ('{cfg.kind}' is {'an' if other == 'image' else 'a'} {other} similarity: list it under similarity.{other})"
         what = f"{role} similarity" if role else "similarity"
         raise ConfigError(f"{where}.kind: unknown {what} kind {cfg.kind!r}{hint}; valid kinds: {', '.join(table)}")
     return cls.from_config(cfg, device, where=where)
@@ -79,7 +80,7 @@ def load_text_metrics(cfg: SimilarityConfig, device: torch.device | str = "cpu")
 
 
 __all__ = [
-    "IMAGE_METRICS", "TEXT_METRICS", "PSNR_CAP_DB", "ClipImageSimilarity", "ClipTextSimilarity",
+    "IMAGE_METRICS", "TEXT_METRICS", "PSNR_CAP_DB", "ClipImageSimilarity", "ClipTextPoolerSimilarity", "ClipTextSimilarity",
     "ClipVisionPoolerSimilarity", "DinoSimilarity", "EmbeddingSimilarity", "LpipsDistance", "PsnrSimilarity", "SbertSimilarity",
     "Similarity", "SsimSimilarity", "load_image_metrics", "load_similarity", "load_text_metrics", "psnr", "ssim",
 ]
