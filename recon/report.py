@@ -33,7 +33,7 @@ th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: left; vertical
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .item { border-top: 2px solid #ddd; padding: .5em 0 1em; }
 .row { display: flex; flex-wrap: wrap; gap: .5em; align-items: flex-start; }
-figure { margin: 0; max-width: 260px; font-size: .85em; }
+figure { margin: 0; max-width: 330px; font-size: .85em; }
 figure img { max-width: 256px; display: block; }
 .chosen { background: #e3f4e6; }
 figure.chosen { outline: 3px solid #2e9a48; }
@@ -42,7 +42,22 @@ figure.chosen { outline: 3px solid #2e9a48; }
 .warnings { color: #8a5a00; font-size: .9em; }
 .muted { color: #777; }
 pre { background: #f6f6f6; padding: .5em; overflow-x: auto; }
+#gallery { width: 100%; table-layout: auto; }
+#gallery th[data-key] { cursor: pointer; white-space: nowrap; }
+#gallery th[aria-sort=ascending]::after { content: " \\25B2"; }
+#gallery th[aria-sort=descending]::after { content: " \\25BC"; }
+#gallery td.caption { max-width: 32em; overflow-wrap: anywhere; }
+#gallery tr.failed td { background: #fdecea; }
+#gallery tr.target td { outline: 2px solid #4a78b5; }
+img.px { image-rendering: pixelated; }
+.pair { display: flex; gap: .3em; align-items: flex-start; }
+.controls { margin: .5em 0; }
 """
+
+
+def script() -> str:
+    """The gallery's sorting / filtering script (recon/report.js), inlined: the report stays one file."""
+    return Path(__file__).with_name("report.js").read_text(encoding="utf-8").replace("</", "<\\/")
 
 
 def _esc(value: Any) -> str:
@@ -149,6 +164,7 @@ class _Images:
         self.root = run_dir.resolve()
         self.thumb_size = thumb_size
         self.cache: dict[str, str] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
 
     def uri(self, rel: Any) -> tuple[str | None, str]:
         """(data URI or None, reason when None)."""
@@ -164,8 +180,19 @@ class _Images:
                 return None, str(e)
             if self.thumb_size:
                 img.thumbnail((self.thumb_size, self.thumb_size))
+            self.sizes[rel] = img.size
             self.cache[rel] = "data:image/png;base64," + base64.b64encode(encode_png(img)).decode("ascii")
         return self.cache[rel], ""
+
+    def img(self, rel: Any, width: int = 128) -> str:
+        """An inline image at ``width`` CSS pixels (small images upscaled nearest-neighbour, so pixels stay
+        honest), or a grey box saying why there is none."""
+        uri, reason = self.uri(rel)
+        if not uri:
+            return f'<div class="missing">{_esc(reason)}</div>'
+        native = self.sizes.get(rel, (width, width))[0]
+        cls = ' class="px"' if native < width else ""
+        return f'<img src="{uri}" alt="{_esc(rel)}" width="{max(width, 1)}"{cls} loading="lazy">'
 
     def figure(self, rel: Any, caption_html: str, chosen: bool = False) -> str:
         uri, reason = self.uri(rel)
@@ -195,83 +222,132 @@ def _warnings(record: dict) -> str:
     return "<ul class='warnings'>" + "".join(f"<li>{_esc(w)}</li>" for w in ws) + "</ul>"
 
 
-def _render_image_text_image(r: dict, images: _Images) -> str:
-    candidates = [c for c in r.get("candidates") or [] if isinstance(c, Mapping)]
-    chosen = r.get("chosen")
+# ----------------------------------------------------------------------------------------------- gallery
+SHOW = ("all", "failed", "flagged", "warnings")
+
+
+def _select_key(records: list[dict], metrics: list[str]) -> str | None:
+    """The metric the run selected candidates by (its records' ``select_by``), else the first metric."""
+    chosen = next((r["select_by"] for r in records if isinstance(r.get("select_by"), str)), None)
+    return chosen if chosen in metrics else (metrics[0] if metrics else None)
+
+
+def _item_key(r: dict) -> str:
+    from recon.runs import item_dir_name
+
+    return item_dir_name(str(r.get("id", "?")))
+
+
+def _flagged(r: dict) -> bool:
+    lists = [r.get("flagged")] + [c.get("flagged") for c in r.get("candidates") or [] if isinstance(c, Mapping)]
+    return any(isinstance(f, list) and any(f) for f in lists)
+
+
+def _io_cells(r: dict, images: _Images, with_images: bool) -> tuple[str, str, str]:
+    """(input, output images, caption / text) cells of a gallery row."""
+    direction = r.get("direction")
+    if direction == IMAGE_TEXT_IMAGE:
+        candidates = [c for c in r.get("candidates") or [] if isinstance(c, Mapping)]
+        chosen = r.get("chosen") if isinstance(r.get("chosen"), int) else 0
+        best = candidates[chosen] if 0 <= chosen < len(candidates) else {}
+        source = images.img(r.get("original")) if with_images and r.get("original") else ""
+        out = "".join(images.img(rel) for rel in best.get("images") or []) if with_images else ""
+        others = "" if not candidates else (f"<details><summary>{len(candidates)} candidate(s), per-image scores"
+                                            f"</summary>{_candidates_table(r, candidates, images, with_images)}"
+                                            "</details>")
+        return source, out, f"{_esc(r.get('caption', best.get('caption', '')))}{others}"
+    if direction == "score":  # recon score: one caption of one system for one image
+        source = images.img(r.get("original")) if with_images and r.get("original") else ""
+        out = "".join(images.img(rel) for rel in r.get("images") or []) if with_images else ""
+        if r.get("status") != "ok":
+            return source, out, f"<span class='flagged'>{_esc(r.get('error', r.get('status')))}</span>"
+        return source, out, f"<b>{_esc(r.get('system', ''))}</b>: {_esc(r.get('caption', ''))}"
+    if direction == TEXT_IMAGE_TEXT:
+        out = "".join(images.img(rel) for rel in r.get("images") or []) if with_images else ""
+        captions = "".join(f"<li>{_esc(c)}</li>" for c in r.get("captions") or [])
+        per = r.get("scores_per_image") if isinstance(r.get("scores_per_image"), Mapping) else {}
+        per_text = "".join(f"<li>{_esc(m)}: " + ", ".join(_num(v) for v in vs) + "</li>" for m, vs in per.items()
+                           if isinstance(vs, list))
+        details = f"<details><summary>per-image scores</summary><ul>{per_text}</ul></details>" if per_text else ""
+        return (f"<q>{_esc(r.get('text', ''))}</q>", out,
+                (f"<ol start='0'>{captions}</ol>" if captions else "") + details)
+    out = "".join(images.img(rel) for rel in r.get("images") or []) if with_images else ""
+    if r.get("status") != "ok":
+        return _esc(r.get("source", "")), out, f"<span class='flagged'>{_esc(r.get('error', r.get('status')))}</span>"
+    text = "".join(f"<p>{key}: <q>{_esc(r[key])}</q></p>" for key in ("text", "caption") if key in r)
+    if isinstance(r.get("captions"), list):
+        text += "<ol start='0'>" + "".join(f"<li>{_esc(c)}</li>" for c in r["captions"]) + "</ol>"
+    raw = _esc(json.dumps(r, ensure_ascii=False, indent=1, default=str))
+    return _esc(r.get("source", "")), out, f"{text}<details><summary>record</summary><pre>{raw}</pre></details>"
+
+
+def _candidates_table(r: dict, candidates: list, images: _Images, with_images: bool) -> str:
+    """Every candidate: caption, mean scores, per-image scores, and the images of the candidates not shown in
+    the row (the chosen one's are)."""
     metrics = list(dict.fromkeys(m for c in candidates for m in (c.get("scores") or {})))
     has_ll = any("log_likelihood" in c for c in candidates)
-    head = "<tr><th>#</th><th>caption</th>" + "".join(
-        f"<th>{_esc(m)} ({metric_direction(m)} is better)</th>" for m in metrics)
-    head += ("<th>log-likelihood</th>" if has_ll else "") + "</tr>"
-    rows, grids = [], []
+    metrics += ["log-likelihood"] if has_ll else []
+    rows = []
     for i, c in enumerate(candidates):
-        is_chosen = i == chosen
-        scores = c.get("scores") or {}
-        mark = "★ " if is_chosen else ""
-        cells = "".join(f'<td class="num">{_num(scores.get(m, "–"))}</td>' for m in metrics)
-        if has_ll:
-            cells += f'<td class="num">{_num(c.get("log_likelihood", "–"))}</td>'
-        row_class = ' class="chosen"' if is_chosen else ""
-        rows.append(f"<tr{row_class}><td>{mark}{i}</td>"
-                    f"<td>{_esc(c.get('caption', ''))}</td>{cells}</tr>")
-        figs = []
-        for k, rel in enumerate(c.get("images") or []):
-            flagged = _at(c.get("flagged"), k, False)
-            cap = (f"candidate {i}, seed {_esc(_at(c.get('seeds'), k, '?'))}"
-                   + _per_image_scores(c.get("scores_per_image"), k)
-                   + ("<br><span class='flagged'>flagged by the safety checker</span>" if flagged else ""))
-            figs.append(images.figure(rel, cap, chosen=is_chosen))
-        if figs:
-            label = f"candidate {i}{' (chosen)' if is_chosen else ''}: {_esc(c.get('caption', ''))}"
-            grids.append(f"<p>{label}</p><div class='row'>{''.join(figs)}</div>")
-    original = images.figure(r.get("original"), "original") if r.get("original") else ""
-    source = f"<p class='muted'>source: {_esc(r['source'])}</p>" if r.get("source") else ""
-    table = f"<table>{head}{''.join(rows)}</table>" if candidates else "<p class='muted'>no candidates</p>"
-    return (f"{source}<div class='row'>{original}</div>{table}"
-            f"<details open><summary>reconstructions</summary>{''.join(grids)}</details>")
+        scores = dict(c.get("scores") or {}, **({"log-likelihood": c.get("log_likelihood", "–")} if has_ll else {}))
+        chosen = i == r.get("chosen")
+        per = c.get("scores_per_image") if isinstance(c.get("scores_per_image"), Mapping) else {}
+        per_text = "; ".join(f"{_esc(m)}: " + ", ".join(_num(v) for v in vs) for m, vs in per.items()
+                             if isinstance(vs, list))
+        flags = c.get("flagged") if isinstance(c.get("flagged"), list) else []
+        flag = " <span class='flagged'>flagged by the safety checker</span>" if any(flags) else ""
+        figs = "" if chosen or not with_images else "".join(images.img(rel, 64) for rel in c.get("images") or [])
+        rows.append(f"<tr{' class=chosen' if chosen else ''}><td>{'★ ' if chosen else ''}{i}</td>"
+                    f"<td>{_esc(c.get('caption', ''))}{flag}</td>"
+                    + "".join(f'<td class="num">{_num(scores.get(m, "–"))}</td>' for m in metrics)
+                    + f"<td class='muted'>{per_text}</td><td><div class='pair'>{figs}</div></td></tr>")
+    head = ("<tr><th>#</th><th>caption</th>" + "".join(f"<th>{_esc(m)}</th>" for m in metrics)
+            + "<th>per image</th><th>images</th></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _render_text_image_text(r: dict, images: _Images) -> str:
-    chosen = r.get("chosen")
-    scores = r.get("scores") or {}
-    mean = "".join(f"<tr><td>{_esc(m)} ({metric_direction(m)} is better)</td><td class='num'>{_num(v)}</td></tr>"
-                   for m, v in (scores.items() if isinstance(scores, Mapping) else []))
-    figs = []
-    for k, rel in enumerate(r.get("images") or []):
-        cap = (f"{'★ ' if k == chosen else ''}image {k}, seed {_esc(_at(r.get('seeds'), k, '?'))}"
-               f"<br>caption: <q>{_esc(_at(r.get('captions'), k, ''))}</q>"
-               + _per_image_scores(r.get("scores_per_image"), k))
-        figs.append(images.figure(rel, cap, chosen=k == chosen))
-    return (f"<p>text: <q>{_esc(r.get('text', ''))}</q></p>"
-            f"<table><tr><th>metric (mean over images)</th><th>score</th></tr>{mean}</table>"
-            f"<div class='row'>{''.join(figs)}</div>")
+def gallery(records: list[dict], images: _Images, max_items: int, select: str | None = None) -> str:
+    """One sortable table row per item: input | output | caption | each metric; images for the first
+    ``max_items`` rows in the default order (worst first by the selection metric), the rest as text rows."""
+    metrics = list(dict.fromkeys(m for r in records if r.get("status") == "ok" for m in (r.get("scores") or {})))
+    select = select if select in metrics else _select_key(records, metrics)
+    direction = "desc" if select and metric_direction(select) == "lower" else "asc"  # worst first
 
+    def worst_first(r: dict):  # as the page's script sorts: items without the score (failed ones too) last
+        v = (r.get("scores") or {}).get(select) if select and r.get("status") == "ok" else None
+        return (0, -v if direction == "desc" else v) if _finite(v) else (1, 0.0)
 
-def _render_other(r: dict, images: _Images) -> str:
-    """Records of other jobs (``caption``, ``generate``): their texts and images, then the raw record."""
-    lines = [f"<p>{key}: <q>{_esc(r[key])}</q></p>" for key in ("source", "text", "caption") if key in r]
-    if isinstance(r.get("captions"), list):
-        lines.append("<ol start='0'>" + "".join(f"<li>{_esc(c)}</li>" for c in r["captions"]) + "</ol>")
-    figs = [images.figure(rel, f"image {k}, seed {_esc(_at(r.get('seeds'), k, '?'))}")
-            for k, rel in enumerate(r.get("images") or [])]
-    raw = _esc(json.dumps(r, ensure_ascii=False, indent=1, default=str))
-    return (f"{''.join(lines)}<div class='row'>{''.join(figs)}</div>"
-            f"<details><summary>record</summary><pre>{raw}</pre></details>")
-
-
-def _render_item(r: dict, images: _Images) -> str:
-    direction = r.get("direction")
-    try:
-        if direction == IMAGE_TEXT_IMAGE:
-            body = _render_image_text_image(r, images)
-        elif direction == TEXT_IMAGE_TEXT:
-            body = _render_text_image_text(r, images)
-        else:
-            body = _render_other(r, images)
-    except Exception as e:  # a malformed record must not cost the whole report
-        body = f"<p class='flagged'>cannot render this record: {_esc(type(e).__name__)}: {_esc(e)}</p>"
-    return (f"<section class='item'><h3>{_esc(r.get('id', '?'))} <span class='muted'>{_esc(direction or '')}"
-            f"</span></h3>{body}{_warnings(r)}</section>")
+    ordered = sorted(records, key=worst_first)
+    head = ("<tr><th></th><th>input</th><th>reconstruction / output</th><th>caption</th>"
+            + "".join(f'<th data-key="{_esc(m)}">{_esc(m)} <span class="muted">({metric_direction(m)})</span></th>'
+                      for m in metrics) + '<th data-key="@warnings">warnings</th></tr>')
+    rows = []
+    for n, r in enumerate(ordered):
+        key = _item_key(r)
+        try:
+            source, out, text = _io_cells(r, images, with_images=n < max_items)
+        except Exception as e:  # a malformed record must not cost the whole report
+            source, out, text = "", "", f"<span class='flagged'>cannot render this record: {_esc(e)}</span>"
+        scores = r.get("scores") if isinstance(r.get("scores"), Mapping) else {}
+        cells = "".join(f'<td class="num" data-v="{scores[m] if _finite(scores.get(m)) else ""}">'
+                        f"{_num(scores.get(m, '–'))}</td>" for m in metrics)
+        warnings = r.get("warnings") if isinstance(r.get("warnings"), list) else []
+        status = "ok" if r.get("status") == "ok" else "failed"
+        rows.append(
+            f'<tr id="item-{key}" data-item="{key}" data-status="{status}" data-flagged="{int(_flagged(r))}" '
+            f'data-warn="{int(bool(warnings))}" class="{status}">'
+            f'<td><a class="itemlink" href="#item={key}" title="link to this item">#</a> '
+            f"<span class='muted'>{_esc(r.get('id', '?'))}</span></td>"
+            f'<td>{source}</td><td><div class="pair">{out}</div></td><td class="caption">{text}</td>{cells}'
+            f'<td data-v="{len(warnings)}">{_warnings(r)}</td></tr>')
+    options = "".join(f'<option value="{v}">{v}</option>' for v in SHOW)
+    shown = min(len(ordered), max_items)
+    return (f"<h2>Items</h2><p class='controls'>show <select id='show'>{options}</select> "
+            f"<span id='view' class='muted'></span></p><p class='muted'>Click a column to sort (again to reverse); "
+            f"the view is kept in the address, so it can be shared. Images for the first {shown} of {len(ordered)} "
+            f"items (run.max_report_items); default order: worst first by <code>{_esc(select or '–')}</code>.</p>"
+            f'<table id="gallery" data-sort="{_esc(select or "")}" data-dir="{direction}"><thead>{head}</thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
 
 
 # ---------------------------------------------------------------------------------------------- assembly
@@ -353,9 +429,7 @@ def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping |
     hists = [_histogram(d, m, vs) for (d, m), vs in values.items() if vs]
     if hists:
         parts.append(f"<h2>Score distributions</h2><div class='row'>{''.join(hists)}</div>")
-    shown = ok[:max_items]
-    parts.append(f"<h2>Items</h2><p class='muted'>showing {len(shown)} of {len(ok)} ok records.</p>")
-    parts.extend(_render_item(r, images) for r in shown)
+    parts.append(gallery(records, images, max_items))
     if failed:
         rows = "".join(f"<tr><td>{_esc(r.get('id', '?'))}</td><td>{_esc(r.get('direction', ''))}</td>"
                        f"<td>{_esc(r.get('error', r.get('status', 'no status')))}</td></tr>"
@@ -364,5 +438,6 @@ def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping |
         parts.append(f"<h2>Failed items</h2><table><tr><th>id</th><th>direction</th><th>error</th></tr>"
                      f"{rows}</table>{more}")
     page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts)
+            + f"\n<script>{script()}</script>\n</body></html>\n")
     return atomic_write_text(run_dir / "report.html", page)

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from recon.analysis import CORPUS_BLEU, _corr, _est, _fmt, _p, _pv, estimate_cell, metric_label, system_of
 from recon.data import atomic_write_text
-from recon.report import _CSS, _config_text, _esc, _Images, _num, metric_direction
+from recon.report import _CSS, _config_text, _esc, _Images, gallery, metric_direction
+from recon.report import script as report_script
 
 
-def _page(title: str, parts: Sequence[str]) -> str:
+def _page(title: str, parts: Sequence[str], with_script: bool = False) -> str:
+    script = f"\n<script>{report_script()}</script>" if with_script else ""
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + f"{script}\n</body></html>\n")
 
 
 def leaderboard_html(board: Mapping) -> str:
@@ -108,31 +110,6 @@ def analysis_html(records: Sequence[dict], res: Mapping) -> str:
     return "\n".join(parts)
 
 
-def _items_html(ok: Sequence[dict], images: _Images, max_items: int) -> str:
-    by_image: dict[str, list[dict]] = {}
-    for r in ok:
-        by_image.setdefault(str(r.get("image_id")), []).append(r)
-    keys = list(by_image)[:max_items]
-    metrics = list(dict.fromkeys(m for r in ok for m in (r.get("scores") or {})))
-    parts = [f"<h2>Items</h2><p class='muted'>showing {len(keys)} of {len(by_image)} images.</p>"]
-    head = ("<tr><th>system</th><th>caption</th><th>reconstructions</th>"
-            + "".join(f"<th>{_esc(m)}</th>" for m in metrics) + "</tr>")
-    for key in keys:
-        rows = []
-        for r in by_image[key]:
-            figs = "".join(images.figure(rel, f"seed {_esc(s)}")
-                           for rel, s in zip(r.get("images") or [], r.get("seeds") or []))
-            scores = r.get("scores") or {}
-            cells = "".join(f"<td class='num'>{_num(scores.get(m, '–'))}</td>" for m in metrics)
-            rows.append(f"<tr><td>{_esc(system_of(r))}</td><td>{_esc(r.get('caption', ''))}</td>"
-                        f"<td><div class='row'>{figs}</div></td>{cells}</tr>")
-        original = images.figure(by_image[key][0].get("original"), "original") \
-            if by_image[key][0].get("original") else ""
-        parts.append(f"<section class='item'><h3>{_esc(key)}</h3><div class='row'>{original}</div>"
-                     f"<table>{head}{''.join(rows)}</table></section>")
-    return "\n".join(parts)
-
-
 def write_score_report(run_dir: str | Path, records: Sequence[dict], config, board: Mapping,
                        notes: Sequence[str] = (), analysis: Mapping | None = None, max_items: int | None = None,
                        title: str = "recon score report") -> Path:
@@ -145,7 +122,8 @@ def write_score_report(run_dir: str | Path, records: Sequence[dict], config, boa
     atomic_write_text(run_dir / "leaderboard.html", _page("recon leaderboard", [board_html]))
     parts = [f"<h1>{_esc(title)}</h1>",
              f"<p>run directory <code>{_esc(run_dir.resolve().name)}</code>: {len(records)} records, {len(ok)} ok, "
-             f"{len(failed)} failed; {len(board['systems'])} caption set(s).</p>"]
+             f"{len(failed)} failed; {len(board['systems'])} caption set(s). The leaderboard alone: "
+             "<a href='leaderboard.html'>leaderboard.html</a>.</p>"]
     if notes:
         parts.append("<ul class='warnings'>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
     config_text = _config_text(run_dir, config)
@@ -154,10 +132,10 @@ def write_score_report(run_dir: str | Path, records: Sequence[dict], config, boa
     parts.append(board_html)
     if analysis:
         parts.append(analysis_html(records, analysis))
-    parts.append(_items_html(ok, _Images(run_dir, 128), max_items))
+    parts.append(gallery(list(records), _Images(run_dir, 128), max_items, select=board.get("primary")))
     if failed:
         rows = "".join(f"<tr><td>{_esc(r.get('id', '?'))}</td><td>{_esc(r.get('error', r.get('status')))}</td></tr>"
                        for r in failed[:max_items])
         more = f"<p class='muted'>and {len(failed) - max_items} more.</p>" if len(failed) > max_items else ""
         parts.append(f"<h2>Failed items</h2><table><tr><th>id</th><th>error</th></tr>{rows}</table>{more}")
-    return atomic_write_text(run_dir / "report.html", _page(title, parts))
+    return atomic_write_text(run_dir / "report.html", _page(title, parts, with_script=True))
