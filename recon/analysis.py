@@ -137,9 +137,15 @@ def _md(text) -> str:
     return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
+def corpus_names(corpus: dict) -> list[str]:
+    """The corpus-level rows a board has (BLEU-1..4, METEOR), in table order."""
+    present = {m for rows in corpus.values() for m in rows}
+    return [m for m in (*CORPUS_BLEU, "meteor") if m in present]
+
+
 def metric_label(metric: str, corpus: dict) -> str:
-    """A per-image BLEU row is labelled as such when the board also has the corpus BLEU rows papers table."""
-    return f"{metric} (mean of per-image)" if corpus and metric in CORPUS_BLEU else metric
+    """A per-image BLEU / METEOR row is labelled as such when the board also has the corpus rows papers table."""
+    return f"{metric} (mean of per-image)" if metric in corpus_names(corpus) else metric
 
 
 def coverage_notes(board: dict) -> list[str]:
@@ -165,16 +171,16 @@ def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
     lines = ["# Leaderboard", "",
              f"Mean of per-image scores with a {round(100 * board['confidence'])}% percentile bootstrap CI "
              f"({board['n_resamples']} resamples of the images); systems ordered by `{board['primary']}`. "
-             "**Corpus** BLEU rows are pycocoevalcap's corpus scores (the numbers captioning papers table), their "
-             "CI recomputing the corpus score per resample.", "",
+             "**Corpus** BLEU / METEOR rows are pycocoevalcap's corpus scores (the numbers captioning papers table), "
+             "their CI recomputing the corpus score per resample of images.", "",
              "| metric (better) | " + " | ".join(_md(s) for s in systems) + " |",
              "|---|" + "---|" * len(systems)]
     lines.append("| items ok / failed | " + " | ".join(
         f"{board['counts'][s]['ok']} / {board['counts'][s]['failed']}" for s in systems) + " |")
     corpus = board.get("corpus") or {}
-    for name in CORPUS_BLEU if corpus else ():
+    for name in corpus_names(corpus):
         lines.append(f"| **{name} (corpus)** (higher) | " + " | ".join(
-            _est(corpus[s][name]) if s in corpus else "–" for s in systems) + " |")
+            _est(corpus[s][name]) if name in corpus.get(s, {}) else "–" for s in systems) + " |")
     for m in metrics:
         lines.append(f"| {_md(metric_label(m, corpus))} ({metric_direction(m)}) | "
                      + " | ".join(estimate_cell(board, s, m) for s in systems) + " |")

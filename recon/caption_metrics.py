@@ -47,6 +47,9 @@ class ReferenceScores:
     # Per item, the sufficient statistics of corpus BLEU (see bleu_statistics): a corpus score of any subset of
     # items (a bootstrap resample) is corpus_bleu of their sum.
     bleu_stats: dict[Hashable, list[float]] = field(default_factory=dict)
+    # Percentile bootstrap interval of a corpus score over items, where one was asked for (meteor: recomputed by
+    # the METEOR jar from the resampled segments' statistics).
+    corpus_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def bleu_statistics(gts: Mapping[Hashable, list[str]], res: Mapping[Hashable, list[str]], ids: Sequence[Hashable]
@@ -141,12 +144,15 @@ def ptb_tokenize(texts: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list
 
 def reference_metrics(sets: Mapping[str, Mapping[Hashable, str]], references: Mapping[Hashable, Sequence[str]],
                       metrics: Sequence[str] = ("bleu", "meteor", "rouge", "cider"),
-                      tokenized: bool = False) -> dict[str, ReferenceScores]:
+                      tokenized: bool = False, meteor_resamples: int = 0, seed: int = 0
+                      ) -> dict[str, ReferenceScores]:
     """Reference metrics of each caption set: ``sets = {name: {key: caption}}``, ``references = {key: [refs]}``.
 
     Keys without references (or without a caption) are left out of that set. One PTB tokenizer run and one METEOR
     process serve all sets; every scorer is called on each set separately, as a COCO evaluation of that set
     would. ``tokenized=True`` skips the PTB tokenizer (inputs are already tokenized strings).
+    ``meteor_resamples > 0``: also a bootstrap CI of corpus METEOR (``corpus_ci["meteor"]``), each resample scored
+    by the jar (cost: resamples x items segment lines through its pipe).
     """
     unknown = [m for m in metrics if m not in REFERENCE_METRICS]
     if unknown:
@@ -175,7 +181,10 @@ def reference_metrics(sets: Mapping[str, Mapping[Hashable, str]], references: Ma
             g = {i: gts[i] for i in ids}
             r = {i: res[(name, i)] for i in ids}
             for metric, scorer in scorers:
-                _score_into(out[name], metric, scorer, g, r, ids)
+                if metric == "meteor" and meteor_resamples > 0:
+                    _meteor_with_ci(out[name], scorer, g, r, ids, meteor_resamples, seed)
+                else:
+                    _score_into(out[name], metric, scorer, g, r, ids)
     finally:
         for _, scorer in scorers:
             _close(scorer)
@@ -229,6 +238,38 @@ def _score_into(out: ReferenceScores, metric: str, scorer, gts: dict, res: dict,
         out.corpus[name] = float(c)
         for i, v in zip(ids, values):
             out.per_item.setdefault(i, {})[name] = float(v)
+
+
+def _meteor_eval(scorer, stats: Sequence[str]) -> tuple[float, list[float]]:
+    """The jar's EVAL of segment statistics: (corpus METEOR, per-segment scores), as Meteor.compute_score reads
+    them."""
+    proc = scorer.meteor_p
+    proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+    proc.stdin.flush()
+    per = [float(proc.stdout.readline().strip()) for _ in stats]
+    return float(proc.stdout.readline().strip()), per
+
+
+def _meteor_with_ci(out: ReferenceScores, scorer, gts: dict, res: dict, ids: list, n_resamples: int,
+                    seed: int) -> None:
+    """Meteor.compute_score's protocol (one SCORE line per segment, then one EVAL of all), keeping the segment
+    statistics, then one EVAL per bootstrap resample of the segments: the jar aggregates statistics into the
+    corpus score, so the interval is of the score pycocoevalcap reports."""
+    import numpy as np
+
+    with scorer.lock:
+        stats = [scorer._stat(res[i][0], gts[i]) for i in ids]
+        corpus, per = _meteor_eval(scorer, stats)
+        rng, samples = np.random.default_rng([seed, 77]), []
+        if len(stats) > 1:
+            for _ in range(n_resamples):
+                samples.append(_meteor_eval(scorer, [stats[j] for j in rng.integers(0, len(stats), len(stats))])[0])
+    out.corpus["meteor"] = corpus
+    for i, v in zip(ids, per):
+        out.per_item.setdefault(i, {})["meteor"] = v
+    if samples:
+        lo, hi = np.percentile(samples, [2.5, 97.5])
+        out.corpus_ci["meteor"] = (float(lo), float(hi))
 
 
 def _close(scorer) -> None:

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets ship inside the package (a wheel or `pip install .` has them); the checkout's top-level configs/ is a
+# symlink to this folder, so the presets keep their familiar place.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "shapes"  # the shipped bundle (recon/shapes/bundle)
 
 

@@ -251,7 +251,6 @@ class Cache:
 
     def __init__(self, root: str | Path | None):
         self.root = Path(root) if root else None
-        self.hits = self.misses = 0
         if self.root is not None:  # checked once here, not per item (every item would fail, and count as done)
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -274,12 +273,9 @@ class Cache:
             return None
         p = self._path(namespace, key, ".json")
         try:
-            value = json.loads(p.read_text())
+            return json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
-            self.misses += 1
             return None
-        self.hits += 1
-        return value
 
     def put_json(self, namespace: str, key: str, value: Any) -> None:
         if self.root is not None:
@@ -289,12 +285,9 @@ class Cache:
         if self.root is None:
             return None
         try:
-            data = self._path(namespace, key, suffix).read_bytes()
+            return self._path(namespace, key, suffix).read_bytes()
         except OSError:
-            self.misses += 1
             return None
-        self.hits += 1
-        return data
 
     def put_bytes(self, namespace: str, key: str, data: bytes, suffix: str = ".bin") -> None:
         if self.root is not None:

@@ -7,7 +7,8 @@
   id is ``SYSTEM/IMAGE_ID``; problems of a file entry (unknown image id, a duplicate id -- the first caption is
   kept --, an empty or null caption, a missing key) are ``"status": "failed"`` records with the file and entry.
 * ``aggregate.json``: ``{system: {metric: mean over its ok items}}``; ``corpus.json``: pycocoevalcap's corpus
-  scores per system (corpus BLEU and METEOR differ from the mean of per-image scores; CIDEr and ROUGE-L do not).
+  scores per system (corpus BLEU and METEOR differ from the mean of per-image scores; CIDEr and ROUGE-L do not);
+  ``corpus_ci.json``: corpus METEOR with its bootstrap interval (the leaderboard computes corpus BLEU's itself).
 * ``leaderboard.{md,html,json}`` and ``report.html`` (:mod:`recon.analysis`, :mod:`recon.scoring_report`).
 
 Score keys: ``recon_<image metric>`` (mean over the K reconstructions of the caption; their sample std is in
@@ -45,6 +46,7 @@ from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_im
 from recon.runs import RunDir, derive_seed, sha256_file
 
 SCORE = "score"  # the records' direction
+CORPUS_CI = "corpus_ci.json"
 
 
 def parse_metrics(spec: str | Sequence[str] | None, have_refs: bool) -> list[str]:
@@ -233,9 +235,13 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
             with timer("reference_metrics"):
                 valid = [it for it in items if it.error is None]
                 state["refs"] = cm.reference_metrics({s: {it.key: it.caption for it in valid if it.system == s}
-                                                      for s in systems}, references.refs, ref_metrics)
+                                                      for s in systems}, references.refs, ref_metrics,
+                                                     meteor_resamples=n_resamples, seed=config.run.seed)
             atomic_write_text(Path(out) / "corpus.json", json.dumps(
                 {s: r.corpus for s, r in state["refs"].items()}, indent=1) + "\n")
+            atomic_write_text(Path(out) / CORPUS_CI, json.dumps(  # corpus METEOR's interval, for the leaderboard
+                {s: {m: {"value": r.corpus[m], "low": lo, "high": hi, "n": len(r.per_item)}
+                     for m, (lo, hi) in r.corpus_ci.items()} for s, r in state["refs"].items()}, indent=1) + "\n")
         return state["refs"]
 
     def process(chunk, run: RunDir) -> list[dict]:
@@ -307,6 +313,10 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
     aggregate = aggregate_scores(records, systems)
     atomic_write_text(run.path / "aggregate.json", json.dumps(aggregate, indent=1) + "\n")
     board = leaderboard(records, systems, seed=config.run.seed, n_resamples=n_resamples)
+    if (run.path / CORPUS_CI).is_file():  # corpus METEOR, bootstrapped through the jar when it scored
+        for s, rows in json.loads((run.path / CORPUS_CI).read_text()).items():
+            if s in systems:
+                board["corpus"].setdefault(s, {}).update(rows)
     notes += coverage_notes(board)
     board["notes"] = notes
     atomic_write_text(run.path / "leaderboard.json", json.dumps(board, indent=1) + "\n")

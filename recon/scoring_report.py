@@ -13,7 +13,7 @@ import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from recon.analysis import CORPUS_BLEU, _corr, _est, _fmt, _p, _pv, estimate_cell, metric_label, system_of
+from recon.analysis import _corr, _est, _fmt, _p, _pv, corpus_names, estimate_cell, metric_label, system_of
 from recon.data import atomic_write_text
 from recon.report import _CSS, _config_text, _esc, _Images, gallery, metric_direction
 from recon.report import script as report_script
@@ -31,18 +31,17 @@ def leaderboard_html(board: Mapping) -> str:
     rows = ["<tr><td>items ok / failed</td>" + "".join(
         f"<td class='num'>{board['counts'][s]['ok']} / {board['counts'][s]['failed']}</td>" for s in systems) + "</tr>"]
     corpus = board.get("corpus") or {}
-    for name in CORPUS_BLEU if corpus else ():
+    for name in corpus_names(corpus):
         rows.append(f"<tr><td><b>{name} (corpus)</b> (higher)</td>" + "".join(
-            f"<td class='num'><b>{_esc(_est(corpus[s][name]))}</b></td>" if s in corpus else "<td>–</td>"
-            for s in systems) + "</tr>")
+            f"<td class='num'><b>{_esc(_est(corpus[s][name]))}</b></td>" if name in corpus.get(s, {})
+            else "<td>–</td>" for s in systems) + "</tr>")
     for m in metrics:
         rows.append(f"<tr><td>{_esc(metric_label(m, corpus))} ({metric_direction(m)})</td>" + "".join(
             f"<td class='num'>{_esc(estimate_cell(board, s, m))}</td>" for s in systems) + "</tr>")
     parts = [f"<h2>Leaderboard</h2><p class='muted'>Mean of per-image scores with a "
              f"{round(100 * board['confidence'])}% percentile bootstrap CI ({board['n_resamples']} resamples of the "
-             f"images); systems ordered by <code>{_esc(board['primary'])}</code>. Bold corpus BLEU rows: "
-             "pycocoevalcap's corpus scores, their CI recomputing the corpus score per resample of images; corpus "
-             "METEOR (no CI) is in corpus.json.</p>", f"<table>{head}{''.join(rows)}</table>"]
+             f"images); systems ordered by <code>{_esc(board['primary'])}</code>. Bold corpus BLEU / METEOR rows: "
+             "pycocoevalcap's corpus scores, their CI recomputing the corpus score per resample of images.</p>", f"<table>{head}{''.join(rows)}</table>"]
     if board["paired"]:
         pairs = list(dict.fromkeys((p["a"], p["b"]) for p in board["paired"]))
         cell = {(p["a"], p["b"], p["metric"]): p for p in board["paired"]}

@@ -74,8 +74,8 @@ def _argbest(values: Sequence[float], lower: bool = False) -> int:
 
 
 def select_captions(run_dir: str | Path, records: Sequence[dict], recon: Reconstructor, clip: cm.ClipScore,
-                    refs: dict | None, truth: dict | None, ref_metrics: Sequence[str], seed: int,
-                    batch_size: int = 8) -> tuple[dict[str, dict[str, list[float]]], list[dict]]:
+                    refs: dict | None, truth: dict | None, ref_metrics: Sequence[str], seed: int
+                    ) -> tuple[dict[str, dict[str, list[float]]], list[dict]]:
     """Apply every rule to the ok records of a caption-candidate run.
 
     Returns ``{rule: {metric: [per image]}}`` (aligned over images) and per-image details.
@@ -83,25 +83,24 @@ def select_captions(run_dir: str | Path, records: Sequence[dict], recon: Reconst
     run_dir = Path(run_dir)
     ok = [r for r in records if r.get("status") == "ok"]
     details = []
-    for start in range(0, len(ok), batch_size):
-        for r in ok[start:start + batch_size]:
-            original = load_image(run_dir / r["original"])
-            caps = [c["caption"] for c in r["candidates"]]
-            n = len(caps)
-            ll = recon.captioner.log_likelihood([original] * n, caps).tolist()
-            cs = clip.scores([to_tensor(original)] * n, caps)["clipscore"]
-            select = r["select_by"]
-            recon_scores = [c["scores"].get(select) for c in r["candidates"]]
-            rng = np.random.default_rng(derive_seed(seed, r["id"], -2, 0))
-            choices = {"reconstruction": int(r["chosen"]), "first_beam": 0, "random": int(rng.integers(n)),
-                       "likelihood": _argbest(ll), "clipscore": _argbest(cs)}
-            key = stem(r["id"])
-            exact = [attribute_scores(c, truth[key])["exact"] for c in caps] if truth else None
-            if exact is not None:
-                choices["oracle"] = int(np.argmax(exact)) if max(exact) > 0 else choices["reconstruction"]
-            details.append({"id": r["id"], "key": key, "captions": caps, "log_likelihood": ll, "clipscore": cs,
-                            "recon": recon_scores, "select_by": select, "exact": exact, "choices": choices,
-                            "distinct": len(set(caps))})
+    for r in ok:
+        original = load_image(run_dir / r["original"])
+        caps = [c["caption"] for c in r["candidates"]]
+        n = len(caps)
+        ll = recon.captioner.log_likelihood([original] * n, caps).tolist()
+        cs = clip.scores([to_tensor(original)] * n, caps)["clipscore"]
+        select = r["select_by"]
+        recon_scores = [c["scores"].get(select) for c in r["candidates"]]
+        rng = np.random.default_rng(derive_seed(seed, r["id"], -2, 0))
+        choices = {"reconstruction": int(r["chosen"]), "first_beam": 0, "random": int(rng.integers(n)),
+                   "likelihood": _argbest(ll), "clipscore": _argbest(cs)}
+        key = stem(r["id"])
+        exact = [attribute_scores(c, truth[key])["exact"] for c in caps] if truth else None
+        if exact is not None:
+            choices["oracle"] = int(np.argmax(exact)) if max(exact) > 0 else choices["reconstruction"]
+        details.append({"id": r["id"], "key": key, "captions": caps, "log_likelihood": ll, "clipscore": cs,
+                        "recon": recon_scores, "select_by": select, "exact": exact, "choices": choices,
+                        "distinct": len(set(caps))})
     rules = list(details[0]["choices"]) if details else list(CAPTION_RULES)
     values: dict[str, dict[str, list[float]]] = {rule: {} for rule in rules}
     for d in details:

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 VERSION = 2  # 2: BLIP vision position embeddings initialised at std 0.02 (transformers' default is 1e-10)
-PARTS = ("captioner", "generator", "clip", "clip_vision")
 
 
 def build_blip(out: Path, seed: int = 0, image_size: int = 32) -> Path:

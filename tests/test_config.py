@@ -150,3 +150,15 @@ def test_paper_preset_decodes_with_the_original_length_arithmetic():
     assert (kw["num_beams"], kw["do_sample"], kw["repetition_penalty"]) == (3, False, 1.0)
     assert [m.kind for m in cfg.similarity.text] == ["clip_text_pooler", "sbert"]
     assert [m.kind for m in cfg.similarity.image] == ["clip_pooler", "dino"]
+
+
+def test_presets_resolve_from_the_package_not_the_checkout():
+    """A wheel / `pip install .` carries recon/configs (package data); the checkout's configs/ only links there."""
+    from pathlib import Path
+
+    import recon
+    from recon.config import CONFIG_DIR, preset_path
+
+    package = Path(recon.__file__).resolve().parent
+    assert CONFIG_DIR == package / "configs" and preset_path("shapes").resolve().parent == package / "configs"
+    assert {"shapes", "tiny-random", "blip-sd14-paper"} <= {p.stem for p in CONFIG_DIR.glob("*.yaml")}

@@ -192,3 +192,74 @@ def test_caption_refuses_two_images_that_share_a_captions_json_id_before_any_wor
     with pytest.raises(DataError, match=r"img0\.jpg and .*img0\.png would share the image_id 'img0'"):
         caption_images(_cfg(), src, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+class _Captioner:
+    """Three fixed candidates per image; counts its calls."""
+
+    calls = 0
+
+    def caption(self, images, num_candidates, decoding, seeds=None):
+        type(self).calls += 1
+        return [["cap zero", "cap one", "cap two"][:num_candidates] for _ in images]
+
+
+class _Generator:
+    """Solid images whose grey level is the value the test wants the metric to read; some flagged."""
+
+    VALUES = {"cap zero": [0.4, 0.4], "cap one": [0.0, 0.56], "cap two": [0.2, 0.4]}
+    FLAGGED = {"cap one": [True, False]}
+
+    def generate(self, prompts, seeds):
+        import torch
+
+        from recon.generators.base import Generation
+
+        seen: dict[str, int] = {}
+        images, flagged = [], []
+        for p in prompts:
+            k = seen[p] = seen.get(p, -1) + 1
+            images.append(torch.full((3, 8, 8), self.VALUES[p][k]))
+            flagged.append(self.FLAGGED.get(p, [False, False])[k])
+        return Generation(images=torch.stack(images), flagged=flagged, warnings=[[] for _ in prompts])
+
+
+class _GreyDistance(__import__("torch").nn.Module):
+    def forward(self, original, recon):
+        return recon.mean(dim=(1, 2, 3))
+
+
+def test_a_distance_selects_the_lowest_candidate_with_flagged_images_left_out():
+    cfg = _cfg("similarity.image=[{kind: lpips, random_backbone: true}]", "similarity.select_by=lpips_distance",
+               "captioner.num_candidates=3", "generator.images_per_caption=2", "generator.common_random_numbers=true")
+    recon = Reconstructor(cfg, captioner=_Captioner(), generator=_Generator(),
+                          image_metrics={"lpips_distance": _GreyDistance()})
+    (rec,) = recon.image_to_text_to_image([Image.new("RGB", (8, 8))], ["a.png"])
+    means = [c["scores"]["lpips_distance"] for c in rec["candidates"]]
+    # cap one averages 0.28 over both images but 0.56 over the unflagged one: cap two (0.3) is the least distant
+    assert means == pytest.approx([0.4, 0.56, 0.3], abs=1 / 255)
+    assert rec["chosen"] == 2 and rec["caption"] == "cap two" and rec["select_by"] == "lpips_distance"
+    assert rec["candidates"][1]["flagged"] == [True, False]
+
+
+def test_a_changed_model_file_invalidates_the_cached_captions(tmp_path):
+    from recon import hub
+
+    model = tmp_path / "captioner"
+    model.mkdir()
+    (model / "weights.safetensors").write_bytes(b"v1")
+    cfg = load_config("tiny-random", [f"captioner.model={model}", f"run.cache_dir={tmp_path / 'cache'}"])
+    image = Image.new("RGB", (8, 8), "red")
+
+    def caption_once():
+        hub.fingerprint.cache_clear()  # a new process: fingerprints are memoised per process
+        return Reconstructor(cfg, cache=Cache(tmp_path / "cache"), captioner=_Captioner()).caption(
+            [image], ["a.png"], ["sha-of-a"])
+
+    _Captioner.calls = 0
+    caption_once()
+    caption_once()
+    assert _Captioner.calls == 1  # the second run is served by the cache
+    (model / "weights.safetensors").write_bytes(b"v2, retrained")
+    caption_once()
+    assert _Captioner.calls == 2  # new files, new cache keys: captioned again

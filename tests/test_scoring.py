@@ -93,6 +93,11 @@ def test_corpus_bleu_from_per_item_statistics_equals_pycocoevalcap_on_every_subs
 def test_meteor_equals_pycocoevalcap():
     ours = cm.reference_metrics({"sys": CANDS}, REFS, ("meteor",))["sys"]
     _assert_same(ours, _direct(("meteor",)))
+    with_ci = cm.reference_metrics({"sys": CANDS}, REFS, ("meteor",), meteor_resamples=40)["sys"]
+    _assert_same(with_ci, _direct(("meteor",)))  # the same corpus and per-item scores through the kept statistics
+    lo, hi = with_ci.corpus_ci["meteor"]
+    per = [with_ci.per_item[k]["meteor"] for k in CANDS]
+    assert min(per) - 1e-9 <= lo <= with_ci.corpus["meteor"] <= hi <= max(per) + 1e-9 and lo < hi
 
 
 def test_line_breaks_in_captions_do_not_shift_the_ptb_tokenizer():
@@ -412,3 +417,15 @@ def test_leaderboard_headlines_corpus_bleu_as_pycocoevalcap_computes_it(score_ru
     md = (run.path / "leaderboard.md").read_text()
     assert "**bleu_4 (corpus)**" in md and "bleu_4 (mean of per-image)" in md
     assert "bleu_4 (corpus)" in (run.path / "leaderboard.html").read_text()
+
+
+def test_corpus_meteor_rows_label_the_per_image_mean():
+    from recon.analysis import leaderboard, leaderboard_markdown
+
+    records = [{"id": f"s/im{i}", "system": "s", "image_id": f"im{i}", "status": "ok",
+                "scores": {"meteor": 0.2 + i / 10}} for i in range(3)]
+    board = leaderboard(records, ["s"], n_resamples=20)
+    assert board["corpus"] == {}  # no BLEU statistics in these records
+    board["corpus"]["s"] = {"meteor": {"value": 0.31, "low": 0.25, "high": 0.36, "n": 3}}
+    md = leaderboard_markdown(board)
+    assert "| **meteor (corpus)** (higher) | 0.310 [0.250, 0.360] |" in md and "meteor (mean of per-image)" in md

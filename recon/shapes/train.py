@@ -32,7 +32,6 @@ from recon.shapes.metrics import (
     judge_accuracy,
     normalize,
     render_batch,
-    to_tensor,  # noqa: F401  re-exported: recon/shapes/flamingo.py imports it from here
     vae_round_trip,
 )
 

@@ -25,7 +25,7 @@ SD_LORA_DIR = "sd_lora"
 SD_LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def target_regex(targets: str, presets: dict[str, str], where: str) -> str | None:
+def target_regex(targets: str, presets: dict[str, str]) -> str | None:
     """A preset name or a regex -> the regex peft full-matches against module names; ``none`` -> None."""
     if targets in ("", "none"):
         return None
@@ -52,7 +52,7 @@ def add_captioner_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     from recon.captioners.flamingo import LORA_TARGETS
 
     model.requires_grad_(False)
-    regex = target_regex(cfg.targets, {**CAPTIONER_TARGETS, "flamingo": LORA_TARGETS}, "captioner_lora")
+    regex = target_regex(cfg.targets, {**CAPTIONER_TARGETS, "flamingo": LORA_TARGETS})
     if regex is None:
         return model
     from peft import get_peft_model
@@ -64,7 +64,7 @@ def add_captioner_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
 def add_unet_lora(unet: nn.Module, cfg: AdapterConfig) -> None:
     """Freeze the UNet and add LoRA layers on the targets in place (diffusers ``add_adapter``)."""
     unet.requires_grad_(False)
-    regex = target_regex(cfg.targets, UNET_TARGETS, "unet_lora")
+    regex = target_regex(cfg.targets, UNET_TARGETS)
     if regex is not None:
         _check_matched(unet, regex, "unet_lora")
         unet.add_adapter(_lora_config(cfg, regex))
