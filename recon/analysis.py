@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from recon import stats
-from recon.report import metric_direction
+from recon.config import metric_direction
 
 # Display order of metric families; unknown metrics follow in first-seen order.
 _ORDER = ("recon_", "clipscore", "refclipscore", "bleu_", "meteor", "rouge_l", "cider", "spice", "sbert")

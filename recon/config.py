@@ -273,6 +273,25 @@ TEXT_METRIC_NAMES = {"clip_text": "clip_text_similarity", "clip_text_pooler": "c
                      "sbert": "sbert_similarity"}
 
 
+def metric_direction(name: str) -> str:
+    """The one rule for every score key: ``"lower"`` is better for a name ending in ``_distance``, else
+    ``"higher"`` (similarities, CLIPScore, BLEU, ...)."""
+    return "lower" if str(name).endswith("_distance") else "higher"
+
+
+def best_index(values, metric: str) -> int:
+    """Index of the best value for ``metric`` (its direction), skipping None / NaN; ties go to the earliest (the
+    first candidate: the beam's best); 0 when no value is usable."""
+    lower = metric_direction(metric) == "lower"
+    best, best_i = None, 0
+    for i, v in enumerate(values):
+        if v is None or v != v:
+            continue
+        if best is None or (v < best if lower else v > best):
+            best, best_i = v, i
+    return best_i
+
+
 def check_decoding(d: DecodingConfig, where: str) -> None:
     """Ranges of a decoding config, named by dotted key (``where`` is its prefix)."""
     if d.method not in DECODING_METHODS:
@@ -334,14 +353,15 @@ def _preset_dict(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     data = read_yaml(path)
     base = data.pop("base", None)
     if not base or base == "none":
-        return _merge(Config().to_dict(), data)
+        return merge(Config().to_dict(), data)
     parent = _preset_dict(preset_path(base), (*seen, path.resolve()))
     parent.setdefault("name", preset_path(base).stem)
-    return _merge(parent, data)
+    return merge(parent, data)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """``over`` deep-merged onto ``base`` (run presets and finetune configs alike)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out

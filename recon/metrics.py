@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torchmetrics import Metric
 
-from recon.config import Config, load_config
+from recon.config import Config, load_config, metric_direction
 
 
 class ReconstructionScore(Metric):
@@ -52,7 +52,7 @@ class ReconstructionScore(Metric):
                                     cache=make_cache(self.config) if use_cache else Cache(None))
         self.keys = [f"recon_{n}" for n in self._recon.metric_names("image")]
         self.selected = f"recon_{self._recon.select_metric()}"
-        self.better = "lower" if self.selected.endswith("_distance") else "higher"
+        self.better = metric_direction(self.selected)
         self.all_metrics = all_metrics
         for key in self.keys:
             self.add_state(f"{key}_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")

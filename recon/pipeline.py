@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from recon import hub
-from recon.config import Config
+from recon.config import Config, best_index
 from recon.data import encode_png, image_to_tensor
 from recon.runs import Cache, derive_seed
 
@@ -301,14 +300,7 @@ class Reconstructor:
 
     @staticmethod
     def _choose(values: Sequence[float | None], metric: str) -> int:
-        lower = metric.endswith("_distance")
-        best, best_i = None, 0
-        for i, v in enumerate(values):
-            if v is None or math.isnan(v):
-                continue
-            if best is None or (v < best if lower else v > best):
-                best, best_i = v, i
-        return best_i
+        return best_index(values, metric)
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from recon.config import metric_direction  # noqa: F401 - re-exported: the report's readers import it here
 from recon.data import DataError, atomic_write_text, encode_png, load_image
 from recon.runs import read_jsonl
 
@@ -70,9 +71,6 @@ def _num(value: Any) -> str:
     return _esc(value)
 
 
-def metric_direction(name: str) -> str:
-    """``"lower"`` for a metric whose name ends in ``_distance``, else ``"higher"`` (better)."""
-    return "lower" if str(name).endswith("_distance") else "higher"
 
 
 # -------------------------------------------------------------------------------------------- statistics

@@ -74,6 +74,18 @@ def set_aside_bad_lines(path: Path) -> list[dict]:
     return records
 
 
+def append_jsonl(path: Path, record: dict, allow_nan: bool = False) -> None:
+    """Append ``record`` to a JSONL file as one write(2) of one line, then fsync: whole or absent after a kill.
+    ``allow_nan``: training metrics may be NaN (a diverged loss is a result); result records may not."""
+    line = (json.dumps(record, ensure_ascii=False, allow_nan=allow_nan, default=_json_default) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def item_dir_name(item_id: str) -> str:
     """A flat, readable, collision-free folder name for an item id (see :meth:`RunDir.image_path`)."""
     text = str(item_id)
@@ -194,14 +206,8 @@ class RunDir:
         return self._done.get(str(item_id))
 
     def append(self, record: dict) -> None:
-        """Append one record as one write(2) of one line, then fsync: a record is either whole or absent."""
-        line = (json.dumps(record, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n").encode()
-        fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Append one record (see :func:`append_jsonl`): a record is either whole or absent."""
+        append_jsonl(self.results_path, record)
         self._done[str(record["id"])] = record
 
     def image_path(self, item_id: str, name: str) -> Path:

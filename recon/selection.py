@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from recon import caption_metrics as cm
+from recon.config import best_index
 from recon.data import load_image
 from recon.experiment_data import attribute_scores, stem
 from recon.pipeline import Reconstructor, to_tensor
@@ -67,10 +68,6 @@ class CandidateReconstructor(Reconstructor):
         return out
 
 
-def _argbest(values: Sequence[float], lower: bool = False) -> int:
-    a = np.asarray(values, dtype=np.float64)
-    a = np.where(np.isfinite(a), a, np.inf if lower else -np.inf)
-    return int(np.argmin(a) if lower else np.argmax(a))  # ties: the earliest candidate (the beam caption first)
 
 
 def select_captions(run_dir: str | Path, records: Sequence[dict], recon: Reconstructor, clip: cm.ClipScore,
@@ -93,7 +90,7 @@ def select_captions(run_dir: str | Path, records: Sequence[dict], recon: Reconst
         recon_scores = [c["scores"].get(select) for c in r["candidates"]]
         rng = np.random.default_rng(derive_seed(seed, r["id"], -2, 0))
         choices = {"reconstruction": int(r["chosen"]), "first_beam": 0, "random": int(rng.integers(n)),
-                   "likelihood": _argbest(ll), "clipscore": _argbest(cs)}
+                   "likelihood": best_index(ll, "log_likelihood"), "clipscore": best_index(cs, "clipscore")}
         key = stem(r["id"])
         exact = [attribute_scores(c, truth[key])["exact"] for c in caps] if truth else None
         if exact is not None:
@@ -136,7 +133,7 @@ def select_images(run_dir: str | Path, records: Sequence[dict], clip: cm.ClipSco
         tensors = [to_tensor(load_image(run_dir / p)) for p in r["images"]]
         cs = clip.scores(tensors, [r["text"]] * k)["clipscore"]
         rng = np.random.default_rng(derive_seed(seed, r["id"], -2, 0))
-        choices = {f"by_{m}": _argbest(vs) for m, vs in r["scores_per_image"].items()}
+        choices = {f"by_{m}": best_index(vs, m) for m, vs in r["scores_per_image"].items()}  # a distance: argmin
         choices["random"] = int(rng.integers(k))
         judged = None
         if judge is not None and truth is not None:

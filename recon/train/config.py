@@ -25,6 +25,7 @@ from recon.config import (
     apply_override,
     check_decoding,
     from_dict,
+    merge,
     read_yaml,
 )
 from recon.runs import flatten, same_value
@@ -259,17 +260,10 @@ def finetune_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"unknown finetune config {name_or_path!r}; available: {', '.join(known)} (or a YAML path)")
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_finetune_config(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
     """Read a finetune YAML over the defaults, apply ``key=value`` overrides, validate."""
     path = finetune_config_path(path_or_name)
-    data = _merge(FinetuneConfig().to_dict(), read_yaml(path))
+    data = merge(FinetuneConfig().to_dict(), read_yaml(path))
     data.setdefault("name", path.stem)
     for o in overrides:
         apply_override(data, o)

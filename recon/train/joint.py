@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from recon import hub
-from recon.runs import derive_seed, set_aside_bad_lines
+from recon.runs import append_jsonl, derive_seed, set_aside_bad_lines
 from recon.train import adapters
 from recon.train.bridge import SoftTokenBridge, coverage_line, token_coverage, vocab_index
 from recon.train.config import FinetuneConfig, changed_keys
@@ -148,7 +148,8 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator) 
         with accelerator.autocast():
             v = validate(captioner, pipe, cfg.generator, val_batch, pairs, cfg.validation, val_metric, t.seed)
         save_png(v.grid, out / "samples" / f"step-{step:08d}.png")
-        append_jsonl(out / "validation.jsonl", {"step": step, **v.metrics, "captions": v.captions[:8]})
+        append_jsonl(out / "validation.jsonl", {"step": step, **v.metrics, "captions": v.captions[:8]},
+                     allow_nan=True)
         accelerator.log(v.metrics, step=step)
         log_grid(accelerator, v.grid, step)
         accelerator.print(f"validation step {step}: " + " ".join(f"{k[4:]} {x:.4f}" for k, x in v.metrics.items()))
@@ -184,7 +185,7 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator) 
                   **norms, "lr": lr_scheduler.get_last_lr()[0]}
         record = reduce_record(accelerator, record)
         if main:
-            append_jsonl(out / "metrics.jsonl", record)
+            append_jsonl(out / "metrics.jsonl", record, allow_nan=True)
         accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
         if state.step % t.log_every == 0 or state.step == last_stop:
             rate = (time.time() - t0) / (state.step - first)
@@ -325,15 +326,6 @@ def tracker_config(cfg: FinetuneConfig) -> dict:
     from recon.runs import flatten
 
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(cfg.to_dict()).items()}
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    line = (json.dumps(record, allow_nan=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
 
 
 def truncate_records(out: Path, step: int) -> None:
