@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -225,6 +226,17 @@ class Reconstructor:
         with torch.inference_mode():
             return {n: m(list(texts), list(others)).float().cpu().tolist() for n, m in self.text_metrics.items()}
 
+    def score_reconstructions(self, original, original_hash: str, rendered: Sequence[Rendered]) -> dict:
+        """One caption's K reconstructions against its original: ``per_image`` scores per metric, ``scores`` (mean
+        over the images the safety checker did not flag; None when all were), ``std`` (their sample std, None
+        for fewer than 2), ``flagged`` and ``warnings``. The one place both directions' candidate scores and
+        ``recon score`` come from."""
+        per_image = self.score_images(original, original_hash, [r.png for r in rendered])
+        kept = {m: [v for v, r in zip(vs, rendered) if not r.flagged] for m, vs in per_image.items()}
+        std = {m: float(statistics.stdev(vs)) if len(vs) > 1 else None for m, vs in kept.items()}
+        return {"scores": {m: _mean(vs) for m, vs in kept.items()}, "std": std, "per_image": per_image,
+                "flagged": [r.flagged for r in rendered], "warnings": sorted({w for r in rendered for w in r.warnings})}
+
     # ------------------------------------------------------------------ the two directions
     def select_metric(self) -> str:
         names = self.metric_names("image")
@@ -255,17 +267,13 @@ class Reconstructor:
             for cap in caps:
                 chunk, chunk_seeds = rendered[pos:pos + K], seeds[pos:pos + K]
                 pos += K
-                per_image = self.score_images(original, h, [r.png for r in chunk])
-                keep = [not r.flagged for r in chunk]
-                for r in chunk:
-                    warnings += [w for w in r.warnings if w not in warnings]
+                scored = self.score_reconstructions(original, h, chunk)
+                warnings += [w for w in scored["warnings"] if w not in warnings]
                 if not cap.strip():
                     warnings.append("captioner returned an empty caption")
                 candidates.append({
-                    "caption": cap,
-                    "scores": {n: _mean([v for v, ok in zip(vals, keep) if ok]) for n, vals in per_image.items()},
-                    "scores_per_image": per_image, "seeds": chunk_seeds, "flagged": [r.flagged for r in chunk],
-                    "png": [r.png for r in chunk]})
+                    "caption": cap, "scores": scored["scores"], "scores_per_image": scored["per_image"],
+                    "seeds": chunk_seeds, "flagged": scored["flagged"], "png": [r.png for r in chunk]})
             chosen = self._choose([c["scores"][select] for c in candidates], select)
             records.append({"id": item_id, "status": "ok", "direction": "image-text-image",
                             "candidates": candidates, "chosen": chosen, "caption": candidates[chosen]["caption"],

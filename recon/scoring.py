@@ -113,15 +113,11 @@ def reconstruct(recon, requests: Sequence[tuple[str, str, object, str, str]], se
     for n, (_, key, original, original_hash, _) in enumerate(requests):
         chunk = rendered[n * K:(n + 1) * K]
         with timer("recon_similarity"):
-            per_image = recon.score_images(original, original_hash, [r.png for r in chunk])
-        keep = [not r.flagged for r in chunk]
-        kept = {m: [v for v, ok in zip(vs, keep) if ok] for m, vs in per_image.items()}
-        out.append({"scores": {f"recon_{m}": float(np.mean(vs)) if vs else None for m, vs in kept.items()},
-                    "std": {f"recon_{m}": float(np.std(vs, ddof=1)) if len(vs) > 1 else None
-                            for m, vs in kept.items()},
-                    "per_image": {f"recon_{m}": vs for m, vs in per_image.items()}, "seeds": seeds[key],
-                    "png": [r.png for r in chunk], "flagged": [r.flagged for r in chunk],
-                    "warnings": sorted({w for r in chunk for w in r.warnings})})
+            scored = recon.score_reconstructions(original, original_hash, chunk)
+        out.append({**{part: {f"recon_{m}": v for m, v in scored[part].items()}
+                       for part in ("scores", "std", "per_image")},
+                    "seeds": seeds[key], "png": [r.png for r in chunk], "flagged": scored["flagged"],
+                    "warnings": scored["warnings"]})
     return out
 
 
