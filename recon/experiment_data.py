@@ -59,8 +59,13 @@ def attribute_scores(caption: str, truth: dict[str, str]) -> dict[str, float]:
     ``attributes``: the fraction of the five it names right."""
     from recon.shapes import world
 
-    parsed = world.parse_caption(caption)
-    right = [parsed[a] == truth[a] for a in world.ATTRIBUTES]
+    return attribute_agreement(world.parse_caption(caption), truth)
+
+
+def attribute_agreement(predicted: dict[str, str], truth: dict[str, str]) -> dict[str, float]:
+    """``exact`` / ``attributes`` of predicted attribute values (a parsed caption, or the judge's reading of an
+    image) against the true ones."""
+    right = [predicted.get(a) == v for a, v in truth.items()]
     return {"exact": float(all(right)), "attributes": sum(right) / len(right)}
 
 
@@ -139,8 +144,13 @@ def write_outputs(out: Path, table_md: str, summary: dict, details: list | None 
 
 def run_script(main: Callable[[], int], name: str) -> None:
     """Exit with ``main()``'s code; an error a user can fix is one line, not a traceback."""
+    from recon.cli import USER_ERRORS
+
     try:
         sys.exit(main())
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -24,7 +24,7 @@ import torch
 from recon import caption_metrics as cm
 from recon.config import best_index
 from recon.data import load_image
-from recon.experiment_data import attribute_scores, stem
+from recon.experiment_data import attribute_agreement, attribute_scores, stem
 from recon.pipeline import Reconstructor, to_tensor
 from recon.runs import derive_seed
 
@@ -139,7 +139,7 @@ def select_images(run_dir: str | Path, records: Sequence[dict], clip: cm.ClipSco
         if judge is not None and truth is not None:
             with torch.no_grad():
                 predicted = judge.predict(torch.stack(tensors))
-            judged = [attribute_scores_from(p, truth[str(r["id"])]) for p in predicted]
+            judged = [attribute_agreement(p, truth[str(r["id"])]) for p in predicted]
             exact = [j["exact"] for j in judged]
             choices["oracle"] = int(np.argmax(exact))
         details.append({"id": r["id"], "text": r["text"], "captions": r["captions"], "clipscore": cs,
@@ -151,8 +151,3 @@ def select_images(run_dir: str | Path, records: Sequence[dict], clip: cm.ClipSco
                 v.setdefault("judge_exact_acc", []).append(judged[i]["exact"])
                 v.setdefault("judge_attribute_acc", []).append(judged[i]["attributes"])
     return values, details
-
-
-def attribute_scores_from(predicted: dict[str, str], truth: dict[str, str]) -> dict[str, float]:
-    right = [predicted[a] == truth[a] for a in truth]
-    return {"exact": float(all(right)), "attributes": sum(right) / len(right)}
