@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from recon.captioners.flamingo_model import (
+from recon.captioners.flamingo import (
     CheckpointKeyError,
     Flamingo,
     generate,

@@ -258,7 +258,7 @@ def clip_pixels(images: np.ndarray, preprocess) -> torch.Tensor:
 
 def train_flamingo_stage(model, tokenizer, preprocess, seed: int = 0, steps: int | None = None) -> dict:
     """Stage 2: perceiver + gated cross-attention on interleaved rendered scenes; LM and vision frozen."""
-    from recon.captioners.flamingo_model import vision_tokens
+    from recon.captioners.flamingo.model import vision_tokens
 
     model.train()
     model.lang_model.eval()  # frozen: no dropout either
@@ -300,7 +300,7 @@ def train(out: Path | None = None, work: Path | None = None, clip: str = "builti
     training.json). The LM of stage 1 is kept in ``work/lm`` so a rerun goes straight to stage 2."""
     from recon import hub
     from recon.captioners.flamingo import EOC_TOKEN, MEDIA_TOKEN, save_flamingo, vision_weights_sha256
-    from recon.captioners.flamingo_model import Flamingo
+    from recon.captioners.flamingo.model import Flamingo
     from recon.similarity.preprocess import ImagePreprocess
 
     torch.set_num_threads(threads)

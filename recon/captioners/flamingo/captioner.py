@@ -28,14 +28,8 @@ num_shots=4, selection="rices")``); without a pool (a preset alone) the prompt i
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -48,262 +42,27 @@ from recon.captioners.blip import (
     seeded,
     sequence_log_prob,
 )
-from recon.captioners.flamingo_model import (
-    Flamingo,
-    generate,
-    load_openflamingo_state_dict,
-    vision_embedding,
+from recon.captioners.flamingo.decoding import generate
+from recon.captioners.flamingo.model import Flamingo, vision_embedding
+from recon.captioners.flamingo.prompts import (
+    EOC_TOKEN,
+    TEXT_ONLY_ZERO_SHOT,
+    Demonstrations,
+    few_shot_prompt,
+)
+from recon.captioners.flamingo.weights import (
+    flamingo_spec,
+    load_flamingo,
 )
 from recon.config import CaptionerConfig, DecodingConfig
 
-log = logging.getLogger(__name__)
-
-MEDIA_TOKEN, EOC_TOKEN, PAD_TOKEN = "<image>", "<|endofchunk|>", "<PAD>"
 # LoRA: every linear layer of the perceiver and of the gated cross-attention blocks (peft full-matches the regex
 # against module names of the Flamingo module); the tanh gates are trained whole.
 LORA_TARGETS = (r"(perceiver\.layers\.\d+\.0\.(to_q|to_kv|to_out)|perceiver\.layers\.\d+\.1\.[13]"
                 r"|gated_cross_attn\.\d+\.(attn\.(to_q|to_kv|to_out)|ff\.[13]))")
 LORA_MODULES_TO_SAVE = ("attn_gate", "ff_gate")
-CHUNK_SEPARATOR = "\n"  # OpenFlamingo's captioning evaluation joins demonstrations with a newline
-TEXT_ONLY_ZERO_SHOT = 2
-
-# OpenFlamingo v2 releases (all CLIP ViT-L-14 openai). COCO CIDEr reported by OpenFlamingo: 3B 74.9 / 77.3 / 93.0
-# at 0 / 4 / 32 shots; 4-shot: 3B 77.3, 4B 81.8, 9B 89.0. Flamingo-3B (DeepMind): 73.0 / 85.0 / 99.0.
-_VITL = dict(vision="ViT-L-14", vision_pretrained="openai")
-OPENFLAMINGO_RELEASES: dict[str, dict] = {
-    "openflamingo/OpenFlamingo-3B-vitl-mpt1b": dict(
-        _VITL, lang_model="anas-awadalla/mpt-1b-redpajama-200b", cross_attn_every_n_layers=1),
-    "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": dict(
-        _VITL, lang_model="anas-awadalla/mpt-1b-redpajama-200b-dolly", cross_attn_every_n_layers=1),
-    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": dict(
-        _VITL, lang_model="togethercomputer/RedPajama-INCITE-Base-3B-v1", cross_attn_every_n_layers=2),
-    "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct": dict(
-        _VITL, lang_model="togethercomputer/RedPajama-INCITE-Instruct-3B-v1", cross_attn_every_n_layers=2),
-    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": dict(
-        _VITL, lang_model="anas-awadalla/mpt-7b", cross_attn_every_n_layers=4),
-}
 
 
-# MosaicGPT (mpt-1b) has no transformers class: loading it runs code from its repository. recon never does that
-# by default; opt in with RECON_TRUST_REMOTE_CODE=1 or "trust_remote_code": true in a flamingo.json.
-REMOTE_CODE_LMS = {"anas-awadalla/mpt-1b-redpajama-200b", "anas-awadalla/mpt-1b-redpajama-200b-dolly"}
-
-
-@dataclass
-class FlamingoSpec:
-    """What to build: the parts (ids or paths), the architecture, and the weights file."""
-
-    lang_model: str
-    vision: str
-    vision_pretrained: str | None = None
-    tokenizer: str | None = None  # default: lang_model
-    cross_attn_every_n_layers: int = 1
-    perceiver: dict = field(default_factory=dict)
-    xattn: dict = field(default_factory=dict)
-    decoder_layers_attr: str | None = None
-    trust_remote_code: bool = False
-    weights: str | None = None
-    vision_sha256: str | None = None  # of the tower's weights file (local towers): training pairs them
-    root: Path | None = None  # relative paths above are relative to this directory
-
-    def part(self, ref: str | None, what: str) -> str | None:
-        if ref is None:
-            return None
-        if self.root is not None and (self.root / ref).exists():
-            return str(self.root / ref)
-        return hub.resolve(ref, what, "captioner.model")
-
-
-def flamingo_spec(model_id: str, checkpoint: str | None = None) -> FlamingoSpec:
-    """Resolve ``captioner.model`` (+ ``captioner.checkpoint``) to a :class:`FlamingoSpec` (no weights loaded)."""
-    known = {f.name for f in fields(FlamingoSpec)} - {"root"}
-    if model_id in OPENFLAMINGO_RELEASES:
-        spec = FlamingoSpec(**OPENFLAMINGO_RELEASES[model_id])
-        spec.weights = checkpoint or str(Path(hub.resolve(model_id, "OpenFlamingo checkpoint", "captioner.model"))
-                                         / "checkpoint.pt")
-        return spec
-    root = Path(hub.resolve(model_id, "captioner", "captioner.model"))
-    meta_path = root / "flamingo.json"
-    if not meta_path.is_file():
-        raise ValueError(f"captioner.model={model_id!r}: {root} has no flamingo.json and is not an OpenFlamingo "
-                         f"release ({', '.join(OPENFLAMINGO_RELEASES)}); see recon.captioners.flamingo's docstring")
-    meta = json.loads(meta_path.read_text())
-    release = meta.pop("release", None)
-    for key in ("format", "version", "notes"):
-        meta.pop(key, None)
-    unknown = sorted(set(meta) - known)
-    if unknown:
-        raise ValueError(f"{meta_path}: unknown key(s) {unknown}; valid: {sorted(known | {'release'})}")
-    if release is not None and release not in OPENFLAMINGO_RELEASES:
-        raise ValueError(f"{meta_path}: unknown release {release!r}; known: {sorted(OPENFLAMINGO_RELEASES)}")
-    spec = FlamingoSpec(**{**OPENFLAMINGO_RELEASES.get(release, {}), **meta}, root=root)
-    if checkpoint:
-        spec.weights = checkpoint
-    elif spec.weights is None and (root / "checkpoint.pt").is_file():
-        spec.weights = "checkpoint.pt"
-    return spec
-
-
-def load_flamingo(spec: FlamingoSpec, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Build the model of ``spec`` as OpenFlamingo's factory does (special tokens added, embeddings resized to the
-    tokenizer), load its weights, move to ``device`` / ``dtype``. Returns ``(model, tokenizer, preprocess_cfg)``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    lm_path = spec.part(spec.lang_model, "Flamingo language model")
-    tok_path = spec.part(spec.tokenizer, "Flamingo tokenizer") or lm_path
-    trusted = spec.trust_remote_code or os.environ.get("RECON_TRUST_REMOTE_CODE") == "1"
-    if spec.lang_model in REMOTE_CODE_LMS and not trusted:
-        raise ValueError(f"{spec.lang_model} runs code from its own repository (no transformers class); recon does "
-                         "not trust remote code by default. Opt in with RECON_TRUST_REMOTE_CODE=1, or "
-                         "\"trust_remote_code\": true in the model folder's flamingo.json")
-    remote = dict(trust_remote_code=True) if trusted else {}
-    if remote:
-        log.warning("loading %s with trust_remote_code=True (code from that repository runs)", spec.lang_model)
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, **remote)
-    tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    lang_model = AutoModelForCausalLM.from_pretrained(lm_path, **remote)
-    try:
-        lang_model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):  # MosaicGPT (mpt-1b): patched as OpenFlamingo's factory does
-        lang_model.get_input_embeddings = lambda: lang_model.transformer.wte
-        lang_model.set_input_embeddings = lambda emb: setattr(lang_model.transformer, "wte", emb)
-    if lang_model.get_input_embeddings().num_embeddings != len(tokenizer):
-        lang_model.resize_token_embeddings(len(tokenizer))
-    vision = str(spec.root / spec.vision) if spec.root and (spec.root / spec.vision).exists() else spec.vision
-    if spec.vision_sha256:
-        found = vision_weights_sha256(hub.resolve(vision, "Flamingo vision tower", "captioner.model"))
-        if found != spec.vision_sha256:
-            raise ValueError(f"vision tower {spec.vision} is not the one this Flamingo was trained with (weights "
-                             f"sha256 {found} != {spec.vision_sha256}); retrain the perceiver and cross-attention "
-                             "on it (shapes: python -m recon.shapes.flamingo train)")
-    clip, preprocess_cfg, _ = hub.load_open_clip(vision, spec.vision_pretrained, torch.device("cpu"),
-                                                 field="captioner.model")
-    model = Flamingo(clip.visual, lang_model, tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
-                     tokenizer.convert_tokens_to_ids(EOC_TOKEN), spec.cross_attn_every_n_layers, spec.perceiver,
-                     spec.xattn, spec.decoder_layers_attr)
-    if spec.weights:
-        path = spec.part(spec.weights, "Flamingo weights")
-        load_openflamingo_state_dict(model, hub.load_safetensors_or_pt(path), where=path)
-    else:
-        log.warning("%s: no weights file: perceiver and cross-attention are untrained (gates 0: the bare LM)",
-                    spec.lang_model)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, preprocess_cfg
-
-
-def vision_weights_sha256(path: str | Path) -> str | None:
-    """sha256 of an open_clip model folder's weights file (None if there is none)."""
-    import hashlib
-
-    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        if (Path(path) / name).is_file():
-            return hashlib.sha256((Path(path) / name).read_bytes()).hexdigest()
-    return None
-
-
-def save_flamingo(model: Flamingo, tokenizer, out: str | Path, vision: str, vision_pretrained: str | None = None,
-                  half: bool = False, vision_sha256: str | None = None) -> Path:
-    """Write ``out/`` loadable as ``captioner.model``: ``lm/`` (the LM and tokenizer, Hugging Face layout),
-    ``flamingo.safetensors`` (perceiver, cross-attention and LM embeddings under OpenFlamingo's keys) and
-    ``flamingo.json``. ``vision`` is the hub.load_open_clip spec of the tower (an id, not copied)."""
-    from safetensors.torch import save_file
-
-    from recon.captioners.flamingo_model import to_openflamingo_state_dict
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float16 if half else torch.float32
-    lm_state = {k: v.detach().to(dtype).contiguous() for k, v in model.lang_model.state_dict().items()}
-    model.lang_model.save_pretrained(out / "lm", state_dict=lm_state)
-    tokenizer.save_pretrained(out / "lm")
-    state = {k: v.detach().to(dtype).contiguous() for k, v in to_openflamingo_state_dict(model).items()}
-    save_file(state, str(out / "flamingo.safetensors"))
-    meta = dict(format="recon-flamingo", version=1, lang_model="lm", tokenizer="lm", vision=vision,
-                vision_pretrained=vision_pretrained, cross_attn_every_n_layers=model.cross_attn_every_n_layers,
-                perceiver=model.perceiver_cfg, xattn=model.xattn_cfg, decoder_layers_attr=model.decoder_layers_attr,
-                weights="flamingo.safetensors", vision_sha256=vision_sha256)
-    (out / "flamingo.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- prompts
-def chunk(caption: str | None, prompt: str = "Output:", image: bool = True) -> str:
-    """One interleaved chunk: ``<image>Output:{caption}<|endofchunk|>``; ``caption=None`` leaves it open."""
-    head = (MEDIA_TOKEN if image else "") + prompt
-    return head if caption is None else f"{head}{caption.strip()}{EOC_TOKEN}"
-
-
-def few_shot_prompt(demo_captions: Sequence[str], prompt: str = "Output:", demo_images: bool = True,
-                    separator: str = CHUNK_SEPARATOR) -> str:
-    """Demonstrations then the open query chunk (the query always has its image)."""
-    return "".join(chunk(c, prompt, demo_images) + separator for c in demo_captions) + chunk(None, prompt)
-
-
-class Demonstrations:
-    """A pool of (image, caption) pairs to draw in-context examples from; images as PIL or paths (loaded on use).
-
-    ``select(k, seed)``: ``k`` distinct pairs drawn by ``numpy.random.default_rng(seed)``; ``rank(k, query)``: the
-    ``k`` most CLIP-similar to a query embedding (RICES), ordered so the most similar comes last.
-    """
-
-    def __init__(self, images: Sequence[Image.Image | str | Path], captions: Sequence[str]):
-        if len(images) != len(captions):
-            raise ValueError(f"{len(images)} demonstration images but {len(captions)} captions")
-        self._images, self.captions = list(images), [" ".join(c.split()) for c in captions]
-        self._embeddings: torch.Tensor | None = None
-
-    @classmethod
-    def from_coco(cls, captions_file: str | Path, image_dir: str | Path, limit: int | None = 2048,
-                  seed: int = 0) -> Demonstrations:
-        """A COCO captions json + its image folder; ``limit`` images drawn with ``seed`` (OpenFlamingo samples
-        random demonstrations from 2048 training images), one of each image's captions drawn likewise."""
-        from recon.captions_io import read_coco_captions
-
-        refs = read_coco_captions(captions_file)
-        ids = sorted(refs.refs, key=str)
-        missing = [i for i in ids if i not in refs.file_names]
-        if missing:
-            raise ValueError(f"{captions_file}: no file_name for image id(s) {missing[:5]} in 'images'")
-        rng = np.random.default_rng(int(seed))
-        if limit and len(ids) > limit:
-            ids = [ids[i] for i in sorted(rng.choice(len(ids), size=limit, replace=False))]
-        captions = [refs.refs[i][int(rng.integers(len(refs.refs[i])))] for i in ids]
-        return cls([Path(image_dir) / refs.file_names[i] for i in ids], captions)
-
-    def image(self, i: int) -> Image.Image:
-        im = self._images[i]
-        if isinstance(im, Image.Image):
-            return im
-        from recon.data import load_image
-
-        return load_image(im)
-
-    def images(self, indices: Sequence[int]) -> list[Image.Image]:
-        return [self.image(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def _check(self, k: int) -> None:
-        if k > len(self):
-            raise ValueError(f"{k} demonstrations asked for but the pool has {len(self)}")
-
-    def select(self, k: int, seed: int) -> list[int]:
-        self._check(k)
-        return [int(i) for i in np.random.default_rng(int(seed)).choice(len(self), size=k, replace=False)]
-
-    def rank(self, k: int, query: torch.Tensor, embed) -> list[int]:
-        self._check(k)
-        if self._embeddings is None:
-            self._embeddings = torch.nn.functional.normalize(torch.cat(
-                [embed(self.images(range(s, min(s + 64, len(self))))).float() for s in range(0, len(self), 64)]),
-                dim=-1)
-        sim = self._embeddings.to(query.device) @ torch.nn.functional.normalize(query.float(), dim=-1)
-        return [int(i) for i in reversed(sim.topk(k).indices.tolist())]
-
-
-# ----------------------------------------------------------------------------------------------- the backend
 class FlamingoCaptioner:
     """Flamingo captioner (see the module docstring for prompts and ``captioner.model``).
 
