@@ -438,8 +438,24 @@ def test_shipped_shapes_flamingo_learns_the_format_from_one_example():
     from recon.shapes import flamingo as sf
 
     if not (hub.SHAPES_BUNDLE / "flamingo" / "flamingo.json").is_file():
-        pytest.skip("bundle/flamingo not trained (python -m recon.shapes.flamingo train)")
+        pytest.skip("bundle/flamingo not trained (recon shapes train --component flamingo)")
     result = sf.fewshot_eval([0, 1], n=8, seed=0)
     assert result["0"]["format_following"] == 0 and result["0"]["attr_acc"] >= 0.8  # its own wording, right values
     assert result["1"]["format_following"] >= 0.75 and result["1"]["attr_acc"] >= 0.8
     assert result["1"]["lm_only_format_following"] >= 0.75 and result["1"]["lm_only_attr_acc"] < 0.6  # LM: no eyes
+
+
+def test_shapes_flamingo_training_two_step_smoke(tmp_path):
+    """Both stages of `recon shapes train --component flamingo`, two steps each: a loadable captioner comes out."""
+    from recon.captioners.flamingo import FlamingoCaptioner, flamingo_spec, load_flamingo
+    from recon.config import CaptionerConfig, DecodingConfig
+    from recon.shapes import world
+    from recon.shapes.flamingo import PROMPT, train
+
+    record = train(tmp_path / "flamingo", tmp_path / "work", lm_steps=2, flamingo_steps=2)
+    assert record["stage2"]["steps"] == 2 and (tmp_path / "flamingo" / "flamingo.json").is_file()
+    model, tokenizer, pre = load_flamingo(flamingo_spec(str(tmp_path / "flamingo")), torch.device("cpu"))
+    cfg = CaptionerConfig(backend="flamingo", model=str(tmp_path / "flamingo"), prompt=PROMPT,
+                          decoding=DecodingConfig(method="greedy", min_new_tokens=1, max_new_tokens=4))
+    (caps,) = FlamingoCaptioner(model, tokenizer, pre, cfg).caption([world.render_pil(world.sample_scenes(1, 0)[0])])
+    assert len(caps) == 1 and isinstance(caps[0], str)

@@ -243,3 +243,34 @@ def test_training_resume_refuses_a_planted_pickle(tmp_path):
     with pytest.raises(ValueError, match="judge.ckpt.pt: cannot resume"):
         run_loop(args, "judge", {"m": layer}, list(layer.parameters()), step)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_resumed_training_equals_the_uninterrupted_one(tmp_path):
+    """Killed after step 2 of 4 (every step checkpointed), then rerun: weights, optimizer and schedule continue
+    exactly; the final weights equal a run that was never interrupted."""
+    from recon.shapes.train import TrainArgs, run_loop
+
+    def run(work, die_at=None):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 2)
+
+        def step(i):
+            if i == die_at:
+                raise KeyboardInterrupt  # the kill
+            g = torch.Generator().manual_seed(1000 + i)  # the data of step i, as the components draw it
+            x, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+            loss = torch.nn.functional.mse_loss(layer(x), y)
+            loss.backward()
+            return float(loss)
+
+        work.mkdir(exist_ok=True)
+        args = TrainArgs(component="judge", out=work, work=work, steps=4, checkpoint_seconds=0)
+        run_loop(args, "judge", {"m": layer}, list(layer.parameters()), step)
+        return layer.state_dict()
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", die_at=2)
+    resumed = run(tmp_path / "b")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0)

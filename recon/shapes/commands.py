@@ -24,7 +24,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     sub = shapes.add_subparsers(dest="shapes_command", required=True)
 
     tr = sub.add_parser("train", help="train bundle components on CPU (checkpointed; a rerun resumes)")
-    tr.add_argument("--component", required=True, choices=[*COMPONENTS, "all"])
+    tr.add_argument("--component", required=True, choices=[*COMPONENTS, "flamingo", "all"],
+                    help="all: every part but weak and flamingo (flamingo needs the trained clip)")
     tr.add_argument("--out", type=Path, default=SHAPES_BUNDLE, help="bundle directory (default: the shipped one)")
     tr.add_argument("--work", type=Path, default=None, help="checkpoints (default: $RECON_CACHE/shapes-train/NAME)")
     tr.add_argument("--seed", type=int, default=0)
@@ -88,6 +89,12 @@ def run_train(args: argparse.Namespace) -> int:
     from recon.shapes.train import TrainArgs, train
 
     work = args.work or cache_root() / "shapes-train" / Path(args.out).resolve().name
+    if args.component == "flamingo":  # two stages of its own: the LM on text, then perceiver + cross-attention
+        from recon.shapes.flamingo import train as train_flamingo
+
+        train_flamingo(Path(args.out) / "flamingo", Path(work) / "flamingo", seed=args.seed,
+                       flamingo_steps=args.steps, threads=args.threads)
+        return 0
     train(TrainArgs(component=args.component, out=Path(args.out), work=Path(work), seed=args.seed,
                     steps=args.steps, minutes=args.minutes, threads=args.threads, device=args.device,
                     init_from=args.init_from, batch=args.batch, lr=args.lr))

@@ -18,7 +18,8 @@ Recipe (as Flamingo, at toy scale, CPU-minutes):
    stage contains. It reaches the model only through the in-context examples: k rendered scenes captioned in it,
    then the query scene.
 
-``python -m recon.shapes.flamingo train`` trains both stages into ``bundle/flamingo``; ``... eval --shots 0,1,2,4``
+``recon shapes train --component flamingo`` trains both stages into ``bundle/flamingo``;
+``recon shapes eval --captioner flamingo --shots 0,1,2,4``
 prints :func:`fewshot_eval`'s json.
 """
 
@@ -29,7 +30,6 @@ import itertools
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,35 +391,3 @@ def fewshot_eval(shots: list[int], n: int, seed: int, bundle_dir: str | Path | N
         entry["example"] = outputs[0]
         result[str(k)] = entry
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m recon.shapes.flamingo")
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train the shapes Flamingo (LM, then perceiver + cross-attention)")
-    tr.add_argument("--out", type=Path, default=None)
-    tr.add_argument("--work", type=Path, default=None)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--lm-steps", type=int, default=None)
-    tr.add_argument("--flamingo-steps", type=int, default=None)
-    tr.add_argument("--threads", type=int, default=1)
-    ev = sub.add_parser("eval", help="few-shot learning of the unseen caption format")
-    ev.add_argument("--shots", default="0,1,2,4")
-    ev.add_argument("--n", type=int, default=200)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--bundle", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        train(args.out, args.work, seed=args.seed, lm_steps=args.lm_steps, flamingo_steps=args.flamingo_steps,
-              threads=args.threads)
-    else:
-        torch.set_num_threads(1)
-        print(json.dumps(fewshot_eval([int(s) for s in args.shots.split(",")], args.n, args.seed, args.bundle),
-                         indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

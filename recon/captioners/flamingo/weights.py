@@ -130,7 +130,7 @@ def load_flamingo(spec: FlamingoSpec, device: torch.device, dtype: torch.dtype =
         if found != spec.vision_sha256:
             raise ValueError(f"vision tower {spec.vision} is not the one this Flamingo was trained with (weights "
                              f"sha256 {found} != {spec.vision_sha256}); retrain the perceiver and cross-attention "
-                             "on it (shapes: python -m recon.shapes.flamingo train)")
+                             "on it (shapes: recon shapes train --component flamingo)")
     clip, preprocess_cfg, _ = hub.load_open_clip(vision, spec.vision_pretrained, torch.device("cpu"),
                                                  field="captioner.model")
     model = Flamingo(clip.visual, lang_model, tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
