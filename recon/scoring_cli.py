@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     a.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the run's seed)")
     a.set_defaults(handler=run_analyze)
 
+    from recon import metaeval
+
+    metaeval.register(subparsers)  # metaeval
+
 
 def run_score(args: argparse.Namespace) -> int:
     from recon.scoring import score_caption_sets

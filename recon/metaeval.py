@@ -1,0 +1,487 @@
+"""``recon metaeval``: how well does each caption metric agree with human judgments?
+
+The judgment sets of the caption-metric literature, read in their released formats (:mod:`recon.metaeval_formats`),
+or the shapes set whose truth is exact (:mod:`recon.shapes.judgments`), are scored with ``recon score``'s own
+machinery and cache, then compared with the judgments by the statistic the literature uses for each set:
+
+* Flickr8k-Expert and Composite: Kendall tau-c; Flickr8k-CF: Kendall tau-b (``scipy.stats.kendalltau``'s
+  ``variant``), between a metric and the human ratings, over all judgments (Expert's three scores are three rows);
+* PASCAL-50S: pairwise accuracy per category (HC, HI, HM, MM) and over all pairs; FOIL: pair accuracy. A metric is
+  right on a pair when it scores the human-preferred caption higher; a tie counts 1/2 (a coin flip's expectation).
+
+How a set is scored: its judged captions are grouped into *units*, one per image and reference list (so the
+captions of one image share reconstruction noise); each unit's distinct captions go to slot files ``c00.json``,
+``c01.json``, ... (``{unit: caption}``), its references and image file to a COCO-style ``refs.json``; then
+:func:`recon.scoring.score_caption_sets` fills one run directory per metric family (``runs/<file>/<metric>``).
+Adding a metric adds a run directory; the others resume without work, and reconstructions come from the cache.
+
+Uncertainty: 95% percentile bootstrap intervals resampling images (a judged image's judgments move together):
+for Kendall's tau each metric is recomputed on the same resamples, which also give paired differences
+between metrics (two-sided bootstrap p); for accuracies :func:`recon.stats.bootstrap_mean` and
+:func:`recon.stats.paired_test` (permutation p) run on per-image sums. p-values are Holm-adjusted per set.
+A ``*_distance`` metric is negated first, so for every metric higher agreement is better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recon.metaeval_formats import FORMATS, STATISTIC, Candidate, Judgments, detect_format, read_judgments
+from recon.run_args import add_run_args, config_from_args, count
+
+INPUTS_DIR, RUNS_DIR = "inputs", "runs"
+
+
+def register(subparsers) -> None:
+    """Add the ``metaeval`` command to an argparse subparsers object."""
+    from recon.caption_sets import ALL_METRICS
+
+    p = subparsers.add_parser(
+        "metaeval", help="meta-evaluate caption metrics against human judgments (Flickr8k-Expert/CF, Composite, "
+                         "PASCAL-50S, FOIL) or the exact shapes judgment set",
+        description="Kendall tau-c / tau-b, or pairwise accuracy, of every metric against human judgments, with "
+                    "bootstrap CIs, a leaderboard and paired comparisons. Reuses `recon score`'s cache.")
+    p.add_argument("judgments", nargs="*", help="ExpertAnnotations.txt, CrowdFlowerAnnotations.txt, "
+                                                "*_correctness.csv, pair_pascal.mat, FOIL json")
+    p.add_argument("--images", action="append", default=[], help="image folder: once, or once per judgments file")
+    p.add_argument("--refs", action="append", default=[],
+                   help="Flickr token file (Flickr8k.token.txt; Expert and CF need it for the caption text) or "
+                        "a references JSON: once, or once per file. PASCAL-50S and FOIL carry their own")
+    p.add_argument("--format", choices=FORMATS, default=None, help="every file's format (default: from its name)")
+    p.add_argument("--shapes", type=count(1), default=None, metavar="N",
+                   help="write the shapes judgment set of N scenes to OUT/judgments, then evaluate it")
+    p.add_argument("--metrics", default=None, help=f"comma-separated subset of {','.join(ALL_METRICS)} "
+                                                   "(default: all that the inputs allow)")
+    p.add_argument("--pascal-refs", type=count(0), default=5, help="references per PASCAL-50S pair, drawn from its "
+                                                                   "48 (0: all)")
+    p.add_argument("--clip-prefix", default="", help="text before captions for CLIPScore ('A photo depicts ')")
+    p.add_argument("--resamples", type=count(1), default=1000, help="bootstrap resamples")
+    add_run_args(p, limit_help="use only the judgments of the first N images of each file")
+    p.set_defaults(handler=run_metaeval)
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    format: str
+    images: Path
+    refs: Path | None = None
+
+
+def sources_from_args(files: list[str], images: list[str], refs: list[str], fmt: str | None) -> list[Source]:
+    if not files:
+        raise ValueError("give judgment files (e.g. ExpertAnnotations.txt --images Flicker8k_Dataset --refs "
+                         "Flickr8k.token.txt), or --shapes N")
+    for name, given in (("--images", images), ("--refs", refs)):
+        if len(given) > 1 and len(given) != len(files):
+            raise ValueError(f"{name} is given {len(given)} times for {len(files)} judgment files: give it once, "
+                             "or once per file")
+    if not images:
+        raise ValueError("pass --images DIR: the folder the judgment files' image names are relative to")
+    out = []
+    for i, f in enumerate(files):
+        path = Path(f)
+        if path.name == "consensus_pascal.mat":
+            path = path.with_name("pair_pascal.mat")
+        src = Source(path, fmt or detect_format(path), Path(images[i if len(images) > 1 else 0]),
+                     Path(refs[i if len(refs) > 1 else 0]) if refs else None)
+        if src not in out:
+            out.append(src)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- scoring
+@dataclass
+class Prepared:
+    """A judgment file turned into ``recon score`` inputs: which (system, unit) holds each candidate."""
+
+    name: str
+    source: Source
+    judgments: Judgments
+    slot_of: dict[Candidate, tuple[str, str]]
+    captions: list[Path]
+    systems: list[str]
+    refs: Path
+
+
+def prepare(name: str, source: Source, judgments: Judgments, folder: Path) -> Prepared:
+    from recon.data import atomic_write_text
+
+    units: dict[tuple[str, tuple[str, ...]], str] = {}
+    per_image: dict[str, int] = {}
+    slots: dict[str, dict[str, int]] = {}  # unit -> caption -> slot
+    slot_of = {}
+    for cand in judgments.candidates():
+        key = (cand.image, cand.refs)
+        if key not in units:  # the first reference list of an image keeps the image's name: its seeds
+            n = per_image[cand.image] = per_image.get(cand.image, -1) + 1
+            units[key] = cand.image if n == 0 else f"{cand.image}#{n}"
+        unit = units[key]
+        caps = slots.setdefault(unit, {})
+        caps.setdefault(cand.caption, len(caps))
+        slot_of[cand] = (f"c{caps[cand.caption]:02d}", unit)
+    if not slots:
+        raise ValueError(f"{judgments.path}: no judgments to score (all left out, or --limit 0)")
+    n_slots = max(len(c) for c in slots.values())
+    systems = [f"c{k:02d}" for k in range(n_slots)]
+    files = []
+    for k, system in enumerate(systems):
+        entries = {u: cap for u, caps in slots.items() for cap, s in caps.items() if s == k}
+        files.append(atomic_write_text(folder / f"{system}.json", json.dumps(entries, indent=1,
+                                                                             ensure_ascii=False) + "\n"))
+    coco = {"images": [{"id": u, "file_name": image} for (image, _), u in units.items()],
+            "annotations": [{"image_id": u, "caption": r} for (_, refs), u in units.items() for r in refs]}
+    refs = atomic_write_text(folder / "refs.json", json.dumps(coco, indent=1, ensure_ascii=False) + "\n")
+    return Prepared(name, source, judgments, slot_of, files, systems, refs)
+
+
+def score(prep: Prepared, config, families: list[str], out: Path, reconstructor, clip_prefix: str,
+          progress: bool, retry_failed: bool, notes: list[str]) -> dict[tuple[str, str], dict[str, float]]:
+    """Score ``prep``'s slot files with each metric family in its own run; ``{(system, unit): scores}``."""
+    from recon.hub import ModelNotAvailableError
+    from recon.scoring import score_caption_sets
+
+    scores: dict[tuple[str, str], dict[str, float]] = {}
+    for family in families:
+        try:  # inner leaderboards are a by-product here: few resamples
+            run = score_caption_sets(config, prep.captions, prep.source.images, out / family, refs=prep.refs,
+                                     metrics=family, names=prep.systems, progress=progress,
+                                     retry_failed=retry_failed, clip_prefix=clip_prefix,
+                                     reconstructor=reconstructor, n_resamples=100)
+        except ModelNotAvailableError as e:
+            notes.append(f"{prep.name}: {family} not scored: {e}")
+            continue
+        notes += [n for n in run.notes if n not in notes]
+        failed = [r for r in run.records if r.get("status") != "ok"]
+        if failed:
+            notes.append(f"{prep.name}/{family}: {len(failed)} captions failed, e.g. {failed[0].get('error')}")
+        for r in run.records:
+            if r.get("status") == "ok":
+                scores.setdefault((r["system"], str(r["image_id"])), {}).update(r.get("scores") or {})
+    return scores
+
+
+# ---------------------------------------------------------------------------------------- statistics
+def _interval(samples: np.ndarray, confidence: float) -> tuple[float | None, float | None]:
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return None, None
+    tail = 50 * (1 - confidence)
+    lo, hi = np.percentile(samples, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def _clean(v) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def _cluster_index(clusters: np.ndarray) -> list[np.ndarray]:
+    _, codes = np.unique(clusters, return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
+
+
+def rating_table(values: dict[str, np.ndarray], human: np.ndarray, clusters: np.ndarray, variant: str,
+                 n_resamples: int, seed: int) -> dict:
+    """Kendall tau (``variant`` "b" or "c") of each metric with ``human``; CIs and paired differences from one
+    bootstrap over clusters (paired p: ``2 (1 + #{d* beyond 0}) / (B + 1)``). Rows must be finite for every
+    metric (the caller drops the others)."""
+    import warnings
+
+    from scipy.stats import kendalltau
+
+    from recon import stats
+
+    def tau(x: np.ndarray, y: np.ndarray) -> float:
+        with warnings.catch_warnings():  # constant inputs: NaN, reported as undefined
+            warnings.simplefilter("ignore")
+            return float(kendalltau(x, y, variant=variant).statistic)
+
+    members = _cluster_index(clusters)
+    rng = np.random.default_rng([seed, 15])
+    draws = [np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
+             for _ in range(n_resamples)]
+    reps = {m: np.array([tau(x[i], human[i]) for i in draws]) for m, x in values.items()}
+    rows = {}
+    for m, x in values.items():
+        res = kendalltau(x, human, variant=variant)
+        lo, hi = _interval(reps[m], stats.CONFIDENCE)
+        rows[m] = {"value": _clean(res.statistic), "low": lo, "high": hi, "n": int(len(x)),
+                   "p_value": _clean(res.pvalue)}
+    paired = []
+    for a, b in itertools.combinations(values, 2):
+        d = reps[a] - reps[b]
+        d = d[np.isfinite(d)]
+        lo, hi = _interval(d, stats.CONFIDENCE)
+        # two-sided bootstrap p, add-one so a finite number of resamples never claims p = 0
+        p = 1.0 if not d.size else min(1.0, 2 * (1 + min(np.sum(d <= 0), np.sum(d >= 0))) / (d.size + 1))
+        va, vb = rows[a]["value"], rows[b]["value"]
+        paired.append({"a": a, "b": b, "diff": None if va is None or vb is None else va - vb, "low": lo, "high": hi,
+                       "p_value": float(p)})
+    return {"rows": rows, "paired": paired}
+
+
+def pair_table(correct: dict[str, np.ndarray], categories: np.ndarray, clusters: np.ndarray,
+               names: list[str], n_resamples: int, seed: int) -> dict:
+    """Accuracy per category and over all pairs. Per-image sums scaled by (images / pairs) make
+    :func:`recon.stats.bootstrap_mean` and :func:`recon.stats.paired_test` resample images while their mean
+    stays the pooled accuracy (difference)."""
+    from recon import stats
+
+    def per_cluster(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        members = _cluster_index(clusters[mask])
+        return np.array([x[mask][i].sum() for i in members]) * len(members) / max(int(mask.sum()), 1)
+
+    groups = {"all": np.ones(len(categories), bool), **{c: categories == c for c in names}}
+    rows = {m: {g: stats.bootstrap_mean(per_cluster(x, mask), n_resamples, seed=[seed, j, k]).to_dict()
+                for k, (g, mask) in enumerate(groups.items()) if mask.any()}
+            for j, (m, x) in enumerate(correct.items())}
+    for m in rows:
+        for g, mask in groups.items():
+            if g in rows[m]:
+                rows[m][g]["n"] = int(mask.sum())
+    paired = [{"a": a, "b": b, **stats.paired_test(per_cluster(correct[a], groups["all"]),
+                                                   per_cluster(correct[b], groups["all"]), n_resamples,
+                                                   seed=[seed, 99]).to_dict()}
+              for a, b in itertools.combinations(correct, 2)]
+    return {"rows": rows, "paired": paired}
+
+
+def evaluate_set(fmt: str, preps: list[Prepared], scores: list[dict], n_resamples: int, seed: int) -> dict:
+    """The statistics of one judgment set (all its files pooled) from the score records."""
+    from recon import stats
+    from recon.config import metric_direction
+
+    def lookup(prep: Prepared, table: dict, cand: Candidate) -> dict:
+        return table.get(prep.slot_of[cand], {})
+
+    metrics = list(dict.fromkeys(m for t in scores for s in t.values() for m in s))
+    sign = {m: -1.0 if metric_direction(m) == "lower" else 1.0 for m in metrics}
+    notes = [n for p in preps for n in p.judgments.notes]
+    out = {"format": fmt, "statistic": STATISTIC[fmt], "files": [str(p.source.path) for p in preps],
+           "metrics": metrics, "notes": notes}
+    if fmt in ("pascal50s", "foil"):
+        items = [(p, t, pair) for p, t in zip(preps, scores) for pair in p.judgments.pairs]
+        better = np.array([[sign[m] * lookup(p, t, pr.better).get(m, np.nan) for m in metrics] for p, t, pr in items])
+        worse = np.array([[sign[m] * lookup(p, t, pr.worse).get(m, np.nan) for m in metrics] for p, t, pr in items])
+        keep = np.isfinite(better).all(1) & np.isfinite(worse).all(1)
+        values = (better > worse) + 0.5 * (better == worse)
+        out["categories"] = list(dict.fromkeys(c for p in preps for c in p.judgments.categories))
+        cats = np.array([pr.category for _, _, pr in items])[keep]
+        clusters = np.array([f"{p.name}/{pr.cluster}" for p, _, pr in items])[keep]
+        table = pair_table({m: values[keep, j] for j, m in enumerate(metrics)}, cats, clusters, out["categories"],
+                           n_resamples, seed)
+        headline = {m: table["rows"][m]["all"]["value"] for m in metrics}
+    else:
+        items = [(p, t, r) for p, t in zip(preps, scores) for r in p.judgments.ratings]
+        x = np.array([[sign[m] * lookup(p, t, r.candidate).get(m, np.nan) for m in metrics] for p, t, r in items])
+        keep = np.isfinite(x).all(1)
+        human = np.array([r.human for _, _, r in items])[keep]
+        clusters = np.array([f"{p.name}/{r.cluster}" for p, _, r in items])[keep]
+        table = rating_table({m: x[keep, j] for j, m in enumerate(metrics)}, human, clusters,
+                             STATISTIC[fmt][-1], n_resamples, seed)
+        headline = {m: table["rows"][m]["value"] for m in metrics}
+    if (dropped := int((~keep).sum())):
+        notes.append(f"{dropped} of {len(keep)} judgments left out: some metric has no score for them "
+                     "(a failed caption, or no references)")
+    for p, adj in zip(table["paired"], stats.holm([np.nan if p["p_value"] is None else p["p_value"]
+                                                   for p in table["paired"]])):
+        p["p_holm"] = _clean(adj)
+    order = sorted(metrics, key=lambda m: (headline[m] is None, -(headline[m] or 0.0)))
+    return {**out, **table, "order": order, "headline": headline, "n": int(keep.sum()),
+            "n_images": len({c for c in clusters})}
+
+
+def meta_evaluate(config, sources: list[Source], out: str | Path, metrics: str | None = None,
+                  limit: int | None = None, pascal_refs: int = 5, clip_prefix: str = "", n_resamples: int = 1000,
+                  progress: bool = True, retry_failed: bool = False, reconstructor=None) -> dict:
+    """Score every judgment file and compare each metric with the judgments; writes ``metaeval.{json,md,html}``
+    into ``out`` and returns the json."""
+    from recon import caption_metrics as cm
+    from recon import stats
+    from recon.caption_sets import system_names
+    from recon.data import atomic_write_text
+    from recon.jobs import make_cache
+    from recon.metaeval_formats import read_references
+    from recon.pipeline import Reconstructor
+    from recon.scoring import parse_metrics
+
+    out = Path(out)
+    refs_by_path, loaded, notes = {}, [], []
+    for s in sources:
+        if s.refs is not None and s.format in ("pascal50s", "foil"):
+            notes.append(f"{s.path.name}: --refs not used ({s.format} files carry their own references)")
+        elif s.refs is not None and s.refs not in refs_by_path:
+            refs_by_path[s.refs] = read_references(s.refs)
+        refs = refs_by_path.get(s.refs) if s.format not in ("pascal50s", "foil") else None
+        loaded.append(read_judgments(s.path, s.format, refs, pascal_refs, config.run.seed).limit(limit))
+    names = system_names([s.path for s in sources])
+    preps = [prepare(n, s, j, out / INPUTS_DIR / n) for n, s, j in zip(names, sources, loaded)]
+    have_refs = any(c.refs for j in loaded for c in j.candidates())
+    families = parse_metrics(metrics, have_refs)
+    if "spice" in families and metrics is None and (missing := cm.spice_missing()):
+        families.remove("spice")
+        notes.append(missing)
+    recon = reconstructor or Reconstructor(config, cache=make_cache(config))
+    scores = [score(p, config, families, out / RUNS_DIR / p.name, recon, clip_prefix, progress, retry_failed, notes)
+              for p in preps]
+    if not any(scores):
+        raise RuntimeError(f"no metric could be scored ({'; '.join(notes)})")
+    result = {"config": config.name, "seed": config.run.seed, "limit": limit, "n_resamples": n_resamples,
+              "confidence": stats.CONFIDENCE, "families": families, "notes": notes, "sets": {}}
+    for fmt in dict.fromkeys(s.format for s in sources):
+        idx = [i for i, s in enumerate(sources) if s.format == fmt]
+        result["sets"][fmt] = evaluate_set(fmt, [preps[i] for i in idx], [scores[i] for i in idx], n_resamples,
+                                           config.run.seed)
+    atomic_write_text(out / "metaeval.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / "metaeval.md", metaeval_markdown(result))
+    atomic_write_text(out / "metaeval.html", metaeval_html(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- reports
+STAT_TEXT = {"kendall_tau_c": "Kendall τ_c with the human ratings", "kendall_tau_b": "Kendall τ_b with the human "
+             "ratings", "accuracy": "pairwise accuracy (the human-preferred caption scores higher; a tie is ½)"}
+
+
+def _f(v, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _est(e: dict | None) -> str:
+    if not e or e.get("value") is None:
+        return "–"
+    return f"{_f(e['value'])} [{_f(e['low'])}, {_f(e['high'])}]"
+
+
+def _pval(p) -> str:
+    return "–" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _unit(s: dict) -> str:
+    return "pairs" if s["format"] in ("pascal50s", "foil") else "judgments"
+
+
+def _set_tables(s: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """(header, rows) of a set's leaderboard and of its paired comparisons (leader and each recon_* metric
+    against every other metric); plain text, escaped by the writers."""
+    pairs = _unit(s) == "pairs"
+    groups = ["all", *s["categories"]] if pairs and len(s["categories"]) > 1 else ["all"] if pairs else []
+    head = ["rank", "metric"] + ([f"accuracy: {g}" for g in groups] if pairs else [s["statistic"], "n"])
+    rows = []
+    for rank, m in enumerate(s["order"], 1):
+        r = s["rows"][m]
+        rows.append([str(rank), m] + ([_est(r.get(g)) for g in groups] if pairs else [_est(r), str(r["n"])]))
+    focus = [s["order"][0]] + [m for m in s["order"] if m.startswith("recon_") and m != s["order"][0]] \
+        if s["order"] else []
+    by_pair = {(p["a"], p["b"]): (p, 1) for p in s["paired"]} | {(p["b"], p["a"]): (p, -1) for p in s["paired"]}
+    phead = ["A", "B", "A − B [95% CI]", "p", "p (Holm)"]
+    prows, seen = [], set()
+    for a in focus:
+        for b in s["order"]:
+            if b == a or frozenset((a, b)) in seen:
+                continue
+            seen.add(frozenset((a, b)))
+            p, sgn = by_pair[(a, b)]
+            d = None if p["diff"] is None else sgn * p["diff"]
+            lo, hi = (p["low"], p["high"]) if sgn == 1 else (None if p["high"] is None else -p["high"],
+                                                             None if p["low"] is None else -p["low"])
+            prows.append([a, b, f"{_f(d)} [{_f(lo)}, {_f(hi)}]", _pval(p["p_value"]), _pval(p["p_holm"])])
+    return head, rows, phead, prows
+
+
+def _summary(result: dict) -> tuple[list[str], list[list[str]]]:
+    sets = list(result["sets"])
+    metrics = list(dict.fromkeys(m for s in result["sets"].values() for m in s["order"]))
+    ranks = {m: np.mean([s["order"].index(m) for s in result["sets"].values() if m in s["order"]]) for m in metrics}
+    head = ["metric"] + [f"{k} ({result['sets'][k]['statistic']})" for k in sets]
+    rows = [[m] + [_est(result["sets"][k]["rows"][m].get("all", result["sets"][k]["rows"][m]))
+                   if m in result["sets"][k]["rows"] else "–" for k in sets]
+            for m in sorted(metrics, key=lambda m: ranks[m])]
+    return head, rows
+
+
+def _md(text) -> str:
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def metaeval_markdown(result: dict) -> str:
+    def table(head, rows, names=(0,)):  # only names (metrics) are text; the other cells are numbers we format
+        return ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head),
+                *["| " + " | ".join(_md(c) if i in names else c for i, c in enumerate(r)) + " |" for r in rows], ""]
+
+    lines = ["# Meta-evaluation: agreement of caption metrics with judgments", "",
+             f"Preset `{_md(result['config'])}`, seed {result['seed']}; {round(100 * result['confidence'])}% "
+             f"bootstrap CIs over images ({result['n_resamples']} resamples). Metrics are ordered by average rank.",
+             "", "## Leaderboard", "", *table(*_summary(result))]
+    for name, s in result["sets"].items():
+        head, rows, phead, prows = _set_tables(s)
+        lines += [f"## {_md(name)}: {_md(STAT_TEXT[s['statistic']])}", "",
+                  f"Files: {', '.join(f'`{_md(f)}`' for f in s['files'])}; {s['n']} {_unit(s)} on "
+                  f"{s['n_images']} images.", "", *table(head, rows, (1,)),
+                  "Paired differences (bootstrap CI; p two-sided, Holm-adjusted over the set's comparisons):", "",
+                  *table(phead, prows, (0, 1))]
+        if s["notes"]:
+            lines += ["Notes:", *[f"- {_md(n)}" for n in s["notes"]], ""]
+    if result["notes"]:
+        lines += ["## Notes", "", *[f"- {_md(n)}" for n in result["notes"]], ""]
+    return "\n".join(lines)
+
+
+def metaeval_html(result: dict) -> str:
+    esc = html.escape
+
+    def table(head, rows):
+        return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" +
+                "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+
+    parts = ["<h1>Meta-evaluation: agreement of caption metrics with judgments</h1>",
+             f"<p>Preset <code>{esc(result['config'])}</code>, seed {result['seed']}; "
+             f"{round(100 * result['confidence'])}% bootstrap CIs over images ({result['n_resamples']} resamples)."
+             "</p>", "<h2>Leaderboard</h2>", table(*_summary(result))]
+    for name, s in result["sets"].items():
+        head, rows, phead, prows = _set_tables(s)
+        parts += [f"<h2>{esc(name)}: {esc(STAT_TEXT[s['statistic']])}</h2>",
+                  f"<p>Files: {esc(', '.join(s['files']))}; {s['n']} {_unit(s)} on {s['n_images']} images.</p>",
+                  table(head, rows), "<h3>Paired differences</h3>", table(phead, prows)]
+        if s["notes"]:
+            parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in s["notes"]) + "</ul>")
+    if result["notes"]:
+        parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in result["notes"]) + "</ul>"]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+             "td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>recon metaeval</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------- command
+def run_metaeval(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    out = Path(args.out or f"runs/metaeval-{config.name}")
+    if args.shapes is not None:
+        from recon.shapes.judgments import write_judgment_set
+
+        if args.judgments or args.images or args.refs:
+            raise ValueError("--shapes N writes its own judgment files, images and references; pass either "
+                             "judgment files or --shapes")
+        paths = write_judgment_set(out / "judgments", args.shapes, config.run.seed)
+        sources = [Source(paths[f], f, paths["images"], paths["refs"] if f in ("expert", "crowdflower") else None)
+                   for f in ("expert", "crowdflower", "pascal50s", "foil")]
+    else:
+        sources = sources_from_args(args.judgments, args.images, args.refs, args.format)
+    res = meta_evaluate(config, sources, out, args.metrics, args.limit, args.pascal_refs, args.clip_prefix,
+                        args.resamples, progress=not args.no_progress, retry_failed=args.retry_failed)
+    for note in res["notes"]:
+        print(f"recon: {note}", file=sys.stderr)
+    print(json.dumps({"out": str(out), "sets": {k: {"statistic": s["statistic"], "n": s["n"], "best": s["order"][:3],
+                                                    "values": {m: _clean(s["headline"][m]) for m in s["order"]}}
+                                                for k, s in res["sets"].items()}}))
+    return 0
