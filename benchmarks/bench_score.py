@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recon import hub  # noqa: E402
 from recon.config import load_config  # noqa: E402
-from recon.experiment_data import write_shapes_data  # noqa: E402
 from recon.pipeline import Reconstructor  # noqa: E402
 from recon.runs import derive_seed  # noqa: E402
-from recon.scoring import score_caption_sets  # noqa: E402
+from recon.scoring.experiment_data import write_shapes_data  # noqa: E402
+from recon.scoring.run import score_caption_sets  # noqa: E402
 
 METRIC_STAGES = ("recon_similarity", "clipscore", "sbert", "reference_metrics")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recon.experiment_data import experiment_parser, run_script  # noqa: E402
+from recon.scoring.experiment_data import experiment_parser, run_script  # noqa: E402
 
 WEAK = "builtin:shapes/captioner_weak"
 
@@ -49,14 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from recon import caption_metrics as cm
     from recon import hub
-    from recon.analysis import compare_rules, rules_markdown
-    from recon.experiment_data import experiment_inputs, is_shapes, write_outputs
     from recon.jobs import make_cache, reconstruct_images
     from recon.run_args import config_from_args
-    from recon.scoring import shared_clip_metric
-    from recon.selection import CandidateReconstructor, candidate_config, select_captions
+    from recon.scoring import caption_metrics as cm
+    from recon.scoring.experiment_data import experiment_inputs, is_shapes, write_outputs
+    from recon.scoring.run import shared_clip_metric
+    from recon.scoring.selection import CandidateReconstructor, candidate_config, select_captions
+    from recon.scoring.tables import compare_rules, rules_markdown
 
     args = parse_args(argv)
     config = config_from_args(args, [f"generator.images_per_caption={args.k}"] if args.k else [])

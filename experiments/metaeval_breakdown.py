@@ -5,7 +5,7 @@
 
 Reads the runs' score records back through the slot files (no model runs): FOIL accuracy by foiled attribute,
 within-scene pairwise accuracy per pair of wrong-attribute counts, a CLIP + SSIM combination, and K = 1 vs K = 4
-reconstructions on the same scenes with `recon.metaeval`'s own statistics (bootstrap over scenes).
+reconstructions on the same scenes with `recon.scoring.metaeval`'s own statistics (bootstrap over scenes).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import kendalltau
 
 from recon import stats
-from recon.metaeval import pair_table, rating_table
+from recon.scoring.metaeval import pair_table, rating_table
 from recon.shapes.judgments import EXPERT_SCORE
 
 METRICS = ("recon_clip_similarity", "recon_ssim_similarity", "clipscore")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recon.experiment_data import experiment_parser, run_script  # noqa: E402
+from recon.scoring.experiment_data import experiment_parser, run_script  # noqa: E402
 
 QUANTILES = (5, 25, 50, 75, 95)
 
@@ -53,12 +53,17 @@ def histogram(path: Path, metric: str, values: list[float]) -> Path:
 def main(argv=None) -> int:
     import numpy as np
 
-    from recon import caption_metrics as cm
     from recon import stats
-    from recon.experiment_data import attribute_scores, experiment_inputs, text_metric_configs, write_outputs
     from recon.jobs import make_cache, reconstruct_texts
     from recon.pipeline import Reconstructor
     from recon.run_args import config_from_args
+    from recon.scoring import caption_metrics as cm
+    from recon.scoring.experiment_data import (
+        attribute_scores,
+        experiment_inputs,
+        text_metric_configs,
+        write_outputs,
+    )
 
     args = parse_args(argv)
     config = config_from_args(args, [f"generator.images_per_caption={args.k}"])

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write report.html of a run directory")
     p.add_argument("run_dir")
     sub.add_parser("presets", help="list the presets in configs/")
-    from recon import scoring_cli
+    from recon.scoring import commands as scoring_cli
     from recon.shapes import commands as shapes_commands
     from recon.train import commands as train_commands
 

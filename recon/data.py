@@ -4,7 +4,7 @@ Every failure a user can cause with a file (empty, truncated, not an image, malf
 is a :class:`DataError` whose message names the file (and the line or entry) and says what to do. A run
 records it as a per-item failure instead of stopping.
 
-Dataset annotation files (COCO, Karpathy, clipscore-style, COCO results) are read by :mod:`recon.captions_io`.
+Dataset annotation files (COCO, Karpathy, clipscore-style, COCO results) are read by :mod:`recon.scoring.captions_io`.
 """
 
 from __future__ import annotations
@@ -401,7 +401,7 @@ def write_coco_results(path: str | Path, pairs: Iterable[tuple[ImageId, str]]) -
     """Write a COCO results file ``[{"image_id", "caption"}]`` in the given order, atomically (UTF-8).
 
     Ids are normalised by :func:`coco_image_id`. A duplicate id raises ``ValueError``: the COCO evaluation
-    tools reject such files. Read it back with :func:`recon.captions_io.read_coco_results`.
+    tools reject such files. Read it back with :func:`recon.scoring.captions_io.read_coco_results`.
     """
     path = Path(path)
     entries, seen = [], set()

@@ -64,7 +64,7 @@ class ReconstructionScore(Metric):
         tensors / PIL images; ``ids`` (optional) name the images as a ``recon score`` run does."""
         from recon.data import validate_text
         from recon.pipeline import png_bytes, to_tensor
-        from recon.scoring import Timer, reconstruct
+        from recon.scoring.run import Timer, reconstruct
 
         originals = [to_tensor(im) if isinstance(im, Image.Image) else im.detach().float().cpu() for im in images]
         captions = list(captions)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from recon.config import load_config
 from recon.pipeline import Reconstructor
-from recon.selection import CandidateReconstructor, candidate_config
+from recon.scoring.selection import CandidateReconstructor, candidate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny-random", "--no-cache", "--no-progress", "--resamples", "50",
@@ -95,7 +95,7 @@ def test_image_selection_and_text_reconstruction_scripts(tmp_path, tiny_models):
 
 
 def test_shapes_data_and_attribute_scores(tmp_path):
-    from recon.experiment_data import attribute_scores, write_shapes_data
+    from recon.scoring.experiment_data import attribute_scores, write_shapes_data
 
     data = write_shapes_data(tmp_path / "data", 3, seed=0)
     truth = json.loads((data / "truth.json").read_text())

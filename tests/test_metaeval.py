@@ -8,9 +8,9 @@ import pytest
 import scipy.io
 import scipy.stats
 
-from recon import metaeval_formats as mf
 from recon.data import DataError
-from recon.metaeval import metaeval_html, metaeval_markdown, pair_table, prepare, rating_table
+from recon.scoring import metaeval_formats as mf
+from recon.scoring.metaeval import metaeval_html, metaeval_markdown, pair_table, prepare, rating_table
 
 TOKENS = ("a.jpg#0\ta dog runs\n"
           "a.jpg#1\ta brown dog  running on grass\n"
@@ -195,7 +195,7 @@ def test_pair_accuracy_counts_ties_half_and_pools_unequal_images():
 def test_units_keep_an_image_per_reference_list_and_map_to_its_file(tmp_path):
     from PIL import Image
 
-    from recon.caption_sets import build_items, read_caption_set, read_references
+    from recon.scoring.inputs import build_items, read_caption_set, read_references
 
     images = tmp_path / "imgs"
     images.mkdir()

@@ -34,7 +34,7 @@ def _loaded(folder):
 
 def test_equals_recon_score_and_works_in_a_plain_loop(tmp_path, tiny_models):
     from recon.metrics import ReconstructionScore
-    from recon.scoring import score_caption_sets
+    from recon.scoring.run import score_caption_sets
 
     images = _images(tmp_path / "imgs")
     (tmp_path / "caps.json").write_text(json.dumps(CAPTIONS))

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from recon import caption_metrics as cm
 from recon.config import load_config
 from recon.pipeline import Reconstructor
 from recon.runs import RunError, read_jsonl
-from recon.scoring import parse_metrics, score_caption_sets
+from recon.scoring import caption_metrics as cm
+from recon.scoring.run import parse_metrics, score_caption_sets
 
 CANDS = {"1": "A red circle, on a white background.", "2": "two dogs play in the park",
          "3": "a man riding a horse on the beach"}
@@ -251,7 +251,7 @@ def test_resume_skips_finished_items_and_refuses_other_inputs(score_run, tmp_pat
 
 
 def test_analyze_writes_correlations_and_scatter_plots(score_run):
-    from recon.scoring import analyze_run
+    from recon.scoring.run import analyze_run
 
     _, run = score_run
     res = analyze_run(run.path, n_resamples=50)
@@ -306,7 +306,7 @@ def test_cli_scores_clipscore_only_without_generation(tmp_path, recon_cache, tin
 
 
 def test_items_follow_the_folder_order_map_coco_file_names_and_respect_limit(tmp_path):
-    from recon.caption_sets import build_items, read_caption_set, read_references, system_names
+    from recon.scoring.inputs import build_items, read_caption_set, read_references, system_names
 
     images = tmp_path / "imgs"
     (images / "sub").mkdir(parents=True)
@@ -364,7 +364,7 @@ def test_recon_score_through_the_main_cli_is_one_error_line(tmp_path, recon_cach
 def test_timer_stages_are_exclusive():
     import time as _time
 
-    from recon.scoring import Timer
+    from recon.scoring.run import Timer
 
     t = Timer()
     with t("outer"):
@@ -376,8 +376,8 @@ def test_timer_stages_are_exclusive():
 
 
 def test_an_id_that_matches_two_files_is_an_error_naming_both(tmp_path):
-    from recon.caption_sets import build_items, read_caption_set
     from recon.data import DataError
+    from recon.scoring.inputs import build_items, read_caption_set
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -393,7 +393,7 @@ def test_an_id_that_matches_two_files_is_an_error_naming_both(tmp_path):
 
 
 def test_partial_coverage_is_shown_and_markdown_escapes_names():
-    from recon.analysis import coverage_notes, leaderboard, leaderboard_markdown
+    from recon.scoring.tables import coverage_notes, leaderboard, leaderboard_markdown
 
     system = "<img src=x onerror=alert(1)>"
     records = [{"id": f"{system}/im{i}", "system": system, "image_id": f"im{i}", "status": "ok",
@@ -420,7 +420,7 @@ def test_leaderboard_headlines_corpus_bleu_as_pycocoevalcap_computes_it(score_ru
 
 
 def test_corpus_meteor_rows_label_the_per_image_mean():
-    from recon.analysis import leaderboard, leaderboard_markdown
+    from recon.scoring.tables import leaderboard, leaderboard_markdown
 
     records = [{"id": f"s/im{i}", "system": "s", "image_id": f"im{i}", "status": "ok",
                 "scores": {"meteor": 0.2 + i / 10}} for i in range(3)]

@@ -5,7 +5,13 @@ import pytest
 from scipy import stats as st
 
 from recon import stats
-from recon.analysis import compare_rules, correlations, leaderboard, leaderboard_markdown, rules_markdown
+from recon.scoring.tables import (
+    compare_rules,
+    correlations,
+    leaderboard,
+    leaderboard_markdown,
+    rules_markdown,
+)
 
 
 def test_bootstrap_mean_is_deterministic_and_brackets_the_mean():

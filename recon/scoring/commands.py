@@ -11,13 +11,10 @@ import sys
 
 from recon.run_args import add_run_args, config_from_args, count
 
-# Errors a user can fix: one line, no traceback (RECON_DEBUG=1 shows it); the same tuple as recon.cli's.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
-
 
 def register(subparsers) -> None:
     """Add the ``score`` and ``analyze`` commands to an argparse subparsers object."""
-    from recon.caption_sets import ALL_METRICS
+    from recon.scoring.inputs import ALL_METRICS
 
     p = subparsers.add_parser("score", help="score caption files (one per system) against an image folder",
                               description="Score one or more caption files: reconstruction similarity, CLIPScore, "
@@ -44,13 +41,13 @@ def register(subparsers) -> None:
     a.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the run's seed)")
     a.set_defaults(handler=run_analyze)
 
-    from recon import metaeval
+    from recon.scoring import metaeval
 
     metaeval.register(subparsers)  # metaeval
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from recon.scoring import score_caption_sets
+    from recon.scoring.run import score_caption_sets
 
     config = config_from_args(args)
     out = args.out or f"runs/score-{config.name}"
@@ -68,7 +65,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from recon.scoring import analyze_run
+    from recon.scoring.run import analyze_run
 
     res = analyze_run(args.run_dir, args.recon_metric, seed=args.seed, n_resamples=args.resamples)
     print(json.dumps({"run_dir": args.run_dir, "recon_metric": res["recon_metric"],

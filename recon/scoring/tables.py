@@ -99,7 +99,7 @@ def corpus_rows(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
     """``{system: {bleu_n: estimate}}``: corpus BLEU as pycocoevalcap computes it over the system's scored images
     (from each record's ``bleu_stats``), with a bootstrap CI that recomputes the corpus score per resample of
     images. Empty when no record carries the statistics."""
-    from recon.caption_metrics import corpus_bleu
+    from recon.scoring.caption_metrics import corpus_bleu
 
     out: dict[str, dict[str, dict]] = {}
     for i, s in enumerate(systems):

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon import caption_metrics as cm
 from recon.config import best_index
 from recon.data import load_image
-from recon.experiment_data import attribute_agreement, attribute_scores, stem
 from recon.pipeline import Reconstructor, to_tensor
 from recon.runs import derive_seed
+from recon.scoring import caption_metrics as cm
+from recon.scoring.experiment_data import attribute_agreement, attribute_scores, stem
 
 CAPTION_RULES = ("reconstruction", "first_beam", "random", "likelihood", "clipscore")
 

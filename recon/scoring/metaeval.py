@@ -1,6 +1,6 @@
 """``recon metaeval``: how well does each caption metric agree with human judgments?
 
-The judgment sets of the caption-metric literature, read in their released formats (:mod:`recon.metaeval_formats`),
+The judgment sets of the caption-metric literature, read in their released formats (:mod:`recon.scoring.metaeval_formats`),
 or the shapes set whose truth is exact (:mod:`recon.shapes.judgments`), are scored with ``recon score``'s own
 machinery and cache, then compared with the judgments by the statistic the literature uses for each set:
 
@@ -34,15 +34,22 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.metaeval_formats import FORMATS, STATISTIC, Candidate, Judgments, detect_format, read_judgments
 from recon.run_args import add_run_args, config_from_args, count
+from recon.scoring.metaeval_formats import (
+    FORMATS,
+    STATISTIC,
+    Candidate,
+    Judgments,
+    detect_format,
+    read_judgments,
+)
 
 INPUTS_DIR, RUNS_DIR = "inputs", "runs"
 
 
 def register(subparsers) -> None:
     """Add the ``metaeval`` command to an argparse subparsers object."""
-    from recon.caption_sets import ALL_METRICS
+    from recon.scoring.inputs import ALL_METRICS
 
     p = subparsers.add_parser(
         "metaeval", help="meta-evaluate caption metrics against human judgments (Flickr8k-Expert/CF, Composite, "
@@ -147,7 +154,7 @@ def score(prep: Prepared, config, families: list[str], out: Path, reconstructor,
           progress: bool, retry_failed: bool, notes: list[str]) -> dict[tuple[str, str], dict[str, float]]:
     """Score ``prep``'s slot files with each metric family in its own run; ``{(system, unit): scores}``."""
     from recon.hub import ModelNotAvailableError
-    from recon.scoring import score_caption_sets
+    from recon.scoring.run import score_caption_sets
 
     scores: dict[tuple[str, str], dict[str, float]] = {}
     for family in families:
@@ -305,14 +312,14 @@ def meta_evaluate(config, sources: list[Source], out: str | Path, metrics: str |
                   progress: bool = True, retry_failed: bool = False, reconstructor=None) -> dict:
     """Score every judgment file and compare each metric with the judgments; writes ``metaeval.{json,md,html}``
     into ``out`` and returns the json."""
-    from recon import caption_metrics as cm
     from recon import stats
-    from recon.caption_sets import system_names
     from recon.data import atomic_write_text
     from recon.jobs import make_cache
-    from recon.metaeval_formats import read_references
     from recon.pipeline import Reconstructor
-    from recon.scoring import parse_metrics
+    from recon.scoring import caption_metrics as cm
+    from recon.scoring.inputs import system_names
+    from recon.scoring.metaeval_formats import read_references
+    from recon.scoring.run import parse_metrics
 
     out = Path(out)
     refs_by_path, loaded, notes = {}, [], []

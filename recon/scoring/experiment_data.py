@@ -109,7 +109,7 @@ class Inputs:
 def experiment_inputs(config, out: Path, n: int, stream: int, images=None, refs=None, texts=None,
                       need: str = "images") -> Inputs:
     """The user's ``images`` / ``texts`` (+ ``refs``), or on the shapes preset ``n`` rendered scenes."""
-    from recon.caption_sets import read_references
+    from recon.scoring.inputs import read_references
 
     given = images if need == "images" else texts
     if given is None:
@@ -124,8 +124,8 @@ def experiment_inputs(config, out: Path, n: int, stream: int, images=None, refs=
 
 def text_metric_configs(config) -> list:
     """CLIP-text on the preset's CLIP (its first ``clip`` image metric) and SBERT."""
-    from recon.caption_metrics import clip_metric_config
     from recon.config import MetricConfig
+    from recon.scoring.caption_metrics import clip_metric_config
 
     _, clip = clip_metric_config(config)
     return [MetricConfig(kind="clip_text", model=clip.model, pretrained=clip.pretrained), MetricConfig(kind="sbert")]

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.caption_sets import read_references as read_json_references
 from recon.data import DataError, read_json, read_text_file
+from recon.scoring.inputs import read_references as read_json_references
 
 FORMATS = ("expert", "crowdflower", "composite", "pascal50s", "foil")
 STATISTIC = {"expert": "kendall_tau_c", "crowdflower": "kendall_tau_b", "composite": "kendall_tau_c",

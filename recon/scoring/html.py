@@ -13,11 +13,21 @@ import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from recon.analysis import _corr, _est, _fmt, _p, _pv, corpus_names, estimate_cell, metric_label, system_of
 from recon.config import metric_direction
 from recon.data import atomic_write_text
 from recon.report import _CSS, _config_text, _esc, _Images, gallery
 from recon.report import script as report_script
+from recon.scoring.tables import (
+    _corr,
+    _est,
+    _fmt,
+    _p,
+    _pv,
+    corpus_names,
+    estimate_cell,
+    metric_label,
+    system_of,
+)
 
 
 def _page(title: str, parts: Sequence[str], with_script: bool = False) -> str:

@@ -9,7 +9,7 @@
 * ``aggregate.json``: ``{system: {metric: mean over its ok items}}``; ``corpus.json``: pycocoevalcap's corpus
   scores per system (corpus BLEU and METEOR differ from the mean of per-image scores; CIDEr and ROUGE-L do not);
   ``corpus_ci.json``: corpus METEOR with its bootstrap interval (the leaderboard computes corpus BLEU's itself).
-* ``leaderboard.{md,html,json}`` and ``report.html`` (:mod:`recon.analysis`, :mod:`recon.scoring_report`).
+* ``leaderboard.{md,html,json}`` and ``report.html`` (:mod:`recon.scoring.tables`, :mod:`recon.scoring.html`).
 
 Score keys: ``recon_<image metric>`` (mean over the K reconstructions of the caption; their sample std is in
 ``recon_std``), ``clipscore``, ``refclipscore``, ``bleu_1``..``bleu_4``, ``meteor``, ``rouge_l``, ``cider``,
@@ -30,8 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from recon import caption_metrics as cm
-from recon.caption_sets import (
+from recon.config import Config, MetricConfig
+from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_image
+from recon.runs import RunDir, derive_seed, sha256_file
+from recon.scoring import caption_metrics as cm
+from recon.scoring.inputs import (
     ALL_METRICS,
     INPUTS,
     NEEDS_REFS,
@@ -41,9 +44,6 @@ from recon.caption_sets import (
     read_references,
     system_names,
 )
-from recon.config import Config, MetricConfig
-from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_image
-from recon.runs import RunDir, derive_seed, sha256_file
 
 SCORE = "score"  # the records' direction
 CORPUS_CI = "corpus_ci.json"
@@ -197,10 +197,10 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
                        progress: bool = True, clip_prefix: str = "", reconstructor=None,
                        n_resamples: int = 1000) -> ScoreRun:
     """Score caption files against an image folder (see the module docstring); returns the finished run."""
-    from recon.analysis import coverage_notes, leaderboard, leaderboard_markdown
     from recon.jobs import failed, make_cache, run_job
     from recon.pipeline import Reconstructor, png_bytes
-    from recon.scoring_report import write_score_report
+    from recon.scoring.html import write_score_report
+    from recon.scoring.tables import coverage_notes, leaderboard, leaderboard_markdown
 
     if not captions:
         raise ValueError("give at least one captions file")
@@ -335,10 +335,10 @@ def load_original(path: Path, cache: dict) -> tuple:
 def analyze_run(run_dir: str | Path, recon_metric: str | None = None, seed: int | None = None,
                 n_resamples: int = 1000) -> dict:
     """Correlations of a score run (``analysis.json``, ``analysis.md``; report.html gains the analysis)."""
-    from recon.analysis import correlations, correlations_markdown, leaderboard
     from recon.config import read_yaml
     from recon.report import read_records
-    from recon.scoring_report import write_score_report
+    from recon.scoring.html import write_score_report
+    from recon.scoring.tables import correlations, correlations_markdown, leaderboard
 
     run_dir = Path(run_dir)
     if not (run_dir / "results.jsonl").is_file():
