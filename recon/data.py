@@ -1,4 +1,5 @@
 """Inputs and outputs on disk: robust image decoding, image folders, text files, PNG and COCO results files.
+(Over 400 lines on purpose: one home for every file format recon reads or writes, so each failure reads the same.)
 
 Every failure a user can cause with a file (empty, truncated, not an image, malformed JSON, a missing key)
 is a :class:`DataError` whose message names the file (and the line or entry) and says what to do. A run

@@ -1,4 +1,5 @@
-"""The HTML report of a run directory: one self-contained ``report.html``.
+"""The HTML report of a run directory: one self-contained ``report.html`` (over 400 lines: statistics, histograms
+and the gallery are one page's parts; its script lives in report.js).
 
 Images (as PNG thumbnails) and score histograms are embedded as base64 data URIs, so the file can be mailed
 or archived alone. Every value that comes from a record or the config (ids, captions, texts, errors, paths,

@@ -10,7 +10,8 @@ import scipy.stats
 
 from recon.data import DataError
 from recon.scoring import metaeval_formats as mf
-from recon.scoring.metaeval import metaeval_html, metaeval_markdown, pair_table, prepare, rating_table
+from recon.scoring.metaeval import pair_table, prepare, rating_table
+from recon.scoring.metaeval_report import metaeval_html, metaeval_markdown
 
 TOKENS = ("a.jpg#0\ta dog runs\n"
           "a.jpg#1\ta brown dog  running on grass\n"

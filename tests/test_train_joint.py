@@ -23,7 +23,7 @@ def metrics(out) -> list[dict]:
 def lora_state(out) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from recon.train.joint import LORA_FILE, latest_checkpoint
+    from recon.train.checkpoints import LORA_FILE, latest_checkpoint
 
     return load_file(latest_checkpoint(out / "checkpoints") / LORA_FILE)
 
@@ -92,7 +92,8 @@ def test_resumed_run_repeats_the_uninterrupted_one(uninterrupted, tmp_path, monk
     """Stop after step 1; kill the save of step 2 midway; resume twice: identical losses and LoRA weights."""
     from accelerate import Accelerator
 
-    from recon.train.joint import finetune, latest_checkpoint
+    from recon.train.checkpoints import latest_checkpoint
+    from recon.train.joint import finetune
 
     cfg = load_finetune_config("finetune-shapes-smoke", FAST)
     summary = finetune(cfg, tmp_path, stop_after=1)
@@ -449,7 +450,8 @@ def test_resuming_never_unpickles_a_planted_file(tmp_path):
     and the resume either ignores the file or stops with a message naming the checkpoint."""
     import pickle
 
-    from recon.train.joint import finetune, latest_checkpoint
+    from recon.train.checkpoints import latest_checkpoint
+    from recon.train.joint import finetune
 
     cfg = load_finetune_config("finetune-shapes-smoke", FAST)
     finetune(cfg, tmp_path, stop_after=1)

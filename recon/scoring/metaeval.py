@@ -25,7 +25,6 @@ A ``*_distance`` metric is negated first, so for every metric higher agreement i
 from __future__ import annotations
 
 import argparse
-import html
 import itertools
 import json
 import sys
@@ -349,127 +348,13 @@ def meta_evaluate(config, sources: list[Source], out: str | Path, metrics: str |
         result["sets"][fmt] = evaluate_set(fmt, [preps[i] for i in idx], [scores[i] for i in idx], n_resamples,
                                            config.run.seed)
     atomic_write_text(out / "metaeval.json", json.dumps(result, indent=1) + "\n")
+    from recon.scoring.metaeval_report import metaeval_html, metaeval_markdown
+
     atomic_write_text(out / "metaeval.md", metaeval_markdown(result))
     atomic_write_text(out / "metaeval.html", metaeval_html(result))
     return result
 
 
-# ------------------------------------------------------------------------------------------- reports
-STAT_TEXT = {"kendall_tau_c": "Kendall τ_c with the human ratings", "kendall_tau_b": "Kendall τ_b with the human "
-             "ratings", "accuracy": "pairwise accuracy (the human-preferred caption scores higher; a tie is ½)"}
-
-
-def _f(v, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def _est(e: dict | None) -> str:
-    if not e or e.get("value") is None:
-        return "–"
-    return f"{_f(e['value'])} [{_f(e['low'])}, {_f(e['high'])}]"
-
-
-def _pval(p) -> str:
-    return "–" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
-
-
-def _unit(s: dict) -> str:
-    return "pairs" if s["format"] in ("pascal50s", "foil") else "judgments"
-
-
-def _set_tables(s: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-    """(header, rows) of a set's leaderboard and of its paired comparisons (leader and each recon_* metric
-    against every other metric); plain text, escaped by the writers."""
-    pairs = _unit(s) == "pairs"
-    groups = ["all", *s["categories"]] if pairs and len(s["categories"]) > 1 else ["all"] if pairs else []
-    head = ["rank", "metric"] + ([f"accuracy: {g}" for g in groups] if pairs else [s["statistic"], "n"])
-    rows = []
-    for rank, m in enumerate(s["order"], 1):
-        r = s["rows"][m]
-        rows.append([str(rank), m] + ([_est(r.get(g)) for g in groups] if pairs else [_est(r), str(r["n"])]))
-    focus = [s["order"][0]] + [m for m in s["order"] if m.startswith("recon_") and m != s["order"][0]] \
-        if s["order"] else []
-    by_pair = {(p["a"], p["b"]): (p, 1) for p in s["paired"]} | {(p["b"], p["a"]): (p, -1) for p in s["paired"]}
-    phead = ["A", "B", "A − B [95% CI]", "p", "p (Holm)"]
-    prows, seen = [], set()
-    for a in focus:
-        for b in s["order"]:
-            if b == a or frozenset((a, b)) in seen:
-                continue
-            seen.add(frozenset((a, b)))
-            p, sgn = by_pair[(a, b)]
-            d = None if p["diff"] is None else sgn * p["diff"]
-            lo, hi = (p["low"], p["high"]) if sgn == 1 else (None if p["high"] is None else -p["high"],
-                                                             None if p["low"] is None else -p["low"])
-            prows.append([a, b, f"{_f(d)} [{_f(lo)}, {_f(hi)}]", _pval(p["p_value"]), _pval(p["p_holm"])])
-    return head, rows, phead, prows
-
-
-def _summary(result: dict) -> tuple[list[str], list[list[str]]]:
-    sets = list(result["sets"])
-    metrics = list(dict.fromkeys(m for s in result["sets"].values() for m in s["order"]))
-    ranks = {m: np.mean([s["order"].index(m) for s in result["sets"].values() if m in s["order"]]) for m in metrics}
-    head = ["metric"] + [f"{k} ({result['sets'][k]['statistic']})" for k in sets]
-    rows = [[m] + [_est(result["sets"][k]["rows"][m].get("all", result["sets"][k]["rows"][m]))
-                   if m in result["sets"][k]["rows"] else "–" for k in sets]
-            for m in sorted(metrics, key=lambda m: ranks[m])]
-    return head, rows
-
-
-def _md(text) -> str:
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
-
-
-def metaeval_markdown(result: dict) -> str:
-    def table(head, rows, names=(0,)):  # only names (metrics) are text; the other cells are numbers we format
-        return ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head),
-                *["| " + " | ".join(_md(c) if i in names else c for i, c in enumerate(r)) + " |" for r in rows], ""]
-
-    lines = ["# Meta-evaluation: agreement of caption metrics with judgments", "",
-             f"Preset `{_md(result['config'])}`, seed {result['seed']}; {round(100 * result['confidence'])}% "
-             f"bootstrap CIs over images ({result['n_resamples']} resamples). Metrics are ordered by average rank.",
-             "", "## Leaderboard", "", *table(*_summary(result))]
-    for name, s in result["sets"].items():
-        head, rows, phead, prows = _set_tables(s)
-        lines += [f"## {_md(name)}: {_md(STAT_TEXT[s['statistic']])}", "",
-                  f"Files: {', '.join(f'`{_md(f)}`' for f in s['files'])}; {s['n']} {_unit(s)} on "
-                  f"{s['n_images']} images.", "", *table(head, rows, (1,)),
-                  "Paired differences (bootstrap CI; p two-sided, Holm-adjusted over the set's comparisons):", "",
-                  *table(phead, prows, (0, 1))]
-        if s["notes"]:
-            lines += ["Notes:", *[f"- {_md(n)}" for n in s["notes"]], ""]
-    if result["notes"]:
-        lines += ["## Notes", "", *[f"- {_md(n)}" for n in result["notes"]], ""]
-    return "\n".join(lines)
-
-
-def metaeval_html(result: dict) -> str:
-    esc = html.escape
-
-    def table(head, rows):
-        return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" +
-                "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
-
-    parts = ["<h1>Meta-evaluation: agreement of caption metrics with judgments</h1>",
-             f"<p>Preset <code>{esc(result['config'])}</code>, seed {result['seed']}; "
-             f"{round(100 * result['confidence'])}% bootstrap CIs over images ({result['n_resamples']} resamples)."
-             "</p>", "<h2>Leaderboard</h2>", table(*_summary(result))]
-    for name, s in result["sets"].items():
-        head, rows, phead, prows = _set_tables(s)
-        parts += [f"<h2>{esc(name)}: {esc(STAT_TEXT[s['statistic']])}</h2>",
-                  f"<p>Files: {esc(', '.join(s['files']))}; {s['n']} {_unit(s)} on {s['n_images']} images.</p>",
-                  table(head, rows), "<h3>Paired differences</h3>", table(phead, prows)]
-        if s["notes"]:
-            parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in s["notes"]) + "</ul>")
-    if result["notes"]:
-        parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in result["notes"]) + "</ul>"]
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
-             "td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}")
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>recon metaeval</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
-
-
-# ---------------------------------------------------------------------------------------------- command
 def run_metaeval(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     out = Path(args.out or f"runs/metaeval-{config.name}")

@@ -1,4 +1,5 @@
-"""Human-judgment sets for caption-metric meta-evaluation, read from their released formats.
+"""Human-judgment sets for caption-metric meta-evaluation, read from their released formats (over 400 lines: five
+readers, each short, sharing the row and error helpers).
 
 Each reader returns :class:`Judgments`: judged captions (:class:`Candidate`: image, caption, the references it is
 scored against) with either a human rating each (:class:`Rating`) or a human preference between two

@@ -1,6 +1,7 @@
 """Train the shapes bundle on CPU: ``recon shapes train --component {captioner,vae,unet,clip,judge,weak,all}``.
 
-Reads top to bottom: shared helpers (data, budget, the checkpointed loop), then one ``train_<component>`` per part.
+Reads top to bottom: shared helpers (data, budget, the checkpointed loop), then one ``train_<component>`` per part
+(over 400 lines: six short trainers that share the loop read best side by side).
 Data is rendered on the fly from ``(seed, step)``, so every batch is fresh, the run is reproducible, and resuming
 needs only the step counter. A checkpoint goes to ``<work>/<component>.ckpt.pt`` every few minutes and a killed run
 resumes from it. Each component writes its part of the bundle plus ``training/<component>.json`` (steps, wall and
