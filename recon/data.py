@@ -402,7 +402,7 @@ def write_coco_results(path: str | Path, pairs: Iterable[tuple[ImageId, str]]) -
     """Write a COCO results file ``[{"image_id", "caption"}]`` in the given order, atomically (UTF-8).
 
     Ids are normalised by :func:`coco_image_id`. A duplicate id raises ``ValueError``: the COCO evaluation
-    tools reject such files. Read it back with :func:`recon.scoring.captions_io.read_coco_results`.
+    tools reject such files. Read it back with :func:`recon.scoring.inputs.read_caption_set`.
     """
     path = Path(path)
     entries, seen = [], set()

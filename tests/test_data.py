@@ -355,31 +355,31 @@ def test_karpathy(tmp_path):
         captions_io.read_karpathy(path)
 
 
-def test_clipscore_and_results(tmp_path):
+def test_caption_files_and_results(tmp_path):
+    """One reader for caption files (recon.scoring.inputs.read_caption_set): clipscore-style objects and COCO
+    results lists, bad entries kept as entries with an error, duplicates left for build_items to resolve."""
+    from recon.scoring.inputs import read_caption_set
+
     path = tmp_path / "candidates.json"
     path.write_text('{"img1": "a cat", "img2": "x", "img1": "later", "003": null}')
-    cands = captions_io.read_clipscore(path)
-    assert cands.captions == {"img1": "a cat", "img2": "x"}
-    assert [p.id for p in cands.problems] == ["img1", "003"]
+    entries = read_caption_set(path, "s").entries
+    assert [(e.key, e.caption) for e in entries] == [("img1", "a cat"), ("img2", "x"), ("img1", "later"), ("003", None)]
+    assert [e.error is None for e in entries] == [True, True, True, False] and "text is null" in entries[3].error
     refs_path = tmp_path / "refs.json"
     refs_path.write_text(json.dumps({"img1": ["a", "b"], "img2": "c"}))
     assert captions_io.read_clipscore_references(refs_path).refs == {"img1": ["a", "b"], "img2": ["c"]}
     with pytest.raises(DataError, match="references file"):
-        captions_io.read_clipscore(refs_path)
+        read_caption_set(refs_path, "s")
 
     out = tmp_path / "sub" / "results.json"
     write_coco_results(out, [(42, UNICODE), ("43", "b"), ("im_7", "c")])
     assert os.listdir(out.parent) == ["results.json"]
     assert json.loads(out.read_text(encoding="utf-8"))[0] == {"image_id": 42, "caption": UNICODE}
-    results = captions_io.read_coco_results(out)
-    assert results.captions == {42: UNICODE, 43: "b", "im_7": "c"} and not results.problems
+    assert {e.key: e.caption for e in read_caption_set(out, "s").entries} == {"42": UNICODE, "43": "b", "im_7": "c"}
     with pytest.raises(ValueError, match="duplicate image_id 42"):
         write_coco_results(out, [(42, "a"), ("42", "b")])
-    out.write_text(json.dumps([{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}, {"caption": "c"}]))
-    with pytest.raises(DataError, match=r"results\.json: entry 2: missing key 'image_id'"):
-        captions_io.read_coco_results(out)
-    out.write_text(json.dumps([{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]))
-    assert captions_io.read_coco_results(out).captions == {1: "a"}
+    out.write_text(json.dumps([{"image_id": 1, "caption": "a"}, {"caption": "c"}]))
+    assert "entry 1: missing key 'image_id'" in read_caption_set(out, "s").entries[1].error
 
 
 # ------------------------------------------------------------------------------------------ tensors, PNG

@@ -1,9 +1,9 @@
-"""Caption annotation files of public datasets and evaluation tools, read and written.
+"""Reference annotation files of public datasets and evaluation tools (candidate caption files, clipscore-style or
+COCO results, have one reader: :func:`recon.scoring.inputs.read_caption_set`).
 
 - COCO caption annotations ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}``
 - Karpathy splits ``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}], "cocoid"?}]}``
-- clipscore-style ``{image_id: caption}`` (candidates) and ``{image_id: [captions]}`` (references)
-- COCO results ``[{"image_id", "caption"}]``, which :func:`recon.data.write_coco_results` writes
+- clipscore-style references ``{image_id: [captions]}``
 
 Image ids: in COCO-family files (annotations, Karpathy ``cocoid``, results) an id that is an integer, or a
 string spelling one canonically ("42", not "042"), becomes an ``int``, as the COCO evaluation tools expect;
@@ -38,14 +38,6 @@ class References:
 
     refs: dict[ImageId, list[str]] = field(default_factory=dict)
     file_names: dict[ImageId, str] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
-
-
-@dataclass
-class Candidates:
-    """One candidate caption per image id."""
-
-    captions: dict[ImageId, str] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -154,22 +146,6 @@ def _duplicate(path: Path, key: str, problems: list[Problem], seen: set) -> bool
     return False
 
 
-def read_clipscore(path: str | Path) -> Candidates:
-    """A clipscore-style candidates file ``{image_id: caption}`` (ids stay strings)."""
-    path = Path(path)
-    out, seen = Candidates(), set()
-    for key, value in _mapping(path).pairs:
-        if isinstance(value, list):
-            raise DataError(f"{path}: key {key!r}: a list of captions; this is a references file, "
-                            "read it with read_clipscore_references")
-        if _duplicate(path, key, out.problems, seen):
-            continue
-        caption = _caption(value, path, f"key {key!r}", key, out.problems)
-        if caption is not None:
-            out.captions[key] = caption
-    return out
-
-
 def read_clipscore_references(path: str | Path) -> References:
     """A clipscore-style references file ``{image_id: [captions]}`` (a single string is one reference)."""
     path = Path(path)
@@ -181,26 +157,4 @@ def read_clipscore_references(path: str | Path) -> References:
         refs = [c for j, v in enumerate(values)
                 if (c := _caption(v, path, f"key {key!r}[{j}]", key, out.problems)) is not None]
         out.refs[key] = refs
-    return out
-
-
-def read_coco_results(path: str | Path) -> Candidates:
-    """A COCO results file ``[{"image_id", "caption"}]`` (extra keys such as ``score`` are ignored)."""
-    path = Path(path)
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of {{'image_id', 'caption'}} objects, "
-                        f"got {type(data).__name__}")
-    out = Candidates()
-    for i, entry in enumerate(data):
-        where = f"entry {i}"
-        image_id = coco_image_id(entry_field(entry, ("image_id",), path, where), path, f"{where}.image_id")
-        value = entry_field(entry, ("caption",), path, where)
-        if image_id in out.captions:
-            out.problems.append(Problem(image_id, f"{path}: {where}: duplicate image_id {image_id!r}; "
-                                                  "the first caption is kept"))
-            continue
-        caption = _caption(value, path, where, image_id, out.problems)
-        if caption is not None:
-            out.captions[image_id] = caption
     return out
