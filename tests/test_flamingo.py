@@ -459,3 +459,23 @@ def test_shapes_flamingo_training_two_step_smoke(tmp_path):
                           decoding=DecodingConfig(method="greedy", min_new_tokens=1, max_new_tokens=4))
     (caps,) = FlamingoCaptioner(model, tokenizer, pre, cfg).caption([world.render_pil(world.sample_scenes(1, 0)[0])])
     assert len(caps) == 1 and isinstance(caps[0], str)
+
+
+def test_beam_step_by_hand():
+    import math
+
+    from recon.captioners.flamingo.decoding import beam_step
+
+    logp = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]]).log()  # beams of one row; token 2 is eos
+    scores, generated = torch.tensor([0.0, -float("inf")]), torch.zeros(2, 0, dtype=torch.long)
+    finished, done = [[]], [False]
+    select, tokens, new = beam_step(logp, scores, generated, finished, done, k=2, eos=2, length=1, length_penalty=1.0)
+    # only beam 0 is live at step 0: its token 0 and token 1 continue, its eos (ranked 2nd) finishes
+    assert select.tolist() == [0, 0] and tokens.tolist() == [0, 1]
+    assert new.tolist() == pytest.approx([math.log(0.5), math.log(0.2)])
+    assert finished == [[([], pytest.approx(math.log(0.3)))]] and done == [False]
+    # next step: both beams end best with eos; two finished beat every running beam: the row is done
+    generated = torch.tensor([[0], [1]])
+    logp = torch.tensor([[0.05, 0.05, 0.9], [0.05, 0.05, 0.9]]).log()
+    beam_step(logp, new, generated, finished, done, k=2, eos=2, length=2, length_penalty=1.0)
+    assert [h[0] for h in finished[0]] == [[0], [1]] and done == [True]  # the step-0 hypothesis falls out

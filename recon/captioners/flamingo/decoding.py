@@ -35,6 +35,46 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 @torch.no_grad()
+def beam_step(logp: torch.Tensor, scores: torch.Tensor, generated: torch.Tensor,
+              finished: list[list[tuple[list[int], float]]], row_done: list[bool], k: int, eos: int, length: int,
+              length_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of beam search over ``B`` rows of ``k`` beams: ``logp [B*k, V]`` next-token log-probs, ``scores
+    [B*k]`` the beams' summed log-probs, ``generated [B*k, length-1]`` their tokens so far.
+
+    Of each row's best ``2k`` extensions, one ending in ``eos`` among the top ``k`` joins ``finished[row]`` (its
+    score ``sum log p / length ** length_penalty``; the ``k`` best are kept), the others fill the ``k`` beams in
+    order. A row is done (``row_done[row] = True``) when it has ``k`` finished hypotheses and none of its running
+    beams can beat the worst of them. Returns ``(select, tokens, new_scores)``: the beam each new beam extends, its
+    token and its summed score (``-inf`` for the beams of a done row)."""
+    b, vocab = logp.shape[0] // k, logp.shape[-1]
+    top_s, top_i = (scores[:, None] + logp).view(b, k * vocab).topk(2 * k, dim=-1)
+    select = torch.arange(b * k, device=logp.device)
+    tokens = torch.full((b * k,), eos, dtype=torch.long, device=logp.device)
+    new_scores = torch.full((b * k,), -float("inf"), device=logp.device)
+
+    def norm(score: float) -> float:
+        return score / max(length, 1) ** length_penalty
+
+    for row in range(b):
+        if row_done[row]:
+            continue
+        j = 0
+        for rank, (s, idx) in enumerate(zip(top_s[row].tolist(), top_i[row].tolist())):
+            src, tok = row * k + idx // vocab, idx % vocab
+            if tok == eos:
+                if rank < k:
+                    finished[row].append((generated[src].tolist(), norm(s)))
+                continue
+            select[row * k + j], tokens[row * k + j], new_scores[row * k + j] = src, tok, s
+            j += 1
+            if j == k:
+                break
+        finished[row] = sorted(finished[row], key=lambda h: -h[1])[:k]
+        if len(finished[row]) == k and finished[row][-1][1] >= norm(float(new_scores[row * k])):
+            row_done[row] = True
+    return select, tokens, new_scores
+
+
 def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor, *,
              max_new_tokens: int, min_new_tokens: int = 0, method: str = "greedy", num_beams: int = 1,
              num_return_sequences: int = 1, top_p: float = 1.0, top_k: int = 0, temperature: float = 1.0,
@@ -90,29 +130,8 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: torch.Ten
             logits = _filter_top_k_top_p(logits / temperature, top_k, top_p)
         logp = logits.log_softmax(-1)
         if method == "beam":
-            vocab = logp.shape[-1]
-            top_s, top_i = (scores[:, None] + logp).view(b, k * vocab).topk(2 * k, dim=-1)
-            select = torch.arange(b * k, device=logp.device)
-            tokens = torch.full((b * k,), eos, dtype=torch.long, device=logp.device)
-            new_scores = torch.full((b * k,), -float("inf"), device=logp.device)
-            for row in range(b):
-                if row_done[row]:
-                    continue
-                j = 0
-                for rank, (s, idx) in enumerate(zip(top_s[row].tolist(), top_i[row].tolist())):
-                    src, tok = row * k + idx // vocab, idx % vocab
-                    if tok == eos:
-                        if rank < k:
-                            finished[row].append((generated[src].tolist(), norm(s, step + 1)))
-                        continue
-                    select[row * k + j], tokens[row * k + j], new_scores[row * k + j] = src, tok, s
-                    j += 1
-                    if j == k:
-                        break
-                finished[row] = sorted(finished[row], key=lambda h: -h[1])[:k]
-                best_running = norm(float(new_scores[row * k]), step + 1)
-                if len(finished[row]) == k and finished[row][-1][1] >= best_running:
-                    row_done[row] = True
+            select, tokens, new_scores = beam_step(logp, scores, generated, finished, row_done, k, eos,
+                                                   step + 1, length_penalty)
             if all(row_done):
                 break
             generated = torch.cat([generated[select], tokens[:, None]], dim=1)
