@@ -459,6 +459,10 @@ def test_shapes_flamingo_training_two_step_smoke(tmp_path):
                           decoding=DecodingConfig(method="greedy", min_new_tokens=1, max_new_tokens=4))
     (caps,) = FlamingoCaptioner(model, tokenizer, pre, cfg).caption([world.render_pil(world.sample_scenes(1, 0)[0])])
     assert len(caps) == 1 and isinstance(caps[0], str)
+    # the same checkpointed loop as every other part: a rerun resumes (stage 1 done, stage 2 from its checkpoint)
+    again = train(tmp_path / "flamingo", tmp_path / "work", lm_steps=2, flamingo_steps=3)
+    assert again["stage1"] == record["stage1"] and again["stage2"]["steps"] == 3
+    assert (tmp_path / "work" / "stage2" / "flamingo.ckpt.pt").is_file()
 
 
 def test_beam_step_by_hand():

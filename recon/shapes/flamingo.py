@@ -28,9 +28,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,44 +182,12 @@ def tokenize(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def _lr(step: int, total: int) -> float:
-    warm = max(1, total // 20)
-    if step < warm:
-        return (step + 1) / warm
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-
-def _optimise(name: str, params: list, steps: int, step_fn, lr: float | None = None, log_every: int = 50) -> dict:
-    """AdamW with warmup + cosine; ``params`` a list of tensors or of param-group dicts."""
-    lr = lr or LR[name]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    flat = [p for g in opt.param_groups for p in g["params"]]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps))
-    t0, c0, losses, curve = time.time(), time.process_time(), [], []
-    for step in range(steps):
-        loss = step_fn(step)
-        torch.nn.utils.clip_grad_norm_(flat, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            curve.append(round(float(np.mean(losses)), 4))
-            rate = (time.time() - t0) / (step + 1)
-            print(f"[{time.strftime('%H:%M:%S')}] {name} step {step + 1}/{steps} loss {curve[-1]:.4f} "
-                  f"{rate:.2f}s/step", flush=True)
-            losses = []
-    return {"steps": steps, "batch_size": BATCH[name], "lr": lr, "loss_curve": curve,
-            "wall_minutes": round((time.time() - t0) / 60, 2),
-            "cpu_minutes": round((time.process_time() - c0) / 60, 2)}
-
-
 # ----------------------------------------------------------------------------------------------- training
-def train_lm(tokenizer, seed: int = 0, phases: list[tuple[int, float]] | None = None, work: Path | None = None
-             ) -> tuple[torch.nn.Module, list[dict]]:
+def train_lm(tokenizer, seed: int = 0, phases: list[tuple[int, float]] | None = None, work: Path | None = None,
+             threads: int = 1) -> tuple[torch.nn.Module, list[dict]]:
     """Stage 1: the language model on text only, in ``phases`` of ``(steps, lr)`` (each a fresh AdamW with warmup
     and cosine decay; the data stream continues). With ``work``, the LM is saved there after each phase and a
-    rerun resumes after the last finished one."""
+    rerun resumes after the last finished one (and inside a phase, from its checkpoint)."""
     from transformers import LlamaForCausalLM
 
     phases = phases or LM_PHASES
@@ -233,7 +199,7 @@ def train_lm(tokenizer, seed: int = 0, phases: list[tuple[int, float]] | None = 
     else:
         lm = build_lm(tokenizer, seed)
     lm.train()
-    for steps, lr in phases[len(done):]:
+    for phase, (steps, lr) in enumerate(phases[len(done):], start=len(done)):
         offset = sum(r["steps"] for r in done)
 
         def step_fn(step: int, offset=offset) -> float:
@@ -243,11 +209,27 @@ def train_lm(tokenizer, seed: int = 0, phases: list[tuple[int, float]] | None = 
             loss.backward()
             return loss.item()
 
-        done.append(_optimise("lm", list(lm.parameters()), steps, step_fn, lr=lr))
+        done.append(_loop(f"lm-phase{phase}", {"lm": lm}, list(lm.parameters()), steps, lr, BATCH["lm"],
+                          step_fn, work, threads))
+        lm.train()
         if work is not None:
             lm.save_pretrained(work)
             (work / "stage1.json").write_text(json.dumps(done))
     return lm.eval(), done
+
+
+def _loop(name: str, modules: dict, params: list, steps: int, lr: float, batch: int, step_fn, work: Path | None,
+          threads: int) -> dict:
+    """recon shapes train's checkpointed loop (resume, logging; warmup + cosine as the bundle's recipe), with the
+    gradient clipped at 1.0 as this recipe always did."""
+    import tempfile
+
+    from recon.shapes.train import TrainArgs, run_loop
+
+    work = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix="shapes-flamingo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    args = TrainArgs(component="flamingo", out=work, work=work, steps=steps, lr=lr, batch=batch, threads=threads)
+    return run_loop(args, name, modules, params, step_fn, clip_norm=1.0)
 
 
 def clip_pixels(images: np.ndarray, preprocess) -> torch.Tensor:
@@ -256,7 +238,8 @@ def clip_pixels(images: np.ndarray, preprocess) -> torch.Tensor:
     return preprocess(to_tensor(images))
 
 
-def train_flamingo_stage(model, tokenizer, preprocess, seed: int = 0, steps: int | None = None) -> dict:
+def train_flamingo_stage(model, tokenizer, preprocess, seed: int = 0, steps: int | None = None,
+                         work: Path | None = None, threads: int = 1) -> dict:
     """Stage 2: perceiver + gated cross-attention on interleaved rendered scenes; LM and vision frozen."""
     from recon.captioners.flamingo.model import vision_tokens
 
@@ -289,7 +272,9 @@ def train_flamingo_stage(model, tokenizer, preprocess, seed: int = 0, steps: int
         loss.backward()
         return loss.item()
 
-    record = _optimise("flamingo", params, steps or FLAMINGO_STEPS, step_fn)
+    trained = {"perceiver": model.perceiver, "gated_cross_attn": model.gated_cross_attn}
+    record = _loop("flamingo", trained, params, steps or FLAMINGO_STEPS, LR["flamingo"], BATCH["flamingo"], step_fn,
+                   work, threads)
     model.eval()
     return record
 
@@ -311,13 +296,13 @@ def train(out: Path | None = None, work: Path | None = None, clip: str = "builti
               "lm": LM, "perceiver": PERCEIVER, "xattn": XATTN, "novel_format": NOVEL_FORMAT.render(
                   dict(shape="circle", color="red", size="small", position="top left", background="white"))}
     phases = [(lm_steps, LR["lm"])] if lm_steps else None
-    lm, record["stage1"] = train_lm(tokenizer, seed, phases, work / "lm")
+    lm, record["stage1"] = train_lm(tokenizer, seed, phases, work / "lm", threads)
     visual, pre_cfg, _ = hub.load_open_clip(clip, None, torch.device("cpu"))
     torch.manual_seed(seed)
     model = Flamingo(visual.visual, lm, tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
                      tokenizer.convert_tokens_to_ids(EOC_TOKEN), CROSS_ATTN_EVERY, PERCEIVER, XATTN)
     record["stage2"] = train_flamingo_stage(model, tokenizer, ImagePreprocess.from_open_clip(pre_cfg), seed,
-                                            flamingo_steps)
+                                            flamingo_steps, work / "stage2", threads)
     save_flamingo(model, tokenizer, out, vision=clip, half=True,
                   vision_sha256=vision_weights_sha256(hub.resolve(clip, "shapes CLIP")))
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -83,8 +83,9 @@ def lr_lambda(plan: dict) -> Callable[[int], float]:
 
 def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], params: list,
              step_fn: Callable[[int], float], validate: Callable[[int], dict] | None = None,
-             ema=None, weight_decay: float = 0.01) -> dict:
-    """Optimise ``params`` with AdamW for the budget; checkpoint, resume, log progress. Returns a record."""
+             ema=None, weight_decay: float = 0.01, clip_norm: float | None = None) -> dict:
+    """Optimise ``params`` (tensors or AdamW param groups) with AdamW for the budget; checkpoint ``modules``,
+    resume, log progress. ``clip_norm``: clip the gradient norm before each step. Returns a record."""
     plan = {"total": args.steps or DEFAULT_STEPS[name]}
     lr = args.lr or LR[name]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
@@ -120,8 +121,11 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
     last_ckpt, losses, first_step = time.time(), [], step
     for m in modules.values():
         m.train()
+    flat = [p for g in opt.param_groups for p in g["params"]]
     while step < plan["total"]:
         loss = step_fn(step)
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(flat, clip_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
