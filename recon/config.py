@@ -178,16 +178,23 @@ def from_dict(cls, data: Any, where: str = "config"):
     return cls(**kwargs)
 
 
-def preset_path(name_or_path: str) -> Path:
+def find_config(name_or_path: str, stems: tuple[str, ...], what: str, available: list[str]) -> Path:
+    """A YAML path as given, or ``<stem>.yaml`` for the first of ``stems`` found in ``$RECON_CONFIGS`` or the
+    package's presets; otherwise an error listing ``available``. Run presets and finetune configs alike."""
     p = Path(name_or_path).expanduser()
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"{what} file not found: {p}")
         return p
     for base in [os.environ.get("RECON_CONFIGS"), CONFIG_DIR]:
-        if base and (Path(base) / f"{name_or_path}.yaml").is_file():
-            return Path(base) / f"{name_or_path}.yaml"
-    raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())} (or pass a YAML path)")
+        for stem in stems:
+            if base and (Path(base) / f"{stem}.yaml").is_file():
+                return Path(base) / f"{stem}.yaml"
+    raise ConfigError(f"unknown {what} {name_or_path!r}; available: {', '.join(available)} (or pass a YAML path)")
+
+
+def preset_path(name_or_path: str) -> Path:
+    return find_config(name_or_path, (name_or_path,), "preset", list_presets())
 
 
 def list_presets() -> list[str]:

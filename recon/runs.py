@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
 # Settings that do not change any result: a resumed run may change them freely.
-VOLATILE_KEYS = {"run.batch_size", "run.device", "run.threads", "run.cache_dir", "run.max_report_items"}
+RESULT_NEUTRAL_KEYS = {"run.batch_size", "run.device", "run.threads", "run.cache_dir", "run.max_report_items"}
 
 
 class RunError(RuntimeError):
@@ -170,7 +170,7 @@ class RunDir:
         if cfg_path.exists() and holds_records:  # a run stopped before its first record binds no config
             old = read_run_config(cfg_path)
             a, b = flatten(old), flatten(new)
-            diff = sorted(k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)) and k not in VOLATILE_KEYS)
+            diff = sorted(k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)) and k not in RESULT_NEUTRAL_KEYS)
             if diff:
                 raise RunError(f"{self.path} holds a run with a different config ({', '.join(diff[:6])}"
                                f"{' ...' if len(diff) > 6 else ''}); pass a new --out to start a new run, "

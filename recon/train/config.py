@@ -24,6 +24,7 @@ from recon.config import (
     MetricConfig,
     apply_override,
     check_decoding,
+    find_config,
     from_dict,
     merge,
     read_yaml,
@@ -230,7 +231,7 @@ class FinetuneConfig:
 
 
 # Keys a resumed run may change: they do not change what a step computes.
-VOLATILE_KEYS = ("train.steps", "train.checkpoint_every", "train.checkpoints_total_limit", "train.log_every",
+RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.checkpoints_total_limit", "train.log_every",
                  "train.report_to", "train.threads", "data.num_workers", "validation.")
 
 CHOICES = {
@@ -248,16 +249,8 @@ CHOICES = {
 
 def finetune_config_path(name_or_path: str) -> Path:
     """A YAML path, or a name under configs/ (``shapes-smoke`` or ``finetune-shapes-smoke``)."""
-    p = Path(name_or_path).expanduser()
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"finetune config not found: {p}")
-        return p
-    for stem in (name_or_path, f"finetune-{name_or_path}"):
-        if (CONFIG_DIR / f"{stem}.yaml").is_file():
-            return CONFIG_DIR / f"{stem}.yaml"
     known = sorted(p.stem for p in CONFIG_DIR.glob("finetune-*.yaml"))
-    raise ConfigError(f"unknown finetune config {name_or_path!r}; available: {', '.join(known)} (or a YAML path)")
+    return find_config(name_or_path, (name_or_path, f"finetune-{name_or_path}"), "finetune config", known)
 
 
 def load_finetune_config(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
@@ -358,4 +351,4 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
     return sorted(k for k in set(a) | set(b)
                   if not same_value(a.get(k), b.get(k)) and not any(k == v or (v.endswith(".") and k.startswith(v))
-                                                      for v in VOLATILE_KEYS))
+                                                      for v in RESUMABLE_KEYS))

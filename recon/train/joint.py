@@ -6,7 +6,7 @@ Reads top to bottom, like diffusers' train_text_to_image_lora.py: config -> Acce
 
 Run directory ``OUT``::
 
-    finetune.yaml              the resolved config (a rerun with the same OUT resumes; see VOLATILE_KEYS)
+    finetune.yaml              the resolved config (a rerun with the same OUT resumes; see train.config.RESUMABLE_KEYS)
     bridge.json                the vocabulary index's coverage
     metrics.jsonl              one record per optimizer step (unweighted loss terms, total, lr, grad norm)
     validation.jsonl           one record per validation; samples/step-N.png the grids
