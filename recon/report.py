@@ -28,7 +28,7 @@ __all__ = ["read_records", "write_report", "metric_direction"]
 IMAGE_TEXT_IMAGE = "image-text-image"
 TEXT_IMAGE_TEXT = "text-image-text"
 
-_CSS = """
+CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: left; vertical-align: top; }
@@ -62,14 +62,14 @@ def script() -> str:
     return Path(__file__).with_name("report.js").read_text(encoding="utf-8").replace("</", "<\\/")
 
 
-def _esc(value: Any) -> str:
+def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
 def _num(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:.4f}" if isinstance(value, float) else str(value)
-    return _esc(value)
+    return esc(value)
 
 
 
@@ -109,12 +109,12 @@ def _stats_table(records: list[dict], values: dict[tuple[str, str], list[float]]
                  if len(a) else [0] + [float("nan")] * 5)
         missing = ok.get(direction, 0) - len(a)
         cells = "".join(f'<td class="num">{"–" if s != s else _num(s)}</td>' for s in stats)  # NaN: "–"
-        rows.append(f"<tr><td>{_esc(direction)}</td><td>{_esc(metric)}</td>"
+        rows.append(f"<tr><td>{esc(direction)}</td><td>{esc(metric)}</td>"
                     f"<td>{'lower (distance)' if better == 'lower' else 'higher (similarity)'}</td>{cells}"
                     f'<td class="num">{missing}</td><td class="num">{failed.get(direction, 0)}</td></tr>')
     for direction, n in failed.items():
         if not any(d == direction for d, _ in values):
-            rows.append(f"<tr><td>{_esc(direction)}</td><td class='muted' colspan='9'>no scores</td>"
+            rows.append(f"<tr><td>{esc(direction)}</td><td class='muted' colspan='9'>no scores</td>"
                         f'<td class="num">{n}</td></tr>')
     if not rows:
         return "<p class='muted'>No records.</p>"
@@ -139,24 +139,24 @@ def _histogram(direction: str, metric: str, values: list[float]) -> str:
     title = f"{metric} ({metric_direction(metric)} is better)"
     alt = f"histogram of {metric} ({direction})"
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" font-size="9" '
-           f'font-family="sans-serif"><title>{_esc(alt)}</title>'
-           f'<text x="{w / 2}" y="13" text-anchor="middle" font-size="10">{_esc(title)}</text>{bars}'
+           f'font-family="sans-serif"><title>{esc(alt)}</title>'
+           f'<text x="{w / 2}" y="13" text-anchor="middle" font-size="10">{esc(title)}</text>{bars}'
            f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#444"/>'
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#444"/>'
            f'<text x="{left}" y="{top + ph + 12}">{edges[0]:.4g}</text>'
            f'<text x="{left + pw}" y="{top + ph + 12}" text-anchor="end">{edges[-1]:.4g}</text>'
-           f'<text x="{left + pw / 2}" y="{h - 4}" text-anchor="middle">{_esc(metric)}</text>'
+           f'<text x="{left + pw / 2}" y="{h - 4}" text-anchor="middle">{esc(metric)}</text>'
            f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{top_count}</text>'
            f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>'
            f'<text x="10" y="{top + ph / 2}" transform="rotate(-90 10 {top + ph / 2})" text-anchor="middle">records'
            "</text></svg>")
-    return f"<figure>{svg}<figcaption>{_esc(alt)}</figcaption></figure>"
+    return f"<figure>{svg}<figcaption>{esc(alt)}</figcaption></figure>"
 
 
 # ------------------------------------------------------------------------------------------------ images
 
 
-class _Images:
+class Images:
     """Embeds images referenced by records (paths relative to the run directory) as PNG data URIs."""
 
     def __init__(self, run_dir: Path, thumb_size: int | None):
@@ -188,16 +188,16 @@ class _Images:
         honest), or a grey box saying why there is none."""
         uri, reason = self.uri(rel)
         if not uri:
-            return f'<div class="missing">{_esc(reason)}</div>'
+            return f'<div class="missing">{esc(reason)}</div>'
         native = self.sizes.get(rel, (width, width))[0]
         cls = ' class="px"' if native < width else ""
-        return f'<img src="{uri}" alt="{_esc(rel)}" width="{max(width, 1)}"{cls} loading="lazy">'
+        return f'<img src="{uri}" alt="{esc(rel)}" width="{max(width, 1)}"{cls} loading="lazy">'
 
     def figure(self, rel: Any, caption_html: str, chosen: bool = False) -> str:
         uri, reason = self.uri(rel)
         cls = ' class="chosen"' if chosen else ""
-        body = (f'<img src="{uri}" alt="{_esc(rel)}">' if uri
-                else f'<div class="missing">{_esc(reason)}</div>')
+        body = (f'<img src="{uri}" alt="{esc(rel)}">' if uri
+                else f'<div class="missing">{esc(reason)}</div>')
         return f"<figure{cls}>{body}<figcaption>{caption_html}</figcaption></figure>"
 
 
@@ -211,14 +211,14 @@ def _at(seq: Any, k: int, default: Any = None) -> Any:
 def _per_image_scores(per_image: Any, k: int) -> str:
     if not isinstance(per_image, Mapping):
         return ""
-    return "".join(f"<br>{_esc(m)}: {_num(_at(vs, k, '–'))}" for m, vs in per_image.items())
+    return "".join(f"<br>{esc(m)}: {_num(_at(vs, k, '–'))}" for m, vs in per_image.items())
 
 
 def _warnings(record: dict) -> str:
     ws = record.get("warnings")
     if not isinstance(ws, list) or not ws:
         return ""
-    return "<ul class='warnings'>" + "".join(f"<li>{_esc(w)}</li>" for w in ws) + "</ul>"
+    return "<ul class='warnings'>" + "".join(f"<li>{esc(w)}</li>" for w in ws) + "</ul>"
 
 
 # ----------------------------------------------------------------------------------------------- gallery
@@ -242,7 +242,7 @@ def _flagged(r: dict) -> bool:
     return any(isinstance(f, list) and any(f) for f in lists)
 
 
-def _io_cells(r: dict, images: _Images, with_images: bool) -> tuple[str, str, str]:
+def _io_cells(r: dict, images: Images, with_images: bool) -> tuple[str, str, str]:
     """(input, output images, caption / text) cells of a gallery row."""
     direction = r.get("direction")
     if direction == IMAGE_TEXT_IMAGE:
@@ -254,33 +254,33 @@ def _io_cells(r: dict, images: _Images, with_images: bool) -> tuple[str, str, st
         others = "" if not candidates else (f"<details><summary>{len(candidates)} candidate(s), per-image scores"
                                             f"</summary>{_candidates_table(r, candidates, images, with_images)}"
                                             "</details>")
-        return source, out, f"{_esc(r.get('caption', best.get('caption', '')))}{others}"
+        return source, out, f"{esc(r.get('caption', best.get('caption', '')))}{others}"
     if direction == "score":  # recon score: one caption of one system for one image
         source = images.img(r.get("original")) if with_images and r.get("original") else ""
         out = "".join(images.img(rel) for rel in r.get("images") or []) if with_images else ""
         if r.get("status") != "ok":
-            return source, out, f"<span class='flagged'>{_esc(r.get('error', r.get('status')))}</span>"
-        return source, out, f"<b>{_esc(r.get('system', ''))}</b>: {_esc(r.get('caption', ''))}"
+            return source, out, f"<span class='flagged'>{esc(r.get('error', r.get('status')))}</span>"
+        return source, out, f"<b>{esc(r.get('system', ''))}</b>: {esc(r.get('caption', ''))}"
     if direction == TEXT_IMAGE_TEXT:
         out = "".join(images.img(rel) for rel in r.get("images") or []) if with_images else ""
-        captions = "".join(f"<li>{_esc(c)}</li>" for c in r.get("captions") or [])
+        captions = "".join(f"<li>{esc(c)}</li>" for c in r.get("captions") or [])
         per = r.get("scores_per_image") if isinstance(r.get("scores_per_image"), Mapping) else {}
-        per_text = "".join(f"<li>{_esc(m)}: " + ", ".join(_num(v) for v in vs) + "</li>" for m, vs in per.items()
+        per_text = "".join(f"<li>{esc(m)}: " + ", ".join(_num(v) for v in vs) + "</li>" for m, vs in per.items()
                            if isinstance(vs, list))
         details = f"<details><summary>per-image scores</summary><ul>{per_text}</ul></details>" if per_text else ""
-        return (f"<q>{_esc(r.get('text', ''))}</q>", out,
+        return (f"<q>{esc(r.get('text', ''))}</q>", out,
                 (f"<ol start='0'>{captions}</ol>" if captions else "") + details)
     out = "".join(images.img(rel) for rel in r.get("images") or []) if with_images else ""
     if r.get("status") != "ok":
-        return _esc(r.get("source", "")), out, f"<span class='flagged'>{_esc(r.get('error', r.get('status')))}</span>"
-    text = "".join(f"<p>{key}: <q>{_esc(r[key])}</q></p>" for key in ("text", "caption") if key in r)
+        return esc(r.get("source", "")), out, f"<span class='flagged'>{esc(r.get('error', r.get('status')))}</span>"
+    text = "".join(f"<p>{key}: <q>{esc(r[key])}</q></p>" for key in ("text", "caption") if key in r)
     if isinstance(r.get("captions"), list):
-        text += "<ol start='0'>" + "".join(f"<li>{_esc(c)}</li>" for c in r["captions"]) + "</ol>"
-    raw = _esc(json.dumps(r, ensure_ascii=False, indent=1, default=str))
-    return _esc(r.get("source", "")), out, f"{text}<details><summary>record</summary><pre>{raw}</pre></details>"
+        text += "<ol start='0'>" + "".join(f"<li>{esc(c)}</li>" for c in r["captions"]) + "</ol>"
+    raw = esc(json.dumps(r, ensure_ascii=False, indent=1, default=str))
+    return esc(r.get("source", "")), out, f"{text}<details><summary>record</summary><pre>{raw}</pre></details>"
 
 
-def _candidates_table(r: dict, candidates: list, images: _Images, with_images: bool) -> str:
+def _candidates_table(r: dict, candidates: list, images: Images, with_images: bool) -> str:
     """Every candidate: caption, mean scores, per-image scores, and the images of the candidates not shown in
     the row (the chosen one's are)."""
     metrics = list(dict.fromkeys(m for c in candidates for m in (c.get("scores") or {})))
@@ -291,21 +291,21 @@ def _candidates_table(r: dict, candidates: list, images: _Images, with_images: b
         scores = dict(c.get("scores") or {}, **({"log-likelihood": c.get("log_likelihood", "–")} if has_ll else {}))
         chosen = i == r.get("chosen")
         per = c.get("scores_per_image") if isinstance(c.get("scores_per_image"), Mapping) else {}
-        per_text = "; ".join(f"{_esc(m)}: " + ", ".join(_num(v) for v in vs) for m, vs in per.items()
+        per_text = "; ".join(f"{esc(m)}: " + ", ".join(_num(v) for v in vs) for m, vs in per.items()
                              if isinstance(vs, list))
         flags = c.get("flagged") if isinstance(c.get("flagged"), list) else []
         flag = " <span class='flagged'>flagged by the safety checker</span>" if any(flags) else ""
         figs = "" if chosen or not with_images else "".join(images.img(rel, 64) for rel in c.get("images") or [])
         rows.append(f"<tr{' class=chosen' if chosen else ''}><td>{'★ ' if chosen else ''}{i}</td>"
-                    f"<td>{_esc(c.get('caption', ''))}{flag}</td>"
+                    f"<td>{esc(c.get('caption', ''))}{flag}</td>"
                     + "".join(f'<td class="num">{_num(scores.get(m, "–"))}</td>' for m in metrics)
                     + f"<td class='muted'>{per_text}</td><td><div class='pair'>{figs}</div></td></tr>")
-    head = ("<tr><th>#</th><th>caption</th>" + "".join(f"<th>{_esc(m)}</th>" for m in metrics)
+    head = ("<tr><th>#</th><th>caption</th>" + "".join(f"<th>{esc(m)}</th>" for m in metrics)
             + "<th>per image</th><th>images</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def gallery(records: list[dict], images: _Images, max_items: int, select: str | None = None) -> str:
+def gallery(records: list[dict], images: Images, max_items: int, select: str | None = None) -> str:
     """One sortable table row per item: input | output | caption | each metric; images for the first
     ``max_items`` rows in the default order (worst first by the selection metric), the rest as text rows."""
     metrics = list(dict.fromkeys(m for r in records if r.get("status") == "ok" for m in (r.get("scores") or {})))
@@ -318,7 +318,7 @@ def gallery(records: list[dict], images: _Images, max_items: int, select: str | 
 
     ordered = sorted(records, key=worst_first)
     head = ("<tr><th></th><th>input</th><th>reconstruction / output</th><th>caption</th>"
-            + "".join(f'<th data-key="{_esc(m)}">{_esc(m)} <span class="muted">({metric_direction(m)})</span></th>'
+            + "".join(f'<th data-key="{esc(m)}">{esc(m)} <span class="muted">({metric_direction(m)})</span></th>'
                       for m in metrics) + '<th data-key="@warnings">warnings</th></tr>')
     rows = []
     for n, r in enumerate(ordered):
@@ -326,7 +326,7 @@ def gallery(records: list[dict], images: _Images, max_items: int, select: str | 
         try:
             source, out, text = _io_cells(r, images, with_images=n < max_items)
         except Exception as e:  # a malformed record must not cost the whole report
-            source, out, text = "", "", f"<span class='flagged'>cannot render this record: {_esc(e)}</span>"
+            source, out, text = "", "", f"<span class='flagged'>cannot render this record: {esc(e)}</span>"
         scores = r.get("scores") if isinstance(r.get("scores"), Mapping) else {}
         cells = "".join(f'<td class="num" data-v="{scores[m] if _finite(scores.get(m)) else ""}">'
                         f"{_num(scores.get(m, '–'))}</td>" for m in metrics)
@@ -336,7 +336,7 @@ def gallery(records: list[dict], images: _Images, max_items: int, select: str | 
             f'<tr id="item-{key}" data-item="{key}" data-status="{status}" data-flagged="{int(_flagged(r))}" '
             f'data-warn="{int(bool(warnings))}" class="{status}">'
             f'<td><a class="itemlink" href="#item={key}" title="link to this item">#</a> '
-            f"<span class='muted'>{_esc(r.get('id', '?'))}</span></td>"
+            f"<span class='muted'>{esc(r.get('id', '?'))}</span></td>"
             f'<td>{source}</td><td><div class="pair">{out}</div></td><td class="caption">{text}</td>{cells}'
             f'<td data-v="{len(warnings)}">{_warnings(r)}</td></tr>')
     options = "".join(f'<option value="{v}">{v}</option>' for v in SHOW)
@@ -344,8 +344,8 @@ def gallery(records: list[dict], images: _Images, max_items: int, select: str | 
     return (f"<h2>Items</h2><p class='controls'>show <select id='show'>{options}</select> "
             f"<span id='view' class='muted'></span></p><p class='muted'>Click a column to sort (again to reverse); "
             f"the view is kept in the address, so it can be shared. Images for the first {shown} of {len(ordered)} "
-            f"items (run.max_report_items); default order: worst first by <code>{_esc(select or '–')}</code>.</p>"
-            f'<table id="gallery" data-sort="{_esc(select or "")}" data-dir="{direction}"><thead>{head}</thead>'
+            f"items (run.max_report_items); default order: worst first by <code>{esc(select or '–')}</code>.</p>"
+            f'<table id="gallery" data-sort="{esc(select or "")}" data-dir="{direction}"><thead>{head}</thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
@@ -387,7 +387,7 @@ def _latest_per_id(records: Iterable[dict]) -> list[dict]:
     return list(by_id.values()) + anonymous
 
 
-def _config_text(run_dir: Path, config: Any) -> str | None:
+def config_text(run_dir: Path, config: Any) -> str | None:
     if config is None:
         path = run_dir / "config.yaml"
         return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
@@ -415,28 +415,28 @@ def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping |
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
     values = _metric_values(records)
-    images = _Images(run_dir, thumb_size)
+    images = Images(run_dir, thumb_size)
 
-    parts = [f"<h1>{_esc(title)}</h1>",
-             f"<p>run directory <code>{_esc(run_dir.resolve().name)}</code>: {len(records)} records, "
+    parts = [f"<h1>{esc(title)}</h1>",
+             f"<p>run directory <code>{esc(run_dir.resolve().name)}</code>: {len(records)} records, "
              f"{len(ok)} ok, {len(failed)} failed"
              + (f"; {skipped} unreadable line(s) at the end of results.jsonl skipped" if skipped else "") + ".</p>"]
-    config_text = _config_text(run_dir, config)
-    if config_text is not None:
-        parts.append(f"<details><summary>config</summary><pre>{_esc(config_text)}</pre></details>")
+    shown_config = config_text(run_dir, config)
+    if shown_config is not None:
+        parts.append(f"<details><summary>config</summary><pre>{esc(shown_config)}</pre></details>")
     parts.append(f"<h2>Statistics</h2>{_stats_table(records, values)}")
     hists = [_histogram(d, m, vs) for (d, m), vs in values.items() if vs]
     if hists:
         parts.append(f"<h2>Score distributions</h2><div class='row'>{''.join(hists)}</div>")
     parts.append(gallery(records, images, max_items))
     if failed:
-        rows = "".join(f"<tr><td>{_esc(r.get('id', '?'))}</td><td>{_esc(r.get('direction', ''))}</td>"
-                       f"<td>{_esc(r.get('error', r.get('status', 'no status')))}</td></tr>"
+        rows = "".join(f"<tr><td>{esc(r.get('id', '?'))}</td><td>{esc(r.get('direction', ''))}</td>"
+                       f"<td>{esc(r.get('error', r.get('status', 'no status')))}</td></tr>"
                        for r in failed[:max_items])
         more = f"<p class='muted'>and {len(failed) - max_items} more.</p>" if len(failed) > max_items else ""
         parts.append(f"<h2>Failed items</h2><table><tr><th>id</th><th>direction</th><th>error</th></tr>"
                      f"{rows}</table>{more}")
-    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts)
+    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts)
             + f"\n<script>{script()}</script>\n</body></html>\n")
     return atomic_write_text(run_dir / "report.html", page)

@@ -15,16 +15,16 @@ from pathlib import Path
 
 from recon.config import metric_direction
 from recon.data import atomic_write_text
-from recon.report import _CSS, _config_text, _esc, _Images, gallery
+from recon.report import CSS, Images, config_text, esc, gallery
 from recon.report import script as report_script
 from recon.scoring.tables import (
-    _corr,
-    _est,
-    _fmt,
-    _p,
-    _pv,
     corpus_names,
     estimate_cell,
+    fmt,
+    fmt_corr,
+    fmt_estimate,
+    fmt_p,
+    fmt_pv,
     metric_label,
     system_of,
 )
@@ -32,40 +32,40 @@ from recon.scoring.tables import (
 
 def _page(title: str, parts: Sequence[str], with_script: bool = False) -> str:
     script = f"\n<script>{report_script()}</script>" if with_script else ""
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + f"{script}\n</body></html>\n")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + f"{script}\n</body></html>\n")
 
 
 def leaderboard_html(board: Mapping) -> str:
     systems, metrics = board["systems"], board["metrics"]
-    head = "<tr><th>metric (better)</th>" + "".join(f"<th>{_esc(s)}</th>" for s in systems) + "</tr>"
+    head = "<tr><th>metric (better)</th>" + "".join(f"<th>{esc(s)}</th>" for s in systems) + "</tr>"
     rows = ["<tr><td>items ok / failed</td>" + "".join(
         f"<td class='num'>{board['counts'][s]['ok']} / {board['counts'][s]['failed']}</td>" for s in systems) + "</tr>"]
     corpus = board.get("corpus") or {}
     for name in corpus_names(corpus):
         rows.append(f"<tr><td><b>{name} (corpus)</b> (higher)</td>" + "".join(
-            f"<td class='num'><b>{_esc(_est(corpus[s][name]))}</b></td>" if name in corpus.get(s, {})
+            f"<td class='num'><b>{esc(fmt_estimate(corpus[s][name]))}</b></td>" if name in corpus.get(s, {})
             else "<td>–</td>" for s in systems) + "</tr>")
     for m in metrics:
-        rows.append(f"<tr><td>{_esc(metric_label(m, corpus))} ({metric_direction(m)})</td>" + "".join(
-            f"<td class='num'>{_esc(estimate_cell(board, s, m))}</td>" for s in systems) + "</tr>")
+        rows.append(f"<tr><td>{esc(metric_label(m, corpus))} ({metric_direction(m)})</td>" + "".join(
+            f"<td class='num'>{esc(estimate_cell(board, s, m))}</td>" for s in systems) + "</tr>")
     parts = [f"<h2>Leaderboard</h2><p class='muted'>Mean of per-image scores with a "
              f"{round(100 * board['confidence'])}% percentile bootstrap CI ({board['n_resamples']} resamples of the "
-             f"images); systems ordered by <code>{_esc(board['primary'])}</code>. Bold corpus BLEU / METEOR rows: "
+             f"images); systems ordered by <code>{esc(board['primary'])}</code>. Bold corpus BLEU / METEOR rows: "
              "pycocoevalcap's corpus scores, their CI recomputing the corpus score per resample of images.</p>", f"<table>{head}{''.join(rows)}</table>"]
     if board["paired"]:
         pairs = list(dict.fromkeys((p["a"], p["b"]) for p in board["paired"]))
         cell = {(p["a"], p["b"], p["metric"]): p for p in board["paired"]}
-        head = "<tr><th>metric</th>" + "".join(f"<th>{_esc(a)} − {_esc(b)}</th>" for a, b in pairs) + "</tr>"
+        head = "<tr><th>metric</th>" + "".join(f"<th>{esc(a)} − {esc(b)}</th>" for a, b in pairs) + "</tr>"
         rows = []
         for m in metrics:
             tds = []
             for a, b in pairs:
                 p = cell[(a, b, m)]
                 tds.append("<td>–</td>" if p["diff"] is None else
-                           f"<td class='num'>{_fmt(p['diff'])} [{_fmt(p['low'])}, {_fmt(p['high'])}]<br>"
-                           f"{_esc(_pv(p['p_value']))} (Holm {_esc(_p(p['p_holm']))})</td>")
-            rows.append(f"<tr><td>{_esc(m)}</td>{''.join(tds)}</tr>")
+                           f"<td class='num'>{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}]<br>"
+                           f"{esc(fmt_pv(p['p_value']))} (Holm {esc(fmt_p(p['p_holm']))})</td>")
+            rows.append(f"<tr><td>{esc(m)}</td>{''.join(tds)}</tr>")
         parts += ["<h3>Paired differences (A − B on the images both scored)</h3><p class='muted'>Mean difference "
                   "[bootstrap CI]; two-sided paired permutation p-value, Holm-adjusted over the table.</p>",
                   f"<table>{head}{''.join(rows)}</table>"]
@@ -97,7 +97,7 @@ def _scatter(records: Sequence[dict], x_metric: str, y_metric: str, rho: Mapping
     fig.savefig(buf, format="png", metadata={"Software": None})
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     alt = f"{y_metric} against {x_metric}, one point per caption"
-    return f'<figure><img src="{uri}" alt="{_esc(alt)}"><figcaption>{_esc(alt)}</figcaption></figure>'
+    return f'<figure><img src="{uri}" alt="{esc(alt)}"><figcaption>{esc(alt)}</figcaption></figure>'
 
 
 def analysis_html(records: Sequence[dict], res: Mapping) -> str:
@@ -106,13 +106,13 @@ def analysis_html(records: Sequence[dict], res: Mapping) -> str:
     sections = [("per caption, all systems pooled", res["item"])]
     sections += [(f"per caption, system {s}", res["per_system"][s]) for s in res["systems"]]
     sections.append((f"per system (means of {len(res['systems'])} systems)", res["system"]))
-    parts = [f"<h2>Correlation with {_esc(rm)}</h2><p class='muted'>Rank correlations, "
-             f"{round(100 * res['confidence'])}% bootstrap CI in brackets; {_esc(rm)} is "
+    parts = [f"<h2>Correlation with {esc(rm)}</h2><p class='muted'>Rank correlations, "
+             f"{round(100 * res['confidence'])}% bootstrap CI in brackets; {esc(rm)} is "
              f"{metric_direction(rm)}-is-better.</p>"]
     for title, table in sections:
-        rows = "".join(f"<tr><td>{_esc(m)}</td><td class='num'>{_esc(_corr(table[m]['spearman']))}</td>"
-                       f"<td class='num'>{_esc(_corr(table[m]['kendall']))}</td></tr>" for m in res["metrics"])
-        parts.append(f"<h3>{_esc(title)}</h3><table><tr><th>metric</th><th>Spearman ρ</th><th>Kendall τ</th></tr>"
+        rows = "".join(f"<tr><td>{esc(m)}</td><td class='num'>{esc(fmt_corr(table[m]['spearman']))}</td>"
+                       f"<td class='num'>{esc(fmt_corr(table[m]['kendall']))}</td></tr>" for m in res["metrics"])
+        parts.append(f"<h3>{esc(title)}</h3><table><tr><th>metric</th><th>Spearman ρ</th><th>Kendall τ</th></tr>"
                      f"{rows}</table>")
     plots = [_scatter(ok, m, rm, res["item"][m]["spearman"]) for m in res["metrics"]]
     if plots:
@@ -130,21 +130,21 @@ def write_score_report(run_dir: str | Path, records: Sequence[dict], config, boa
     failed = [r for r in records if r.get("status") != "ok"]
     board_html = leaderboard_html(board)
     atomic_write_text(run_dir / "leaderboard.html", _page("recon leaderboard", [board_html]))
-    parts = [f"<h1>{_esc(title)}</h1>",
-             f"<p>run directory <code>{_esc(run_dir.resolve().name)}</code>: {len(records)} records, {len(ok)} ok, "
+    parts = [f"<h1>{esc(title)}</h1>",
+             f"<p>run directory <code>{esc(run_dir.resolve().name)}</code>: {len(records)} records, {len(ok)} ok, "
              f"{len(failed)} failed; {len(board['systems'])} caption set(s). The leaderboard alone: "
              "<a href='leaderboard.html'>leaderboard.html</a>.</p>"]
     if notes:
-        parts.append("<ul class='warnings'>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
-    config_text = _config_text(run_dir, config)
-    if config_text is not None:
-        parts.append(f"<details><summary>config</summary><pre>{_esc(config_text)}</pre></details>")
+        parts.append("<ul class='warnings'>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    shown_config = config_text(run_dir, config)
+    if shown_config is not None:
+        parts.append(f"<details><summary>config</summary><pre>{esc(shown_config)}</pre></details>")
     parts.append(board_html)
     if analysis:
         parts.append(analysis_html(records, analysis))
-    parts.append(gallery(list(records), _Images(run_dir, 128), max_items, select=board.get("primary")))
+    parts.append(gallery(list(records), Images(run_dir, 128), max_items, select=board.get("primary")))
     if failed:
-        rows = "".join(f"<tr><td>{_esc(r.get('id', '?'))}</td><td>{_esc(r.get('error', r.get('status')))}</td></tr>"
+        rows = "".join(f"<tr><td>{esc(r.get('id', '?'))}</td><td>{esc(r.get('error', r.get('status')))}</td></tr>"
                        for r in failed[:max_items])
         more = f"<p class='muted'>and {len(failed) - max_items} more.</p>" if len(failed) > max_items else ""
         parts.append(f"<h2>Failed items</h2><table><tr><th>id</th><th>error</th></tr>{rows}</table>{more}")

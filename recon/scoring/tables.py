@@ -111,22 +111,22 @@ def corpus_rows(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
     return out
 
 
-def _fmt(v, digits: int = 3) -> str:
+def fmt(v, digits: int = 3) -> str:
     return "–" if v is None or v != v else f"{v:.{digits}f}"
 
 
-def _est(e: dict) -> str:
+def fmt_estimate(e: dict) -> str:
     if e["value"] is None:
         return "–"
-    ci = f" [{_fmt(e['low'])}, {_fmt(e['high'])}]" if e["low"] is not None else ""
-    return f"{_fmt(e['value'])}{ci}"
+    ci = f" [{fmt(e['low'])}, {fmt(e['high'])}]" if e["low"] is not None else ""
+    return f"{fmt(e['value'])}{ci}"
 
 
-def _p(p) -> str:
+def fmt_p(p) -> str:
     return "–" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
-def _pv(p) -> str:
+def fmt_pv(p) -> str:
     """``p=0.012`` / ``p<0.001``."""
     return "p=–" if p is None else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
 
@@ -163,7 +163,7 @@ def coverage_notes(board: dict) -> list[str]:
 def estimate_cell(board: dict, system: str, metric: str) -> str:
     """``mean [low, high]``, with ``(n=k/N)`` when the metric covers only k of the system's N ok items."""
     e, ok = board["rows"][system][metric], board["counts"][system]["ok"]
-    return _est(e) + (f" (n={e['n']}/{ok})" if e["n"] < ok else "")
+    return fmt_estimate(e) + (f" (n={e['n']}/{ok})" if e["n"] < ok else "")
 
 
 def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
@@ -180,7 +180,7 @@ def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
     corpus = board.get("corpus") or {}
     for name in corpus_names(corpus):
         lines.append(f"| **{name} (corpus)** (higher) | " + " | ".join(
-            _est(corpus[s][name]) if name in corpus.get(s, {}) else "–" for s in systems) + " |")
+            fmt_estimate(corpus[s][name]) if name in corpus.get(s, {}) else "–" for s in systems) + " |")
     for m in metrics:
         lines.append(f"| {_md(metric_label(m, corpus))} ({metric_direction(m)}) | "
                      + " | ".join(estimate_cell(board, s, m) for s in systems) + " |")
@@ -197,8 +197,8 @@ def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
             for a, b in pairs:
                 p = cell[(a, b, m)]
                 row.append("–" if p["diff"] is None else
-                           f"{_fmt(p['diff'])} [{_fmt(p['low'])}, {_fmt(p['high'])}] {_pv(p['p_value'])} "
-                           f"({_p(p['p_holm'])})")
+                           f"{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}] {fmt_pv(p['p_value'])} "
+                           f"({fmt_p(p['p_holm'])})")
             lines.append(f"| {_md(m)} | " + " | ".join(row) + " |")
     if notes:
         lines += ["", "Notes:", *[f"- {_md(n)}" for n in notes]]
@@ -244,10 +244,10 @@ def correlations(records: Sequence[dict], recon_metric: str | None = None, seed:
     return out
 
 
-def _corr(c: dict) -> str:
+def fmt_corr(c: dict) -> str:
     if c["r"] is None:
         return f"– (n={c['n']})"
-    return f"{c['r']:.3f} [{_fmt(c['low'])}, {_fmt(c['high'])}] (n={c['n']})"
+    return f"{c['r']:.3f} [{fmt(c['low'])}, {fmt(c['high'])}] (n={c['n']})"
 
 
 def correlations_markdown(res: dict) -> str:
@@ -261,7 +261,7 @@ def correlations_markdown(res: dict) -> str:
     sections += [(f"Per system (system means, {len(res['systems'])} systems; CI resamples images)", res["system"])]
     for title, table in sections:
         lines += [f"## {title}", "", "| metric | Spearman ρ | Kendall τ |", "|---|---|---|"]
-        lines += [f"| {_md(m)} | {_corr(table[m]['spearman'])} | {_corr(table[m]['kendall'])} |" for m in res["metrics"]]
+        lines += [f"| {_md(m)} | {fmt_corr(table[m]['spearman'])} | {fmt_corr(table[m]['kendall'])} |" for m in res["metrics"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -300,7 +300,7 @@ def rules_markdown(table: dict, title: str, caption: str = "", metrics: Sequence
     lines += ["| rule | " + " | ".join(_md(m) for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for r in table["rules"]:
         name = f"**{_md(r)}**" if r == ref else _md(r)
-        lines.append(f"| {name} | " + " | ".join(_est(table["rows"][r][m]) for m in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt_estimate(table["rows"][r][m]) for m in metrics) + " |")
     if table["paired"]:
         others = list(dict.fromkeys(p["b"] for p in table["paired"]))
         cell = {(p["b"], p["metric"]): p for p in table["paired"]}
@@ -312,7 +312,7 @@ def rules_markdown(table: dict, title: str, caption: str = "", metrics: Sequence
             for m in metrics:
                 p = cell.get((o, m))
                 row.append("–" if p is None or p["diff"] is None else
-                           f"{_fmt(p['diff'])} [{_fmt(p['low'])}, {_fmt(p['high'])}] {_pv(p['p_value'])} "
-                           f"({_p(p['p_holm'])})")
+                           f"{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}] {fmt_pv(p['p_value'])} "
+                           f"({fmt_p(p['p_holm'])})")
             lines.append(f"| {_md(ref)} − {_md(o)} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
