@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,18 @@ def append_jsonl(path: Path, record: dict, allow_nan: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def swap_dir(tmp: Path, final: Path) -> Path:
+    """Move the complete directory ``tmp`` into place as ``final``: a reader sees the old one or the new one, never
+    half of either (rename, rename, then the old one is deleted)."""
+    final = Path(final)
+    trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+    return final
 
 
 def item_dir_name(item_id: str) -> str:

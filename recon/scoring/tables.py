@@ -84,11 +84,16 @@ def leaderboard(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
         for j, m in enumerate(metrics):
             t = stats.paired_test(mats[m][index[a]], mats[m][index[b]], n_resamples, seed=[seed, 1000 + j])
             paired.append({"a": a, "b": b, "metric": m, **t.to_dict()})
-    for p, adj in zip(paired, stats.holm([np.nan if p["p_value"] is None else p["p_value"] for p in paired])):
-        p["p_holm"] = None if adj != adj else adj
+    holm_adjust(paired)
     return {"metrics": metrics, "systems": systems, "primary": primary, "rows": rows, "counts": counts,
             "paired": paired, "confidence": stats.CONFIDENCE, "n_resamples": n_resamples,
             "corpus": corpus_rows(records, systems, seed, n_resamples)}
+
+
+def holm_adjust(paired: list[dict]) -> None:
+    """Add ``p_holm`` to every test of a table: Holm-Bonferroni over all of them together (None where no p)."""
+    for p, adj in zip(paired, stats.holm([np.nan if p["p_value"] is None else p["p_value"] for p in paired])):
+        p["p_holm"] = None if adj != adj else adj
 
 
 CORPUS_BLEU = ("bleu_1", "bleu_2", "bleu_3", "bleu_4")
@@ -286,8 +291,7 @@ def compare_rules(values: dict[str, dict[str, Sequence[float]]], reference: str,
             if m in values[reference] and m in values[r]:
                 t = stats.paired_test(values[reference][m], values[r][m], n_resamples, seed=[seed, j])
                 paired.append({"a": reference, "b": r, "metric": m, **t.to_dict()})
-    for p, adj in zip(paired, stats.holm([np.nan if p["p_value"] is None else p["p_value"] for p in paired])):
-        p["p_holm"] = None if adj != adj else adj
+    holm_adjust(paired)
     return {"rules": rules, "metrics": metrics, "reference": reference, "rows": rows, "paired": paired,
             "confidence": stats.CONFIDENCE, "n_resamples": n_resamples}
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from recon.config import ConfigError
+from recon.runs import swap_dir
 from recon.train.config import CAPTIONER_TARGETS, UNET_TARGETS, AdapterConfig
 
 CAPTIONER_ADAPTER_DIR = "captioner_adapter"
@@ -112,12 +113,7 @@ def replace_dir(write: Callable[[Path], None], final: Path) -> Path:
     tmp.mkdir(parents=True)
     write(tmp)
     fsync_tree(tmp)
-    trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.rename(final, trash)
-    os.rename(tmp, final)
-    shutil.rmtree(trash, ignore_errors=True)
-    return final
+    return swap_dir(tmp, final)
 
 
 def fsync_tree(root: Path) -> None:

@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+from recon.runs import swap_dir
 from recon.train import adapters
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,7 @@ def save_checkpoint(accelerator, root: Path, keep: int, state: adapters.TrainSta
         (tmp / TRAINER_FILE).write_text(json.dumps(trainer))
     if accelerator.is_main_process:
         adapters.fsync_tree(tmp)
-        if final.exists():  # the same step saved again (a rerun after a kill): swap it out first
-            os.rename(final, root / f".checkpoint-{step:08d}.old")
-        os.rename(tmp, final)
-        shutil.rmtree(root / f".checkpoint-{step:08d}.old", ignore_errors=True)
+        swap_dir(tmp, final)  # the same step saved again (a rerun after a kill) is swapped out first
         for stale in root.glob(".checkpoint-*.tmp"):  # leftovers of interrupted saves
             shutil.rmtree(stale, ignore_errors=True)
         found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
