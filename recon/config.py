@@ -7,6 +7,7 @@ so a typo fails early with the dotted name of the field instead of deep inside a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -248,26 +249,29 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     path = preset_path(preset or DEFAULT_PRESET)
     data = _preset_dict(path)
     data.setdefault("name", path.stem)
-    preset_only = _validate(data)
+    preset = copy.deepcopy(data) if overrides else data
     for o in overrides:
         apply_override(data, o)
     try:
-        return _validate(data, raise_=True)
+        return _validated(data)
     except ConfigError as e:
-        if overrides and not isinstance(preset_only, ConfigError):  # the preset is fine: an override broke it
+        if overrides and _is_valid(preset):  # the preset is fine on its own: an override broke it
             raise ConfigError(f"--set {' '.join(overrides)}: {e}") from None
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _validate(data: dict, raise_: bool = False) -> Config | ConfigError:
+def _validated(data: dict) -> Config:
+    cfg = from_dict(Config, data)
+    check(cfg)
+    return cfg
+
+
+def _is_valid(data: dict) -> bool:
     try:
-        cfg = from_dict(Config, data)
-        check(cfg)
-        return cfg
-    except ConfigError as e:
-        if raise_:
-            raise
-        return e
+        _validated(data)
+        return True
+    except ConfigError:
+        return False
 
 
 DECODING_METHODS = ("greedy", "beam", "nucleus")

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from recon.config import metric_direction  # noqa: F401 - re-exported: the report's readers import it here
+from recon.config import metric_direction
 from recon.data import DataError, atomic_write_text, encode_png, load_image
-from recon.runs import read_jsonl
+from recon.runs import latest_per_id, read_jsonl
 
-__all__ = ["read_records", "write_report", "metric_direction"]
+__all__ = ["gallery", "read_records", "write_report"]
 
 IMAGE_TEXT_IMAGE = "image-text-image"
 TEXT_IMAGE_TEXT = "text-image-text"
@@ -33,12 +33,10 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.item { border-top: 2px solid #ddd; padding: .5em 0 1em; }
 .row { display: flex; flex-wrap: wrap; gap: .5em; align-items: flex-start; }
 figure { margin: 0; max-width: 330px; font-size: .85em; }
 figure img { max-width: 256px; display: block; }
 .chosen { background: #e3f4e6; }
-figure.chosen { outline: 3px solid #2e9a48; }
 .missing { width: 128px; height: 96px; background: #eee; font-size: .8em; padding: .3em; overflow: hidden; }
 .flagged { color: #b00; }
 .warnings { color: #8a5a00; font-size: .9em; }
@@ -193,25 +191,8 @@ class Images:
         cls = ' class="px"' if native < width else ""
         return f'<img src="{uri}" alt="{esc(rel)}" width="{max(width, 1)}"{cls} loading="lazy">'
 
-    def figure(self, rel: Any, caption_html: str, chosen: bool = False) -> str:
-        uri, reason = self.uri(rel)
-        cls = ' class="chosen"' if chosen else ""
-        body = (f'<img src="{uri}" alt="{esc(rel)}">' if uri
-                else f'<div class="missing">{esc(reason)}</div>')
-        return f"<figure{cls}>{body}<figcaption>{caption_html}</figcaption></figure>"
-
 
 # ------------------------------------------------------------------------------------------------- items
-
-
-def _at(seq: Any, k: int, default: Any = None) -> Any:
-    return seq[k] if isinstance(seq, list) and k < len(seq) else default
-
-
-def _per_image_scores(per_image: Any, k: int) -> str:
-    if not isinstance(per_image, Mapping):
-        return ""
-    return "".join(f"<br>{esc(m)}: {_num(_at(vs, k, '–'))}" for m, vs in per_image.items())
 
 
 def _warnings(record: dict) -> str:
@@ -373,20 +354,6 @@ def read_records(path: str | Path) -> RecordList:
     return out
 
 
-def _latest_per_id(records: Iterable[dict]) -> list[dict]:
-    """One record per id, the last written (a resumed run's retry), in order of first appearance."""
-    by_id: dict[Any, dict] = {}
-    anonymous = []
-    for r in records:
-        if not isinstance(r, dict):
-            continue
-        if "id" in r:
-            by_id[str(r["id"])] = r  # a repeated key keeps its first position
-        else:
-            anonymous.append(r)
-    return list(by_id.values()) + anonymous
-
-
 def config_text(run_dir: Path, config: Any) -> str | None:
     if config is None:
         path = run_dir / "config.yaml"
@@ -411,7 +378,7 @@ def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping |
     """
     run_dir = Path(run_dir)
     skipped = getattr(records, "skipped_lines", 0)
-    records = _latest_per_id(records)
+    records = latest_per_id(records)
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
     values = _metric_values(records)

@@ -9,6 +9,7 @@ them into ``results.jsonl`` at the end (and on the next start, so a resumed shar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -137,6 +138,20 @@ def read_run_config(path: Path) -> dict:
     return data
 
 
+def latest_per_id(records: Iterable[dict]) -> list[dict]:
+    """One record per id, the last written (a resumed run's retry), in order of first appearance."""
+    by_id: dict[Any, dict] = {}
+    anonymous = []
+    for r in records:
+        if not isinstance(r, dict):
+            continue
+        if "id" in r:
+            by_id[str(r["id"])] = r  # a repeated key keeps its first position
+        else:
+            anonymous.append(r)
+    return list(by_id.values()) + anonymous
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Equality for config values, with NaN equal to NaN (an identical rerun is never a "different config")."""
     if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
@@ -231,15 +246,10 @@ class RunDir:
     def merge_shards(self, order: Iterable[str] | None = None) -> list[dict]:
         """Merge shard files (and an existing results.jsonl) into results.jsonl, last record per id wins."""
         paths = [self.path / RESULTS, *sorted(self.path.glob("results.rank*.jsonl"))]
-        merged: dict[str, dict] = {}
-        for p in paths:
-            for rec in read_jsonl(p)[0]:
-                merged[str(rec["id"])] = rec
+        records = latest_per_id(rec for p in paths for rec in read_jsonl(p)[0])
         if order is not None:
             rank = {i: n for n, i in enumerate(order)}
-            records = sorted(merged.values(), key=lambda r: rank.get(str(r["id"]), len(rank)))
-        else:
-            records = list(merged.values())
+            records.sort(key=lambda r: rank.get(str(r.get("id")), len(rank)))
         text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
         atomic_write_text(self.path / RESULTS, text)
         for p in paths[1:]:
@@ -247,12 +257,8 @@ class RunDir:
         return records
 
     def records(self) -> list[dict]:
-        """The records of results.jsonl, the last one per id (a redone item is appended again), in first-seen
-        order."""
-        latest: dict[str, dict] = {}
-        for rec in read_jsonl(self.path / RESULTS)[0]:
-            latest[str(rec.get("id"))] = rec
-        return list(latest.values())
+        """The records of results.jsonl, the last one per id (a redone item is appended again)."""
+        return latest_per_id(read_jsonl(self.path / RESULTS)[0])
 
 
 def _json_default(o: Any):
@@ -314,6 +320,14 @@ class Cache:
 
 
 def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime): a run hashes each input once although resume
+    (which items changed), loading and the caches all key on it."""
+    st = os.stat(path)
+    return _sha256_file(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_file(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

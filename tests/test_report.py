@@ -11,8 +11,9 @@ import re
 import pytest
 from PIL import Image
 
+from recon.config import metric_direction
 from recon.data import DataError, save_png
-from recon.report import metric_direction, read_records, write_report
+from recon.report import read_records, write_report
 
 XSS = "<script>alert(1)</script>"
 XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"

@@ -332,8 +332,8 @@ class ClipScore:
         """Build on the preset's first ``clip`` image metric; pass its loaded module to share the weights."""
         import open_clip
 
+        from recon.hub import open_clip_source
         from recon.similarity import ClipTextSimilarity, load_similarity
-        from recon.similarity.image import open_clip_source
 
         where, cfg = clip_metric_config(config)
         if image_metric is None:

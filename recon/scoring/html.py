@@ -20,12 +20,10 @@ from recon.report import script as report_script
 from recon.scoring.tables import (
     corpus_names,
     estimate_cell,
-    fmt,
     fmt_corr,
     fmt_estimate,
-    fmt_p,
-    fmt_pv,
     metric_label,
+    paired_cell,
     system_of,
 )
 
@@ -61,10 +59,8 @@ def leaderboard_html(board: Mapping) -> str:
         for m in metrics:
             tds = []
             for a, b in pairs:
-                p = cell[(a, b, m)]
-                tds.append("<td>–</td>" if p["diff"] is None else
-                           f"<td class='num'>{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}]<br>"
-                           f"{esc(fmt_pv(p['p_value']))} (Holm {esc(fmt_p(p['p_holm']))})</td>")
+                text = esc(paired_cell(cell[(a, b, m)], sep="\n", holm="Holm ")).replace("\n", "<br>")
+                tds.append(f"<td class='num'>{text}</td>")
             rows.append(f"<tr><td>{esc(m)}</td>{''.join(tds)}</tr>")
         parts += ["<h3>Paired differences (A − B on the images both scored)</h3><p class='muted'>Mean difference "
                   "[bootstrap CI]; two-sided paired permutation p-value, Holm-adjusted over the table.</p>",

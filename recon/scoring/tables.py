@@ -131,6 +131,14 @@ def fmt_p(p) -> str:
     return "–" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
+def paired_cell(p: dict | None, sep: str = " ", holm: str = "") -> str:
+    """A paired test as a table cell: ``diff [low, high]{sep}p=... ({holm}p_holm)``, or "–" without one."""
+    if p is None or p["diff"] is None:
+        return "–"
+    return (f"{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}]{sep}{fmt_pv(p['p_value'])} "
+            f"({holm}{fmt_p(p['p_holm'])})")
+
+
 def fmt_pv(p) -> str:
     """``p=0.012`` / ``p<0.001``."""
     return "p=–" if p is None else ("p<0.001" if p < 0.001 else f"p={p:.3f}")
@@ -201,9 +209,7 @@ def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
             row = []
             for a, b in pairs:
                 p = cell[(a, b, m)]
-                row.append("–" if p["diff"] is None else
-                           f"{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}] {fmt_pv(p['p_value'])} "
-                           f"({fmt_p(p['p_holm'])})")
+                row.append(paired_cell(p))
             lines.append(f"| {_md(m)} | " + " | ".join(row) + " |")
     if notes:
         lines += ["", "Notes:", *[f"- {_md(n)}" for n in notes]]
@@ -315,8 +321,6 @@ def rules_markdown(table: dict, title: str, caption: str = "", metrics: Sequence
             row = []
             for m in metrics:
                 p = cell.get((o, m))
-                row.append("–" if p is None or p["diff"] is None else
-                           f"{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}] {fmt_pv(p['p_value'])} "
-                           f"({fmt_p(p['p_holm'])})")
+                row.append(paired_cell(p))
             lines.append(f"| {_md(ref)} − {_md(o)} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

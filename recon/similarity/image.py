@@ -13,7 +13,7 @@ from torch import nn
 
 from recon import hub
 from recon.config import ConfigError, MetricConfig
-from recon.hub import DEFAULT_DINO, DEFAULT_HF_CLIP_VISION, DEFAULT_OPEN_CLIP, open_clip_source  # noqa: F401 - re-exported
+from recon.hub import DEFAULT_DINO, DEFAULT_HF_CLIP_VISION, open_clip_source
 from recon.similarity.base import EmbeddingSimilarity, Similarity, as_device, freeze
 from recon.similarity.preprocess import ImagePreprocess, broadcast_batch, match_sizes
 

@@ -17,7 +17,6 @@ from torch import nn
 from recon import hub
 from recon.config import MetricConfig
 from recon.similarity.base import EmbeddingSimilarity, as_device, check_texts, freeze
-from recon.similarity.image import open_clip_source
 
 
 class ClipTextSimilarity(EmbeddingSimilarity):
@@ -33,7 +32,7 @@ class ClipTextSimilarity(EmbeddingSimilarity):
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
-        model, pretrained = open_clip_source(cfg, where)
+        model, pretrained = hub.open_clip_source(cfg, where)
         clip, _, tokenizer = hub.load_open_clip(model, pretrained, as_device(device), field=f"{where}.model")
         return cls(freeze(clip), tokenizer, name=cfg.name)
 
