@@ -9,8 +9,8 @@ fixed pool of labelled pairs (``data.labelled_pairs``) and, per arm, unpaired da
   t2i2t_nograd  the same with no gradient through the sampler (sampler.grad_steps=0): the captioner learns from
                 synthetic pairs and the UNet is not pushed by the captioner -- the control for "the cycle is
                 differentiable"
-  i2t2i         + unlabelled images -> the captioner's own caption as soft tokens -> UNet denoising of the image
   t2i2t_nograd_w0.25  t2i2t_nograd with the t2i2t loss weighted 0.25 (the captioner NLL stays 1)
+  i2t2i         + unlabelled images -> the captioner's own caption as soft tokens -> UNet denoising of the image
   both          t2i2t + i2t2i
   pseudo_label  + unlabelled images labelled by the generator: of 8 sampled captions the one under which the UNet
                 denoises the image best (no gradient through the generator) -- the control for i2t2i
