@@ -254,7 +254,7 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc") -> Path
         if len(sizes) > 1:
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm)
         else:
-            ax.bar(xs, ys, yerr=[lo, hi], capsize=4, label=arm)
+            ax.bar(xs, ys, yerr=[lo, hi], capsize=4)  # the x ticks name the arms
     if start:
         ax.axhline(100 * float(np.mean(start[0][metric])), color="gray", linestyle="--", label="start (untrained)")
         ax.legend(loc="lower right")
@@ -263,9 +263,9 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc") -> Path
         ax.set_xlabel("labelled pairs")
         ax.legend()
     else:
-        ax.set_xticks(range(len(arms)), arms)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
         ax.set_xlabel(f"arm ({sizes[0]} labelled pairs)")
-    ax.set_ylabel(f"{metric} % (95% CI, seeds x scenes)")
+    ax.set_ylabel(f"{metric} %\n(95% CI, seeds x scenes)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{failures} arm(s) failed; rerun to retry them")
     md = report(args.out)
     (args.out / "results.md").write_text(md + "\n")
-    metric = args.metric or ("test/judge_tuple_acc" if args.experiment == "e3" else "test/caption_tuple_acc")
+    done = load_records(args.out)  # --report-only needs no --experiment: the records name theirs
+    experiment = done[0].get("experiment", args.experiment) if done else args.experiment
+    metric = args.metric or ("test/judge_tuple_acc" if experiment == "e3" else "test/caption_tuple_acc")
     plot(args.out, args.out / f"{metric.replace('/', '_')}.png", metric)
     print(md)
     return 0
