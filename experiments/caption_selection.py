@@ -8,7 +8,7 @@ gives reference metrics per rule with 95% bootstrap CIs and paired tests against
 exact-attribute accuracy of the chosen caption (the world's caption parser vs. the scene's ground truth).
 
     python experiments/caption_selection.py --preset shapes --n 50 --out runs/caption-selection
-    python experiments/caption_selection.py --preset blip-sd15 --images val2014/ --refs captions_val2014.json \
+    python experiments/caption_selection.py --preset blip-large-sd15 --images val2014/ --refs captions_val2014.json \
         --n 500 --candidates 5 --k 4 --out runs/caption-selection-coco
 
 On shapes the scenes come from stream 11 of the test split (--stream 10 is the dev stream for choosing settings

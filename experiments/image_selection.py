@@ -6,7 +6,7 @@ judge (an attribute classifier trained on renders) on the kept image: exact (all
 attribute; the oracle keeps a judged-right image when there is one. 95% bootstrap CIs; paired tests of the SBERT rule against the others.
 
     python experiments/image_selection.py --preset shapes --n 50 --k 4 --out runs/image-selection
-    python experiments/image_selection.py --preset blip-sd15 --texts prompts.txt --n 200 --k 4 --out runs/imsel
+    python experiments/image_selection.py --preset blip-large-sd15 --texts prompts.txt --n 200 --k 4 --out runs/imsel
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ def right(a: float, b: float) -> float:
 def breakdown(out: Path) -> None:
     scenes = json.loads((out / "judgments" / "judgments.json").read_text())["scenes"]
     score = scores_by_caption(out)
+    if not score:
+        raise ValueError(f"{out}: no scored caption in its runs/ (did `recon metaeval --shapes` finish?)")
     metrics = [m for m in METRICS if m in next(iter(score.values()))]
     print("## FOIL accuracy by foiled attribute\n\n| attribute | n | " + " | ".join(metrics) + " |\n|---|---|"
           + "---|" * len(metrics))

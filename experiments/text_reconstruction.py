@@ -6,7 +6,7 @@ reference (pycocoevalcap) -- the distribution over (text, image) pairs: mean wit
 and per-attribute accuracy of the recovered caption against the text's scene.
 
     python experiments/text_reconstruction.py --preset shapes --n 50 --out runs/text-reconstruction
-    python experiments/text_reconstruction.py --preset blip-sd15 --texts captions.txt --n 200 --k 2 --out runs/t2i2t
+    python experiments/text_reconstruction.py --preset blip-large-sd15 --texts captions.txt --n 200 --k 2 --out runs/t2i2t
 """
 
 from __future__ import annotations

@@ -159,7 +159,11 @@ def list_images(root: str | Path) -> list[ImageItem]:
         return [ImageItem(root.name, root)]
     items = []
     seen_dirs = {root.resolve()}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(e: OSError) -> None:  # a folder without read permission: said, not silently skipped
+        log.warning("%s cannot be read (%s); its images are left out", e.filename, e.strerror or e)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         keep = []
         for d in sorted(dirnames):
             real = (Path(dirpath) / d).resolve()
@@ -229,6 +233,12 @@ def parse_json(text: str, path: Path, line: int | None = None) -> Any:
     except json.JSONDecodeError as e:
         where = f"line {line}, column {e.colno}" if line is not None else f"line {e.lineno}, column {e.colno}"
         raise DataError(f"{path}: not valid JSON at {where}: {e.msg}; fix the file") from None
+    except RecursionError:
+        raise DataError(f"{path}{f': line {line}' if line is not None else ''}: JSON nested too deeply to read "
+                        "(over Python's recursion limit); flatten the file") from None
+    except ValueError as e:  # an integer literal over Python's int conversion limit (4300 digits)
+        raise DataError(f"{path}{f': line {line}' if line is not None else ''}: cannot read a number ({e}); write "
+                        "long ids as strings") from None
 
 
 def read_json(path: str | Path) -> Any:

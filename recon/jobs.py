@@ -9,19 +9,21 @@ process merges the shards and writes the report.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from recon import hub
+from recon import fingerprint, hub
 from recon.config import Config, ConfigError
 from recon.data import DataError, list_images, load_image, load_texts, validate_text, write_coco_results
 from recon.pipeline import Reconstructor, png_bytes
-from recon.runs import Cache, RunDir, atomic_write_bytes, derive_seed, sha256_file
+from recon.runs import Cache, RunDir, RunError, atomic_write_bytes, current_records, derive_seed, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,16 @@ def distributed() -> Distributed:
 
 
 def make_cache(config: Config) -> Cache:
+    """The run's cache, checked writable before any work (a cache that cannot be written fails no item later)."""
     if config.run.cache_dir == "":
         return Cache(None)
-    return Cache(Path(config.run.cache_dir).expanduser() if config.run.cache_dir else hub.cache_root() / "cache")
+    cache = Cache(Path(config.run.cache_dir).expanduser() if config.run.cache_dir else hub.cache_root() / "cache")
+    try:
+        tempfile.TemporaryFile(dir=cache.root).close()
+    except OSError as e:
+        raise RunError(f"cache directory {cache.root} is not writable ({e.strerror or e}); set RECON_CACHE (or "
+                       "run.cache_dir) to a writable directory, or run.cache_dir='' to disable it") from None
+    return cache
 
 
 def failed(item_id: str, error: BaseException | str, **extra) -> dict:
@@ -59,24 +68,49 @@ def failed(item_id: str, error: BaseException | str, **extra) -> dict:
     return {"id": item_id, "status": "failed", "error": msg, **extra}
 
 
+# A full disk, a quota or a read-only filesystem fails every item alike: the run stops, it fails no item.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def environment_error(error: BaseException) -> OSError | None:
+    """The OSError in ``error``'s chain that is the machine's fault (see :data:`ENVIRONMENT_ERRNOS`), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _stop_for(error: OSError, run: RunDir) -> RunError:
+    where = f" writing {error.filename}" if error.filename else ""
+    return RunError(f"stopped: {error.strerror or os.strerror(error.errno)}{where}; the records so far are kept in "
+                    f"{run.path}; free space or make it writable, then rerun the same command to resume")
+
+
 def run_job(config: Config, out: str | Path, items: Sequence, process: Callable[[list, RunDir], list[dict]],
             desc: str, retry_failed: bool = False, report: bool = True, progress: bool = True,
-            preflight: Callable[[], None] | None = None) -> RunDir:
+            preflight: Callable[[], None] | None = None, reconstructor: Reconstructor | None = None,
+            images_per_item: int = 1) -> RunDir:
     """The shared loop: resume, preflight, batch, isolate failures, append, merge shards, report.
 
-    Missing models (:class:`hub.ModelNotAvailableError`) stop the run instead of failing every item."""
+    Missing models (:class:`hub.ModelNotAvailableError`) stop the run instead of failing every item. With the
+    ``reconstructor`` whose generator does the work, the progress bar moves per generated image (``images_per_item``
+    of them make an item) instead of once per batch, so its ETA holds from the first image on."""
     hub.configure_threads(config.run.threads)
     dist = distributed()
-    run = RunDir(out, config, dist.rank, dist.world_size)
+    run = RunDir(out, config, dist.rank, dist.world_size, command=desc)
     try:
-        run.claim(desc)
-        _run_items(run, dist, config, items, process, desc, retry_failed, report, progress, preflight)
+        run.set_inputs(it.id for it in items)
+        _run_items(run, dist, config, items, process, desc, retry_failed, report, progress, preflight,
+                   reconstructor, images_per_item)
     finally:
         run.close()
     return run
 
 
-def fingerprint(item) -> tuple[str, str | None]:
+def content_key(item) -> tuple[str, str | None]:
     """The record key that identifies an item's content, and its value: ``input_sha256`` of an image file (None
     when unreadable), or the ``text`` itself. Resume redoes an item whose recorded content differs."""
     if hasattr(item, "path"):
@@ -91,7 +125,7 @@ def _todo(run: RunDir, items: Sequence, retry_failed: bool) -> tuple[list, dict]
     """The items still to do (not recorded, or recorded for other content), and each one's fingerprint."""
     todo, prints = [], {}
     for it in items:
-        key, value = prints[it.id] = fingerprint(it)
+        key, value = prints[it.id] = content_key(it)
         rec = run.record(it.id)
         if rec is not None and key in rec and rec[key] != value:
             log.warning("%s changed since it was recorded; redoing it", it.id)
@@ -102,19 +136,35 @@ def _todo(run: RunDir, items: Sequence, retry_failed: bool) -> tuple[list, dict]
 
 
 def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, process, desc: str,
-               retry_failed: bool, report: bool, progress: bool, preflight) -> None:
+               retry_failed: bool, report: bool, progress: bool, preflight, reconstructor=None,
+               images_per_item: int = 1) -> None:
     mine = list(items)[dist.rank::dist.world_size]
     todo, prints = _todo(run, mine, retry_failed)
     if todo and preflight is not None:
         preflight()
+    if todo and dist.rank == 0:  # what decides these numbers, for this start of the run
+        fingerprint.write(run.path, config.to_dict())
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or dist.rank != 0, unit="item")
+    partial = {"items": 0.0, "cap": 0.0}  # the current batch's generated work, in items, kept below its size
+
+    def on_images(n: float) -> None:
+        partial["items"] = min(partial["items"] + n / max(1, images_per_item), partial["cap"])
+        if int(start + partial["items"]) > bar.n:  # whole items' worth: the count and its ETA stay honest
+            bar.n = int(start + partial["items"])
+            bar.refresh()
+
+    if reconstructor is not None and bar.disable is False:
+        reconstructor.on_progress = on_images
     for start in range(0, len(todo), max(1, config.run.batch_size)):
         chunk = todo[start:start + config.run.batch_size]
+        partial.update(items=0.0, cap=len(chunk) - 1e-6)
         try:
             records = process(chunk, run)
         except hub.ModelNotAvailableError:
             raise
         except Exception as e:  # isolate the item that broke the batch
+            if (env := environment_error(e)) is not None:
+                raise _stop_for(env, run) from e
             log.debug("batch failed (%s); retrying its items one by one", e, exc_info=True)
             records = []
             for it in chunk:
@@ -123,6 +173,8 @@ def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, 
                 except hub.ModelNotAvailableError:
                     raise
                 except Exception as e1:  # noqa: BLE001 - recorded, the run goes on
+                    if (env := environment_error(e1)) is not None:
+                        raise _stop_for(env, run) from e1
                     log.debug("item %s failed", it.id, exc_info=True)
                     records.append(failed(it.id, e1))
         pos = {it.id: n for n, it in enumerate(chunk)}
@@ -130,12 +182,21 @@ def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, 
             if r["id"] in prints:
                 key, value = prints[r["id"]]
                 r.setdefault(key, value)
-            run.append(r)
-        bar.update(len(chunk))
+            try:
+                run.append(r)
+            except OSError as e:
+                if environment_error(e) is None:
+                    raise
+                raise _stop_for(e, run) from e
+        bar.n = start + len(chunk)
+        bar.refresh()
+    if reconstructor is not None:
+        reconstructor.on_progress = None
     bar.close()
     dist.wait()
     if dist.rank == 0:
-        records = run.merge_shards([it.id for it in items]) if dist.world_size > 1 else run.records()
+        records = (current_records(run.path, run.merge_shards([it.id for it in items])) if dist.world_size > 1
+                   else run.records())
         if report:
             from recon.report import write_report
 
@@ -144,10 +205,16 @@ def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, 
 
 
 def input_images(source: str | Path, out: str | Path) -> list:
-    """The images of ``source``, leaving out the run directory ``out`` when it lies inside it: a run never reads
-    its own outputs back as inputs."""
-    run_dir = Path(out).resolve()
-    return [it for it in list_images(source) if run_dir not in it.path.resolve().parents]
+    """The images of ``source``, leaving out the run directory's own outputs (``out/images/``, the only place a run
+    writes images) when they lie inside it: a run never reads its outputs back as inputs, while inputs kept in the
+    run directory (the experiments render theirs into ``OUT/data``) are read. No image left is an error naming
+    ``source``: a job over zero inputs would be an empty success."""
+    outputs = (Path(out) / "images").resolve()
+    items = [it for it in list_images(source) if outputs not in it.path.resolve().parents]
+    if not items:
+        raise DataError(f"{source}: no input images outside the run directory's outputs ({outputs}); "
+                        "pass a folder of images")
+    return items
 
 
 def _rel(run: RunDir, path: Path) -> str:
@@ -196,7 +263,8 @@ def reconstruct_images(config: Config, source: str | Path, out: str | Path, limi
         return records
 
     return run_job(config, out, items, process, "reconstruct", retry_failed, progress=progress,
-                   preflight=lambda: recon.preflight(("captioner", "generator", "image")))
+                   preflight=lambda: recon.preflight(("captioner", "generator", "image")), reconstructor=recon,
+                   images_per_item=config.captioner.num_candidates * config.generator.images_per_caption)
 
 
 def _split_valid_texts(items) -> tuple[list[dict], list]:
@@ -231,7 +299,8 @@ def reconstruct_texts(config: Config, texts: str | Path, out: str | Path, limit:
         return records
 
     return run_job(config, out, items, process, "reconstruct-text", retry_failed, progress=progress,
-                   preflight=lambda: recon.preflight(("captioner", "generator", "text")))
+                   preflight=lambda: recon.preflight(("captioner", "generator", "text")), reconstructor=recon,
+                   images_per_item=config.generator.images_per_caption)
 
 
 def caption_images(config: Config, source: str | Path, out: str | Path, limit: int | None = None,
@@ -289,4 +358,4 @@ def generate_images(config: Config, texts: str | Path, out: str | Path, limit: i
         return records
 
     return run_job(config, out, items, process, "generate", retry_failed, report=False, progress=progress,
-                   preflight=lambda: recon.preflight(("generator",)))
+                   preflight=lambda: recon.preflight(("generator",)), reconstructor=recon, images_per_item=K)

@@ -1,27 +1,67 @@
-// The report's gallery: sort by any column, filter to failed / flagged / warnings, link to an item.
-// The view lives in the URL fragment, so it can be shared: #sort=KEY&dir=asc|desc&show=all|failed|flagged|warnings
-// (&item=ID scrolls to one item). No record content is in this script: it reads data-* attributes only and never
-// writes HTML, so a caption is only ever text.
+// The report's gallery: sort by any column, filter to failed / flagged / warnings, page through, link to an item.
+// The view lives in the URL fragment, so it can be shared:
+//   #sort=KEY&dir=asc|desc&show=all|failed|flagged|warnings&page=N   (&item=ID opens the page holding one item)
+// Rows are of two kinds: the first ones are HTML in the page (with images); the rest are data (JSON in the page, or
+// window.reconGalleryRows from the rows file beside it) that this script renders a page at a time. Sorting and
+// filtering run over every row's data, not over the rows on screen. No record content is in this script, and it
+// never writes HTML: a caption only ever becomes a text node.
 (function () {
   "use strict";
   var table = document.getElementById("gallery");
   if (!table) { return; }
   var body = table.tBodies[0];
-  var original = Array.prototype.slice.call(body.rows);
-  original.forEach(function (row, i) { row.dataset.order = String(i); });
   var headers = Array.prototype.slice.call(table.tHead.rows[0].cells);
   var view = document.getElementById("view");
   var show = document.getElementById("show");
+  var pageText = document.getElementById("page");
+  var prev = document.getElementById("prev");
+  var next = document.getElementById("next");
+  var pageRows = parseInt(table.dataset.pageRows, 10) || 100;
+  var note = "";
+
+  // every row: {order, key, status, flagged, warn, el (its <tr>, once built), data (a data row) or null}
+  var items = Array.prototype.slice.call(body.rows).map(function (row, i) {
+    return {order: i, key: row.dataset.item, status: row.dataset.status, flagged: row.dataset.flagged === "1",
+            warn: row.dataset.warn === "1", el: row, data: null};
+  });
+  var metrics = [];
+  (function load() {
+    var data = null;
+    var inline = document.getElementById("gallery-rows");
+    if (inline) {
+      data = JSON.parse(inline.textContent);
+    } else if (table.dataset.rowsFile) {
+      var loaded = window.reconGalleryRows;
+      if (loaded && loaded.token === table.dataset.token) {
+        data = loaded.data;
+      } else {
+        note = " The other " + (parseInt(table.dataset.total, 10) - items.length) + " items are in " +
+          table.dataset.rowsFile + (loaded ? ", which is from another report" : ", which is not beside this page") +
+          ": only the items above are listed.";
+      }
+    }
+    if (!data) { return; }
+    metrics = data.metrics;
+    data.rows.forEach(function (d) {
+      items.push({order: items.length, key: d[0], status: d[2] ? "ok" : "failed", flagged: d[3] === 1,
+                  warn: d[4].length > 0, el: null, data: d});
+    });
+  }());
 
   function state() {
     var s = {};
-    location.hash.replace(/^#/, "").split("&").forEach(function (part) {
-      var eq = part.indexOf("=");
-      if (eq > 0) { s[decodeURIComponent(part.slice(0, eq))] = decodeURIComponent(part.slice(eq + 1)); }
-    });
+    try {
+      location.hash.replace(/^#/, "").split("&").forEach(function (part) {
+        var eq = part.indexOf("=");
+        if (eq > 0) { s[decodeURIComponent(part.slice(0, eq))] = decodeURIComponent(part.slice(eq + 1)); }
+      });
+    } catch (e) {  // a malformed fragment ("#sort=%"): URIError; the default view, and the next click replaces it
+      s = {};
+    }
+    var page = parseInt(s.page, 10);
     return {
       sort: s.sort || table.dataset.sort, dir: s.dir === "desc" || s.dir === "asc" ? s.dir : table.dataset.dir,
-      show: s.show || "all", item: s.item || ""
+      show: s.show || "all", item: s.item || "", page: page > 0 ? page : 1
     };
   }
 
@@ -30,17 +70,92 @@
     return "#" + parts.concat(extra || []).join("&");
   }
 
-  function value(row, column) {
-    var cell = row.cells[column];
-    var v = cell ? parseFloat(cell.dataset.v) : NaN;
-    return isFinite(v) ? v : null;
+  // the sort value of column `column` of an item: a finite number, or null (missing: sorted last)
+  function valueOf(column) {
+    var key = headers[column].dataset.key;
+    var index = key === "@warnings" ? -1 : metrics.indexOf(key);
+    return function (item) {
+      var v;
+      if (!item.data) {
+        var cell = item.el.cells[column];
+        v = cell ? parseFloat(cell.dataset.v) : NaN;
+      } else if (key === "@warnings") {
+        v = item.data[4].length;
+      } else {
+        v = index >= 0 ? item.data[8 + index] : null;
+      }
+      return typeof v === "number" && isFinite(v) ? v : null;
+    };
   }
 
-  function keep(row, filter) {
-    if (filter === "failed") { return row.dataset.status !== "ok"; }
-    if (filter === "flagged") { return row.dataset.flagged === "1"; }
-    if (filter === "warnings") { return row.dataset.warn === "1"; }
+  function keep(item, filter) {
+    if (filter === "failed") { return item.status !== "ok"; }
+    if (filter === "flagged") { return item.flagged; }
+    if (filter === "warnings") { return item.warn; }
     return true;
+  }
+
+  function cell(tr, className) {
+    var td = document.createElement("td");
+    if (className) { td.className = className; }
+    tr.appendChild(td);
+    return td;
+  }
+
+  function number(v) {
+    if (v === null) { return "–"; }
+    if (typeof v !== "number") { return String(v); }
+    return Math.abs(v) >= 1e9 ? v.toPrecision(4) : v.toFixed(4);
+  }
+
+  // a data row as a <tr> like the page's own rows, built with text nodes only
+  function build(item) {
+    var d = item.data;
+    var tr = document.createElement("tr");
+    tr.id = "item-" + d[0];
+    tr.dataset.item = d[0];
+    tr.dataset.status = item.status;
+    tr.dataset.flagged = String(d[3]);
+    tr.dataset.warn = d[4].length ? "1" : "0";
+    tr.className = item.status;
+    var first = cell(tr);
+    var link = document.createElement("a");
+    link.className = "itemlink";
+    link.title = "link to this item";
+    link.textContent = "#";
+    first.appendChild(link);
+    first.appendChild(document.createTextNode(" "));
+    var id = document.createElement("span");
+    id.className = "muted";
+    id.textContent = d[1];
+    first.appendChild(id);
+    cell(tr);
+    cell(tr).appendChild(document.createElement("div")).className = "pair";
+    var text = cell(tr, "caption");
+    if (d[5]) {
+      text.appendChild(document.createElement("b")).textContent = d[5];
+      text.appendChild(document.createTextNode(": "));
+    }
+    if (d[7]) {
+      text.appendChild(document.createElement("span")).className = "flagged";
+      text.lastChild.textContent = d[6];
+    } else {
+      text.appendChild(document.createTextNode(d[6]));
+    }
+    for (var m = 0; m < metrics.length; m++) {
+      var v = d[8 + m];
+      var td = cell(tr, "num");
+      td.dataset.v = typeof v === "number" ? String(v) : "";
+      td.textContent = number(v);
+    }
+    var warnings = cell(tr);
+    warnings.dataset.v = String(d[4].length);
+    if (d[4].length) {
+      var list = warnings.appendChild(document.createElement("ul"));
+      list.className = "warnings";
+      d[4].forEach(function (w) { list.appendChild(document.createElement("li")).textContent = w; });
+    }
+    return tr;
   }
 
   function apply() {
@@ -50,37 +165,56 @@
       th.removeAttribute("aria-sort");
       if (th.dataset.key === s.sort) { column = i; }
     });
-    var rows = original.slice();
+    var list = items.filter(function (item) { return keep(item, s.show); });
     if (column >= 0) {
       var sign = s.dir === "desc" ? -1 : 1;
       headers[column].setAttribute("aria-sort", s.dir === "desc" ? "descending" : "ascending");
-      rows.sort(function (a, b) {
-        var x = value(a, column), y = value(b, column);
-        if (x === null || y === null) {  // missing values last, whatever the direction
-          return (x === null) - (y === null) || a.dataset.order - b.dataset.order;
+      var value = valueOf(column);
+      var keyed = list.map(function (item) { return {v: value(item), item: item}; });
+      keyed.sort(function (a, b) {
+        if (a.v === null || b.v === null) {  // missing values last, whatever the direction
+          return (a.v === null) - (b.v === null) || a.item.order - b.item.order;
         }
-        return sign * (x - y) || a.dataset.order - b.dataset.order;
+        return sign * (a.v - b.v) || a.item.order - b.item.order;
       });
+      list = keyed.map(function (k) { return k.item; });
     }
-    var shown = 0;
-    rows.forEach(function (row) {
-      var visible = keep(row, s.show);
-      row.hidden = !visible;
-      shown += visible ? 1 : 0;
+    var pages = Math.max(1, Math.ceil(list.length / pageRows));
+    var page = Math.min(s.page, pages);
+    if (s.item !== "") {  // the page that holds the linked item
+      for (var i = 0; i < list.length; i++) {
+        if (list[i].key === s.item) { page = Math.floor(i / pageRows) + 1; break; }
+      }
+    }
+    var start = (page - 1) * pageRows;
+    body.textContent = "";
+    var target = null;
+    list.slice(start, start + pageRows).forEach(function (item) {
+      if (!item.el) { item.el = build(item); }
+      var row = item.el;
+      row.hidden = false;
       body.appendChild(row);
       var link = row.querySelector("a.itemlink");
-      if (link) { link.setAttribute("href", fragment(s, ["item=" + encodeURIComponent(row.dataset.item)])); }
-      row.classList.toggle("target", s.item !== "" && row.dataset.item === s.item);
+      if (link) { link.setAttribute("href", fragment(s, ["item=" + encodeURIComponent(item.key)])); }
+      row.classList.toggle("target", s.item !== "" && item.key === s.item);
+      if (s.item !== "" && item.key === s.item) { target = row; }
     });
     if (show) { show.value = s.show; }
     if (view) {
-      view.textContent = "Showing " + shown + " of " + rows.length + " items, sorted by " +
-        (column >= 0 ? s.sort + (s.dir === "desc" ? " (descending)" : " (ascending)") : "input order") + ".";
+      view.textContent = "Showing " + list.length + " of " + items.length + " items, sorted by " +
+        (column >= 0 ? s.sort + (s.dir === "desc" ? " (descending)" : " (ascending)") : "input order") + "." +
+        (pages > 1 ? " Page " + page + " of " + pages + " (turn pages under the table)." : "") + note;
     }
-    if (s.item !== "") {
-      var target = rows.filter(function (row) { return row.dataset.item === s.item; })[0];
-      if (target) { target.scrollIntoView(); }
+    if (pageText) {
+      pageText.textContent = list.length ? "page " + page + " of " + pages + " (items " + (start + 1) + "–" +
+        Math.min(start + pageRows, list.length) + ")" : "no items";
     }
+    [[prev, page - 1], [next, page + 1]].forEach(function (p) {
+      if (!p[0]) { return; }
+      p[0].hidden = p[1] < 1 || p[1] > pages;
+      p[0].setAttribute("href", fragment(s, ["page=" + p[1]]));
+    });
+    if (target) { target.scrollIntoView(); }
   }
 
   headers.forEach(function (th) {

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from recon.data import atomic_write_bytes, atomic_write_text  # noqa: F401 - re-
 log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
+INPUTS = "current_inputs.json"  # the ids of the last run's inputs (RunDir.set_inputs)
 # Settings that do not change any result: a resumed run may change them freely.
 RESULT_NEUTRAL_KEYS = {"run.batch_size", "run.device", "run.threads", "run.cache_dir", "run.max_report_items"}
 
@@ -138,6 +139,38 @@ def read_run_config(path: Path) -> dict:
     return data
 
 
+def claim_run_dir(path: Path, command: str, write: bool = True) -> None:
+    """Record which command fills the directory ``path`` (``run.json``); another command's directory is refused,
+    since its records would count as done (``recon caption`` then ``recon reconstruct`` into one ``--out``), and so
+    is a finetune directory for a job or a job's directory for ``recon finetune`` made before ``run.json`` was."""
+    path = Path(path)
+    marker = path / "run.json"
+    if marker.exists():
+        try:
+            held = json.loads(marker.read_text()).get("command")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            raise RunError(f"{marker} is damaged; restore it, or pass a new --out") from None
+    elif command != "finetune" and (path / "finetune.yaml").exists():
+        held = "finetune"
+    elif command == "finetune" and ((path / "config.yaml").exists() or (path / RESULTS).exists()):
+        held = "reconstruct / caption / generate / score"
+    else:
+        held = command
+    if held != command:
+        raise RunError(f"{path} holds a `recon {held}` run; `recon {command}` needs its own --out")
+    if write and not marker.exists():
+        atomic_write_text(marker, json.dumps({"command": command}) + "\n")
+
+
+def failure_note(records: Iterable[dict], results: Path) -> str | None:
+    """One line for a user: how many items failed and why the first did (the rest are in ``results``)."""
+    failed = [r for r in records if r.get("status") != "ok"]
+    if not failed:
+        return None
+    return (f"{len(failed)} item(s) failed; the first, {failed[0].get('id')}: {failed[0].get('error')} (every "
+            f"failure is in {results})")
+
+
 def latest_per_id(records: Iterable[dict]) -> list[dict]:
     """One record per id, the last written (a resumed run's retry), in order of first appearance."""
     by_id: dict[Any, dict] = {}
@@ -172,14 +205,21 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 class RunDir:
     """One run's output directory; ``rank``/``world_size`` select the shard this process appends to."""
 
-    def __init__(self, path: str | Path, config: Config, rank: int = 0, world_size: int = 1):
+    def __init__(self, path: str | Path, config: Config, rank: int = 0, world_size: int = 1,
+                 command: str | None = None):
         self.path = Path(path)
         self.rank, self.world_size = rank, world_size
         self.images_dir = self.path / "images"
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"--out {self.path} is a file, not a directory; pass a new or existing directory")
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_run_dir(self.path) if rank == 0 else None
+        try:
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_run_dir(self.path) if rank == 0 else None
+        except OSError as e:  # read-only or full filesystem, no permission
+            raise RunError(f"--out {self.path} cannot be written ({e.strerror or e}); pass a writable directory"
+                           ) from None
+        if command is not None:  # before anything is written: another command's directory stays as it was
+            self.claim(command)
         self._check_config(config)
         name = RESULTS if world_size == 1 else f"results.rank{rank}.jsonl"
         self.results_path = self.path / name
@@ -207,18 +247,8 @@ class RunDir:
             atomic_write_text(cfg_path, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
 
     def claim(self, command: str) -> None:
-        """Record which command fills this directory (``run.json``); another command's directory is refused, since
-        its records would count as done (``recon caption`` then ``recon reconstruct`` into one ``--out``)."""
-        path = self.path / "run.json"
-        if path.exists():
-            try:
-                held = json.loads(path.read_text()).get("command")
-            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-                raise RunError(f"{path} is damaged; restore it, or pass a new --out") from None
-            if held != command:
-                raise RunError(f"{self.path} holds a `recon {held}` run; `recon {command}` needs its own --out")
-        elif self.rank == 0:
-            atomic_write_text(path, json.dumps({"command": command}) + "\n")
+        """See :func:`claim_run_dir`."""
+        claim_run_dir(self.path, command, write=self.rank == 0)
 
     def close(self) -> None:
         """Release the run directory's lock (also released when the process exits or is killed)."""
@@ -256,9 +286,31 @@ class RunDir:
             p.unlink(missing_ok=True)
         return records
 
+    def set_inputs(self, ids: Iterable[str]) -> None:
+        """The ids of this run's current inputs (``current_inputs.json``): summaries, leaderboards and reports count
+        these only, while records of inputs deleted or renamed since an earlier run stay on disk."""
+        if self.rank == 0:
+            atomic_write_text(self.path / INPUTS, json.dumps([str(i) for i in ids]) + "\n")
+
     def records(self) -> list[dict]:
-        """The records of results.jsonl, the last one per id (a redone item is appended again)."""
-        return latest_per_id(read_jsonl(self.path / RESULTS)[0])
+        """The records of results.jsonl, the last one per id (a redone item is appended again), of the current
+        inputs only (see :meth:`set_inputs`)."""
+        return current_records(self.path, latest_per_id(read_jsonl(self.path / RESULTS)[0]))
+
+
+def current_records(run_dir: Path, records: Iterable[dict]) -> list[dict]:
+    """``records`` of the inputs a run directory's last run had (its ``current_inputs.json``; all when it has none:
+    runs written before it existed, or not by a job)."""
+    path = Path(run_dir) / INPUTS
+    records = list(records)
+    if not path.is_file():
+        return records
+    try:
+        ids = set(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        log.warning("%s is damaged; counting every record of the run", path)
+        return records
+    return [r for r in records if str(r.get("id")) in ids]
 
 
 def _json_default(o: Any):
@@ -293,30 +345,70 @@ class Cache:
         assert self.root is not None
         return self.root / namespace / key[:2] / f"{key}{suffix}"
 
-    def get_json(self, namespace: str, key: str) -> Any | None:
+    def load(self, namespace: str, key: str, suffix: str, read: Callable[[Path], Any]) -> Any | None:
+        """``read(path)`` of an entry, or None for a miss. An entry ``read`` cannot use (it raises: a torn, tampered
+        or oversized file) is *damaged*: a warning names the file, the file is removed, and it is a miss, so the
+        caller computes the value again and its ``put_*`` writes a good entry in its place."""
         if self.root is None:
             return None
-        p = self._path(namespace, key, ".json")
+        path = self._path(namespace, key, suffix)
         try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+            return read(path)
+        except FileNotFoundError:
             return None
+        except Exception as e:  # noqa: BLE001 - any failure to use a cache entry is a miss, never a failed item
+            log.warning("cache entry %s is damaged (%s: %s); treated as a miss, it will be rebuilt", path,
+                        type(e).__name__, e)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a directory in its place, a read-only cache: the rebuilt value is simply not stored
+                pass
+            return None
+
+    def get_json(self, namespace: str, key: str, valid: Callable[[Any], bool] | None = None) -> Any | None:
+        """The JSON value of an entry, or None for a miss; an entry that is not strict JSON (NaN is never stored),
+        or whose value ``valid`` rejects, is damaged (see :meth:`load`)."""
+
+        def read(path: Path) -> Any:
+            value = json.loads(path.read_bytes(), parse_constant=_reject_constant)
+            if valid is not None and not valid(value):
+                raise ValueError(f"unexpected value {json.dumps(value)[:80]}")
+            return value
+
+        return self.load(namespace, key, ".json", read)
 
     def put_json(self, namespace: str, key: str, value: Any) -> None:
-        if self.root is not None:
-            atomic_write_text(self._path(namespace, key, ".json"), json.dumps(value, default=_json_default))
-
-    def get_bytes(self, namespace: str, key: str, suffix: str = ".bin") -> bytes | None:
+        """Store ``value``; one that is not strict JSON (NaN, inf) is not stored: a non-finite result is recomputed,
+        never served from the cache."""
         if self.root is None:
-            return None
+            return
         try:
-            return self._path(namespace, key, suffix).read_bytes()
-        except OSError:
-            return None
+            text = json.dumps(value, default=_json_default, allow_nan=False)
+        except ValueError:
+            log.warning("not caching a non-finite value under %s/%s", namespace, key)
+            return
+        atomic_write_text(self._path(namespace, key, ".json"), text)
+
+    def get_bytes(self, namespace: str, key: str, suffix: str = ".bin",
+                  check: Callable[[Path], Any] | None = None) -> bytes | None:
+        """The bytes of an entry, or None for a miss; ``check(path)`` raising marks the entry damaged (see
+        :meth:`load`)."""
+
+        def read(path: Path) -> bytes:
+            data = path.read_bytes()  # first: a missing entry is a plain miss, whatever ``check`` says of it
+            if check is not None:
+                check(path)
+            return data
+
+        return self.load(namespace, key, suffix, read)
 
     def put_bytes(self, namespace: str, key: str, data: bytes, suffix: str = ".bin") -> None:
         if self.root is not None:
             atomic_write_bytes(self._path(namespace, key, suffix), data)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a cacheable value")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -409,3 +409,33 @@ def test_save_png_deterministic(tmp_path):
     assert sorted(os.listdir(tmp_path / "x")) == ["b.png"]
     with pytest.raises(ValueError, match="PNG only"):
         save_png(img, tmp_path / "a.jpg")
+
+
+def test_an_unreadable_subfolder_is_named_not_skipped_silently(tmp_path, monkeypatch, caplog):
+    """chmod 000 on a subfolder (simulated: the tests may run as root, whom permissions do not stop)."""
+    from recon.data import list_images
+
+    (tmp_path / "locked").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "locked" / "b.png")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert [it.id for it in list_images(tmp_path)] == ["a.png"]
+    assert f"{tmp_path / 'locked'} cannot be read (Permission denied); its images are left out" in caplog.text
+
+
+def test_experiment_docstrings_name_presets_that_exist():
+    import re
+    from pathlib import Path
+
+    from recon.config import preset_path
+
+    scripts = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.py"))
+    named = {m for p in scripts for m in re.findall(r"--preset ([\w.-]+)", p.read_text())}
+    assert named and all(preset_path(name).is_file() for name in named)

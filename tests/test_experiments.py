@@ -107,3 +107,87 @@ def test_shapes_data_and_attribute_scores(tmp_path):
         assert attribute_scores(texts[key], t) == {"exact": 1.0, "attributes": 1.0}
     wrong = texts["00000"].replace(truth["00000"]["shape"], "cross" if truth["00000"]["shape"] != "cross" else "square")
     assert attribute_scores(wrong, truth["00000"]) == {"exact": 0.0, "attributes": 0.8}
+
+
+# ------------------------------------------------- each script on its default data path (shapes), small
+SHAPES = ["--no-cache", "--no-progress", "--resamples", "20", "--n", "3", "--threads", "1",
+          "--set", "generator.num_inference_steps=4"]
+
+
+def _numbers(table_md: str) -> list[float]:
+    """The decimal numbers in a markdown table's rows (a table of empty cells has none; headers have none)."""
+    import re
+
+    rows = [line for line in table_md.splitlines() if line.startswith("|") and "---" not in line]
+    return [float(x) for row in rows for x in re.findall(r"(?<![\w.])-?\d+\.\d+", row)]
+
+
+def test_caption_selection_on_its_rendered_scenes_measures_every_image(tmp_path):
+    """The shapes path renders its scenes into OUT/data and runs in OUT: those inputs are read, not dropped as
+    run outputs (the regression: "0 images (0 failed)" and a table of empty cells, exit 0)."""
+    out = tmp_path / "sel"
+    assert _script("caption_selection").main(["--out", str(out), "--ref-metrics", "", "--candidates", "2", "--k", "1",
+                                              "--stream", "77", *SHAPES]) == 0
+    table = (out / "table.md").read_text()
+    assert "3 images (0 failed)" in table and len(_numbers(table)) >= 6 * 4
+    assert json.loads((out / "summary.json").read_text())["n"] == 3
+
+
+@pytest.mark.parametrize("script", ["image_selection", "text_reconstruction"])
+def test_text_experiments_on_their_rendered_scenes(tmp_path, script):
+    out = tmp_path / script
+    extra = ["--ref-metrics", "bleu"] if script == "text_reconstruction" else []
+    assert _script(script).main(["--out", str(out), "--k", "2", *extra, *SHAPES]) == 0
+    assert json.loads((out / "summary.json").read_text())["n"] == 3
+    assert len(_numbers((out / "table.md").read_text())) >= 4
+
+
+def test_a_job_over_zero_inputs_is_an_error_naming_the_folder(tmp_path):
+    from recon.data import DataError
+    from recon.jobs import input_images
+
+    (tmp_path / "run" / "images" / "x-1234abcd").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "run" / "images" / "x-1234abcd" / "original.png")
+    with pytest.raises(DataError, match=str(tmp_path / "run")):  # only the run's own outputs: no input
+        input_images(tmp_path / "run", tmp_path / "run")
+    (tmp_path / "run" / "data").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "run" / "data" / "a.png")  # an input kept inside the run dir is read
+    assert [it.id for it in input_images(tmp_path / "run", tmp_path / "run")] == ["data/a.png"]
+
+
+def test_an_experiment_whose_every_item_failed_is_an_error_not_an_empty_table(tmp_path, tiny_models, monkeypatch):
+    images = _images(tmp_path / "imgs")
+    monkeypatch.setenv("RECON_MAX_PIXELS", "1")  # every image fails to load, as an item
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"no item was measured \(2 item\(s\) failed; the first, im0.png: "):
+        _script("caption_selection").main(["--images", str(images), "--n", "2", "--candidates", "2", "--k", "1",
+                                           "--ref-metrics", "", "--out", str(out), *TINY])
+    assert not (out / "table.md").exists()
+
+
+def test_metaeval_breakdown_on_a_shapes_metaeval_run(tmp_path, capsys):
+    """The breakdown's default data path: a `recon metaeval --shapes` folder; every table has numbers."""
+    from recon.cli import main
+
+    out = tmp_path / "me"
+    assert main(["metaeval", "--shapes", "2", "--out", str(out), "--no-progress", "--no-cache", "--resamples", "20",
+                 "--metrics", "recon,clipscore", "--threads", "1", "--set", "generator.num_inference_steps=4"]) == 0
+    capsys.readouterr()
+    _script("metaeval_breakdown").breakdown(out)
+    printed = capsys.readouterr().out
+    for title in ("FOIL accuracy by foiled attribute", "Within-scene pairwise accuracy", "CF tau_b"):
+        assert title in printed
+    assert len(_numbers(printed.split("## Within-scene")[1])) >= 15 * 3
+
+
+def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys):
+    """One arm, one step, four scenes per split: the table has the arm's accuracies (its default data path: scenes
+    rendered from the bundle's world, arms run as worker processes)."""
+    out = tmp_path / "semi"
+    assert _script("semi_supervised").main(["--out", str(out), "--experiment", "e1", "--labelled", "8", "--seeds",
+                                            "0", "--arms", "task", "--steps", "1", "--n", "4", "--jobs", "1"]) == 0
+    md = (out / "results.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| task |"))
+    assert len(_numbers(row)) >= 5
+    assert _script("semi_supervised").main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "no finished arm" in capsys.readouterr().err

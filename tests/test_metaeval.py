@@ -298,6 +298,11 @@ def test_metaeval_cli_end_to_end_on_tiny_models(tmp_path, tiny_models):
     assert "generation" not in timing
     assert "clipscore" in json.loads((out / "metaeval.json").read_text())["sets"]["foil"]["rows"]
 
+    # another shapes set into this --out: refused before its judgment files are rewritten
+    manifest = (out / "judgments" / "judgments.json").read_bytes()
+    assert main([*args[:2], "3", *args[3:], "--metrics", "clipscore"]) == 2
+    assert (out / "judgments" / "judgments.json").read_bytes() == manifest
+
 
 def test_cli_reports_a_malformed_row_as_one_line(flickr, capsys):
     from recon.cli import main
@@ -310,3 +315,180 @@ def test_cli_reports_a_malformed_row_as_one_line(flickr, capsys):
     assert rc == 2 and len(err) == 1 and f"{root / 'ExpertAnnotations.txt'}: line 2" in err[0]
     assert main(["metaeval", "x.txt", "y.txt", "--images", "a", "--images", "b", "--images", "c"]) == 2
     assert "--images is given 3 times for 2 judgment files" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- issue 21: judgment readers' rules
+def test_composite_splits_by_position_so_a_numeric_caption_stays_a_caption(tmp_path, flickr):
+    _, refs = flickr
+    path = tmp_path / "8k_correctness.csv"
+    path.write_text("h;h\nx;http://h/a.jpg;a cat;42;a red bus;1;5;2;;\n")
+    got = [(r.candidate.caption, r.human) for r in mf.read_composite(path, refs).ratings]
+    assert got == [("a cat", 1.0), ("42", 5.0), ("a red bus", 2.0)]
+
+
+@pytest.mark.parametrize("row, message", [
+    ("x;http://h/a.jpg;a cat;a dog;5;4;3", "found 5 fields after the image"),  # one rating more than captions
+    ("x;http://h/a.jpg;a cat;a dog;5;4;3;2", "caption '5' is a rating on the scale 1-5"),  # 2 captions, 4 ratings
+    ("x;http://h/a.jpg;a cat;a dog;5;6", "rating 6 is outside the set's scale 1-5"),
+    ("x;http://h/a.jpg;a cat;a dog;0;3", "rating 0 is outside the set's scale 1-5"),
+])
+def test_composite_rows_with_extra_or_off_scale_ratings_are_errors(tmp_path, flickr, row, message):
+    _, refs = flickr
+    path = tmp_path / "8k_correctness.csv"
+    path.write_text(f"h;h\n{row}\n")
+    with pytest.raises(DataError, match=f"{path}: line 2: .*") as e:
+        mf.read_composite(path, refs)
+    assert message in str(e.value)
+
+
+def test_expert_scores_off_the_scale_are_errors(flickr):
+    root, refs = flickr
+    (root / "ExpertAnnotations.txt").write_text("a.jpg\tb.jpg#0\t1\t2\t1\nb.jpg\tc.jpg#0\t1\t5\t2\n")
+    with pytest.raises(DataError, match=r"ExpertAnnotations\.txt: line 2: expert score 5 is outside the set's scale 1-4"):
+        mf.read_expert(root / "ExpertAnnotations.txt", refs)
+
+
+def test_pascal50s_without_triplets_is_an_error_not_coin_flips(tmp_path):
+    path = _write_pascal(tmp_path / "p", [("1.jpg", "a", "b")], [1], [])
+    with pytest.raises(DataError, match=r"consensus_pascal\.mat: no triplets"):
+        mf.read_pascal50s(path)
+
+
+# Repeated keys: an exact repeat is read once and counted in the notes; a repeat with other values is an error naming
+# the file and both lines.
+def test_a_repeated_expert_row_is_read_once_and_a_conflicting_one_is_an_error(flickr):
+    root, refs = flickr
+    path = root / "ExpertAnnotations.txt"
+    path.write_text("a.jpg\tb.jpg#0\t1\t2\t1\nb.jpg\tc.jpg#0\t1\t1\t2\na.jpg\tb.jpg#0\t1\t2\t1\n")
+    j = mf.read_expert(path, refs)
+    assert len(j.ratings) == 6 and "1 exact repeats of an earlier image and caption id read once" in j.notes[0]
+    path.write_text("a.jpg\tb.jpg#0\t1\t2\t1\na.jpg\tb.jpg#0\t4\t4\t4\n")
+    with pytest.raises(DataError, match=r"ExpertAnnotations\.txt: line 2: .*other values than at line 1"):
+        mf.read_expert(path, refs)
+    (root / "CrowdFlowerAnnotations.txt").write_text("a.jpg\tb.jpg#0\t1\t3\t0\na.jpg\tb.jpg#0\t0\t0\t3\n")
+    with pytest.raises(DataError, match=r"CrowdFlowerAnnotations\.txt: line 2: .*line 1"):
+        mf.read_crowdflower(root / "CrowdFlowerAnnotations.txt", refs)
+
+
+def test_a_token_file_with_repeated_caption_ids(tmp_path):
+    (tmp_path / "t.txt").write_text(TOKENS + "a.jpg#0\ta dog  runs\n")  # the same caption again
+    refs = mf.read_references(tmp_path / "t.txt")
+    assert refs.of("a.jpg") == ["a dog runs", "a brown dog running on grass"] and "1 exact repeats" in refs.notes[0]
+    (tmp_path / "t.txt").write_text(TOKENS + "a.jpg#0\ta cat\n")
+    with pytest.raises(DataError, match=r"t\.txt: line 6: caption id 'a.jpg#0' again, with other values than at "
+                                        r"line 1"):
+        mf.read_references(tmp_path / "t.txt")
+
+
+def test_foil_repeated_image_ids(tmp_path):
+    anns = [{"image_id": 7, "id": 1, "caption": "a dog on a sofa", "foil": False},
+            {"image_id": 7, "id": 1, "caption": "a cat on a sofa", "foil": True}]
+    images = [{"id": 7, "file_name": "COCO_7.jpg"}, {"id": 7, "file_name": "COCO_7.jpg"}]
+    (tmp_path / "foil.json").write_text(json.dumps({"images": images, "annotations": anns + anns[:1]}))
+    j = mf.read_foil(tmp_path / "foil.json")
+    assert len(j.pairs) == 1 and j.pairs[0].better.refs == ()  # the repeated original is not its own reference
+    assert any("image id read once" in n for n in j.notes) and any("original caption" in n for n in j.notes)
+    images[1]["file_name"] = "COCO_8.jpg"
+    (tmp_path / "foil.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    with pytest.raises(DataError, match=r"foil\.json: images\[1\]: image id '7' again, with other values than at "
+                                        r"images\[0\]"):
+        mf.read_foil(tmp_path / "foil.json")
+
+
+# -------------------------------------------------------------- issue 21: clear errors naming the file
+def test_deep_json_and_huge_ids_are_errors_naming_the_file(tmp_path):
+    deep, huge = tmp_path / "deep_foil.json", tmp_path / "huge_foil.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    huge.write_text(json.dumps({"annotations": []})[:-2] + '[{"image_id": ' + "1" * 5000
+                    + ', "id": 1, "caption": "a", "foil": false}]}')
+    with pytest.raises(DataError, match=f"{deep}: JSON nested too deeply"):
+        mf.read_foil(deep)
+    with pytest.raises(DataError, match=f"{huge}: cannot read a number .*4300 digits.*write long ids as strings"):
+        mf.read_foil(huge)
+
+
+def test_a_matlab_v73_file_is_named_with_how_to_convert_it(tmp_path):
+    # the 128-byte MAT header of an HDF5-based v7.3 file: version 0x0200 at byte 124
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116, b" ") + bytes(8) + b"\x00\x02IM"
+    (tmp_path / "pair_pascal.mat").write_bytes(header + bytes(512))
+    with pytest.raises(DataError, match=r"pair_pascal\.mat: a MATLAB v7\.3 \(HDF5\) file.*save\(\.\.\., '-v7'\)"):
+        mf.read_pascal50s(tmp_path / "pair_pascal.mat")
+
+
+# ---------------------------------------------------------- issue 21: one output directory, one set of inputs
+TINY = ["--preset", "tiny-random", "--no-progress", "--resamples", "20", "--metrics", "clipscore"]
+
+
+@pytest.fixture()
+def judged(flickr):
+    """An image folder, the token file, an Expert file and a Composite file over the same two images."""
+    from PIL import Image
+
+    root, _ = flickr
+    for name, color in (("a.jpg", "red"), ("b.jpg", "blue")):
+        Image.new("RGB", (32, 32), color).save(root / name)
+    (root / "ExpertAnnotations.txt").write_text("a.jpg\tb.jpg#0\t1\t2\t1\nb.jpg\tc.jpg#0\t1\t1\t2\n")
+    (root / "8k_correctness.csv").write_text("h;h\nx;http://h/a.jpg;a cat;a dog runs;1;5\n"
+                                             "x;http://h/b.jpg;a horse;a bus;4;1\n")
+    return root
+
+
+def _tree(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_metaeval_out_holding_other_inputs_is_refused_up_front_naming_the_file(judged, tiny_models, capsys):
+    from recon.cli import main
+
+    root, out = judged, judged / "out"
+    expert = ["metaeval", str(root / "ExpertAnnotations.txt"), "--images", str(root), "--refs",
+              str(root / "Flickr8k.token.txt"), "--out", str(out), *TINY]
+    assert main(expert) == 0
+    capsys.readouterr()
+    before = _tree(out)
+    # another judgment set into the same --out: refused, metaeval.* of the first set kept
+    assert main(["metaeval", str(root / "8k_correctness.csv"), "--images", str(root), "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds the metaeval of other inputs: other judgment files: {root / '8k_correctness.csv'}" in err
+    assert _tree(out) == before
+    # the same file changed: refused naming it, and its inputs/ untouched
+    (root / "ExpertAnnotations.txt").write_text("a.jpg\tb.jpg#0\t4\t4\t4\nb.jpg\tc.jpg#0\t1\t1\t2\n")
+    assert main(expert) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'ExpertAnnotations.txt'} has changed since it was evaluated there" in err and "runs/" not in err
+    assert _tree(out) == before
+    assert main([*expert, "--limit", "1"]) == 2 and "--limit 1 (it was made with no --limit)" in capsys.readouterr().err
+    assert _tree(out) == before
+
+
+def test_metaeval_refuses_a_folder_a_running_job_holds_or_another_command_made(judged, capsys):
+    from recon.cli import main
+    from recon.runs import lock_run_dir
+
+    root, out = judged, judged / "held"
+    args = ["metaeval", str(root / "ExpertAnnotations.txt"), "--images", str(root), "--refs",
+            str(root / "Flickr8k.token.txt"), "--out", str(out), *TINY]
+    out.mkdir()
+    lock = lock_run_dir(out)  # as a running `recon reconstruct --out held` holds it
+    try:
+        assert main(args) == 2
+    finally:
+        lock.close()
+    assert f"{out} is in use by recon pid" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    (out / "run.json").write_text(json.dumps({"command": "reconstruct"}))
+    assert main(args) == 2
+    assert f"{out} holds a `recon reconstruct` run; `recon metaeval` needs its own --out" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "run.json"]
+
+
+def test_metaeval_reads_a_hidden_judgment_file_it_is_given(judged, tiny_models):
+    from recon.cli import main
+
+    root = judged
+    (root / "8k_correctness.csv").rename(root / ".hidden_correctness.csv")
+    assert main(["metaeval", str(root / ".hidden_correctness.csv"), "--images", str(root), "--out",
+                 str(root / "out"), *TINY]) == 0
+    res = json.loads((root / "out" / "metaeval.json").read_text())
+    assert res["sets"]["composite"]["files"] == [str(root / ".hidden_correctness.csv")]
+    assert res["sets"]["composite"]["n"] == 4

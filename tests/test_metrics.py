@@ -101,3 +101,51 @@ def test_two_processes_sync_to_the_single_process_value(tmp_path, tiny_models, r
     alone.update(torch.stack(_loaded(images)), list(CAPTIONS.values()), ids=list(CAPTIONS))
     values = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert values[0] == values[1] == pytest.approx(float(alone.compute()), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- what update accepts
+def test_uint8_and_numpy_images_score_as_their_floats_and_out_of_range_images_are_refused(tiny_models):
+    from recon.metrics import ReconstructionScore
+
+    u8 = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (3, 32, 32), dtype=np.uint8))
+    floats = u8.float() / 255
+    metric = ReconstructionScore("tiny-random", OVER)
+
+    def score(images):
+        metric.reset()
+        metric.update(images, ["a red circle"], ids=["im"])
+        return float(metric.compute())
+
+    want = score([floats])
+    assert score([u8]) == want  # uint8 is 0-255: divided by 255, not clamped to white
+    assert score(u8.numpy()[None]) == want and score([floats.numpy()]) == want  # numpy: a batch or a list
+    inf, nan = floats.clone(), floats.clone()
+    inf[0, 0, 0], nan[1, 2, 3] = float("inf"), float("nan")
+    for bad, message in [(floats * 255, r"image 0: values in \[0, 255\], expected floats in \[0, 1\]"),
+                         (floats - 0.5, r"values in \[-0\.5, 0\.5\]"),
+                         (inf, "non-finite"), (nan, "non-finite"),
+                         (floats.permute(1, 2, 0).numpy(), r"shape \(32, 32, 3\).*channels last"),
+                         (u8.int(), "dtype torch.int32"), (np.array([["a"]], dtype=object), "dtype object")]:
+        with pytest.raises(ValueError, match=message):
+            metric.update([bad], ["a red circle"])
+    with pytest.raises(TypeError, match="got str"):
+        metric.update(["im0.png"], ["a red circle"])
+
+
+def test_a_nan_image_is_refused_before_it_can_poison_the_cache_of_recon_score(tmp_path, tiny_models):
+    from recon.data import save_png
+    from recon.metrics import ReconstructionScore
+    from recon.scoring.run import score_caption_sets
+
+    over = [f"run.cache_dir={tmp_path / 'cache'}", *OVER[1:]]
+    metric = ReconstructionScore("tiny-random", over)
+    black = torch.full((3, 32, 32), float("nan"))  # its PNG (NaN -> 0) is the all-black image's
+    with pytest.raises(ValueError, match="image 0: holds non-finite values"):
+        metric.update([black], ["a black square"], ids=["black"])
+    assert not list((tmp_path / "cache").glob("scores/*/*.json"))
+    save_png(torch.zeros(3, 32, 32), tmp_path / "imgs" / "black.png")
+    (tmp_path / "caps.json").write_text(json.dumps({"black": "a black square"}))
+    run = score_caption_sets(load_config("tiny-random", over), [tmp_path / "caps.json"], tmp_path / "imgs",
+                             tmp_path / "run", metrics="recon", progress=False, n_resamples=10)
+    (rec,) = run.records
+    assert rec["status"] == "ok" and len(rec["scores"]) == 3 and all(np.isfinite(list(rec["scores"].values())))

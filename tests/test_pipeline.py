@@ -263,3 +263,92 @@ def test_a_changed_model_file_invalidates_the_cached_captions(tmp_path):
     (model / "weights.safetensors").write_bytes(b"v2, retrained")
     caption_once()
     assert _Captioner.calls == 2  # new files, new cache keys: captioned again
+
+
+# ------------------------------------------------------------------------------------ a cache that lies
+class _SeededGenerator:
+    """A solid image per seed (so any one image can be regenerated alone); counts the images it makes."""
+
+    made = 0
+
+    def generate(self, prompts, seeds):
+        import torch
+
+        from recon.generators.base import Generation
+
+        type(self).made += len(prompts)
+        images = torch.stack([torch.full((3, 8, 8), (s % 251) / 250) for s in seeds])
+        return Generation(images=images, flagged=[False] * len(prompts), warnings=[[] for _ in prompts])
+
+
+class _NanForTheDarkest(__import__("torch").nn.Module):
+    """A distance that is NaN for the darkest reconstruction of a batch (a metric that breaks on one input)."""
+
+    def forward(self, original, recon):
+        import torch
+
+        values = recon.mean(dim=(1, 2, 3))
+        return torch.where(values == values.min(), torch.tensor(float("nan")), values)
+
+
+def _cached_reconstructor(tmp_path, **roles):
+    cfg = _cfg(f"run.cache_dir={tmp_path / 'cache'}", "similarity.image=[{kind: lpips, random_backbone: true}]",
+               "similarity.select_by=lpips_distance", "captioner.num_candidates=2", "generator.images_per_caption=2")
+    return Reconstructor(cfg, cache=Cache(tmp_path / "cache"), **roles)
+
+
+def test_damaged_cache_entries_are_rebuilt_with_a_warning_naming_the_file(tmp_path, caplog):
+    def run():
+        recon = _cached_reconstructor(tmp_path, captioner=_Captioner(), generator=_SeededGenerator(),
+                                      image_metrics={"lpips_distance": _GreyDistance()})
+        return recon.image_to_text_to_image([Image.new("RGB", (8, 8))], ["a.png"], ["sha-of-a"])[0]
+
+    first = run()
+    cache = tmp_path / "cache"
+    png = sorted(cache.glob("images/*/*.png"))[0]
+    meta = sorted(cache.glob("images-meta/*/*.json"))[1]
+    captions = sorted(cache.glob("captions/*/*.json"))[0]
+    score = sorted(cache.glob("scores/*/*.json"))[0]
+    png.write_bytes(png.read_bytes()[:40])  # a torn PNG
+    meta.write_bytes(b"\xff\xfe{not json")  # not even text
+    captions.write_text('{"not": "a list"}')  # JSON, not what the stage writes
+    score.write_text('"0.5"')  # a string where a score was
+    _SeededGenerator.made = 0
+    with caplog.at_level("WARNING", logger="recon.runs"):
+        again = run()
+    assert again == first
+    assert _SeededGenerator.made > 0  # the images were made again, ...
+    for damaged in (png, meta, captions, score):
+        assert any(str(damaged) in m and "damaged" in m for m in caplog.messages), damaged
+        assert damaged.is_file()  # ... and every damaged entry was written again
+    assert Image.open(png).size == (8, 8) and json.loads(score.read_text()) != "0.5"
+
+
+def test_an_oversized_png_in_the_cache_is_a_miss_like_an_oversized_input(tmp_path, caplog):
+    recon = _cached_reconstructor(tmp_path, generator=_SeededGenerator())
+    (first,) = recon.render(["a cat"], [7])
+    (path,) = (tmp_path / "cache").glob("images/*/*.png")
+    Image.new("1", (9000, 9000)).save(path)  # 81 MP: over the 67 MP budget of load_image
+    with caplog.at_level("WARNING", logger="recon.runs"):
+        (again,) = _cached_reconstructor(tmp_path, generator=_SeededGenerator()).render(["a cat"], [7])
+    assert again.png == first.png
+    assert str(path) in caplog.text and "pixel budget" in caplog.text
+    with Image.open(path) as im:
+        assert im.size == (8, 8)  # rebuilt
+
+
+def test_a_non_finite_score_is_never_cached_and_left_out_of_the_mean(tmp_path, caplog):
+    recon = _cached_reconstructor(tmp_path, generator=_SeededGenerator(),
+                                  image_metrics={"lpips_distance": _NanForTheDarkest()})
+    rendered = recon.render(["a cat", "a cat"], [3, 200])
+    scored = recon.score_reconstructions(Image.new("RGB", (8, 8)), "sha-of-a", rendered)
+    assert scored["per_image"]["lpips_distance"][0] is None  # the darkest, seed 3
+    assert scored["scores"]["lpips_distance"] == pytest.approx(200 / 250, abs=1 / 255)
+    assert any("1 of 2 reconstruction score(s) not finite" in w for w in scored["warnings"])
+    json.dumps(scored, allow_nan=False)  # a record of it can be written
+    (cached,) = (tmp_path / "cache").glob("scores/*/*.json")  # the finite score only
+    cached.write_text("NaN")  # as a version that cached NaN left it: a miss, recomputed
+    with caplog.at_level("WARNING", logger="recon.runs"):
+        again = recon.score_reconstructions(Image.new("RGB", (8, 8)), "sha-of-a", rendered)
+    assert again == scored and str(cached) in caplog.text
+    assert json.loads(cached.read_text()) == pytest.approx(200 / 250, abs=1 / 255)

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 
 import pytest
 
@@ -161,3 +163,102 @@ def test_a_cache_path_that_is_a_file_stops_before_any_work(tmp_path):
         Cache(afile)
     with pytest.raises(RunError, match="cannot be used"):
         Cache(afile / "sub")
+
+
+# ------------------------------------------------------- the machine's fault is not an item's failure
+def _tiny_images(folder, n):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"im{i}.png")
+    return folder
+
+
+def _tiny_cfg():
+    return load_config("tiny-random", ["run.cache_dir=''", "run.batch_size=2", "generator.num_inference_steps=1",
+                                       "generator.images_per_caption=1", "captioner.num_candidates=1"])
+
+
+def test_a_full_or_read_only_disk_stops_the_run_and_fails_no_item(tmp_path, tiny_models, monkeypatch):
+    import recon.jobs as jobs
+
+    code = errno.ENOSPC
+    for other in (errno.EROFS, errno.EDQUOT):  # the same rule, without another run
+        wrapped = ValueError("while saving")
+        wrapped.__cause__ = OSError(other, os.strerror(other))
+        assert jobs.environment_error(wrapped).errno == other
+    assert jobs.environment_error(OSError(errno.ENOENT, "gone")) is None  # an item's own missing file fails it
+
+    src = _tiny_images(tmp_path / "src", 3)
+    real, calls = jobs.atomic_write_bytes, []
+
+    def write(path, data):  # the disk fills up after the first batch's images (2 items x 2 images)
+        calls.append(path)
+        if len(calls) > 4:
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(jobs, "atomic_write_bytes", write)
+    with pytest.raises(RunError, match=rf"stopped: {os.strerror(code)} writing .*records so far are kept"):
+        jobs.reconstruct_images(_tiny_cfg(), src, tmp_path / "run", progress=False)
+    kept = read_jsonl(tmp_path / "run" / "results.jsonl")[0]
+    assert [r["status"] for r in kept] == ["ok", "ok"]  # the finished batch is kept; no item is recorded failed
+    monkeypatch.setattr(jobs, "atomic_write_bytes", real)  # space freed: a plain rerun finishes every item
+    run = jobs.reconstruct_images(_tiny_cfg(), src, tmp_path / "run", progress=False)
+    assert [r["status"] for r in run.records()] == ["ok"] * 3
+
+
+def test_an_unwritable_out_or_cache_is_one_clear_error_before_any_work(tmp_path, monkeypatch):
+    import tempfile
+
+    import recon.runs as runs
+    from recon.jobs import make_cache
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(runs, "lock_run_dir", read_only)
+    with pytest.raises(RunError, match=r"--out .*out cannot be written \(Read-only file system\)"):
+        RunDir(tmp_path / "out", load_config("tiny-random"))
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(RunError, match=r"cache directory .*cache is not writable \(Read-only file system\)"):
+        make_cache(load_config("tiny-random", [f"run.cache_dir={tmp_path / 'cache'}"]))
+
+
+def test_a_resumed_run_counts_only_its_current_inputs(tmp_path, tiny_models):
+    from recon.jobs import reconstruct_images
+    from recon.report import read_records
+
+    src = _tiny_images(tmp_path / "src", 4)
+    run = reconstruct_images(_tiny_cfg(), src, tmp_path / "run", progress=False)
+    assert len(run.records()) == 4
+    (src / "im0.png").unlink()
+    (src / "im1.png").rename(src / "renamed.png")
+    run = reconstruct_images(_tiny_cfg(), src, tmp_path / "run", progress=False)
+    assert sorted(r["id"] for r in run.records()) == ["im2.png", "im3.png", "renamed.png"]
+    assert len(read_jsonl(run.path / "results.jsonl")[0]) == 5  # the old records stay on disk
+    assert sorted(r["id"] for r in read_records(run.path / "results.jsonl")) == ["im2.png", "im3.png", "renamed.png"]
+    assert ": 3 records," in (run.path / "report.html").read_text()
+
+
+def test_the_progress_bar_moves_per_item_inside_a_batch(tmp_path, tiny_models, monkeypatch):
+    """One batch of 4 items: the bar counts items as their images are generated, not 0/4 until the batch ends."""
+    import recon.jobs as jobs
+
+    seen = []
+
+    class Bar(jobs.tqdm):
+        def refresh(self, *a, **k):
+            seen.append(self.n)
+            return super().refresh(*a, **k)
+
+    monkeypatch.setattr(jobs, "tqdm", Bar)
+    src = _tiny_images(tmp_path / "src", 4)
+    cfg = load_config("tiny-random", ["run.cache_dir=''", "run.batch_size=4", "generator.num_inference_steps=2",
+                                      "generator.images_per_caption=2", "captioner.num_candidates=1"])
+    jobs.reconstruct_images(cfg, src, tmp_path / "run", progress=True)
+    assert [n for n in seen if 0 < n < 4] == [1, 2, 3] and seen[-1] == 4  # counted while the batch generates

@@ -125,6 +125,26 @@ def test_index_is_cached_on_disk(bert_tokenizer, clip_tokenizer, tmp_path, monke
     assert torch.equal(first.index, again.index) and first.coverage == again.coverage
 
 
+def test_a_damaged_index_file_is_rebuilt_with_a_warning_naming_it(bert_tokenizer, clip_tokenizer, tmp_path, caplog):
+    from safetensors.torch import save as st_save
+
+    first = vocab_index(bert_tokenizer, clip_tokenizer, tmp_path)
+    (path,) = tmp_path.glob("bridge/*/*.safetensors")
+    good = path.read_bytes()
+    tampered = {"not safetensors": b"garbage", "torn": good[:len(good) // 2],
+                "short": st_save({"index": first.index[:10].clone()}),
+                "out of range": st_save({"index": first.index + 10 ** 6}),
+                "float": st_save({"index": first.index.float()}), "renamed": st_save({"other": first.index})}
+    for why, data in tampered.items():
+        path.write_bytes(data)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="recon.runs"):
+            again = vocab_index(bert_tokenizer, clip_tokenizer, tmp_path)
+        assert torch.equal(again.index, first.index) and again.coverage == first.coverage, why
+        assert str(path) in caplog.text and "damaged" in caplog.text, why
+        assert path.read_bytes() == good, why  # rebuilt in place
+
+
 def test_identical_vocabularies_map_to_themselves(clip_tokenizer):
     vocab = clip_tokenizer.get_vocab()
     index = build_index(vocab, vocab, {49406, 49407})

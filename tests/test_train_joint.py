@@ -56,6 +56,12 @@ def test_changed_keys_ignores_volatile_settings():
     assert changed_keys(a, b) == []
     b["loss"]["i2t2i"] = 0.0
     assert changed_keys(a, b) == ["loss.i2t2i"]
+    older = FinetuneConfig().to_dict()  # written by a recon before loss.pseudo_label existed
+    del older["loss"]["pseudo_label"]
+    assert changed_keys(older, FinetuneConfig().to_dict()) == []
+    new = FinetuneConfig().to_dict()
+    new["loss"]["pseudo_label"] = 1.0
+    assert changed_keys(older, new) == ["loss.pseudo_label"]
 
 
 def test_register_adds_the_finetune_command():
@@ -501,3 +507,113 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     assert "checkpoint-00000002" in caplog.text and "trying the previous checkpoint" in caplog.text
     assert (tmp_path / "checkpoints" / ".damaged-checkpoint-00000002" / "optimizer.bin").stat().st_size == 100
     assert finetune(cfg, tmp_path)["finished"]
+
+
+# ------------------------------------------------------------------------ resume over changed inputs, set-asides
+def test_a_resume_over_changed_data_files_is_refused_naming_the_field(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from recon.train.joint import write_or_check_config
+
+    texts, images = tmp_path / "texts.txt", tmp_path / "unlabelled"
+    texts.write_text("a red circle at the center on a white background\n")
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
+    cfg = load_finetune_config("finetune-shapes-smoke", [*SEMI[:1], f"data.unlabelled_images={images}",
+                                                         f"data.unpaired_texts={texts}", *SEMI[3:]])
+    write_or_check_config(tmp_path / "ft", cfg).close()
+    write_or_check_config(tmp_path / "ft", cfg).close()  # unchanged: resumes
+    texts.write_text("a blue square at the center on a white background\n")
+    with pytest.raises(ValueError, match=r"the data of data\.unpaired_texts changed since this run started"):
+        write_or_check_config(tmp_path / "ft", cfg)
+    texts.write_text("a red circle at the center on a white background\n")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "b.png")  # an image added to the folder
+    with pytest.raises(ValueError, match=r"the data of data\.unlabelled_images changed"):
+        write_or_check_config(tmp_path / "ft", cfg)
+    (images / "b.png").unlink()
+    write_or_check_config(tmp_path / "ft", cfg).close()  # restored: resumes (and the lock was released each time)
+
+
+def test_a_truncated_unlabelled_image_is_left_out_before_training(tmp_path, caplog):
+    import numpy as np
+    from PIL import Image
+
+    from recon.train.data import Unpaired
+
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(images / name)
+    (images / "c.png").write_bytes((images / "a.png").read_bytes()[:60])
+    cfg = load_finetune_config("finetune-shapes-smoke", [*SEMI[:1], f"data.unlabelled_images={images}",
+                                                         *SEMI[2:]]).data
+    unpaired = Unpaired(cfg, 32, 0)
+    assert [p.name for p in unpaired.images] == ["a.png", "b.png"]
+    assert "1 of 3 images cannot be read and are left out" in caplog.text and "c.png" in caplog.text
+    (images / "a.png").write_bytes(b"")
+    (images / "b.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=rf"no image in {images} can be read"):
+        Unpaired(cfg, 32, 0)
+
+
+def test_finetune_and_job_directories_refuse_each_other(tmp_path):
+    from recon.config import load_config
+    from recon.runs import RunDir, RunError
+    from recon.train.joint import write_or_check_config
+
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST)
+    write_or_check_config(tmp_path / "ft", cfg).close()
+    with pytest.raises(RunError, match=r"holds a `recon finetune` run; `recon reconstruct` needs its own --out"):
+        RunDir(tmp_path / "ft", load_config("tiny-random"), command="reconstruct")
+    assert not (tmp_path / "ft" / "config.yaml").exists()  # refused before anything was written
+    RunDir(tmp_path / "job", load_config("tiny-random"), command="reconstruct").close()
+    with pytest.raises(RunError, match=r"holds a `recon reconstruct` run; `recon finetune` needs its own --out"):
+        write_or_check_config(tmp_path / "job", cfg)
+    assert not (tmp_path / "job" / "finetune.yaml").exists()
+
+
+def test_a_checkpoint_damaged_twice_is_set_aside_twice(tmp_path):
+    from recon.train.joint import finetune
+
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST)
+    finetune(cfg, tmp_path, stop_after=2)
+    newest = tmp_path / "checkpoints" / "checkpoint-00000002"
+    for _ in range(2):  # the resumed run saves step 2 again; it is damaged again
+        (newest / "optimizer.bin").write_bytes((newest / "optimizer.bin").read_bytes()[:100])
+        assert finetune(cfg, tmp_path, stop_after=2)["step"] == 2
+    aside = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".damaged"))
+    assert aside == [".damaged-checkpoint-00000002", ".damaged-checkpoint-00000002.2"]
+
+
+def test_an_override_that_breaks_a_good_config_is_blamed_on_the_override():
+    with pytest.raises(ConfigError, match=r"^--set train\.steps=nan: train\.steps: expected an integer"):
+        load_finetune_config("finetune-shapes-smoke", ["train.steps=nan"])
+
+
+def test_a_stopped_finetune_leaves_usable_adapters_and_a_true_summary(tmp_path, caplog):
+    import logging
+
+    from recon.train.joint import finetune
+
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST)
+    summary = finetune(cfg, tmp_path, stop_after=1)
+    assert not summary["finished"]
+    for name in ("captioner_adapter/adapter_config.json", "sd_lora/pytorch_lora_weights.safetensors"):
+        assert (tmp_path / name).is_file(), name  # exported at the checkpoint, before the run's end
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["step"] == 1 and written["seconds"] >= written["loop_seconds"] > 0
+    caplog.set_level(logging.WARNING)
+    more = load_finetune_config("finetune-shapes-smoke", [*FAST[:0], *[o for o in FAST if not o.startswith(
+        "train.steps")], "train.steps=4"])
+    assert finetune(more, tmp_path, stop_after=2)["step"] == 2
+    assert "with train.steps 3 -> 4 (allowed" in caplog.text
+
+
+def test_the_exported_adapter_names_its_base_by_the_config_id(tmp_path):
+    from recon.train.joint import finetune
+
+    cfg = load_finetune_config("finetune-shapes-smoke", FAST)
+    finetune(cfg, tmp_path, stop_after=1)
+    base = json.loads((tmp_path / "captioner_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == cfg.captioner.model == "builtin:tiny-random/captioner"

@@ -132,14 +132,26 @@ def text_metric_configs(config) -> list:
 
 
 def write_outputs(out: Path, table_md: str, summary: dict, details: list | None = None) -> None:
-    """``table.md``, ``summary.json`` (and ``selection.json``); prints the table and where it is."""
+    """``table.md``, ``summary.json`` (and ``selection.json``); prints the table and where it is. A summary over
+    zero items (``summary["n"]``) is an error saying why, never a table of empty cells."""
     out = Path(out)
+    if not summary.get("n"):
+        raise ValueError(nothing_measured(out))
     atomic_write_text(out / "table.md", table_md)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
     if details is not None:
         atomic_write_text(out / "selection.json", json.dumps(details, indent=1, default=float) + "\n")
     print(table_md)
     print(json.dumps({"run_dir": str(out), "table": str(out / "table.md")}))
+
+
+def nothing_measured(out: Path) -> str:
+    """Why an experiment over ``out`` has no item to tabulate: how many items failed, and the first reason."""
+    from recon.runs import RESULTS, current_records, failure_note, latest_per_id, read_jsonl
+
+    results = Path(out) / RESULTS
+    note = failure_note(current_records(out, latest_per_id(read_jsonl(results)[0])), results)
+    return f"{out}: no item was measured ({note or 'no item was recorded'}); nothing to tabulate"
 
 
 def run_script(main: Callable[[], int], name: str) -> None:

@@ -5,13 +5,18 @@ object; references are COCO caption annotations, a Karpathy split file or ``{ima
 compared as strings. A malformed file is one :class:`~recon.data.DataError`; a bad entry (a missing key, a null or
 empty caption, a duplicate id -- the first caption is kept --, an id with no image) becomes an item with an
 ``error``, which the run records as a failed item naming the file and the entry.
+
+Item ids: ``SYSTEM/IMAGE_ID`` for an entry with an id (unique: a system name has no ``/``, an image id is kept once
+per system); an entry with no usable id is ``SYSTEM/@entry-N``, a later duplicate ``SYSTEM/IMAGE_ID#entry-N``. An
+image id may spell one of those (an image named ``@entry-0.png``): the invented id then takes a ``~2``, ``~3``, ...
+suffix, so no record ever replaces another's.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from recon.data import DataError, atomic_write_text, list_images, read_json, validate_text
@@ -175,7 +180,7 @@ def build_items(sets: Sequence[CaptionSet], images: str | Path, refs: References
     order = sorted(keys, key=lambda k: keys[k])[:limit]
     wanted = set(order)
     first: dict[tuple[str, str], tuple[Entry, ScoreItem]] = {}
-    extra: list[ScoreItem] = []
+    extra: list[ScoreItem] = []  # ids invented for bad entries; made unique against every real id below
     for s in sets:
         for e in s.entries:
             if e.key is None:
@@ -195,6 +200,14 @@ def build_items(sets: Sequence[CaptionSet], images: str | Path, refs: References
                                 "file paths relative to the folder without extension, or COCO file_names)")
             first[(s.name, e.key)] = (e, ScoreItem(f"{s.name}/{e.key}", s.name, e.key, e.caption, path, error))
     items = [first[(s.name, k)][1] for k in order for s in sets if (s.name, k) in first]
+    taken = {it.id for it in items}
+    for n, it in enumerate(extra):
+        unique, suffix = it.id, 1
+        while unique in taken:
+            suffix += 1
+            unique = f"{it.id}~{suffix}"
+        taken.add(unique)
+        extra[n] = replace(it, id=unique)
     return items + extra
 
 

@@ -4,7 +4,10 @@ readers, each short, sharing the row and error helpers).
 Each reader returns :class:`Judgments`: judged captions (:class:`Candidate`: image, caption, the references it is
 scored against) with either a human rating each (:class:`Rating`) or a human preference between two
 (:class:`Pair`). A malformed row is a :class:`~recon.data.DataError` naming the file and the line (the entry, the
-pair or the triplet in JSON and MATLAB files); rows a protocol leaves out are counted in ``notes``.
+pair or the triplet in JSON and MATLAB files); rows a protocol leaves out are counted in ``notes``. Ratings must lie on
+the set's scale. A row keyed like an earlier one (an Expert or CrowdFlower image and caption id, a token file's
+caption id, a FOIL image id or original caption) is read once when it repeats the earlier row exactly, counted in
+``notes``; when it disagrees it is an error naming both lines, since which one holds is unknowable (:class:`Repeats`).
 
 * **Flickr8k-Expert** ``ExpertAnnotations.txt``: ``image \\t caption id \\t e1 \\t e2 \\t e3`` (scores 1-4); the caption
   text comes from ``Flickr8k.token.txt`` (``image#n \\t caption``). As in the SPICE and CLIPScore papers, each of the
@@ -12,8 +15,11 @@ pair or the triplet in JSON and MATLAB files); rows a protocol leaves out are co
 * **Flickr8k-CF** ``CrowdFlowerAnnotations.txt``: ``image \\t caption id \\t yes fraction \\t yeses \\t noes``; the yes
   fraction is the rating, and captions judged for an image are removed from its references (CLIPScore's loader).
 * **Composite** ``{8k,30k,coco}_correctness.csv``: Mechanical Turk results, ``;``-separated, one image per row:
-  an image URL (``.../name.jpg``), then its N candidate captions, then their N ratings (1-5). Captions judged for
-  an image are removed from its references.
+  an image URL (``.../name.jpg``), then its N candidate captions, then their N ratings (1-5), then only empty
+  columns. The split is by position (the 2N fields after the image), so a caption that is a number off the rating
+  scale ("42") is a caption; a caption that is a number on the scale ("3") is an error, as it is what a row with a
+  rating column too many looks like, and so is an odd number of fields. Captions judged for an image are removed from
+  its references.
 * **PASCAL-50S** ``pair_pascal.mat`` (``new_input``: image, caption A, caption B per pair; ``category`` 1-4 =
   HC/HI/HM/MM) with ``consensus_pascal.mat`` beside it (``triplets``: reference, A, B, winner +-1; the same number
   per pair). The human choice is the majority of a pair's votes, ties broken at random (seeded); its references are
@@ -43,12 +49,45 @@ FORMATS = ("expert", "crowdflower", "composite", "pascal50s", "foil")
 STATISTIC = {"expert": "kendall_tau_c", "crowdflower": "kendall_tau_b", "composite": "kendall_tau_c",
              "pascal50s": "accuracy", "foil": "accuracy"}
 PASCAL_CATEGORIES = {1: "HC", 2: "HI", 3: "HM", 4: "MM"}
+EXPERT_SCALE, COMPOSITE_SCALE = (1, 4), (1, 5)
 _IMAGE = re.compile(r"\.(jpe?g|png|bmp|gif|webp)$", re.IGNORECASE)
 
 
 def one_line(text: str) -> str:
     """Whitespace runs as one space (the loaders of these sets all do this)."""
     return " ".join(str(text).split())
+
+
+class Repeats:
+    """The keys a reader has met in one file. A key met again with the same values is read once and counted (a
+    repeated row would otherwise weigh twice in the statistic, or add a reference twice); with other values it is a
+    :class:`DataError` naming the file and both places, since which of the two holds cannot be told."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        self.seen: dict = {}
+        self.count = 0
+
+    def first(self, key, value, where: str) -> bool:
+        """True the first time ``key`` is met; False for an identical repeat."""
+        if key not in self.seen:
+            self.seen[key] = (value, where)
+            return True
+        old, old_where = self.seen[key]
+        if old != value:
+            raise DataError(f"{self.path}: {where}: {self.what} {key!r} again, with other values than at {old_where}; "
+                            "keep one of the two")
+        self.count += 1
+        return False
+
+    def notes(self) -> list[str]:
+        return [f"{self.path.name}: {self.count} exact repeats of an earlier {self.what} read once"] if self.count else []
+
+
+def _on_scale(value: float, scale: tuple[int, int], path: Path, lineno: int, what: str) -> float:
+    if not scale[0] <= value <= scale[1]:
+        raise DataError(f"{path}: line {lineno}: {what} {value:g} is outside the set's scale {scale[0]}-{scale[1]}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -126,6 +165,7 @@ class References:
     path: Path | None = None
     by_image: dict[str, list[str]] = field(default_factory=dict)
     captions: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def of(self, image: str) -> list[str]:
         for key in (image, Path(image).name, Path(image).stem):
@@ -148,7 +188,7 @@ def read_references(path: str | Path) -> References:
                 out.by_image.setdefault(name, captions)
                 out.by_image.setdefault(Path(name).name, captions)
         return out
-    out = References(path)
+    out, repeats = References(path), Repeats(path, "caption id")
     for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -156,9 +196,11 @@ def read_references(path: str | Path) -> References:
         if not tab or "#" not in caption_id or not caption.strip():
             raise DataError(f"{path}: line {lineno}: expected 'image#n<TAB>caption' (a Flickr token file), "
                             f"got {line[:80]!r}")
-        caption_id = caption_id.strip()
-        out.captions[caption_id] = one_line(caption)
-        out.by_image.setdefault(caption_id.rsplit("#", 1)[0], []).append(one_line(caption))
+        caption_id, caption = caption_id.strip(), one_line(caption)
+        if repeats.first(caption_id, caption, f"line {lineno}"):
+            out.captions[caption_id] = caption
+            out.by_image.setdefault(caption_id.rsplit("#", 1)[0], []).append(caption)
+    out.notes += repeats.notes()
     return out
 
 
@@ -195,11 +237,14 @@ def _caption_text(refs: References | None, caption_id: str, path: Path, lineno: 
 
 def read_expert(path: str | Path, refs: References | None) -> Judgments:
     path = Path(path)
-    out, skipped = Judgments("expert", path), 0
+    out, skipped, repeats = Judgments("expert", path), 0, Repeats(path, "image and caption id")
     what = "image, caption id, three expert scores"
     for lineno, (image, caption_id, *scores) in _rows(path, 5, what):
         caption = _caption_text(refs, caption_id, path, lineno)
-        values = [_number(s, path, lineno, "expert score") for s in scores]
+        values = [_on_scale(_number(s, path, lineno, "expert score"), EXPERT_SCALE, path, lineno, "expert score")
+                  for s in scores]
+        if not repeats.first((image, caption_id), values, f"line {lineno}"):
+            continue
         image_refs = refs.of(image)
         if caption in image_refs:  # the SPICE / CLIPScore protocol: a reference is not a candidate
             skipped += 1
@@ -209,6 +254,7 @@ def read_expert(path: str | Path, refs: References | None) -> Judgments:
     if skipped:
         out.notes.append(f"{path.name}: {skipped} candidates that are references of their image left out "
                          "(SPICE / CLIPScore protocol)")
+    out.notes += repeats.notes()
     return out
 
 
@@ -226,7 +272,7 @@ def _without_candidates(judged: Sequence[tuple[str, str, float, str]], refs: Ref
 
 def read_crowdflower(path: str | Path, refs: References | None) -> Judgments:
     path = Path(path)
-    judged = []
+    judged, repeats = [], Repeats(path, "image and caption id")
     for lineno, (image, caption_id, frac, n_yes, n_no) in _rows(path, 5, "image, caption id, yes fraction, "
                                                                            "yeses, noes"):
         caption = _caption_text(refs, caption_id, path, lineno)
@@ -236,8 +282,9 @@ def read_crowdflower(path: str | Path, refs: References | None) -> Judgments:
                 abs(value - yes / (yes + no)) > 1e-4:
             raise DataError(f"{path}: line {lineno}: yes fraction {frac} does not equal yeses / (yeses + noes) "
                             f"= {n_yes} / ({n_yes} + {n_no})")
-        judged.append((image, caption, value, f"{path}:{lineno}"))
-    return Judgments("crowdflower", path, ratings=_without_candidates(judged, refs))
+        if repeats.first((image, caption_id), (value, yes, no), f"line {lineno}"):
+            judged.append((image, caption, value, f"{path}:{lineno}"))
+    return Judgments("crowdflower", path, ratings=_without_candidates(judged, refs), notes=repeats.notes())
 
 
 # ---------------------------------------------------------------------------------------------- Composite
@@ -264,15 +311,22 @@ def read_composite(path: str | Path, refs: References | None) -> Judgments:
                 continue  # the header
             raise DataError(f"{path}: line {lineno}: no image file name or URL (…/name.jpg) in this row")
         rest = row[at + 1:]
-        n = next((i for i, c in enumerate(rest) if _is_number(c)), len(rest))
-        if n == 0 or len(rest) < 2 * n or not all(_is_number(c) for c in rest[n:2 * n]):
+        while rest and not rest[-1]:  # empty trailing columns (AMT's Approve, Reject)
+            rest.pop()
+        n = len(rest) // 2  # by position: a caption that is a number stays a caption
+        if n == 0 or len(rest) % 2 or not all(_is_number(c) for c in rest[n:]):
             raise DataError(f"{path}: line {lineno}: expected the image, then N candidate captions, then their N "
-                            f"numeric ratings; found {n} captions and {sum(map(_is_number, rest[n:2 * n]))} ratings")
+                            f"numeric ratings and nothing after them; found {len(rest)} fields after the image, "
+                            f"{sum(map(_is_number, rest[n:]))} of the last {len(rest) - n} numeric")
         image = row[at].split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-        for caption, rating in zip(rest[:n], rest[n:2 * n]):
+        for caption, rating in zip(rest[:n], rest[n:]):
             if not caption:
                 raise DataError(f"{path}: line {lineno}: an empty candidate caption")
-            judged.append((image, one_line(caption), float(rating), f"{path}:{lineno}"))
+            if _is_number(caption) and COMPOSITE_SCALE[0] <= float(caption) <= COMPOSITE_SCALE[1]:
+                raise DataError(f"{path}: line {lineno}: candidate caption {caption!r} is a rating on the scale "
+                                f"{COMPOSITE_SCALE[0]}-{COMPOSITE_SCALE[1]}: more ratings than captions in this row?")
+            value = _on_scale(float(rating), COMPOSITE_SCALE, path, lineno, "rating")
+            judged.append((image, one_line(caption), value, f"{path}:{lineno}"))
     if not judged:
         raise DataError(f"{path}: no judgments (expected rows of image URL; captions; ratings)")
     return Judgments("composite", path, ratings=_without_candidates(judged, refs))
@@ -313,6 +367,9 @@ def _loadmat(path: Path, keys: Sequence[str]) -> dict:
         raise DataError(f"{path}: no such file (PASCAL-50S needs pair_pascal.mat and consensus_pascal.mat)")
     try:
         mat = scipy.io.loadmat(str(path))
+    except NotImplementedError:  # scipy.io reads MATLAB v4 to v7.2; v7.3 files are HDF5
+        raise DataError(f"{path}: a MATLAB v7.3 (HDF5) file, which scipy.io.loadmat cannot read; re-save it as v7 "
+                        "(MATLAB or Octave: load it, then save(..., '-v7'))") from None
     except (ValueError, TypeError, OSError) as e:
         raise DataError(f"{path}: not a readable MATLAB .mat file ({e})") from None
     if missing := [k for k in keys if k not in mat]:
@@ -335,6 +392,8 @@ def read_pascal50s(path: str | Path, n_refs: int = 5, seed: int = 0) -> Judgment
                  for i, v in enumerate(_mat_items(pmat["category_names"]))}
     if len(categories) != len(entries) or not entries:
         raise DataError(f"{pairs_path}: {len(entries)} pairs in new_input but {len(categories)} categories")
+    if not triplets:  # no votes: every pair's winner would be a coin flip
+        raise DataError(f"{votes_path}: no triplets (human votes) for the {len(entries)} pairs of {pairs_path.name}")
     if len(triplets) % len(entries):
         raise DataError(f"{votes_path}: {len(triplets)} triplets do not split evenly over the {len(entries)} pairs "
                         f"of {pairs_path.name}")
@@ -389,11 +448,13 @@ def read_foil(path: str | Path, seed: int = 0) -> Judgments:
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise DataError(f"{path}: expected a COCO-style object with an 'annotations' list (FOIL format)")
-    file_names = {}
+    file_names, image_repeats = {}, Repeats(path, "image id")
     for i, img in enumerate(data.get("images") or []):
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             raise DataError(f"{path}: images[{i}]: expected an object with 'id' and 'file_name'")
-        file_names[str(img["id"])] = img["file_name"]
+        if image_repeats.first(str(img["id"]), img["file_name"], f"images[{i}]"):
+            file_names[str(img["id"])] = img["file_name"]
+    original_repeats = Repeats(path, "original caption (image, id)")
     originals: dict[str, list[tuple[str, str]]] = {}  # image -> [(caption id, caption)]
     foils: dict[str, list[tuple[str, str, str]]] = {}  # image -> [(caption id, caption, where)]
     for i, ann in enumerate(data["annotations"]):
@@ -411,7 +472,7 @@ def read_foil(path: str | Path, seed: int = 0) -> Judgments:
         entry = (str(ann["id"]), one_line(ann["caption"]))
         if ann["foil"]:
             foils.setdefault(image, []).append((*entry, f"{path}:{where}"))
-        else:
+        elif original_repeats.first((image, entry[0]), entry[1], where):
             originals.setdefault(image, []).append(entry)
     rng = np.random.default_rng([seed, 17])
     out, orphans = Judgments("foil", path, categories=["foil"]), 0
@@ -427,6 +488,7 @@ def read_foil(path: str | Path, seed: int = 0) -> Judgments:
     if orphans:
         out.notes.append(f"{path.name}: {orphans} foils without an original caption of the same id and image left "
                          "out")
+    out.notes += image_repeats.notes() + original_repeats.notes()
     if not out.pairs:
         raise DataError(f"{path}: no (original, foil) pairs: foils share their 'id' with the original caption")
     return out

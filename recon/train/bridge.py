@@ -170,11 +170,19 @@ def vocab_index(source_tokenizer, target_tokenizer, cache_dir: str | Path | None
     # only the structural tokens: a pad token may be an ordinary character (our CLIP tokenizer pads with "!")
     special = {t for t in (target_tokenizer.bos_token_id, target_tokenizer.eos_token_id) if t is not None}
     key = _vocab_key(source_vocab, target_vocab, special)
+    size, n_source = max(target_vocab.values()) + 1, max(source_vocab.values()) + 1
+
+    def read(path: Path) -> torch.Tensor:  # a torn or tampered file raises: Cache.load rebuilds it, naming it
+        index = st_load(path.read_bytes())["index"]
+        if index.dtype != torch.long or tuple(index.shape) != (size,) or \
+                bool(((index < UNMAPPED) | (index >= n_source)).any()):
+            raise ValueError(f"holds a {index.dtype} index of shape {tuple(index.shape)}, expected int64 [{size}] "
+                             f"with values in [{UNMAPPED}, {n_source})")
+        return index
+
     cache = Cache(cache_dir)
-    blob = cache.get_bytes("bridge", key, ".safetensors")
-    if blob is not None:
-        index = st_load(blob)["index"]
-    else:
+    index = cache.load("bridge", key, ".safetensors", read)
+    if index is None:
         index = build_index(source_vocab, target_vocab, special)
         cache.put_bytes("bridge", key, st_save({"index": index}), ".safetensors")
     unk = source_tokenizer.unk_token_id

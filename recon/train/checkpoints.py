@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
+
 def load_checkpoint(accelerator, path: Path, state: adapters.TrainState, lr_scheduler) -> None:
     """Resume from ``path`` (see :func:`save_checkpoint`); stops with a clear error on a file it cannot trust."""
     from safetensors.torch import load_file
@@ -51,12 +52,23 @@ def resume(accelerator, root: Path, state: adapters.TrainState, lr_scheduler) ->
             log.warning("%s; trying the previous checkpoint", e)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                path.rename(path.with_name(f".damaged-{path.name}"))
+                set_aside(path)
             accelerator.wait_for_everyone()
     if errors:
         raise ValueError(f"{errors[0]} (no earlier checkpoint loads either; each was renamed .damaged-*: restore "
                          "one, or rerun to train from step 0)")
     return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint ``.damaged-<name>`` (``.damaged-<name>.2``, ... when the same step was damaged
+    before: nothing set aside is overwritten)."""
+    target, n = path.with_name(f".damaged-{path.name}"), 1
+    while os.path.lexists(target):
+        n += 1
+        target = path.with_name(f".damaged-{path.name}.{n}")
+    path.rename(target)
+    return target
 
 
 def latest_checkpoint(root: Path) -> Path | None:

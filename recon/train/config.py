@@ -7,6 +7,7 @@ Each deviation from the original training code is named where its default is set
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -142,6 +143,27 @@ class LossConfig:
     pseudo_label_draws: int = 4
     pseudo_label_decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(
         method="nucleus", top_p=0.9, min_new_tokens=3, max_new_tokens=20))
+    # Rewards from the reconstruction signal, without a gradient through the generator. For each unlabelled image
+    # (needs data.unlabelled_images) the captioner samples recon_reward_candidates captions (recon_reward_decoding);
+    # the generator renders each (the training sampler, no gradient; every candidate of an image starts from the same
+    # noise) and recon_reward_metric scores the render against the image. best_of_n_recon: captioner NLL on the best
+    # caption (rejection sampling; the sibling of pseudo_label, which ranks by denoising error); dpo_recon: a
+    # preference loss (preference_loss: DPO or IPO, strength preference_beta) on the best vs the worst caption,
+    # against the captioner with its LoRA disabled as the frozen reference.
+    best_of_n_recon: float = 0.0
+    dpo_recon: float = 0.0
+    recon_reward_candidates: int = 4
+    recon_reward_decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(
+        method="nucleus", top_p=0.9, min_new_tokens=3, max_new_tokens=20))
+    recon_reward_metric: MetricConfig = field(default_factory=lambda: MetricConfig(kind="clip"))
+    preference_loss: str = "dpo"  # dpo (Rafailov et al. 2023, eq. 7) | ipo (Azar et al. 2023, eq. 17)
+    preference_beta: float = 0.1  # DPO's beta; IPO's tau
+    # diffusion_dpo: for each text (the unpaired texts, else the pairs' captions) two images sampled without gradient
+    # (the training sampler, two noises), ranked by the captioner's log-likelihood of the text; Diffusion-DPO
+    # (Wallace et al. 2023, eq. 14) on their latents against the UNet with its LoRA disabled. The errors are means
+    # over latent elements, as in the authors' script, whose beta_dpo=5000 with its factor 0.5 is 2500 here.
+    diffusion_dpo: float = 0.0
+    diffusion_dpo_beta: float = 2500.0
     # The regularisers (i2t2i, t2i2t, image_sim) see only the first N pairs (or unpaired items, see DataConfig) of
     # each micro-batch; None: all.
     # They cost an extra UNet and captioner pass and a VAE decode; a part of the batch keeps a joint step cheap.
@@ -169,6 +191,9 @@ class DataConfig:
     unlabelled_images: str | None = None  # an image folder, or "shapes" (fresh scenes, no captions)
     unpaired_texts: str | None = None  # a .txt / .json / .jsonl texts file, or "shapes" (fresh captions, no images)
     unpaired_combos: str = "seen"  # shapes: the combinations unpaired data is drawn from: seen | heldout_a | heldout_b
+    # Model selection: the last N pairs of the labelled pool are held out of training (recon.train.data.selection_batch
+    # gives them to recon.train.selection, which picks a run's checkpoint by their validation loss); 0: none.
+    selection_pairs: int = 0
 
 
 @dataclass
@@ -239,6 +264,7 @@ CHOICES = {
     "bridge.unmapped": ("drop", "unk"),
     "loss.schedule": ("alternate", "sum"),
     "loss.t2i2t_form": ("one_step", "sampler"),
+    "loss.preference_loss": ("dpo", "ipo"),
     "data.kind": ("shapes", "karpathy", "coco"),
     "data.unpaired_combos": ("seen", "heldout_a", "heldout_b"),
     "train.grad_clip": ("per_model", "joint", "generator"),
@@ -258,14 +284,25 @@ def load_finetune_config(path_or_name: str, overrides: list[str] | tuple[str, ..
     path = finetune_config_path(path_or_name)
     data = merge(FinetuneConfig().to_dict(), read_yaml(path))
     data.setdefault("name", path.stem)
+    shipped = copy.deepcopy(data) if overrides else data
     for o in overrides:
         apply_override(data, o)
     try:
         cfg = from_dict(FinetuneConfig, data)
     except ConfigError as e:
+        if overrides and _reads(shipped):  # the file is fine on its own: an override broke it
+            raise ConfigError(f"--set {' '.join(overrides)}: {e}") from None
         raise ConfigError(f"{path}: {e}") from None
     check(cfg)
     return cfg
+
+
+def _reads(data: dict) -> bool:
+    try:
+        from_dict(FinetuneConfig, data)
+        return True
+    except ConfigError:
+        return False
 
 
 def check(cfg: FinetuneConfig) -> None:
@@ -277,7 +314,8 @@ def check(cfg: FinetuneConfig) -> None:
     t = cfg.train
     for where, decoding in [("captioner.decoding", cfg.captioner.decoding),
                             ("validation.decoding", cfg.validation.decoding),
-                            ("loss.pseudo_label_decoding", cfg.loss.pseudo_label_decoding)]:
+                            ("loss.pseudo_label_decoding", cfg.loss.pseudo_label_decoding),
+                            ("loss.recon_reward_decoding", cfg.loss.recon_reward_decoding)]:
         check_decoding(decoding, where)
     for key, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
                        ("sampler.num_steps", cfg.sampler.num_steps), ("train.checkpoint_every", t.checkpoint_every),
@@ -295,7 +333,7 @@ def check(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{key}={value}: must be >= 0")
     if not 0 <= cfg.sampler.grad_steps <= cfg.sampler.num_steps:
         raise ConfigError(f"sampler.grad_steps={cfg.sampler.grad_steps}: must be in 0..sampler.num_steps")
-    for name in ("caption_nll", "denoise", "i2t2i", "t2i2t", "image_sim", "pseudo_label"):
+    for name in ("caption_nll", "denoise", "i2t2i", "t2i2t", "image_sim", "pseudo_label", *REWARD_TERMS):
         if getattr(cfg.loss, name) < 0:
             raise ConfigError(f"loss.{name}: weights must be >= 0")
     if cfg.data.kind != "shapes" and not cfg.data.annotations:
@@ -316,10 +354,37 @@ def check(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"loss.{key}={getattr(cfg.loss, key)}: must be >= 1")
     if cfg.loss.pseudo_label_decoding.method == "greedy" and cfg.loss.pseudo_label_candidates > 1:
         raise ConfigError("loss.pseudo_label_decoding.method=greedy gives one candidate; use nucleus or beam")
+    check_rewards(cfg)
     if cfg.data.unpaired_texts and cfg.loss.t2i2t and cfg.loss.t2i2t_form != "sampler":
         raise ConfigError("loss.t2i2t_form=one_step needs the text's own image (its noised latents); with "
                           "data.unpaired_texts set loss.t2i2t_form=sampler")
     check_gradient_paths(cfg)
+
+
+REWARD_TERMS = ("best_of_n_recon", "dpo_recon", "diffusion_dpo")
+
+
+def check_rewards(cfg: FinetuneConfig) -> None:
+    """The reward terms' data, candidate counts and strengths; the held-out selection slice."""
+    loss, data = cfg.loss, cfg.data
+    for term in ("best_of_n_recon", "dpo_recon"):
+        if getattr(loss, term) and not data.unlabelled_images:
+            raise ConfigError(f"loss.{term} ranks the captioner's captions of unlabelled images: set "
+                              "data.unlabelled_images")
+    least = 2 if loss.dpo_recon else 1
+    if loss.recon_reward_candidates < least:
+        raise ConfigError(f"loss.recon_reward_candidates={loss.recon_reward_candidates}: must be >= {least}"
+                          f"{' (a best and a worst caption)' if least == 2 else ''}")
+    if loss.recon_reward_decoding.method == "greedy" and loss.recon_reward_candidates > 1:
+        raise ConfigError("loss.recon_reward_decoding.method=greedy gives one candidate; use nucleus or beam")
+    for key in ("preference_beta", "diffusion_dpo_beta"):
+        if not math.isfinite(getattr(loss, key)) or getattr(loss, key) <= 0:
+            raise ConfigError(f"loss.{key}={getattr(loss, key)}: must be a finite number > 0")
+    if data.selection_pairs < 0:
+        raise ConfigError(f"data.selection_pairs={data.selection_pairs}: must be >= 0")
+    if data.selection_pairs and (data.labelled_pairs is None or data.selection_pairs >= data.labelled_pairs):
+        raise ConfigError(f"data.selection_pairs={data.selection_pairs}: holds out part of the labelled pool; set "
+                          "data.labelled_pairs to more than it")
 
 
 def check_gradient_paths(cfg: FinetuneConfig) -> None:
@@ -336,6 +401,9 @@ def check_gradient_paths(cfg: FinetuneConfig) -> None:
         "t2i2t": {"captioner", "unet"} if cfg.loss.t2i2t_form == "one_step" or through_sampler else {"captioner"},
         "image_sim": {"captioner", "unet"} if through_sampler else set(),
         "pseudo_label": {"captioner"},
+        "best_of_n_recon": {"captioner"},
+        "dpo_recon": {"captioner"},
+        "diffusion_dpo": {"unet"},
     }
     for term, models in reaches.items():
         if getattr(cfg.loss, term) > 0 and not any(trained[m] for m in models):
@@ -347,8 +415,10 @@ def check_gradient_paths(cfg: FinetuneConfig) -> None:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ, ignoring the volatile ones (a resumed run may change those)."""
-    a, b = flatten(old), flatten(new)
+    """Dotted keys whose values differ, ignoring the volatile ones (a resumed run may change those). A key that an
+    older recon did not write counts as unchanged when the new value is its default (a run started before a loss
+    term existed resumes with that term off)."""
+    a, b, default = flatten(old), flatten(new), flatten(FinetuneConfig().to_dict())
     return sorted(k for k in set(a) | set(b)
-                  if not same_value(a.get(k), b.get(k)) and not any(k == v or (v.endswith(".") and k.startswith(v))
-                                                      for v in RESUMABLE_KEYS))
+                  if not same_value(a.get(k, default.get(k)), b.get(k))
+                  and not any(k == v or (v.endswith(".") and k.startswith(v)) for v in RESUMABLE_KEYS))

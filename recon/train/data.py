@@ -19,6 +19,9 @@ unpaired texts each have their own stream of the ``train`` split; evaluation dra
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ import torch
 
 from recon.similarity.preprocess import center_crop_or_pad, resize
 from recon.train.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 VAL_STREAM = 1_000_003  # shapes validation renders: a stream no training step reaches in practice
 # Shapes training streams of the semi-supervised sources (the train split; plain pairs use stream = micro-step).
@@ -81,6 +86,7 @@ class ShapesPairs:
         self._judge = None
         n = self.cfg.labelled_pairs
         self.pool = world.sample_scenes(n, self.seed, "train", LABELLED_STREAM) if n else None
+        self.selection, self.pool = held_out(self.pool, self.cfg.selection_pairs)
         self.unpaired = Unpaired(self.cfg, self.resolution, self.seed)
 
     def _batch(self, scenes) -> Batch:
@@ -101,6 +107,10 @@ class ShapesPairs:
         from recon.shapes import world
 
         return self._batch(world.sample_scenes(n, self.seed, "test", VAL_STREAM))
+
+    def selection_batch(self) -> Batch:
+        """The labelled pool's held-out slice (``data.selection_pairs``), for model selection."""
+        return self._batch(self.selection)
 
     def caption_texts(self, n: int = 256) -> list[str]:
         from recon.shapes import world
@@ -146,6 +156,7 @@ class CaptionFilePairs:
         if cfg.labelled_pairs is not None:  # a seeded subset, the same for every run with this seed
             keep = np.random.default_rng([self.seed, 2]).permutation(len(self.train_items))[: cfg.labelled_pairs]
             self.train_items = [self.train_items[int(i)] for i in sorted(keep)]
+        self.selection, self.train_items = held_out(self.train_items, cfg.selection_pairs)
         self.unpaired = Unpaired(cfg, self.resolution, self.seed)
 
     def _items(self, annotations: str | None, split: list[str]) -> list[tuple[str, list[str]]]:
@@ -177,6 +188,10 @@ class CaptionFilePairs:
     def val_batch(self, n: int) -> Batch:
         return self._load([(p, caps[0]) for p, caps in self.val_items[:n]])
 
+    def selection_batch(self) -> Batch:
+        """The labelled pool's held-out slice (``data.selection_pairs``; each item's first reference)."""
+        return self._load([(p, caps[0]) for p, caps in self.selection])
+
     def caption_texts(self, n: int = 256) -> list[str]:
         return [caps[0] for _, caps in self.train_items[:n]]
 
@@ -187,17 +202,52 @@ class CaptionFilePairs:
         return {}
 
 
+def held_out(pool: list | None, n: int) -> tuple[list, list | None]:
+    """(the last ``n`` items of a labelled pool, the rest): the held-out slice for model selection is taken from the
+    pool itself, so an arm with selection trains on ``len(pool) - n`` pairs, every arm alike."""
+    if not n or pool is None:
+        return [], pool
+    if n >= len(pool):
+        raise ValueError(f"data.selection_pairs={n}: the labelled pool has only {len(pool)} pairs")
+    return list(pool[len(pool) - n:]), list(pool[:len(pool) - n])
+
+
+def usable_images(folder: str | Path) -> list[Path]:
+    """The images of ``folder`` that decode, checked once before training (a truncated file found at step 5,000
+    would stop the run there). The others are left out -- so every step draws from the same list -- counted and
+    named in a warning; none usable is an error naming the folder."""
+    from recon.data import DataError, list_images, load_image
+
+    try:
+        items = list_images(folder)
+    except DataError as e:
+        raise ValueError(f"data.unlabelled_images: {e}") from None
+    good, bad = [], []
+    for it in items:
+        try:
+            load_image(it.path)
+            good.append(it.path)
+        except (DataError, OSError) as e:
+            bad.append(str(e))
+    if bad:
+        log.warning("data.unlabelled_images: %d of %d images cannot be read and are left out: %s%s", len(bad),
+                    len(items), "; ".join(bad[:3]), " ..." if len(bad) > 3 else "")
+    if not good:
+        raise ValueError(f"data.unlabelled_images: no image in {folder} can be read")
+    return good
+
+
 class Unpaired:
     """Unlabelled images and unpaired texts for a micro-step's global batch (``data.unlabelled_images``,
     ``data.unpaired_texts``): a folder / texts file drawn in seeded epochs, or fresh shapes scenes."""
 
     def __init__(self, cfg: DataConfig, resolution: int, seed: int):
-        from recon.data import DataError, list_images, load_texts, validate_text
+        from recon.data import DataError, load_texts, validate_text
 
         self.cfg, self.resolution, self.seed = cfg, resolution, seed
         self.images = self.texts = None
         if cfg.unlabelled_images and cfg.unlabelled_images != "shapes":
-            self.images = [item.path for item in list_images(cfg.unlabelled_images)]
+            self.images = usable_images(cfg.unlabelled_images)
         if cfg.unpaired_texts and cfg.unpaired_texts != "shapes":
             try:
                 items = load_texts(cfg.unpaired_texts)
@@ -229,6 +279,48 @@ class Unpaired:
         elif self.texts is not None:
             batch.texts = [self.texts[epoch_pick(first + k, len(self.texts), self.seed, 4)] for k in range(mine.start, mine.stop)]
         return batch
+
+
+INPUTS_FILE = "finetune_inputs.json"  # what the run's data files held when it started (see check_inputs)
+
+
+def check_inputs(path: Path, fingerprints: dict[str, str]) -> None:
+    """Record the data files' fingerprints at a run's start; a resume over changed files (other unpaired texts,
+    images added to a folder) is refused naming the field, since the resumed steps would draw other data."""
+    from recon.data import atomic_write_text
+    from recon.runs import RunError
+
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise RunError(f"{path} is damaged; restore it, or pass a new --out") from None
+        changed = sorted(k for k in set(old) | set(fingerprints) if old.get(k) != fingerprints.get(k))
+        if changed:
+            raise ValueError(f"{path.parent}: the data of {', '.join(changed)} changed since this run started; "
+                             "restore it, or pass a new --out to train on the new data")
+        return
+    atomic_write_text(path, json.dumps(fingerprints, indent=1) + "\n")
+
+
+def input_fingerprints(cfg: DataConfig) -> dict[str, str]:
+    """A fingerprint per data file or folder the config names: SHA-256 of a file's bytes; of a folder, SHA-256 of
+    its image listing with each file's size and modification time (hashing every image of a large folder would
+    cost minutes at each start). ``shapes`` data is rendered, nothing on disk."""
+    from recon.data import list_images
+    from recon.runs import sha256_file
+
+    out = {}
+    for key in ("annotations", "val_annotations", "images", "unlabelled_images", "unpaired_texts"):
+        value = getattr(cfg, key)
+        if not value or value == "shapes" or not Path(value).exists():
+            continue
+        if Path(value).is_file():
+            out[f"data.{key}"] = sha256_file(value)
+        elif key != "images":  # the caption files name the images they use; a folder of unlabelled images is read whole
+            listing = [(it.id, (st := it.path.stat()).st_size, st.st_mtime_ns) for it in list_images(value)]
+            out[f"data.{key}"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return out
 
 
 def make_pairs(cfg: DataConfig, resolution: int, seed: int, judge_dir: str | Path | None = None):

@@ -33,14 +33,16 @@ from pathlib import Path
 
 import torch
 
-from recon import hub
+from recon import fingerprint, hub
+from recon.data import atomic_write_text
 from recon.runs import append_jsonl, derive_seed, set_aside_bad_lines
 from recon.train import adapters
 from recon.train.bridge import SoftTokenBridge, coverage_line, token_coverage, vocab_index
 from recon.train.checkpoints import resume, save_checkpoint
 from recon.train.config import FinetuneConfig, changed_keys
 from recon.train.data import batches, make_pairs
-from recon.train.losses import Diffusion, JointObjective
+from recon.train.diffusion import Diffusion
+from recon.train.losses import JointObjective
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
 
     out = Path(out)
     t = cfg.train
+    started = time.time()
     accelerator = Accelerator(
         mixed_precision=mixed_precision(t.mixed_precision, t.cpu), cpu=t.cpu or hub.processes_on_cpu(),
         log_with=None if t.report_to == "none" else t.report_to,
@@ -61,13 +64,13 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
         hub.configure_threads(t.threads)
     lock = write_or_check_config(out, cfg) if accelerator.is_main_process else None  # held until training returns (or the process ends)
     try:
-        return _train(cfg, out, stop_after, accelerator)
+        return _train(cfg, out, stop_after, accelerator, started)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator) -> dict:
+def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, started: float) -> dict:
     from accelerate.utils import set_seed
 
     t = cfg.train
@@ -158,7 +161,7 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator) 
     last_stop = min(t.steps, stop_after) if stop_after is not None else t.steps
     t0, first = time.time(), state.step
     while state.step < last_stop:
-        sums, counts, total = defaultdict(float), defaultdict(int), 0.0
+        sums, counts, total, examples = defaultdict(float), defaultdict(int), 0.0, 0
         for micro in range(accum):
             micro_step = state.step * accum + micro
             batch = next(data)
@@ -169,6 +172,7 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator) 
                                   texts=batch.texts)
             accelerator.backward(terms.total / accum)
             total += float(terms.total.detach()) / accum
+            examples += terms.captioner_examples
             for k, v in terms.values.items():
                 sums[k] += v
                 counts[k] += 1
@@ -180,7 +184,7 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator) 
         state.step += 1
 
         record = {"step": state.step, "loss": total, **{k: sums[k] / counts[k] for k in sums},
-                  **norms, "lr": lr_scheduler.get_last_lr()[0]}
+                  **norms, "lr": lr_scheduler.get_last_lr()[0], "captioner_examples": examples}
         record = reduce_record(accelerator, record)
         if main:
             append_jsonl(out / "metrics.jsonl", record, allow_nan=True)
@@ -191,24 +195,35 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator) 
                                                                           if k != "step") + f" {rate:.2f}s/step")
         if state.step % t.checkpoint_every == 0 or state.step == last_stop:
             save_checkpoint(accelerator, out / "checkpoints", t.checkpoints_total_limit, state, lr_scheduler)
+            if main:  # usable adapters at every checkpoint, not only at the end (a stopped run has them too)
+                export_adapters(captioner.model, pipe.unet, out, cfg.captioner.model)
         if cfg.validation.every and state.step % cfg.validation.every == 0 and state.step < t.steps:
             run_validation(state.step)
         accelerator.wait_for_everyone()
 
-    summary = {"step": state.step, "finished": state.step >= t.steps, "seconds": round(time.time() - t0, 1),
-               "processes": world, "out": str(out)}
-    if summary["finished"] and main:
-        if cfg.validation.final:
+    summary = {"step": state.step, "finished": state.step >= t.steps, "processes": world, "out": str(out),
+               "loop_seconds": round(time.time() - t0, 1)}
+    if main:
+        if summary["finished"] and cfg.validation.final:
             run_validation(state.step)
-        summary["captioner_adapter"] = str(adapters.export_captioner_adapter(captioner.model, out))
-        summary["sd_lora"] = str(adapters.export_sd_lora(pipe.unet, out))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for name in (adapters.CAPTIONER_ADAPTER_DIR, adapters.SD_LORA_DIR):  # exported at the last checkpoint
+            if (out / name).is_dir():
+                summary[name] = str(out / name)
+        summary["seconds"] = round(time.time() - started, 1)  # this call's wall time: loading, steps, exports
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def export_adapters(captioner_model, unet, out: Path, base_model: str) -> dict[str, Path]:
+    """``captioner_adapter/`` and ``sd_lora/`` of the current weights (each swapped in whole)."""
+    found = {"captioner_adapter": adapters.export_captioner_adapter(captioner_model, out, base_model),
+             "sd_lora": adapters.export_sd_lora(unet, out)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def mixed_precision(setting: str, cpu: bool) -> str:
     """``auto``: fp16 / bf16 if ``accelerate launch --mixed_precision`` (or ``accelerate config``) chose one, else
     bf16 on a GPU that has it, fp16 on other GPUs, fp32 ("no") on the CPU. The launcher's "no" is its default,
@@ -289,6 +304,9 @@ def image_sim_metrics(cfg: FinetuneConfig, device: torch.device) -> dict:
         if cfg.loss.image_sim and terms.lpips:
             metrics["lpips"] = load_similarity(terms.lpips_metric, device, "loss.image_sim_terms.lpips_metric",
                                                "image")
+        if cfg.loss.best_of_n_recon or cfg.loss.dpo_recon:  # the reconstruction-ranked reward terms
+            metrics["recon_reward"] = load_similarity(cfg.loss.recon_reward_metric, device,
+                                                      "loss.recon_reward_metric", "image")
     return metrics
 
 
@@ -302,20 +320,38 @@ def judge_dir(cfg: FinetuneConfig) -> Path | None:
 def write_or_check_config(out: Path, cfg: FinetuneConfig):
     """Create ``out``, lock it (one process per run directory; returns the lock file) and write its config, or
     refuse a different config."""
-    from recon.data import atomic_write_text
-    from recon.runs import RunError, lock_run_dir, read_run_config
+    from recon.runs import RunError, claim_run_dir, flatten, lock_run_dir, read_run_config, same_value
+    from recon.train.data import INPUTS_FILE, check_inputs, input_fingerprints
 
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(out)
-    path = out / "finetune.yaml"
-    if path.exists():
-        diff = changed_keys(read_run_config(path), cfg.to_dict())
-        if diff:
-            raise ValueError(f"{out} holds a finetune run with a different config ({', '.join(diff[:6])}"
-                             f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to resume")
-    atomic_write_text(path, cfg.to_yaml())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_dir(out)
+    except OSError as e:
+        raise RunError(f"--out {out} cannot be written ({e.strerror or e}); pass a writable directory") from None
+    try:
+        claim_run_dir(out, "finetune")
+        path = out / "finetune.yaml"
+        if path.exists():
+            old = read_run_config(path)
+            diff = changed_keys(old, cfg.to_dict())
+            if diff:
+                raise ValueError(f"{out} holds a finetune run with a different config ({', '.join(diff[:6])}"
+                                 f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to "
+                                 "resume")
+            a, b = flatten(old), flatten(cfg.to_dict())  # the keys a resume may change (RESUMABLE_KEYS): said
+            changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                       if not same_value(a.get(k), b.get(k))]
+            if changed:
+                log.warning("resuming %s with %s (allowed: no step already taken changes; train.steps also "
+                            "rescales the learning-rate schedule from here on)", out, "; ".join(changed))
+        check_inputs(out / INPUTS_FILE, input_fingerprints(cfg.data))
+        atomic_write_text(path, cfg.to_yaml())
+        fingerprint.write(out, cfg.to_dict())
+    except BaseException:
+        lock.close()
+        raise
     return lock
 
 
