@@ -73,6 +73,9 @@ class GeneratorConfig:
     # depend on their batch neighbours at the 1e-6 level).
     batch_across_items: bool = False
     dtype: str = "auto"
+    # Prompts past the text encoder's context (77 tokens): "truncate" (the pipeline's own behaviour, so results stay
+    # comparable) or "chunk" (encoded in 77-token chunks, hidden states concatenated; prompts that fit are unchanged).
+    long_prompts: str = "truncate"
 
 
 @dataclass
@@ -85,6 +88,9 @@ class MetricConfig:
     net: str = "alex"  # lpips backbone
     random_backbone: bool = False  # lpips: allow an untrained backbone (testing only)
     name: str | None = None  # result key; default: the module's own name
+    # text metrics, texts past the encoder's context: "truncate" (as the published CLIPScore does) or "chunk_mean"
+    # (mean of the unit embeddings of context-sized chunks); either way each text's truncation is recorded
+    long_text: str = "truncate"
 
 
 @dataclass
@@ -279,9 +285,22 @@ DECODING_METHODS = ("greedy", "beam", "nucleus")
 # the two equal): kinds and select_by are checked at load, without importing any model library.
 IMAGE_METRIC_NAMES = {"clip": "clip_similarity", "clip_pooler": "clip_pooler_similarity",
                       "lpips": "lpips_distance", "ssim": "ssim_similarity", "psnr": "psnr_similarity",
-                      "dino": "dino_similarity"}
+                      "dino": "dino_similarity", "dreamsim": "dreamsim_distance"}
 TEXT_METRIC_NAMES = {"clip_text": "clip_text_similarity", "clip_text_pooler": "clip_text_pooler_similarity",
                      "sbert": "sbert_similarity"}
+
+
+LONG_PROMPT_MODES = ("truncate", "chunk")
+LONG_TEXT_POLICIES = ("truncate", "chunk_mean")
+
+
+def truncation_warning(n_tokens: int, limit: int, why: str) -> str:
+    """The one wording of a per-caption truncation note (the generator's record warnings; tables count them)."""
+    return f"caption truncated from {n_tokens} to {limit} tokens ({why})"
+
+
+def is_truncation_warning(warning: str) -> bool:
+    return str(warning).startswith("caption truncated from ")
 
 
 def metric_direction(name: str) -> str:
@@ -335,6 +354,8 @@ def check(cfg: Config) -> None:
     for key, value in [("generator.height", g.height), ("generator.width", g.width)]:
         if value is not None and (value < 8 or value % 8):
             raise ConfigError(f"{key}={value}: must be a multiple of 8 (the VAE's downsampling), >= 8, or null")
+    if g.long_prompts not in LONG_PROMPT_MODES:
+        raise ConfigError(f"generator.long_prompts={g.long_prompts!r}: expected one of {', '.join(LONG_PROMPT_MODES)}")
     if r.threads is not None and r.threads < 1:
         raise ConfigError(f"run.threads={r.threads}: must be >= 1 (or null for the physical cores)")
     if r.max_report_items < 0:
@@ -348,6 +369,9 @@ def check(cfg: Config) -> None:
                     **IMAGE_METRIC_NAMES, **TEXT_METRIC_NAMES} else ""
                 raise ConfigError(f"similarity.{role}.{i}.kind={m.kind!r}: unknown {role} similarity{hint}; "
                                   f"valid kinds: {', '.join(table)}")
+            if m.long_text not in LONG_TEXT_POLICIES:
+                raise ConfigError(f"similarity.{role}.{i}.long_text={m.long_text!r}: expected one of "
+                                  f"{', '.join(LONG_TEXT_POLICIES)}")
             if role == "image":
                 image_keys.append(m.name or table[m.kind])
     select = cfg.similarity.select_by

@@ -9,6 +9,7 @@ a local directory instead. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -105,7 +106,8 @@ def _not_available(model_id: str, what: str, field: str | None) -> ModelNotAvail
     return ModelNotAvailableError(
         f"{what} '{model_id}' is not available offline: it is not a local path, not in the Hugging Face cache "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub cannot be reached. On a machine with "
-        f"network run `huggingface-cli download {model_id}` and copy the cache here, or pass {where}."
+        f"network run `hf download {model_id} --local-dir DIR` (huggingface_hub's CLI), copy DIR here and pass "
+        f"{where.replace('/path/to/local/dir', 'DIR')}."
     )
 
 
@@ -175,6 +177,28 @@ def cache_root() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- loaders
+@contextlib.contextmanager
+def quiet_loading(*libraries: str):
+    """The model-loading progress bars of ``libraries`` ("transformers", "diffusers") off while recon loads a model,
+    restored afterwards: a library user's output would carry "Loading weights" bars on every load (``recon -v``
+    or RECON_VERBOSE=1 keeps them)."""
+    if os.environ.get("RECON_VERBOSE") == "1":
+        yield
+        return
+    import importlib
+
+    mods = [importlib.import_module(f"{lib}.utils.logging") for lib in libraries]
+    was = [m.is_progress_bar_enabled() for m in mods]
+    for m in mods:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in zip(mods, was):
+            if on:
+                m.enable_progress_bar()
+
+
 def load_captioner_model(model_id: str, device: torch.device, dtype: torch.dtype, field: str | None = None):
     """BLIP or BLIP-2 (transformers) and its processor, eval mode."""
     from transformers import (
@@ -189,7 +213,8 @@ def load_captioner_model(model_id: str, device: torch.device, dtype: torch.dtype
     cls = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration}.get(cfg.model_type)
     if cls is None:
         raise ValueError(f"{model_id}: model_type {cfg.model_type!r} is not a BLIP/BLIP-2 captioner")
-    model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+    with quiet_loading("transformers"):
+        model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
 
@@ -200,14 +225,12 @@ def load_diffusion_pipeline(model_id: str, device: torch.device, dtype: torch.dt
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    if os.environ.get("RECON_QUIET") == "1":  # set by the CLI; diffusers reads no env var for its loading bar
-        diffusers.utils.logging.disable_progress_bar()
-
     path = resolve(model_id, "generator", field)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if not safety_checker:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+    with quiet_loading("diffusers", "transformers"):
+        pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
     if safety_checker and pipe.safety_checker is None:
         raise ValueError(f"{model_id}: generator.safety_checker=true but the model ships no safety checker")
     if scheduler:
@@ -292,7 +315,8 @@ def load_hf_clip_vision(model_id: str, device: torch.device, field: str | None =
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
     path = resolve(model_id, "CLIP vision model", field)
-    return CLIPVisionModel.from_pretrained(path).to(device).eval(), CLIPImageProcessor.from_pretrained(path)
+    with quiet_loading("transformers"):
+        return CLIPVisionModel.from_pretrained(path).to(device).eval(), CLIPImageProcessor.from_pretrained(path)
 
 
 def load_hf_clip_text(model_id: str, device: torch.device, field: str | None = None):
@@ -303,7 +327,8 @@ def load_hf_clip_text(model_id: str, device: torch.device, field: str | None = N
     path = Path(resolve(model_id, "CLIP text model", field))
     sub = {"subfolder": "text_encoder"} if (path / "text_encoder").is_dir() else {}
     tok = {"subfolder": "tokenizer"} if (path / "tokenizer").is_dir() else {}
-    return CLIPTextModel.from_pretrained(path, **sub).to(device).eval(), CLIPTokenizer.from_pretrained(path, **tok)
+    with quiet_loading("transformers"):
+        return CLIPTextModel.from_pretrained(path, **sub).to(device).eval(), CLIPTokenizer.from_pretrained(path, **tok)
 
 
 def load_dino(model_id: str, device: torch.device, field: str | None = None):
@@ -317,7 +342,80 @@ def load_dino(model_id: str, device: torch.device, field: str | None = None):
         raise ValueError(f"{field or 'model'}={model_id!r} is a {kind!r} model; the dino metric takes a DINO ViT "
                          "(model_type vit) or DINOv2 checkpoint")
     extra = {"add_pooling_layer": False} if kind == "vit" else {}  # the CLS token is used, not ViT's pooler
-    return AutoModel.from_pretrained(path, **extra).to(device).eval(), AutoImageProcessor.from_pretrained(path)
+    with quiet_loading("transformers"):
+        return AutoModel.from_pretrained(path, **extra).to(device).eval(), AutoImageProcessor.from_pretrained(path)
+
+
+# DreamSim (the `dreamsim` package, an optional extra): its dreamsim(cache_dir=...) downloads whatever of these it
+# misses, so recon checks them first and never lets it. Per variant (its `dreamsim_type`): the files of its weights
+# zip (dreamsim's download_weights list) and, for DINO branches, the torch.hub repo + backbone it loads from cache_dir.
+_DINO_HUB = ("facebookresearch_dino_main/hubconf.py", "checkpoints/dino_vitbase16_pretrain.pth")
+_DINOV2_HUB = ("facebookresearch_dinov2_main/hubconf.py", "checkpoints/dinov2_vitb14_pretrain.pth")
+DREAMSIM_FILES = {
+    "ensemble": ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar",
+                 "ensemble_lora/adapter_config.json", *_DINO_HUB),
+    "dino_vitb16": ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora/adapter_config.json", *_DINO_HUB),
+    "dinov2_vitb14": ("dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora/adapter_config.json", *_DINOV2_HUB),
+    "open_clip_vitb32": ("open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora/adapter_config.json"),
+    "clip_vitb32": ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora/adapter_config.json"),
+    "synclr_vitb16": ("synclr_vit_b_16.pth", "synclr_vitb16_single_lora/adapter_config.json"),
+}
+DEFAULT_DREAMSIM = "ensemble"
+
+
+def dreamsim_default_dir() -> Path:
+    return cache_root() / "dreamsim"
+
+
+def check_dreamsim(model_dir: str | None, variant: str | None, field: str | None = None) -> tuple[Path, str]:
+    """``(weights dir, variant)`` of a DreamSim metric, or :class:`ModelNotAvailableError` before any work: the
+    ``dreamsim`` package missing, or a file of the variant missing from the directory (``model``; default
+    ``$RECON_CACHE/dreamsim``). Imports nothing."""
+    import importlib.util
+
+    variant = variant or DEFAULT_DREAMSIM
+    where = (field or "model").rsplit(".", 1)[0]
+    if variant not in DREAMSIM_FILES:
+        raise ConfigError(f"{where}.pretrained={variant!r}: DreamSim variants are {', '.join(DREAMSIM_FILES)}")
+    if importlib.util.find_spec("dreamsim") is None:
+        raise ModelNotAvailableError("the dreamsim metric needs the `dreamsim` package: pip install 'recon[dreamsim]' "
+                                     "(or pip install dreamsim)")
+    path = Path(model_dir).expanduser() if model_dir else dreamsim_default_dir()
+    missing = [f for f in DREAMSIM_FILES[variant] if not (path / f).is_file()]
+    if missing:
+        fetch = (f"python -c \"from dreamsim import dreamsim; dreamsim(pretrained=True, device='cpu', "
+                 f"cache_dir='{path}', dreamsim_type='{variant}')\"")
+        raise ModelNotAvailableError(
+            f"DreamSim '{variant}' weights are not in {path} (missing {', '.join(missing)}); recon never lets dreamsim "
+            f"download. On a machine with network run `{fetch}` and copy {path} here, or pass "
+            f"--set {where}.model=/path/to/dreamsim/cache_dir")
+    return path, variant
+
+
+def load_dreamsim(model_dir: str | None, variant: str | None, device: torch.device, field: str | None = None):
+    """The `dreamsim` package's PerceptualModel (LoRA-finetuned, peft-wrapped; eval, frozen) from a local weights dir.
+
+    dreamsim points torch.hub at its cache dir to load the DINO branches, a process-wide setting; it is restored
+    here (LPIPS and others look their backbones up there). Its console chatter goes to the log."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    path, variant = check_dreamsim(model_dir, variant, field)
+    from dreamsim import dreamsim
+
+    hub_dir, chatter = getattr(torch.hub, "_hub_dir", None), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+            # it wraps its model in peft twice by design (get_peft_model, then PeftModel.from_pretrained)
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+            model, _ = dreamsim(pretrained=True, device=str(device), cache_dir=str(path), dreamsim_type=variant)
+    finally:
+        torch.hub._hub_dir = hub_dir
+    log.debug("dreamsim: %s", chatter.getvalue().strip())
+    return model.to(device).eval().requires_grad_(False)
 
 
 LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",

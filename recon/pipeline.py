@@ -2,14 +2,18 @@
 
 Roles are loaded lazily, so a rerun whose every stage hits the content-keyed cache loads no model at all.
 Every reconstruction is scored as the PNG that is saved (uint8), so cached and fresh results are identical.
+A cache entry is used only when it is what this stage writes (captions: a list of strings; a PNG that decodes
+within the input pixel budget; a finite score): anything else is a miss that is rebuilt, with a warning naming the
+file. A non-finite score is never cached, and is left out of a caption's mean with a warning in its record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,7 +21,7 @@ from PIL import Image
 
 from recon import hub
 from recon.config import Config, best_index
-from recon.data import encode_png, image_to_tensor
+from recon.data import encode_png, image_to_tensor, load_image
 from recon.runs import Cache, derive_seed
 
 if TYPE_CHECKING:  # torch loads on the first model run: a rerun served by the cache never imports it
@@ -58,6 +62,8 @@ class Reconstructor:
         self.cache = cache or Cache(None)
         self._captioner, self._generator = captioner, generator
         self._image_metrics, self._text_metrics = image_metrics, text_metrics
+        # called with the images' worth of generation done (fractions while sampling): a job's progress bar
+        self.on_progress: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------------ lazily loaded roles
     @property
@@ -139,6 +145,8 @@ class Reconstructor:
                     hub.resolve(m.model or DEFAULT_HF_CLIP_VISION, "CLIP text model", f"{where}.model")
                 elif m.kind == "dino":
                     hub.resolve(m.model or DEFAULT_DINO, "DINO model", f"{where}.model")
+                elif m.kind == "dreamsim":
+                    hub.check_dreamsim(m.model, m.pretrained, f"{where}.model")
                 elif m.model:
                     hub.resolve(m.model, f"{m.kind} model", f"{where}.model")
 
@@ -151,7 +159,7 @@ class Reconstructor:
                                adapter=c.adapter,
                                backend=c.backend, prompt=c.prompt, n=c.num_candidates, decoding=c.decoding.__dict__,
                                seed=s if c.decoding.method == "nucleus" else None) for h, s in zip(hashes, seeds)]
-        out: list[list[str] | None] = [self.cache.get_json("captions", k) for k in keys]
+        out: list[list[str] | None] = [self.cache.get_json("captions", k, _is_captions) for k in keys]
         miss = [i for i, o in enumerate(out) if o is None]
         if miss:
             fresh = self.captioner.caption([images[i] for i in miss], num_candidates=c.num_candidates,
@@ -169,11 +177,15 @@ class Reconstructor:
         files = [hub.fingerprint(g.model), hub.fingerprint(g.lora)]
         keys = [self.cache.key(stage="generate", model=g.model, files=files, lora=g.lora, scheduler=g.scheduler,
                                steps=g.num_inference_steps, guidance=g.guidance_scale, h=g.height, w=g.width,
-                               negative=g.negative_prompt, safety=g.safety_checker, prompt=p, seed=s)
+                               negative=g.negative_prompt, safety=g.safety_checker, prompt=p, seed=s,
+                               # only chunk mode joins the key: truncate-mode keys (and caches) stay as they were
+                               **({"long_prompts": g.long_prompts} if g.long_prompts != "truncate" else {}))
                 for p, s in zip(prompts, seeds)]
         out: list[Rendered | None] = []
         for k in keys:
-            png, meta = self.cache.get_bytes("images", k, ".png"), self.cache.get_json("images-meta", k)
+            # a cached PNG passes the checks of an input image (decodes whole, within the pixel budget)
+            png = self.cache.get_bytes("images", k, ".png", check=load_image)
+            meta = self.cache.get_json("images-meta", k, _is_render_meta)
             out.append(Rendered(png, meta["flagged"], meta["warnings"]) if png is not None and meta else None)
         misses = [i for i, o in enumerate(out) if o is None]
         if groups is None or g.batch_across_items:
@@ -184,7 +196,8 @@ class Reconstructor:
                 by_group.setdefault(groups[i], []).append(i)
             batches = list(by_group.values())
         for miss in batches:
-            gen = self.generator.generate([prompts[i] for i in miss], [seeds[i] for i in miss])
+            progress = {"on_progress": self.on_progress} if self.on_progress else {}  # a generator of the older protocol takes none
+            gen = self.generator.generate([prompts[i] for i in miss], [seeds[i] for i in miss], **progress)
             for j, i in enumerate(miss):
                 r = Rendered(png_bytes(gen.images[j]), gen.flagged[j] if gen.flagged else False,
                              gen.warnings[j] if gen.warnings else [])
@@ -203,7 +216,7 @@ class Reconstructor:
         for n in names:
             keys = [self.cache.key(stage="score", metric=specs.get(n, n), a=original_hash,
                                    b=_sha(p)) for p in pngs]
-            vals = [self.cache.get_json("scores", k) for k in keys]
+            vals = [self.cache.get_json("scores", k, _is_finite) for k in keys]
             miss = [i for i, v in enumerate(vals) if v is None]
             if miss:
                 import torch
@@ -216,7 +229,8 @@ class Reconstructor:
                     fresh = metric(original.unsqueeze(0).to(self.device), recon).float().cpu().tolist()  # 1 vs K
                 for i, v in zip(miss, fresh):
                     vals[i] = v
-                    self.cache.put_json("scores", keys[i], v)
+                    if math.isfinite(v):  # a NaN is recomputed next time, never served from the cache
+                        self.cache.put_json("scores", keys[i], v)
             scores[n] = [float(v) for v in vals]
         return scores
 
@@ -229,13 +243,20 @@ class Reconstructor:
     def score_reconstructions(self, original, original_hash: str, rendered: Sequence[Rendered]) -> dict:
         """One caption's K reconstructions against its original: ``per_image`` scores per metric, ``scores`` (mean
         over the images the safety checker did not flag; None when all were), ``std`` (their sample std, None
-        for fewer than 2), ``flagged`` and ``warnings``. The one place both directions' candidate scores and
+        for fewer than 2), ``flagged`` and ``warnings``. A non-finite per-image score is None in ``per_image``
+        and left out like a flagged image, with a warning. The one place both directions' candidate scores and
         ``recon score`` come from."""
-        per_image = self.score_images(original, original_hash, [r.png for r in rendered])
-        kept = {m: [v for v, r in zip(vs, rendered) if not r.flagged] for m, vs in per_image.items()}
+        scored = self.score_images(original, original_hash, [r.png for r in rendered])
+        warnings = {w for r in rendered for w in r.warnings}
+        per_image: dict[str, list[float | None]] = {}
+        for m, vs in scored.items():
+            per_image[m] = [v if math.isfinite(v) else None for v in vs]
+            if (bad := per_image[m].count(None)):
+                warnings.add(f"{m}: {bad} of {len(vs)} reconstruction score(s) not finite, left out of the mean")
+        kept = {m: [v for v, r in zip(vs, rendered) if not r.flagged and v is not None] for m, vs in per_image.items()}
         std = {m: float(statistics.stdev(vs)) if len(vs) > 1 else None for m, vs in kept.items()}
         return {"scores": {m: _mean(vs) for m, vs in kept.items()}, "std": std, "per_image": per_image,
-                "flagged": [r.flagged for r in rendered], "warnings": sorted({w for r in rendered for w in r.warnings})}
+                "flagged": [r.flagged for r in rendered], "warnings": sorted(warnings)}
 
     # ------------------------------------------------------------------ the two directions
     def select_metric(self) -> str:
@@ -300,15 +321,32 @@ class Reconstructor:
             first = next(iter(per_image), None)
             chosen = self._choose(per_image[first], first) if first else 0
             warnings = sorted({w for r in rendered[sl] for w in r.warnings})
+            # text metrics that saw only a prefix of the original text (their long_text policy: truncate)
+            cut = [m for m, metric in self.text_metrics.items() if hasattr(metric, "truncated")
+                   and metric.truncated([text])[0]] if per_image else []
             records.append({"id": item_id, "status": "ok", "direction": "text-image-text", "text": text,
                             "seeds": seeds[sl], "captions": caps, "scores_per_image": per_image, "scores": scores,
                             "chosen": chosen, "flagged": [r.flagged for r in rendered[sl]],
-                            "png": [r.png for r in rendered[sl]], "warnings": warnings})
+                            "png": [r.png for r in rendered[sl]], "warnings": warnings,
+                            **({"truncated": cut} if cut else {})})
         return records
 
     @staticmethod
     def _choose(values: Sequence[float | None], metric: str) -> int:
         return best_index(values, metric)
+
+
+def _is_captions(value) -> bool:
+    return isinstance(value, list) and all(isinstance(c, str) for c in value)
+
+
+def _is_render_meta(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("flagged"), bool) and \
+        isinstance(value.get("warnings"), list) and all(isinstance(w, str) for w in value["warnings"])
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -54,7 +54,7 @@ def test_keys_names_and_direction(image_metrics):
         assert metric.higher_is_better == name.endswith("_similarity")
         assert name.endswith(("_similarity", "_distance"))
     assert image_metrics["lpips_distance"].higher_is_better is False
-    assert set(IMAGE_METRICS) == {"clip", "clip_pooler", "lpips", "ssim", "psnr", "dino"}
+    assert set(IMAGE_METRICS) == {"clip", "clip_pooler", "lpips", "ssim", "psnr", "dino", "dreamsim"}
     assert set(TEXT_METRICS) == {"clip_text", "clip_text_pooler", "sbert"}
 
 
@@ -350,3 +350,305 @@ def test_clip_text_pooler_is_the_pooler_cosine_of_hf_clip_text(tiny_models):
     got = metric(a, b)
     torch.testing.assert_close(got, (pooled(a) * pooled(b)).sum(-1), atol=1e-5, rtol=1e-5)
     assert float(got[0]) == pytest.approx(1.0, abs=1e-5) and metric.name == "clip_text_pooler_similarity"
+
+
+# ------------------------------------------------------------------------------------------- long texts
+LONG_TEXT = " ".join(["a small red circle above a large blue square on the left"] * 20)  # ~220 tokens
+
+
+@pytest.mark.parametrize("kind", ["clip_text", "clip_text_pooler", "sbert"])
+def test_long_text_policy_truncate_records_and_chunk_mean_uses_the_whole_text(tiny_models, kind):
+    model = {"clip_text": str(tiny_models / "clip"), "clip_text_pooler": str(tiny_models / "generator"),
+             "sbert": None}[kind]
+    truncate = load_similarity(MetricConfig(kind=kind, model=model), CPU, role="text")
+    chunked = load_similarity(MetricConfig(kind=kind, model=model, long_text="chunk_mean"), CPU, role="text")
+    assert truncate.long_text == "truncate" and chunked.long_text == "chunk_mean"
+    long = LONG_TEXT if kind != "sbert" else " ".join([LONG_TEXT] * 2)  # past MiniLM's 256 word pieces too
+    tail = long + " and a green star"  # differs only after the context
+    short = ["a red circle", "two blue squares"]
+    assert truncate.count_tokens(long) > truncate.context_tokens
+    assert truncate.truncated([*short, long]) == [False, False, True]
+    assert chunked.truncated([*short, long]) == [False, False, False]
+    with torch.no_grad():
+        # texts that fit: both policies are the encoder's own path, bit for bit
+        assert torch.equal(truncate.encode(short), chunked.encode(short))
+        # truncation cannot see past the context; chunk_mean can
+        assert float(truncate([long], [tail])) == pytest.approx(1.0, abs=1e-6)
+        assert float(chunked([long], [tail])) < 1.0 - 1e-6
+        # chunk_mean = normalised mean of the pieces' unit embeddings
+        from recon.similarity.text import split_to_fit
+
+        pieces = split_to_fit(long, truncate.count_tokens, truncate.context_tokens)
+        assert len(pieces) >= 2 and " ".join(pieces) == " ".join(long.split())
+        assert all(truncate.count_tokens(p) <= truncate.context_tokens for p in pieces)
+        expected = torch.nn.functional.normalize(truncate.encode(pieces).mean(0, keepdim=True), dim=-1)
+        torch.testing.assert_close(chunked.encode([long]), expected, atol=1e-6, rtol=0)
+
+
+def test_split_to_fit_packs_words_greedily():
+    from recon.similarity.text import split_to_fit
+
+    count = lambda text: len(text.split()) + 2  # noqa: E731 - one token per word, BOS and EOS
+    assert split_to_fit("a b c", count, 5) == ["a b c"]
+    assert split_to_fit("a b c d e f g", count, 5) == ["a b c", "d e f", "g"]
+    assert split_to_fit("", count, 5) == [""]
+
+
+def test_long_text_policy_is_validated():
+    from recon.config import load_config
+
+    with pytest.raises(ConfigError, match="similarity.text.0.long_text='mean'"):
+        load_config(None, ["similarity.text.0={kind: sbert, long_text: mean}"])
+
+
+def test_clipscore_records_truncation_and_follows_the_clip_metric_policy(tiny_models):
+    from recon.config import Config
+    from recon.scoring import caption_metrics as cm
+
+    def scorer(policy):
+        cfg = Config()
+        cfg.similarity = SimilarityConfig(image=[MetricConfig(kind="clip", model=str(tiny_models / "clip"),
+                                                              long_text=policy)])
+        return cm.ClipScore.from_config(cfg, "cpu")
+
+    image = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))] * 2
+    caps = [LONG_TEXT, LONG_TEXT + " and a green star"]
+    t, c = scorer("truncate").scores(image, caps, [["a red circle"]] * 2), scorer("chunk_mean").scores(image, caps)
+    assert t["truncated"] == [True, True] and c["truncated"] == [False, False]
+    assert t["clipscore"][0] == pytest.approx(t["clipscore"][1], abs=1e-6)  # the tails are cut off
+    assert c["clipscore"][0] != pytest.approx(c["clipscore"][1], abs=1e-6)
+    assert scorer("truncate").scores(image[:1], ["a red circle"])["truncated"] == [False]
+
+
+# ------------------------------------------------------------------------------------------- DreamSim
+class _EmbedStandIn(torch.nn.Module):
+    """The surface recon uses of dreamsim's PerceptualModel: ``embed([B, 3, 224, 224] in [0, 1]) -> [B, D]``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+        self.fc = torch.nn.Linear(8 * 28 * 28, 16)
+
+    def embed(self, x):
+        assert x.shape[-2:] == (224, 224) and 0 <= float(x.detach().min()) and float(x.detach().max()) <= 1
+        e = self.fc(torch.relu(self.conv(x)).flatten(1))
+        return torch.nn.functional.normalize(e - e.mean(1, keepdim=True), dim=-1)
+
+
+def _check_dreamsim_contract(metric):
+    from recon.config import IMAGE_METRIC_NAMES
+
+    assert metric.name == "dreamsim_distance" == IMAGE_METRIC_NAMES["dreamsim"] and metric.higher_is_better is False
+    x, y = images(10), images(11, h=64, w=64)
+    with torch.no_grad():
+        same, other = metric(x, x), metric(x, y)
+        one_vs_many = metric(x[:1], y)
+        per_sample = torch.cat([metric(x[i:i + 1], y[i:i + 1]) for i in range(3)])
+        reused = metric.distance_to(metric.encode(x[:1]), y)
+    assert same.shape == (3,) and same.dtype == torch.float32
+    torch.testing.assert_close(same, torch.zeros(3), atol=1e-5, rtol=0)
+    assert bool((other > same).all()) and bool((other <= 2).all())
+    torch.testing.assert_close(per_sample, other, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reused, one_vs_many, atol=1e-6, rtol=0)
+    recon = y.clone().requires_grad_(True)
+    metric(x, recon).sum().backward()  # a loss: gradients reach the pixels, the weights stay frozen
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in metric.parameters())
+    metric.train()
+    assert not metric.training
+
+
+def test_dreamsim_distance_contract_around_a_stand_in_embedder():
+    from recon.similarity import DreamSimDistance
+
+    _check_dreamsim_contract(DreamSimDistance(_EmbedStandIn().requires_grad_(False)))
+
+
+@pytest.fixture(scope="module")
+def tiny_dreamsim(tmp_path_factory):
+    """A dreamsim weights dir for the ``dino_vitb16`` variant holding a LoRA adapter saved from a tiny ViT (12 blocks
+    of width 24: the package reads block 11), built by the package's own classes. Yields (dir, patch): while
+    ``patch`` is active the package builds that tiny ViT instead of loading DINO through torch.hub."""
+    pytest.importorskip("dreamsim", reason="the dreamsim extra is not installed")
+    from dreamsim.feature_extraction.extractor import ViTExtractor
+    from dreamsim.feature_extraction.vision_transformer import VisionTransformer
+    from dreamsim.model import PerceptualModel
+    from peft import LoraConfig, get_peft_model
+
+    def tiny_vit(model_type, load_dir):
+        assert model_type == "dino_vitb16"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return VisionTransformer(patch_size=16, embed_dim=24, depth=12, num_heads=2, mlp_ratio=2, qkv_bias=True)
+
+    root = tmp_path_factory.mktemp("dreamsim")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ViTExtractor, "create_model", staticmethod(tiny_vit))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        base = PerceptualModel(model_type="dino_vitb16", feat_type="cls", stride="16", lora=True, device="cpu")
+        peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, bias="none",
+                                                     target_modules=["qkv"], init_lora_weights=False))
+        peft_model.save_pretrained(str(root / "dino_vitb16_single_lora"))
+    patch.undo()
+    for placeholder in hub.DREAMSIM_FILES["dino_vitb16"]:  # read only by the DINO loader the stand-in replaces
+        if not (root / placeholder).exists():
+            (root / placeholder).parent.mkdir(parents=True, exist_ok=True)
+            (root / placeholder).write_bytes(b"")
+    patch.setattr(ViTExtractor, "create_model", staticmethod(tiny_vit))
+    yield root, patch
+    patch.undo()
+
+
+def test_dreamsim_stand_in_through_the_dreamsim_package(tiny_dreamsim, monkeypatch):
+    root, _ = tiny_dreamsim
+    hub_dir = getattr(torch.hub, "_hub_dir", None)
+    cfg = MetricConfig(kind="dreamsim", model=str(root), pretrained="dino_vitb16")
+    metric = load_similarity(cfg, CPU, where="similarity.image.0", role="image")
+    assert getattr(torch.hub, "_hub_dir", None) == hub_dir  # dreamsim's torch.hub.set_dir is undone
+    assert type(metric.model).__name__ == "PeftModel"  # the adapter on disk was loaded by the package
+    _check_dreamsim_contract(metric)
+    # the package's own distance (PerceptualModel.forward) on the 224 px images recon feeds it
+    x, y = images(12, n=2, h=224, w=224), images(13, n=2, h=224, w=224)
+    with torch.no_grad():
+        torch.testing.assert_close(metric(x, y), metric.model(x, y).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_dreamsim_is_a_distance_term_of_the_finetune_loss(tiny_dreamsim):
+    from recon.train.config import FinetuneConfig
+    from recon.train.joint import image_sim_metrics
+
+    root, _ = tiny_dreamsim
+    cfg = FinetuneConfig()
+    cfg.loss.image_sim, cfg.loss.image_sim_terms.clip, cfg.loss.image_sim_terms.lpips = 1.0, 0.0, 1.0
+    cfg.loss.image_sim_terms.lpips_metric = MetricConfig(kind="dreamsim", model=str(root), pretrained="dino_vitb16")
+    metrics = image_sim_metrics(cfg, CPU)
+    assert metrics["lpips"].name == "dreamsim_distance"
+
+
+def test_dreamsim_without_weights_fails_before_work_naming_what_to_supply(tmp_path, monkeypatch):
+    import importlib.util
+
+    from recon.config import load_config
+    from recon.pipeline import Reconstructor
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dreamsim" else
+                        real_find_spec(name, *a))
+    with pytest.raises(hub.ModelNotAvailableError, match=r"pip install 'recon\[dreamsim\]'"):
+        hub.check_dreamsim(str(tmp_path), None, "similarity.image.0.model")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "dreamsim" else
+                        real_find_spec(name, *a))
+    (tmp_path / "ensemble_lora").mkdir()
+    with pytest.raises(hub.ModelNotAvailableError) as err:
+        hub.check_dreamsim(str(tmp_path), None, "similarity.image.1.model")
+    msg = str(err.value)
+    assert f"DreamSim 'ensemble' weights are not in {tmp_path}" in msg and "ensemble_lora/adapter_config.json" in msg
+    assert "--set similarity.image.1.model=" in msg and "dreamsim_type='ensemble'" in msg
+    with pytest.raises(ConfigError, match=r"similarity.image.0.pretrained='vit'.*ensemble, dino_vitb16"):
+        hub.check_dreamsim(str(tmp_path), "vit", "similarity.image.0.model")
+    # the Reconstructor's preflight, before any model loads or image is generated
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "empty-cache"))
+    config = load_config(None, ["similarity.image.1={kind: dreamsim}"])
+    with pytest.raises(hub.ModelNotAvailableError, match=r"empty-cache/dreamsim \(missing"):
+        Reconstructor(config).preflight(("image",))
+
+
+def _dreamsim_weights_missing() -> str | None:
+    import os
+
+    try:
+        hub.check_dreamsim(os.environ.get("RECON_DREAMSIM_DIR"), os.environ.get("RECON_DREAMSIM_VARIANT"))
+    except (hub.ModelNotAvailableError, ConfigError) as e:
+        return f"real DreamSim weights absent (set RECON_DREAMSIM_DIR): {str(e)[:160]}"
+    return None
+
+
+@pytest.mark.skipif(_dreamsim_weights_missing() is not None, reason=str(_dreamsim_weights_missing()))
+def test_dreamsim_real_weights_rank_a_perturbed_image_closer_than_another_image():
+    import os
+
+    cfg = MetricConfig(kind="dreamsim", model=os.environ.get("RECON_DREAMSIM_DIR"),
+                       pretrained=os.environ.get("RECON_DREAMSIM_VARIANT"))
+    metric = load_similarity(cfg, CPU, role="image")
+    x = images(20, n=1, h=224, w=224)
+    smooth = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2)  # a blurred copy of the same image
+    with torch.no_grad():
+        near, far, same = metric(x, smooth), metric(x, images(21, n=1, h=224, w=224)), metric(x, x)
+    assert float(same) == pytest.approx(0.0, abs=1e-5) and float(near) < float(far)
+    model, _ = __import__("dreamsim").dreamsim(pretrained=True, device="cpu", cache_dir=str(hub.check_dreamsim(
+        cfg.model, cfg.pretrained)[0]), dreamsim_type=cfg.pretrained or "ensemble")
+    with torch.no_grad():
+        torch.testing.assert_close(metric(x, smooth), model(x, smooth).float(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_150_token_caption_is_reconstructed_and_scored_and_truncation_shows_in_the_leaderboard(tmp_path,
+                                                                                                 tiny_models):
+    import json
+
+    from PIL import Image
+
+    from recon.config import load_config
+    from recon.scoring.run import score_caption_sets
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / "imgs" / f"im{i}.png")
+    long = " ".join(["red circle above blue square"] * 30)  # 150 words: past 77 CLIP tokens
+    (tmp_path / "detailed.json").write_text(json.dumps({"im0": long, "im1": "a red circle"}))
+    (tmp_path / "short.json").write_text(json.dumps({"im0": "a circle", "im1": "a square"}))
+    (tmp_path / "refs.json").write_text(json.dumps({"im0": ["a red circle"], "im1": ["a blue square"]}))
+
+    from recon.generators import DiffusionGenerator
+    from recon.pipeline import Reconstructor
+
+    shared = {}  # one pipeline and CLIP for both runs: only the policies differ
+
+    def run(name, *over):
+        config = load_config("tiny-random", ["run.cache_dir=''", "generator.num_inference_steps=2",
+                                             "generator.images_per_caption=1", "generator.height=32",
+                                             "generator.width=32", *over])
+        recon = Reconstructor(config, **shared)
+        if not shared:
+            shared.update(image_metrics=recon.image_metrics, generator=recon.generator)
+        else:
+            recon._generator = DiffusionGenerator(shared["generator"].pipe, config.generator,
+                                                  batch_size=config.run.batch_size)
+        return score_caption_sets(config, [tmp_path / "detailed.json", tmp_path / "short.json"], tmp_path / "imgs",
+                                  tmp_path / name, refs=tmp_path / "refs.json", metrics="recon,clipscore,sbert",
+                                  progress=False, n_resamples=50, reconstructor=recon)
+
+    default = run("truncate")
+    rec = {r["id"]: r for r in default.records}
+    assert rec["detailed/im0"]["truncated"] == ["clipscore"]  # SBERT's 256 word pieces hold 150 words
+    assert any(w.startswith("caption truncated from") for w in rec["detailed/im0"]["warnings"])
+    assert "truncated" not in rec["detailed/im1"] and "truncated" not in rec["short/im0"]
+    board = (default.path / "leaderboard.md").read_text()
+    row = next(line for line in board.splitlines() if line.startswith("| n truncated"))
+    assert "| 1 (clipscore 1, generator 1) |" in row and row.endswith("| 0 |")
+    assert "n truncated" in (default.path / "report.html").read_text()
+
+    chunked = run("chunked", "generator.long_prompts=chunk", "similarity.image.0.long_text=chunk_mean")
+    rec = {r["id"]: r for r in chunked.records}
+    assert "truncated" not in rec["detailed/im0"]
+    assert any("generator.long_prompts=chunk" in w for w in rec["detailed/im0"]["warnings"])
+    assert "| 0 | 0 |" in (chunked.path / "leaderboard.md").read_text()
+    assert {r["id"]: r["scores"] for r in chunked.records}["short/im0"] == \
+        {r["id"]: r["scores"] for r in default.records}["short/im0"]  # captions that fit score the same
+
+
+def test_text_direction_records_which_text_metrics_truncated_the_text(tiny_models):
+    from recon.config import load_config
+    from recon.pipeline import Reconstructor
+
+    over = ["run.cache_dir=''", "generator.num_inference_steps=1", "generator.images_per_caption=1",
+            "generator.height=32", "generator.width=32"]
+    recon = Reconstructor(load_config("tiny-random", over))
+    long, short = recon.text_to_image_to_text([LONG_TEXT, "a red circle"], ["long", "short"])
+    assert long["truncated"] == ["clip_text_similarity"] and "truncated" not in short
+    assert any(w.startswith("caption truncated from") for w in long["warnings"])
+    chunked = Reconstructor(load_config("tiny-random", [*over, "similarity.text.0.long_text=chunk_mean"]),
+                            generator=recon.generator)
+    assert "truncated" not in chunked.text_to_image_to_text([LONG_TEXT], ["long"])[0]

@@ -6,7 +6,9 @@
   CIDEr's document frequencies and the corpus BLEU come from the set they are given: one caption set at a time.
 * CLIPScore (Hessel et al. 2021): ``w * max(cos(image, caption), 0)`` with ``w = 2.5``; RefCLIPScore: the
   harmonic mean of CLIPScore and ``max(max_ref cos(caption, ref), 0)``. Images and texts are embedded by
-  recon.similarity modules built on the preset's first ``clip`` image metric, one model for both.
+  recon.similarity modules built on the preset's first ``clip`` image metric, one model for both. Captions past
+  CLIP's 77 tokens follow that metric's ``long_text`` policy: ``truncate`` (as Hessel et al.; the default) or
+  ``chunk_mean``; ``scores`` says per caption whether it was truncated.
 * :func:`max_similarity_to_refs`: any text similarity (SBERT, CLIP text) of a caption to its closest reference.
 
 Result keys say the direction: all of these are similarities, higher is better.
@@ -314,6 +316,9 @@ def harmonic_mean(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
+IMAGE_BATCH = 64  # images per CLIP image-tower call (as torchmetrics' CLIPScore batches)
+
+
 class ClipScore:
     """CLIPScore and RefCLIPScore (Hessel et al. 2021) with one open_clip model; higher is better.
 
@@ -321,6 +326,7 @@ class ClipScore:
     ``refclipscore = H(clipscore, max(max_r cos(E_txt(prefix + caption), E_txt(prefix + r)), 0))`` (H: harmonic
     mean). Hessel et al. use ``prefix = "A photo depicts "`` with ViT-B/32; the default here is no prefix, which
     suits models trained on bare captions (the shapes CLIP). Images: ``[3, H, W]`` tensors in [0, 1], any size.
+    Captions (and references) past CLIP's context follow ``text_metric.long_text`` (``truncate`` by default).
     """
 
     def __init__(self, image_metric, text_metric, w: float = CLIPSCORE_W, prefix: str = ""):
@@ -339,24 +345,37 @@ class ClipScore:
         if image_metric is None:
             image_metric = load_similarity(cfg, device, where=where, role="image")
         name, _ = hub.open_clip_name(*open_clip_source(cfg, where), f"{where}.model")
-        text_metric = ClipTextSimilarity(image_metric.clip, open_clip.get_tokenizer(name))
+        text_metric = ClipTextSimilarity(image_metric.clip, open_clip.get_tokenizer(name), long_text=cfg.long_text)
         return cls(image_metric, text_metric, w=w, prefix=prefix)
 
     @torch.inference_mode()
     def image_embeddings(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[B, D]`` unit vectors; images are embedded one by one (they may differ in size)."""
-        return torch.cat([self.image_metric.encode(im.unsqueeze(0)).float().cpu() for im in images])
+        """``[B, D]`` unit vectors; images of one size are embedded in batches of :data:`IMAGE_BATCH` (they may
+        differ in size: the preprocessing resizes each)."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(tuple(im.shape), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        with torch.inference_mode():
+            for idx in by_shape.values():
+                for start in range(0, len(idx), IMAGE_BATCH):
+                    part = idx[start:start + IMAGE_BATCH]
+                    emb = self.image_metric.encode(torch.stack([images[i] for i in part])).float().cpu()
+                    for j, i in enumerate(part):
+                        out[i] = emb[j]
+        return torch.stack(out) if out else torch.zeros(0, 0)
 
     def scores(self, images: Sequence[torch.Tensor], captions: Sequence[str],
                references: Sequence[Sequence[str]] | None = None) -> dict[str, list[float]]:
-        """``{"clipscore": [B]}`` and, with references, ``{"refclipscore": [B]}``."""
+        """``{"clipscore": [B], "truncated": [B] bools}`` and, with references, ``{"refclipscore": [B]}``.
+        ``truncated[i]``: caption i (with the prefix) was scored on its first 77 tokens only."""
         if not captions:
-            return {"clipscore": []} | ({"refclipscore": []} if references is not None else {})
+            return {"clipscore": [], "truncated": []} | ({"refclipscore": []} if references is not None else {})
         img = self.image_embeddings(images)
         with torch.inference_mode():
             txt = self.text_metric.encode([self.prefix + c for c in captions]).float().cpu()
         clip = [self.w * max(float(c), 0.0) for c in (img * txt).sum(-1)]
-        out = {"clipscore": clip}
+        out = {"clipscore": clip, "truncated": self.text_metric.truncated([self.prefix + c for c in captions])}
         if references is not None:
             refs = max_similarity_to_refs(self.text_metric, [self.prefix + c for c in captions],
                                           [[self.prefix + r for r in rs] for rs in references])

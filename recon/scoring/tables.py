@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from recon import stats
-from recon.config import metric_direction
+from recon.config import is_truncation_warning, metric_direction
 
 # Display order of metric families; unknown metrics follow in first-seen order.
 _ORDER = ("recon_", "clipscore", "refclipscore", "bleu_", "meteor", "rouge_l", "cider", "spice", "sbert")
@@ -48,6 +48,46 @@ def score_matrix(records: Sequence[dict], systems: Sequence[str], metric: str) -
 def system_of(record: dict) -> str:
     """A record's system; failed records written by the job loop carry it only in their id ``SYSTEM/IMAGE``."""
     return str(record.get("system") or str(record.get("id", "")).split("/", 1)[0])
+
+
+def truncated_by(record: dict) -> list[str]:
+    """Which encoders saw only a prefix of a record's caption: the metrics its ``truncated`` list names
+    (CLIPScore's and SBERT's text encoders under the ``truncate`` policy) and ``generator`` when the generator's
+    truncation warning is among its ``warnings``."""
+    out = [str(m) for m in record.get("truncated") or []]
+    if any(is_truncation_warning(w) for w in record.get("warnings") or []):
+        out.append("generator")
+    return out
+
+
+def truncation_counts(records: Sequence[dict], systems: Sequence[str]) -> dict[str, dict]:
+    """Per system ``{"n": ok captions truncated by any encoder, "by": {encoder: n}}``."""
+    out = {s: {"n": 0, "by": {}} for s in systems}
+    for r in records:
+        s = system_of(r)
+        if r.get("status") != "ok" or s not in out or not (by := truncated_by(r)):
+            continue
+        out[s]["n"] += 1
+        for e in by:
+            out[s]["by"][e] = out[s]["by"].get(e, 0) + 1
+    return out
+
+
+def truncation_cell(t: dict | None) -> str:
+    """``3 (clipscore 3, generator 1)``, ``0``, or "–" for a board written before truncation was counted."""
+    if t is None:
+        return "–"
+    return f"{t['n']}" + (f" ({', '.join(f'{e} {n}' for e, n in t['by'].items())})" if t["by"] else "")
+
+
+def truncation_note(records: Sequence[dict], where: str) -> str | None:
+    """One line for a table's notes when captions of ``records`` were truncated (metaeval's runs), else None."""
+    ok = [{**r, "system": "all"} for r in records if r.get("status") == "ok"]
+    t = truncation_counts(ok, ["all"])["all"]
+    if not t["n"]:
+        return None
+    by = ", ".join(f"{e} {n}" for e, n in t["by"].items())
+    return f"{where}: n truncated = {t['n']} of {len(ok)} captions ({by}): scored on their first tokens only"
 
 
 def primary_metric(metrics: Sequence[str]) -> str | None:
@@ -86,7 +126,7 @@ def leaderboard(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
             paired.append({"a": a, "b": b, "metric": m, **t.to_dict()})
     holm_adjust(paired)
     return {"metrics": metrics, "systems": systems, "primary": primary, "rows": rows, "counts": counts,
-            "paired": paired, "confidence": stats.CONFIDENCE, "n_resamples": n_resamples,
+            "truncated": truncation_counts(records, systems), "paired": paired, "confidence": stats.CONFIDENCE, "n_resamples": n_resamples,
             "corpus": corpus_rows(records, systems, seed, n_resamples)}
 
 
@@ -190,6 +230,8 @@ def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
              "|---|" + "---|" * len(systems)]
     lines.append("| items ok / failed | " + " | ".join(
         f"{board['counts'][s]['ok']} / {board['counts'][s]['failed']}" for s in systems) + " |")
+    lines.append("| n truncated (captions past a text encoder's context) | " + " | ".join(
+        truncation_cell((board.get("truncated") or {}).get(s)) for s in systems) + " |")
     corpus = board.get("corpus") or {}
     for name in corpus_names(corpus):
         lines.append(f"| **{name} (corpus)** (higher) | " + " | ".join(

@@ -17,6 +17,7 @@ from recon.similarity.image import (
     ClipImageSimilarity,
     ClipVisionPoolerSimilarity,
     DinoSimilarity,
+    DreamSimDistance,
     LpipsDistance,
     PsnrSimilarity,
     SsimSimilarity,
@@ -32,6 +33,7 @@ IMAGE_METRICS: dict[str, type[Similarity]] = {
     "ssim": SsimSimilarity,
     "psnr": PsnrSimilarity,
     "dino": DinoSimilarity,
+    "dreamsim": DreamSimDistance,
 }
 TEXT_METRICS: dict[str, type[Similarity]] = {
     "clip_text": ClipTextSimilarity,
@@ -81,6 +83,6 @@ def load_text_metrics(cfg: SimilarityConfig, device: torch.device | str = "cpu")
 
 __all__ = [
     "IMAGE_METRICS", "TEXT_METRICS", "PSNR_CAP_DB", "ClipImageSimilarity", "ClipTextPoolerSimilarity", "ClipTextSimilarity",
-    "ClipVisionPoolerSimilarity", "DinoSimilarity", "EmbeddingSimilarity", "LpipsDistance", "PsnrSimilarity", "SbertSimilarity",
+    "ClipVisionPoolerSimilarity", "DinoSimilarity", "DreamSimDistance", "EmbeddingSimilarity", "LpipsDistance", "PsnrSimilarity", "SbertSimilarity",
     "Similarity", "SsimSimilarity", "load_image_metrics", "load_similarity", "load_text_metrics", "psnr", "ssim",
 ]

@@ -1,4 +1,4 @@
-"""Image similarities: CLIP embeddings (open_clip, HF pooler), LPIPS, SSIM, PSNR.
+"""Image similarities: CLIP embeddings (open_clip, HF pooler), DINO, DreamSim, LPIPS, SSIM, PSNR.
 
 Every module takes two float batches ``[B, 3, H, W]`` in [0, 1] (any size; a batch of 1 is broadcast against
 the other) and returns ``[B]``. Model-based metrics resize and normalise inside, in torch, so gradients reach the
@@ -15,7 +15,7 @@ from recon import hub
 from recon.config import ConfigError, MetricConfig
 from recon.hub import DEFAULT_DINO, DEFAULT_HF_CLIP_VISION, open_clip_source
 from recon.similarity.base import EmbeddingSimilarity, Similarity, as_device, freeze
-from recon.similarity.preprocess import ImagePreprocess, broadcast_batch, match_sizes
+from recon.similarity.preprocess import ImagePreprocess, broadcast_batch, match_sizes, resize
 
 
 def _model_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -106,6 +106,44 @@ class DinoSimilarity(EmbeddingSimilarity):
         device, dtype = _model_dtype(self.backbone)
         x = self.preprocess(images.to(device=device, dtype=dtype))
         return F.normalize(self.backbone(pixel_values=x).last_hidden_state[:, 0], dim=-1)
+
+
+class DreamSimDistance(Similarity):
+    """DreamSim perceptual distance (Fu et al. 2023, the ``dreamsim`` package): ``1 - cos`` of its embeddings, in
+    [0, 2], 0 for identical images, lower is more similar. An optional extra: ``pip install 'recon[dreamsim]'``.
+
+    Images ``[B, 3, H, W]`` in [0, 1], any size: resized to 224 x 224 (bicubic, antialiased: its own PIL
+    preprocessing) in torch, so gradients reach the pixels; each branch normalises inside the model. ``model``: the
+    directory holding the weights dreamsim downloads (its ``cache_dir``; default ``$RECON_CACHE/dreamsim``),
+    ``pretrained``: the variant (``ensemble`` by default: DINO + CLIP + OpenCLIP ViT-B/16; or ``dino_vitb16``,
+    ``dinov2_vitb14``, ``clip_vitb32``, ``open_clip_vitb32``, ``synclr_vitb16``). ``encode(images) -> [B, D]``
+    unit vectors and ``distance_to(ref_embeds, images)`` compare one original with many reconstructions.
+    """
+
+    name = "dreamsim_distance"
+    higher_is_better = False
+    image_size = 224
+
+    def __init__(self, model: nn.Module, name: str | None = None):
+        super().__init__(name)
+        self.model = model
+
+    @classmethod
+    def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
+        model = hub.load_dreamsim(cfg.model, cfg.pretrained, as_device(device), field=f"{where}.model")
+        return cls(freeze(model), name=cfg.name)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        device, dtype = _model_dtype(self.model)
+        x = resize(images.to(device=device, dtype=dtype), (self.image_size, self.image_size)).clamp(0, 1)
+        return F.normalize(self.model.embed(x).float(), dim=-1)  # the package's embed: [B, D], centred per row
+
+    def distance_to(self, ref_embeds: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """``1 - cos`` between precomputed ``encode`` output ``[B or 1, D]`` and ``images`` -> ``[B]``."""
+        return 1 - EmbeddingSimilarity.cosine(ref_embeds.to(_model_dtype(self.model)[0]), self.encode(images))
+
+    def forward(self, images_a: torch.Tensor, images_b: torch.Tensor) -> torch.Tensor:
+        return 1 - EmbeddingSimilarity.cosine(self.encode(images_a), self.encode(images_b))
 
 
 def _no_model(cfg: MetricConfig, where: str) -> None:
