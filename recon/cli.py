@@ -1,5 +1,5 @@
-"""The ``recon`` command: caption | generate | reconstruct | reconstruct-text | score | analyze | finetune |
-report | presets | shapes."""
+"""The ``recon`` command: caption | generate | reconstruct | reconstruct-text | score | analyze | metaeval |
+finetune | report | presets | shapes | env."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from recon.run_args import add_run_args, config_from_args
+from recon.runs import RESULTS, failure_note
 
 # Errors a user can fix: shown as one line, never as a traceback (RECON_DEBUG=1 shows it).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
@@ -25,11 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
                              ("reconstruct", "images", "image -> captions -> images -> similarity"),
                              ("reconstruct-text", "texts", "text -> images -> captions -> text similarity")]:
         p = sub.add_parser(name, help=help_)
-        p.add_argument(arg)
+        p.add_argument(arg, help="an image folder (searched recursively) or one image file" if arg == "images"
+                       else "a texts file: .txt (one per line), .json (list or {id: text}) or .jsonl")
         add_run_args(p)
     p = sub.add_parser("report", help="(re)write report.html of a run directory")
     p.add_argument("run_dir")
     sub.add_parser("presets", help="list the presets in configs/")
+    p = sub.add_parser("env", help="print the versions and devices that decide recon's numbers (for bug reports)")
+    p.add_argument("--json", action="store_true", help="as JSON")
     from recon.scoring import commands as scoring_cli
     from recon.shapes import commands as shapes_commands
     from recon.train import commands as train_commands
@@ -52,6 +56,8 @@ def _summary(run) -> None:
             if len(vals) < len(ok):  # the mean covers part of the ok items: say how many
                 summary[f"n_{m}"] = len(vals)
     print(json.dumps(summary))
+    if note := failure_note(records, run.path / RESULTS):
+        print(f"recon: {note}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +89,12 @@ def _dispatch(args) -> int:
 
         print("\n".join(list_presets()))
         return 0
+    if args.command == "env":
+        from recon import fingerprint
+
+        env = fingerprint.environment(devices=True)
+        print(json.dumps(env, indent=1) if args.json else fingerprint.format_environment(env))
+        return 0
     if args.command == "report":
         from recon.config import read_yaml
         from recon.report import read_records, write_report
@@ -113,13 +125,14 @@ def _quiet_libraries(verbose: bool) -> None:
     importing them here only to set a log level cost seconds on every command (a user's own setting wins)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if verbose:
+        os.environ.setdefault("RECON_VERBOSE", "1")  # hub.quiet_loading keeps the libraries' loading bars
         return
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     for key, value in [("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("RECON_QUIET", "1")]:
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")]:
         os.environ.setdefault(key, value)
 
 

@@ -27,11 +27,14 @@ def add_run_args(p: argparse.ArgumentParser, default_preset: str | None = None,
                    help="preset name from configs/ or a YAML path (default: shapes)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, e.g. --set generator.images_per_caption=4 (repeatable)")
-    p.add_argument("--out", default=None, help="run directory (rerunning with the same --out resumes)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/COMMAND-PRESET; rerunning with the same "
+                   "--out resumes)")
     p.add_argument("--seed", type=int, default=None, help="run seed (run.seed)")
     p.add_argument("--batch-size", type=count(1), default=None, help="items per batch (run.batch_size)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (run.device)")
-    p.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (run.threads)")
+    p.add_argument("--threads", type=count(1), default=None,
+                   help="torch CPU threads (run.threads; default: torch's; on a busy or small CPU --threads 1 was "
+                   "2-3x faster)")
     p.add_argument("--limit", type=count(0), default=None, help=limit_help)
     p.add_argument("--retry-failed", action="store_true", help="on resume, redo items recorded as failed")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the content-keyed cache")

@@ -241,3 +241,22 @@ def test_unknown_backend_names_the_field_and_choices():
     with pytest.raises(ConfigError, match=r"captioner\.backend='flamingo-xl'.*blip"):
         load_captioner(CaptionerConfig(backend="flamingo-xl", model="x"), "cpu")
     assert BACKENDS["blip"] is BlipCaptioner
+
+
+def test_an_adapter_trained_on_another_captioner_is_warned_about(tmp_path, caplog):
+    import json
+
+    from recon import hub
+    from recon.captioners.base import warn_if_other_base
+
+    def adapter(base):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        return str(tmp_path / "a")
+
+    warn_if_other_base(adapter("builtin:shapes/captioner_weak"), "builtin:shapes/captioner_weak")
+    warn_if_other_base(adapter(hub.resolve("builtin:shapes/captioner_weak")), "builtin:shapes/captioner_weak")
+    assert "was trained on" not in caplog.text  # the same base, by id or by its resolved path
+    warn_if_other_base(adapter("builtin:shapes/captioner_weak"), "builtin:shapes/captioner")
+    assert ("was trained on builtin:shapes/captioner_weak, but captioner.model is builtin:shapes/captioner" in
+            caplog.text and "--set captioner.model=builtin:shapes/captioner_weak" in caplog.text)

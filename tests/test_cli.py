@@ -168,3 +168,17 @@ def test_a_cached_rerun_imports_no_model_library(tmp_path, recon_cache, tiny_mod
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
     a, b = (read_jsonl(tmp_path / d / "results.jsonl")[0] for d in "ab")
     assert [x["scores"] for x in a] == [x["scores"] for x in b] and len(b) == 3
+
+
+def test_failures_are_explained_on_the_terminal_and_help_lists_every_command(tmp_path, recon_cache, tiny_models):
+    src = _images(tmp_path / "src", 2)
+    r = subprocess.run([sys.executable, "-m", "recon", "reconstruct", str(src), "--preset", "tiny-random", "--out",
+                        str(tmp_path / "run"), "--no-progress"], env={**_env(recon_cache), "RECON_MAX_PIXELS": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["failed"] == 2
+    assert "recon: 2 item(s) failed; the first, 00.png: " in r.stderr and "pixel budget" in r.stderr
+    r = _recon(["--help"], recon_cache)
+    for command in ("caption", "reconstruct", "score", "analyze", "metaeval", "finetune", "shapes", "env"):
+        assert command in r.stdout, command
+    r = _recon(["reconstruct", "--help"], recon_cache)
+    assert "an image folder" in r.stdout and "runs/COMMAND-PRESET" in r.stdout

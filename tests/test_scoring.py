@@ -226,6 +226,10 @@ def test_records_scores_seeds_and_outputs(score_run):
         assert (run.path / name).is_file()
     assert "sysA − sysB" in (run.path / "leaderboard.md").read_text() or \
         "sysB − sysA" in (run.path / "leaderboard.md").read_text()
+    from importlib import metadata  # the footer says what decided these numbers (fingerprint.json)
+
+    assert f"numbers from recon {metadata.version('recon')}, torch {metadata.version('torch')}" in \
+        (run.path / "leaderboard.md").read_text()
 
 
 def test_captions_are_escaped_in_reports(score_run):
@@ -429,3 +433,34 @@ def test_corpus_meteor_rows_label_the_per_image_mean():
     board["corpus"]["s"] = {"meteor": {"value": 0.31, "low": 0.25, "high": 0.36, "n": 3}}
     md = leaderboard_markdown(board)
     assert "| **meteor (corpus)** (higher) | 0.310 [0.250, 0.360] |" in md and "meteor (mean of per-image)" in md
+
+
+# ------------------------------------------------------------------------------------- ids of invented records
+def test_an_image_named_like_an_invented_id_keeps_its_score(tmp_path, tiny_models):
+    from recon.scoring.inputs import build_items, read_caption_set
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("@entry-0.png", "a.png", "a#entry-2.png"):
+        Image.new("RGB", (16, 16), "red").save(images / name)
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps([{"caption": "an entry without an id"},  # invented id caps/@entry-0
+                                {"image_id": "a", "caption": "a red square"},
+                                {"image_id": "a", "caption": "a duplicate"},  # invented id caps/a#entry-2
+                                {"image_id": "@entry-0", "caption": "a red square"},
+                                {"image_id": "a#entry-2", "caption": "a red square"}]))
+    items = build_items([read_caption_set(caps, "caps")], images)
+    ids = [it.id for it in items]
+    assert len(set(ids)) == len(ids) == 5
+    assert {it.id for it in items if it.error is None} == {"caps/@entry-0", "caps/a", "caps/a#entry-2"}
+    assert {it.id for it in items if it.error} == {"caps/@entry-0~2", "caps/a#entry-2~2"}
+    # one item per batch: before, the failed record of an invented id replaced the image's ok record
+    run = score_caption_sets(_cfg("run.batch_size=1"), [caps], images, tmp_path / "run", metrics="clipscore",
+                             progress=False, n_resamples=20)
+    recs = {r["id"]: r for r in run.records}
+    assert len(run.records) == 5
+    assert all(recs[i]["status"] == "ok" for i in ("caps/@entry-0", "caps/a", "caps/a#entry-2"))
+    assert "missing key 'image_id'" in recs["caps/@entry-0~2"]["error"]
+    assert "duplicate image_id 'a'" in recs["caps/a#entry-2~2"]["error"]
+    board = json.loads((run.path / "leaderboard.json").read_text())
+    assert board["counts"]["caps"] == {"ok": 3, "failed": 2}

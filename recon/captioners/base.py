@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
+from recon import hub
 from recon.config import DecodingConfig
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -50,3 +56,22 @@ class TrainableCaptioner(Captioner, Protocol):
 
     def teacher_forced_logits(self, pixel_values: torch.Tensor, texts: Sequence[str]
                               ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def warn_if_other_base(adapter_dir: str, model_id: str) -> None:
+    """Warn when a peft adapter records another base model (``base_model_name_or_path``) than ``captioner.model``:
+    LoRA weights of one captioner load onto another of the same shapes without an error, and caption badly."""
+    try:
+        base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not base or base == model_id:
+        return
+    try:
+        same = Path(hub.resolve(base)).resolve() == Path(hub.resolve(model_id)).resolve()
+    except Exception:  # noqa: BLE001 - a base that cannot be resolved here is simply another one
+        same = False
+    if not same:
+        log.warning("captioner.adapter %s was trained on %s, but captioner.model is %s: its weights may not fit "
+                    "this captioner; pass --set captioner.model=%s to use it as trained", adapter_dir, base, model_id,
+                    base)

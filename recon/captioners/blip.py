@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from recon import hub
+from recon.captioners.base import warn_if_other_base
 from recon.config import CaptionerConfig, DecodingConfig
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class BlipCaptioner:
             from peft import PeftModel
 
             path = hub.resolve(cfg.adapter, "captioner adapter", "captioner.adapter")
+            warn_if_other_base(path, cfg.model)
             model = PeftModel.from_pretrained(model, path).eval()
             model_id += f"+adapter:{cfg.adapter}"
         return cls(model, processor, cfg, model_id=model_id, batch_size=batch_size)

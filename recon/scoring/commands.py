@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from recon.run_args import add_run_args, config_from_args, count
+from recon.runs import RESULTS, failure_note
 
 
 def register(subparsers) -> None:
@@ -61,6 +63,8 @@ def run_score(args: argparse.Namespace) -> int:
     print(json.dumps({"run_dir": str(run.path), "items": len(run.records), "ok": ok,
                       "failed": len(run.records) - ok,
                       "aggregate": {s: {m: round(v, 4) for m, v in a.items()} for s, a in run.aggregate.items()}}))
+    if note := failure_note(run.records, Path(run.path) / RESULTS):
+        print(f"recon: {note}", file=sys.stderr)
     return 0
 
 

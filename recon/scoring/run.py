@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recon import fingerprint
 from recon.config import Config, MetricConfig
 from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_image
 from recon.runs import RunDir, derive_seed, sha256_file
@@ -276,10 +277,16 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
                 if m in metrics:
                     for i, v in enumerate(cs[m]):
                         scores[i][m] = v
+            for i, cut in enumerate(cs.get("truncated", [])):  # CLIP's 77 tokens, under the truncate policy
+                if cut:
+                    extra[i].setdefault("truncated", []).append("clipscore")
         if good and "sbert" in metrics:
             with timer("sbert"):
                 for i, v in enumerate(cm.max_similarity_to_refs(scorers.sbert, captions_, refs_of)):
                     scores[i]["sbert_similarity"] = v
+                for i, cut in enumerate(scorers.sbert.truncated(captions_)):
+                    if cut:
+                        extra[i].setdefault("truncated", []).append("sbert_similarity")
         if good and "recon" in metrics:
             requests = [(it.id, it.key, originals[it.path][1], originals[it.path][2], it.caption) for it in good]
             for i, (it, r) in enumerate(zip(good, reconstruct(recon, requests, config.run.seed, timer))):
@@ -304,7 +311,7 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
         return records
 
     run = run_job(config, out, items, process, "score", retry_failed, report=False, progress=progress,
-                  preflight=scorers.preflight)
+                  preflight=scorers.preflight, reconstructor=recon, images_per_item=config.generator.images_per_caption)
     records = run.records()
     aggregate = aggregate_scores(records, systems)
     atomic_write_text(run.path / "aggregate.json", json.dumps(aggregate, indent=1) + "\n")
@@ -314,11 +321,12 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
             if s in systems:
                 board["corpus"].setdefault(s, {}).update(rows)
     notes += coverage_notes(board)
-    board["notes"] = notes
+    footer = notes + [n for n in [fingerprint.summary_note(run.path)] if n]  # the tables' footer, not the terminal's
+    board["notes"] = footer
     atomic_write_text(run.path / "leaderboard.json", json.dumps(board, indent=1) + "\n")
-    atomic_write_text(run.path / "leaderboard.md", leaderboard_markdown(board, notes))
+    atomic_write_text(run.path / "leaderboard.md", leaderboard_markdown(board, footer))
     atomic_write_text(run.path / "timing.json", json.dumps({"seconds": timer.seconds}, indent=1) + "\n")
-    write_score_report(run.path, records, config, board, notes)
+    write_score_report(run.path, records, config, board, footer)
     return ScoreRun(run.path, systems, metrics, notes, timer.seconds, aggregate, records)
 
 

@@ -127,10 +127,15 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def export_captioner_adapter(peft_model: nn.Module, out_dir: Path) -> Path | None:
-    """``out_dir/captioner_adapter`` in peft's layout; None when the captioner was not adapted."""
+def export_captioner_adapter(peft_model: nn.Module, out_dir: Path, base_model: str | None = None) -> Path | None:
+    """``out_dir/captioner_adapter`` in peft's layout; None when the captioner was not adapted. ``base_model``: the
+    ``captioner.model`` it was trained on, recorded as ``base_model_name_or_path`` (portable, unlike the resolved
+    local path peft would write) so that loading it onto another captioner is warned about."""
     if not hasattr(peft_model, "peft_config"):
         return None
+    if base_model is not None:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = base_model
     return replace_dir(lambda d: peft_model.save_pretrained(str(d), safe_serialization=True),
                        Path(out_dir) / CAPTIONER_ADAPTER_DIR)
 

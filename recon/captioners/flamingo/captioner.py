@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from recon import hub
+from recon.captioners.base import warn_if_other_base
 from recon.captioners.blip import (
     IGNORE_INDEX,
     _common_prefix,
@@ -108,6 +109,7 @@ class FlamingoCaptioner:
             from peft import PeftModel
 
             path = hub.resolve(cfg.adapter, "captioner adapter", "captioner.adapter")
+            warn_if_other_base(path, cfg.model)
             PeftModel.from_pretrained(model, path).eval()  # injects LoRA into `model` in place
             model_id += f"+adapter:{cfg.adapter}"
         return cls(model, tokenizer, pre, cfg, model_id=model_id, batch_size=batch_size, **kwargs)
