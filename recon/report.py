@@ -1,18 +1,23 @@
 """The HTML report of a run directory: one self-contained ``report.html`` (over 400 lines: statistics, histograms
-and the gallery are one page's parts; its script lives in report.js).
+and the gallery are one page's parts; its script lives in report.js). A run of more than GALLERY_INLINE_ROWS items
+keeps its gallery rows in ``report-rows.js`` beside the page, so the page stays small (see :func:`gallery`).
 
 Images (as PNG thumbnails) and score histograms are embedded as base64 data URIs, so the file can be mailed
 or archived alone. Every value that comes from a record or the config (ids, captions, texts, errors, paths,
-metric names) is HTML-escaped: captions are model output and texts are user input.
+metric names) is HTML-escaped: captions are model output and texts are user input. A record is shown whatever it
+holds: a score that is not a finite number (a string, a list, a bool, null) is shown as text and counted as missing,
+and finite scores up to ±1.8e308 are summarised without overflow.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +26,9 @@ import yaml
 
 from recon.config import metric_direction
 from recon.data import DataError, atomic_write_text, encode_png, load_image
-from recon.runs import latest_per_id, read_jsonl
+from recon.runs import current_records, latest_per_id, read_jsonl
 
-__all__ = ["gallery", "read_records", "write_report"]
+__all__ = ["Gallery", "gallery", "read_records", "write_gallery_rows", "write_report"]
 
 IMAGE_TEXT_IMAGE = "image-text-image"
 TEXT_IMAGE_TEXT = "text-image-text"
@@ -65,9 +70,17 @@ def esc(value: Any) -> str:
 
 
 def _num(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value) and abs(value) >= 1e9:
+        return f"{value:.4g}"  # 1e308 as 309 digits is no number to read
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:.4f}" if isinstance(value, float) else str(value)
     return esc(value)
+
+
+def _scores(r: Mapping) -> Mapping:
+    """A record's ``scores`` mapping, or an empty one when it holds something else."""
+    scores = r.get("scores")
+    return scores if isinstance(scores, Mapping) else {}
 
 
 
@@ -83,10 +96,9 @@ def _metric_values(records: list[dict]) -> dict[tuple[str, str], list[float]]:
     """Finite scores of ok records per (direction, metric), in first-appearance order."""
     values: dict[tuple[str, str], list[float]] = {}
     for r in records:
-        scores = r.get("scores")
-        if r.get("status") != "ok" or not isinstance(scores, Mapping):
+        if r.get("status") != "ok":
             continue
-        for metric, v in scores.items():
+        for metric, v in _scores(r).items():
             bucket = values.setdefault((str(r.get("direction", "")), str(metric)), [])
             if _finite(v):
                 bucket.append(float(v))
@@ -103,8 +115,7 @@ def _stats_table(records: list[dict], values: dict[tuple[str, str], list[float]]
     for (direction, metric), vs in values.items():
         a = np.asarray(vs, dtype=np.float64)
         better = metric_direction(metric)
-        stats = ([len(a), a.mean(), a.std(ddof=1) if len(a) > 1 else float("nan"), np.median(a), a.min(), a.max()]
-                 if len(a) else [0] + [float("nan")] * 5)
+        stats = [len(a), *_summary(a), a.min(), a.max()] if len(a) else [0] + [float("nan")] * 5
         missing = ok.get(direction, 0) - len(a)
         cells = "".join(f'<td class="num">{"–" if s != s else _num(s)}</td>' for s in stats)  # NaN: "–"
         rows.append(f"<tr><td>{esc(direction)}</td><td>{esc(metric)}</td>"
@@ -123,10 +134,32 @@ def _stats_table(records: list[dict], values: dict[tuple[str, str], list[float]]
             "every other metric higher-is-better.</p>")
 
 
+def _exponent(a: np.ndarray) -> int:
+    """A power of two that brings finite ``a`` within [-1, 1] (exactly: ldexp only shifts exponents), so sums and
+    spans of values near ±1.8e308 cannot overflow."""
+    top = float(np.abs(a).max()) if a.size else 0.0
+    return int(np.frexp(top)[1]) if top > 1 else 0
+
+
+def _summary(a: np.ndarray) -> list[float]:
+    """Mean, sample std (NaN for one value) and median of finite ``a``, computed on ``a`` scaled into [-1, 1]: a
+    std beyond the largest float is inf, never an overflow warning."""
+    e = _exponent(a)
+    scaled = np.ldexp(a, -e)
+    with np.errstate(over="ignore"):
+        std = float(np.ldexp(scaled.std(ddof=1), e)) if len(a) > 1 else float("nan")
+        return [float(np.ldexp(scaled.mean(), e)), std, float(np.ldexp(np.median(scaled), e))]
+
+
 def _histogram(direction: str, metric: str, values: list[float]) -> str:
     """An inline SVG histogram. Written by hand rather than with matplotlib: importing matplotlib alone took
     0.35 s of `recon report`'s 0.5 s start-up budget, for a few rectangles and labels."""
-    counts, edges = np.histogram(np.asarray(values, dtype=float), bins=max(5, min(30, len(values) // 2)))
+    a = np.asarray(values, dtype=float)
+    e = _exponent(a)  # binned scaled: a span of 2e308 would overflow numpy's bin widths
+    counts, edges = np.histogram(np.ldexp(a, -e), bins=max(5, min(30, len(values) // 2)))
+    top = np.finfo(float).max
+    with np.errstate(over="ignore"):  # only the outer edge of a one-value histogram can pass the largest float
+        edges = np.clip(np.ldexp(edges, e), -top, top)
     w, h, left, bottom, top = 320, 190, 36, 34, 22
     pw, ph, top_count = w - left - 8, h - bottom - top, max(1, int(counts.max()))
     bw = pw / len(counts)
@@ -286,15 +319,62 @@ def _candidates_table(r: dict, candidates: list, images: Images, with_images: bo
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def gallery(records: list[dict], images: Images, max_items: int, select: str | None = None) -> str:
-    """One sortable table row per item: input | output | caption | each metric; images for the first
-    ``max_items`` rows in the default order (worst first by the selection metric), the rest as text rows."""
-    metrics = list(dict.fromkeys(m for r in records if r.get("status") == "ok" for m in (r.get("scores") or {})))
+# The gallery at scale: the first ``max_items`` rows (default order) are HTML with images; every other row is data the
+# page's script renders a page at a time (text, scores, warnings). Up to GALLERY_INLINE_ROWS such rows are embedded in
+# report.html; beyond that they all go to GALLERY_ROWS_FILE beside it, loaded by a <script src> (which a file:// page
+# may do, unlike fetch), so report.html stays bounded whatever the run's size.
+GALLERY_PAGE_ROWS = 100
+GALLERY_INLINE_ROWS = 10_000
+GALLERY_ROWS_FILE = "report-rows.js"
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """The gallery's HTML and, for a run past ``GALLERY_INLINE_ROWS`` rows, the text of its rows file."""
+
+    html: str
+    rows_js: str | None = None
+
+
+def _row_text(r: dict) -> tuple[str, str, int]:
+    """(bold label, text, 1 when the text is an error) of a row the page's script renders."""
+    if r.get("status") != "ok":
+        return "", str(r.get("error", r.get("status"))), 1
+    direction = r.get("direction")
+    if direction == "score":
+        return str(r.get("system", "")), str(r.get("caption", "")), 0
+    if direction == TEXT_IMAGE_TEXT:
+        captions = r.get("captions") if isinstance(r.get("captions"), list) else []
+        return "", f"“{r.get('text', '')}” → " + " / ".join(map(str, captions)), 0
+    return "", str(r.get("caption", r.get("text", r.get("source", "")))), 0
+
+
+def _row_data(r: dict, metrics: list[str]) -> list:
+    """One rendered-by-script row: [key, id, ok, flagged, warnings, label, text, error, score per metric]; a score
+    is a finite number, a string (shown as text, sorted as missing) or null (no score)."""
+    scores = _scores(r)
+    warnings = [str(w) for w in r.get("warnings")] if isinstance(r.get("warnings"), list) else []
+    cells = [float(v) if _finite(v) else (None if v is None else str(v)) for v in (scores.get(m) for m in metrics)]
+    return [_item_key(r), str(r.get("id", "?")), int(r.get("status") == "ok"), int(_flagged(r)), warnings,
+            *_row_text(r), *cells]
+
+
+def _json_for_html(value: Any) -> str:
+    """JSON that is inert inside a <script> element: no "<" at all (so no </script>, no <!--)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def gallery(records: list[dict], images: Images, max_items: int, select: str | None = None) -> Gallery:
+    """One sortable, filterable, paged table row per item: input | output | caption | each metric. The first
+    ``max_items`` rows in the default order (worst first by the selection metric) are HTML with images; the rest are
+    data the page's script renders a page at a time, inline up to ``GALLERY_INLINE_ROWS`` rows, else in
+    ``Gallery.rows_js`` (to be written beside the page as ``GALLERY_ROWS_FILE``)."""
+    metrics = list(dict.fromkeys(m for r in records if r.get("status") == "ok" for m in _scores(r)))
     select = select if select in metrics else _select_key(records, metrics)
     direction = "desc" if select and metric_direction(select) == "lower" else "asc"  # worst first
 
     def worst_first(r: dict):  # as the page's script sorts: items without the score (failed ones too) last
-        v = (r.get("scores") or {}).get(select) if select and r.get("status") == "ok" else None
+        v = _scores(r).get(select) if select and r.get("status") == "ok" else None
         return (0, -v if direction == "desc" else v) if _finite(v) else (1, 0.0)
 
     ordered = sorted(records, key=worst_first)
@@ -302,13 +382,13 @@ def gallery(records: list[dict], images: Images, max_items: int, select: str | N
             + "".join(f'<th data-key="{esc(m)}">{esc(m)} <span class="muted">({metric_direction(m)})</span></th>'
                       for m in metrics) + '<th data-key="@warnings">warnings</th></tr>')
     rows = []
-    for n, r in enumerate(ordered):
+    for r in ordered[:max_items]:
         key = _item_key(r)
         try:
-            source, out, text = _io_cells(r, images, with_images=n < max_items)
+            source, out, text = _io_cells(r, images, with_images=True)
         except Exception as e:  # a malformed record must not cost the whole report
             source, out, text = "", "", f"<span class='flagged'>cannot render this record: {esc(e)}</span>"
-        scores = r.get("scores") if isinstance(r.get("scores"), Mapping) else {}
+        scores = _scores(r)
         cells = "".join(f'<td class="num" data-v="{scores[m] if _finite(scores.get(m)) else ""}">'
                         f"{_num(scores.get(m, '–'))}</td>" for m in metrics)
         warnings = r.get("warnings") if isinstance(r.get("warnings"), list) else []
@@ -320,14 +400,40 @@ def gallery(records: list[dict], images: Images, max_items: int, select: str | N
             f"<span class='muted'>{esc(r.get('id', '?'))}</span></td>"
             f'<td>{source}</td><td><div class="pair">{out}</div></td><td class="caption">{text}</td>{cells}'
             f'<td data-v="{len(warnings)}">{_warnings(r)}</td></tr>')
+    rest = ordered[max_items:]
+    data, rows_js, source_attr = "", None, ""
+    if rest:
+        payload = _json_for_html({"metrics": metrics, "rows": [_row_data(r, metrics) for r in rest]})
+        token = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        if len(rest) <= GALLERY_INLINE_ROWS:
+            data = f'<script type="application/json" id="gallery-rows">{payload}</script>'
+        else:
+            rows_js = f'window.reconGalleryRows = {{"token": "{token}", "data": {payload}}};\n'
+            data = f'<script src="{GALLERY_ROWS_FILE}"></script>'
+            source_attr = f' data-rows-file="{GALLERY_ROWS_FILE}" data-token="{token}"'
     options = "".join(f'<option value="{v}">{v}</option>' for v in SHOW)
     shown = min(len(ordered), max_items)
-    return (f"<h2>Items</h2><p class='controls'>show <select id='show'>{options}</select> "
-            f"<span id='view' class='muted'></span></p><p class='muted'>Click a column to sort (again to reverse); "
-            f"the view is kept in the address, so it can be shared. Images for the first {shown} of {len(ordered)} "
-            f"items (run.max_report_items); default order: worst first by <code>{esc(select or '–')}</code>.</p>"
-            f'<table id="gallery" data-sort="{esc(select or "")}" data-dir="{direction}"><thead>{head}</thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+    where = (f"; the other {len(rest)} are in <code>{GALLERY_ROWS_FILE}</code> beside this page" if rows_js else "")
+    html_ = (f"<h2>Items</h2><p class='controls'>show <select id='show'>{options}</select> "
+             f"<span id='view' class='muted'></span></p><p class='muted'>Click a column to sort (again to reverse); "
+             f"the view is kept in the address, so it can be shared. Images for the first {shown} of {len(ordered)} "
+             f"items (run.max_report_items){where}; {GALLERY_PAGE_ROWS} rows a page; default order: worst first by "
+             f"<code>{esc(select or '–')}</code>.</p>"
+             f'<table id="gallery" data-sort="{esc(select or "")}" data-dir="{direction}" '
+             f'data-page-rows="{GALLERY_PAGE_ROWS}" data-total="{len(ordered)}"{source_attr}><thead>{head}</thead>'
+             f"<tbody>{''.join(rows)}</tbody></table>"
+             "<p class='controls' id='pager'><a id='prev' href='#'>« previous</a> <span id='page'></span> "
+             f"<a id='next' href='#'>next »</a></p>{data}")
+    return Gallery(html_, rows_js)
+
+
+def write_gallery_rows(run_dir: Path, g: Gallery) -> None:
+    """Write (or remove a stale) ``GALLERY_ROWS_FILE`` beside the page that holds ``g``; before the page itself."""
+    path = run_dir / GALLERY_ROWS_FILE
+    if g.rows_js is not None:
+        atomic_write_text(path, g.rows_js)
+    elif path.is_file():
+        path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- assembly
@@ -343,13 +449,14 @@ def read_records(path: str | Path) -> RecordList:
     """The records of a run's ``results.jsonl`` for :func:`write_report`.
 
     Reads like a resuming run does (:func:`recon.runs.read_jsonl`): torn or corrupt lines (a run killed
-    mid-write) are skipped and counted in ``skipped_lines``, which the report shows.
+    mid-write) are skipped and counted in ``skipped_lines``, which the report shows. Only the records of the run's
+    current inputs count (:func:`recon.runs.current_records`).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such results file; is this a run directory?")
     records, bad = read_jsonl(path)
-    out = RecordList(records)
+    out = RecordList(current_records(path.parent, records))
     out.skipped_lines = len(bad)
     return out
 
@@ -395,7 +502,8 @@ def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping |
     hists = [_histogram(d, m, vs) for (d, m), vs in values.items() if vs]
     if hists:
         parts.append(f"<h2>Score distributions</h2><div class='row'>{''.join(hists)}</div>")
-    parts.append(gallery(records, images, max_items))
+    items = gallery(records, images, max_items)
+    parts.append(items.html)
     if failed:
         rows = "".join(f"<tr><td>{esc(r.get('id', '?'))}</td><td>{esc(r.get('direction', ''))}</td>"
                        f"<td>{esc(r.get('error', r.get('status', 'no status')))}</td></tr>"
@@ -406,4 +514,5 @@ def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping |
     page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts)
             + f"\n<script>{script()}</script>\n</body></html>\n")
+    write_gallery_rows(run_dir, items)
     return atomic_write_text(run_dir / "report.html", page)

@@ -57,9 +57,17 @@ def _failed(item_id, direction="image-text-image", error=f"bad file {XSS}"):
 
 
 def _no_injected_script(page: str) -> None:
-    """The page's one script is the gallery's own; nothing from a record became markup."""
-    assert page.lower().count("<script") == 1 and "<script>(function" not in page.lower()
+    """The page's one script is the gallery's own (beside at most its rows as JSON); nothing from a record became
+    markup."""
+    data = page.lower().count('<script type="application/json" id="gallery-rows">')
+    assert page.lower().count("<script") == 1 + data and data <= 1 and "<script>(function" not in page.lower()
     assert "alert(1)</script>" not in page and page.index("<script>") > page.index("</table>")
+
+
+def _gallery_rows(page: str) -> dict:
+    """The gallery rows embedded as data (JSON) in ``page``."""
+    return json.loads(re.search(r'<script type="application/json" id="gallery-rows">(.*?)</script>', page,
+                                flags=re.S).group(1))
 
 
 def _embedded_images(page: str) -> dict[str, Image.Image]:
@@ -108,7 +116,11 @@ def test_report_statistics_and_caps(run_dir):
     assert cells == ["4", "2.5000", "1.2910", "2.5000", "1.0000", "4.0000", "1", "1"]
     assert "Images for the first 2 of 6 items" in page
     rows = re.findall(r'<tr id="item-[^"]*".*?</tr>', page)
-    assert len(rows) == 6 and [len(re.findall("<img ", r)) for r in rows] == [2, 2, 0, 0, 0, 0]  # unscored last
+    assert len(rows) == 2 and [len(re.findall("<img ", r)) for r in rows] == [2, 2]  # HTML rows: with images
+    data = _gallery_rows(page)  # the other four: data the page's script renders, unscored last
+    assert [d[1] for d in data["rows"]] == ["line-3", "line-4", "line-0", "nan"] and data["metrics"] == ["sbert"]
+    assert [d[8] for d in data["rows"]] == [3.0, 4.0, None, "nan"] and data["rows"][2][5:8] == ["", f"bad file {XSS}", 1]
+    assert "bad file \\u003cscript>" in page  # as data, a "<" is never markup
 
 
 def test_report_tolerates_missing_and_outside_images(run_dir, tmp_path):
@@ -163,3 +175,35 @@ def test_report_other_directions(run_dir):
     _no_injected_script(page)
     assert page.count(XSS_ESCAPED) >= 4
     assert _embedded_images(page)["images/t/k0.png"].getpixel((0, 0)) == (1, 2, 3)
+
+
+# ------------------------------------------------------------------------------------ records a run never writes
+def test_recon_report_on_odd_score_types_and_huge_values_is_a_report_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    odd = ["0.5", [0.1], True, None, {"a": 1}]
+    records = [{"id": f"odd{i}", "status": "ok", "direction": "image-text-image", "scores": {"clip_similarity": v},
+                "candidates": [{"caption": "c", "scores": {"clip_similarity": v},
+                                "scores_per_image": {"clip_similarity": [v]}}]} for i, v in enumerate(odd)]
+    records += [{"id": f"huge{i}", "status": "ok", "direction": "image-text-image",
+                 "scores": {"clip_similarity": v}} for i, v in enumerate([1e308, -1e308, 1e308, 7.0])]
+    records += [{"id": f"shape{i}", "status": "ok", "direction": "score", "scores": s}
+                for i, s in enumerate(["x", [1, 2], None, 3.5, True])]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = dict(os.environ, PYTHONWARNINGS="error::RuntimeWarning")  # an overflow warning is a failure too
+    r = subprocess.run([sys.executable, "-m", "recon", "report", str(run)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "14 records, 14 ok, 0 failed" in page
+    stats = re.search(r"<td>image-text-image</td><td>clip_similarity</td>.*?</tr>", page).group(0)
+    cells = re.findall(r'<td class="num">([^<]*)</td>', stats)
+    # n, mean (7 / 4: no overflow), std, median, min, max; the five odd values are missing / non-finite
+    assert cells[0] == "4" and float(cells[1]) == pytest.approx(1e308 / 4 + 7 / 4, rel=1e-12)
+    assert cells[3:] == ["5e+307", "-1e+308", "1e+308", "5", "0"]
+    assert "Score distributions" in page and "inf" not in stats
+    for shown in ("[0.1]", "True", "None"):  # an odd value is shown as the text it is
+        assert f">{shown}</td>" in page

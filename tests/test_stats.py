@@ -5,6 +5,7 @@ import pytest
 from scipy import stats as st
 
 from recon import stats
+from recon.kendall import kendall_tau_resampled
 from recon.scoring.tables import (
     compare_rules,
     correlations,
@@ -139,3 +140,115 @@ def test_seeds_by_items_bootstrap_covers_seed_and_item_variance():
     assert seeds_by_items_bootstrap(loose, loose).p_value == 1.0
     with pytest.raises(ValueError, match="seeds, items"):
         seeds_by_items_bootstrap(items)
+
+
+def test_seeds_by_items_t_interval_reduces_to_the_textbook_intervals():
+    from recon.stats import seeds_by_items_t_interval
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(0.1, 1, 200)
+    one = seeds_by_items_t_interval(items[None])  # one seed: the items' t interval (evaluation variance only)
+    assert (one.low, one.high) == pytest.approx(st.t.interval(0.95, 199, loc=items.mean(), scale=st.sem(items)))
+    seed_means = np.array([0.2, 0.5, 0.35, 0.9])  # every item alike within a seed: the seeds' t interval
+    by_seed = seeds_by_items_t_interval(np.repeat(seed_means[:, None], 50, axis=1))
+    assert (by_seed.low, by_seed.high) == pytest.approx(
+        st.t.interval(0.95, 3, loc=seed_means.mean(), scale=st.sem(seed_means)))
+    loose = np.stack([items - 1, items, items + 1])
+    t = seeds_by_items_t_interval(loose + 0.5, loose)  # a constant improvement is certain
+    assert (t.diff, t.low, t.high, t.p_value) == pytest.approx((0.5, 0.5, 0.5, 0.0))
+    assert seeds_by_items_t_interval(loose, loose).p_value == 1.0
+    noisy = loose + rng.normal(0.05, 0.5, loose.shape)
+    test = seeds_by_items_t_interval(noisy, loose)  # its p is where the interval reaches 0
+    assert 0 < test.p_value < 1 and seeds_by_items_t_interval(noisy, loose, 1 - test.p_value).low == pytest.approx(
+        0, abs=1e-8)
+    with pytest.raises(ValueError, match="seeds, items"):
+        seeds_by_items_t_interval(items)
+
+
+def test_coverage_simulation_finds_the_bootstrap_too_narrow_at_three_seeds_and_the_t_interval_nominal():
+    """Small and fast (200 simulated experiments of 3 seeds x 100 items); the full table is in RESULTS.md."""
+    from recon.stats import coverage_simulation
+
+    large = dict(seeds=3, items=100, seed_sd=0.12, reps=200, seed=0)
+    boot = coverage_simulation("bootstrap", **large, n_resamples=300)
+    t = coverage_simulation("t", **large)
+    none = coverage_simulation("t", **{**large, "seed_sd": 0.0})
+    assert boot["coverage"] < 0.9 <= 0.92 <= t["coverage"] <= 0.99 and 0.92 <= none["coverage"] <= 0.99
+    assert t["mean_width"] > boot["mean_width"] and boot["reps"] == 200
+    binary = coverage_simulation("t", 5, 100, 0.2, kind="binary", reps=100, seed=0)
+    assert 0.88 <= binary["coverage"] <= 1.0
+    with pytest.raises(ValueError, match="gaussian or binary"):
+        coverage_simulation("t", 3, 10, 0.1, kind="poisson", reps=1)
+
+
+# ------------------------------------------------------------------------ metaeval's resampled statistics
+def _cluster_draws(clusters: np.ndarray, n_resamples: int, seed) -> list[np.ndarray]:
+    """Row indices of each bootstrap resample of whole clusters, expanded (as metaeval drew them before)."""
+    codes = np.unique(clusters, return_inverse=True)[1]
+    members = [np.flatnonzero(codes == c) for c in range(codes.max() + 1)]
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
+            for _ in range(n_resamples)]
+
+
+def _scipy_taus(x, y, draws, variant):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return np.array([st.kendalltau(x[i], y[i], variant=variant).statistic for i in draws])
+
+
+@pytest.mark.parametrize("variant", ["b", "c"])
+def test_kendall_tau_resampled_is_scipys_bit_for_bit_on_every_resample(variant):
+    rng = np.random.default_rng(5)
+    n = 240
+    human = rng.integers(1, 5, n).astype(float)  # a 1-4 scale: ties galore
+    clusters = np.sort(rng.integers(0, 60, n))
+    xs = np.stack([human + rng.normal(0, 1.5, n),           # continuous
+                   np.round(rng.normal(0, 1, n), 1),         # ties in x too
+                   -human,                                   # x coarser than y's complement: the roles swap
+                   np.full(n, 0.5)])                         # constant: NaN, as scipy
+    draws = _cluster_draws(clusters, 15, [3, 15])
+    codes = np.unique(clusters, return_inverse=True)[1]
+    c, rng = codes.max() + 1, np.random.default_rng([3, 15])
+    counts = np.array([np.bincount(rng.integers(0, c, c), minlength=c) for _ in range(15)])
+    got = kendall_tau_resampled(xs, human, counts, codes, variant, chunk=4)
+    for x, taus in zip(xs, got):
+        ref = _scipy_taus(x, human, draws, variant)
+        assert np.array_equal(taus, ref, equal_nan=True)  # identical floats, not approximately equal
+    # rows as their own groups, some drawn twice or never
+    counts = np.random.default_rng(1).integers(0, 3, (5, n))
+    draws = [np.repeat(np.arange(n), c) for c in counts]
+    assert np.array_equal(kendall_tau_resampled(xs[0], human, counts, variant=variant)[0],
+                          _scipy_taus(xs[0], human, draws, variant))
+
+
+def test_rating_table_takes_its_intervals_from_the_same_resamples_as_before():
+    from recon.scoring.metaeval import _interval, rating_table
+
+    rng = np.random.default_rng(8)
+    human = rng.integers(1, 6, 150).astype(float)
+    clusters = np.repeat(np.arange(50), 3)
+    values = {"a": human + rng.normal(0, 1, 150), "b": human + rng.normal(0, 2, 150)}
+    table = rating_table(values, human, clusters, "c", 40, 2)
+    draws = _cluster_draws(clusters, 40, [2, 15])
+    reps = {m: _scipy_taus(x, human, draws, "c") for m, x in values.items()}
+    for m in values:
+        assert (table["rows"][m]["low"], table["rows"][m]["high"]) == _interval(reps[m], stats.CONFIDENCE)
+    assert (table["paired"][0]["low"], table["paired"][0]["high"]) == _interval(reps["a"] - reps["b"],
+                                                                                stats.CONFIDENCE)
+
+
+def test_paired_tests_equal_a_paired_test_per_pair_and_bootstrap_mean_its_one_shot_draw():
+    rng = np.random.default_rng(4)
+    columns = rng.choice([0.0, 0.5, 1.0], (400, 4)) * 400 / 950
+    pairs = [(0, 1), (0, 3), (2, 3)]
+    for (i, j), t in zip(pairs, stats.paired_tests(columns, pairs, 300, seed=[1, 99], n_permutations=999)):
+        ref = stats.paired_test(columns[:, i], columns[:, j], 300, seed=[1, 99], n_permutations=999)
+        assert t.p_value == ref.p_value and t.n == ref.n and t.diff == ref.diff
+        assert (t.low, t.high) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    x = rng.normal(0, 1, 3000)
+    idx = np.random.default_rng(9).integers(0, 3000, (700, 3000))  # bootstrap_mean draws in chunks: same numbers
+    assert stats.bootstrap_mean(x, 700, seed=9) == stats.Estimate(float(x.mean()),
+                                                                  *stats._percentiles(x[idx].mean(1), 0.95), 3000)

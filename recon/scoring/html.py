@@ -15,7 +15,7 @@ from pathlib import Path
 
 from recon.config import metric_direction
 from recon.data import atomic_write_text
-from recon.report import CSS, Images, config_text, esc, gallery
+from recon.report import CSS, Images, config_text, esc, gallery, write_gallery_rows
 from recon.report import script as report_script
 from recon.scoring.tables import (
     corpus_names,
@@ -25,6 +25,7 @@ from recon.scoring.tables import (
     metric_label,
     paired_cell,
     system_of,
+    truncation_cell,
 )
 
 
@@ -38,7 +39,10 @@ def leaderboard_html(board: Mapping) -> str:
     systems, metrics = board["systems"], board["metrics"]
     head = "<tr><th>metric (better)</th>" + "".join(f"<th>{esc(s)}</th>" for s in systems) + "</tr>"
     rows = ["<tr><td>items ok / failed</td>" + "".join(
-        f"<td class='num'>{board['counts'][s]['ok']} / {board['counts'][s]['failed']}</td>" for s in systems) + "</tr>"]
+        f"<td class='num'>{board['counts'][s]['ok']} / {board['counts'][s]['failed']}</td>" for s in systems) + "</tr>",
+        "<tr><td>n truncated (captions past a text encoder's context)</td>" + "".join(
+        f"<td class='num'>{esc(truncation_cell((board.get('truncated') or {}).get(s)))}</td>" for s in systems)
+        + "</tr>"]
     corpus = board.get("corpus") or {}
     for name in corpus_names(corpus):
         rows.append(f"<tr><td><b>{name} (corpus)</b> (higher)</td>" + "".join(
@@ -138,10 +142,12 @@ def write_score_report(run_dir: str | Path, records: Sequence[dict], config, boa
     parts.append(board_html)
     if analysis:
         parts.append(analysis_html(records, analysis))
-    parts.append(gallery(list(records), Images(run_dir, 128), max_items, select=board.get("primary")))
+    items = gallery(list(records), Images(run_dir, 128), max_items, select=board.get("primary"))
+    parts.append(items.html)
     if failed:
         rows = "".join(f"<tr><td>{esc(r.get('id', '?'))}</td><td>{esc(r.get('error', r.get('status')))}</td></tr>"
                        for r in failed[:max_items])
         more = f"<p class='muted'>and {len(failed) - max_items} more.</p>" if len(failed) > max_items else ""
         parts.append(f"<h2>Failed items</h2><table><tr><th>id</th><th>error</th></tr>{rows}</table>{more}")
+    write_gallery_rows(run_dir, items)
     return atomic_write_text(run_dir / "report.html", _page(title, parts, with_script=True))

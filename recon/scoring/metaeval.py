@@ -15,6 +15,10 @@ captions of one image share reconstruction noise); each unit's distinct captions
 :func:`recon.scoring.score_caption_sets` fills one run directory per metric family (``runs/<file>/<metric>``).
 Adding a metric adds a run directory; the others resume without work, and reconstructions come from the cache.
 
+One output directory holds the meta-evaluation of one set of inputs, as a ``recon score`` run does: a run over other
+inputs, in another command's directory or in one a running process holds is refused before anything in it is
+written, naming the user's file or option (:mod:`recon.scoring.metaeval_dir`).
+
 Uncertainty: 95% percentile bootstrap intervals resampling images (a judged image's judgments move together):
 for Kendall's tau each metric is recomputed on the same resamples, which also give paired differences
 between metrics (two-sided bootstrap p); for accuracies :func:`recon.stats.bootstrap_mean` and
@@ -28,12 +32,15 @@ import argparse
 import itertools
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from recon import fingerprint
 from recon.run_args import add_run_args, config_from_args, count
+from recon.scoring.metaeval_dir import INPUTS_DIR, RUNS_DIR, judged_inputs, open_run_dir
 from recon.scoring.metaeval_formats import (
     FORMATS,
     STATISTIC,
@@ -42,8 +49,6 @@ from recon.scoring.metaeval_formats import (
     detect_format,
     read_judgments,
 )
-
-INPUTS_DIR, RUNS_DIR = "inputs", "runs"
 
 
 def register(subparsers) -> None:
@@ -104,6 +109,23 @@ def sources_from_args(files: list[str], images: list[str], refs: list[str], fmt:
     return out
 
 
+def set_names(paths: list[Path]) -> list[str]:
+    """Folder names for judgment files: their stems, made unique. A file the user names is read even when hidden
+    (``.hidden_correctness.csv``): its leading dots (and ``@``) are dropped from the name only."""
+    from recon.scoring.inputs import system_names
+
+    return system_names([p.with_name(p.name.lstrip(".@") or "judgments") for p in paths])
+
+
+def shapes_sources(folder: Path, n: int, seed: int) -> list[Source]:
+    """Write (or reuse) the shapes judgment set of ``n`` scenes in ``folder``; its four files as sources."""
+    from recon.shapes.judgments import write_judgment_set
+
+    paths = write_judgment_set(folder, n, seed)
+    return [Source(paths[f], f, paths["images"], paths["refs"] if f in ("expert", "crowdflower") else None)
+            for f in ("expert", "crowdflower", "pascal50s", "foil")]
+
+
 # ------------------------------------------------------------------------------------------- scoring
 @dataclass
 class Prepared:
@@ -154,6 +176,7 @@ def score(prep: Prepared, config, families: list[str], out: Path, reconstructor,
     """Score ``prep``'s slot files with each metric family in its own run; ``{(system, unit): scores}``."""
     from recon.hub import ModelNotAvailableError
     from recon.scoring.run import score_caption_sets
+    from recon.scoring.tables import truncation_note
 
     scores: dict[tuple[str, str], dict[str, float]] = {}
     for family in families:
@@ -169,6 +192,8 @@ def score(prep: Prepared, config, families: list[str], out: Path, reconstructor,
         failed = [r for r in run.records if r.get("status") != "ok"]
         if failed:
             notes.append(f"{prep.name}/{family}: {len(failed)} captions failed, e.g. {failed[0].get('error')}")
+        if (cut := truncation_note(run.records, f"{prep.name}/{family}")):  # past a text encoder's context
+            notes.append(cut)
         for r in run.records:
             if r.get("status") == "ok":
                 scores.setdefault((r["system"], str(r["image_id"])), {}).update(r.get("scores") or {})
@@ -189,36 +214,30 @@ def _clean(v) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 
 
-def _cluster_index(clusters: np.ndarray) -> list[np.ndarray]:
-    _, codes = np.unique(clusters, return_inverse=True)
-    order = np.argsort(codes, kind="stable")
-    return np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
-
-
 def rating_table(values: dict[str, np.ndarray], human: np.ndarray, clusters: np.ndarray, variant: str,
                  n_resamples: int, seed: int) -> dict:
     """Kendall tau (``variant`` "b" or "c") of each metric with ``human``; CIs and paired differences from one
-    bootstrap over clusters (paired p: ``2 (1 + #{d* beyond 0}) / (B + 1)``). Rows must be finite for every
-    metric (the caller drops the others)."""
-    import warnings
-
+    bootstrap over clusters (paired p: ``2 (1 + #{d* beyond 0}) / (B + 1)``). Each resample's tau is scipy's on the
+    resampled rows, computed for all metrics and resamples at once (:func:`recon.kendall.kendall_tau_resampled`). Rows
+    must be finite for every metric (the caller drops the others)."""
     from scipy.stats import kendalltau
 
     from recon import stats
+    from recon.kendall import kendall_tau_resampled
 
-    def tau(x: np.ndarray, y: np.ndarray) -> float:
-        with warnings.catch_warnings():  # constant inputs: NaN, reported as undefined
-            warnings.simplefilter("ignore")
-            return float(kendalltau(x, y, variant=variant).statistic)
-
-    members = _cluster_index(clusters)
-    rng = np.random.default_rng([seed, 15])
-    draws = [np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
-             for _ in range(n_resamples)]
-    reps = {m: np.array([tau(x[i], human[i]) for i in draws]) for m, x in values.items()}
+    codes = np.unique(clusters, return_inverse=True)[1].ravel()
+    n_clusters = int(codes.max(initial=-1)) + 1
+    rng = np.random.default_rng([seed, 15])  # resample r draws n_clusters clusters with replacement
+    counts = np.array([np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)
+                       for _ in range(n_resamples)], dtype=np.int64).reshape(n_resamples, n_clusters)
+    taus = (kendall_tau_resampled(np.stack(list(values.values())), human, counts, codes, variant)
+            if values and len(human) else np.full((len(values), n_resamples), np.nan))
+    reps = dict(zip(values, taus))
     rows = {}
     for m, x in values.items():
-        res = kendalltau(x, human, variant=variant)
+        with warnings.catch_warnings():  # constant inputs: NaN, reported as undefined
+            warnings.simplefilter("ignore")
+            res = kendalltau(x, human, variant=variant)
         lo, hi = _interval(reps[m], stats.CONFIDENCE)
         rows[m] = {"value": _clean(res.statistic), "low": lo, "high": hi, "n": int(len(x)),
                    "p_value": _clean(res.pvalue)}
@@ -238,13 +257,14 @@ def rating_table(values: dict[str, np.ndarray], human: np.ndarray, clusters: np.
 def pair_table(correct: dict[str, np.ndarray], categories: np.ndarray, clusters: np.ndarray,
                names: list[str], n_resamples: int, seed: int) -> dict:
     """Accuracy per category and over all pairs. Per-image sums scaled by (images / pairs) make
-    :func:`recon.stats.bootstrap_mean` and :func:`recon.stats.paired_test` resample images while their mean
-    stays the pooled accuracy (difference)."""
+    :func:`recon.stats.bootstrap_mean` and :func:`recon.stats.paired_tests` resample images while their mean
+    stays the pooled accuracy (difference); the paired tests of all metric pairs share one set of draws."""
     from recon import stats
 
     def per_cluster(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        members = _cluster_index(clusters[mask])
-        return np.array([x[mask][i].sum() for i in members]) * len(members) / max(int(mask.sum()), 1)
+        codes = np.unique(clusters[mask], return_inverse=True)[1].ravel()
+        n_clusters = int(codes.max(initial=-1)) + 1
+        return np.bincount(codes, weights=x[mask], minlength=n_clusters) * n_clusters / max(int(mask.sum()), 1)
 
     groups = {"all": np.ones(len(categories), bool), **{c: categories == c for c in names}}
     rows = {m: {g: stats.bootstrap_mean(per_cluster(x, mask), n_resamples, seed=[seed, j, k]).to_dict()
@@ -254,10 +274,12 @@ def pair_table(correct: dict[str, np.ndarray], categories: np.ndarray, clusters:
         for g, mask in groups.items():
             if g in rows[m]:
                 rows[m][g]["n"] = int(mask.sum())
-    paired = [{"a": a, "b": b, **stats.paired_test(per_cluster(correct[a], groups["all"]),
-                                                   per_cluster(correct[b], groups["all"]), n_resamples,
-                                                   seed=[seed, 99]).to_dict()}
-              for a, b in itertools.combinations(correct, 2)]
+    names_ = list(correct)
+    pairs = list(itertools.combinations(range(len(names_)), 2))
+    columns = (np.stack([per_cluster(correct[m], groups["all"]) for m in names_], axis=1) if names_
+               else np.zeros((0, 0)))
+    paired = [{"a": names_[i], "b": names_[j], **t.to_dict()}
+              for (i, j), t in zip(pairs, stats.paired_tests(columns, pairs, n_resamples, seed=[seed, 99]))]
     return {"rows": rows, "paired": paired}
 
 
@@ -306,30 +328,61 @@ def evaluate_set(fmt: str, preps: list[Prepared], scores: list[dict], n_resample
             "n_images": len({c for c in clusters})}
 
 
-def meta_evaluate(config, sources: list[Source], out: str | Path, metrics: str | None = None,
-                  limit: int | None = None, pascal_refs: int = 5, clip_prefix: str = "", n_resamples: int = 1000,
-                  progress: bool = True, retry_failed: bool = False, reconstructor=None) -> dict:
-    """Score every judgment file and compare each metric with the judgments; writes ``metaeval.{json,md,html}``
-    into ``out`` and returns the json."""
-    from recon import stats
-    from recon.data import atomic_write_text
-    from recon.jobs import make_cache
-    from recon.pipeline import Reconstructor
-    from recon.scoring import caption_metrics as cm
-    from recon.scoring.inputs import system_names
+def read_sources(sources: list[Source], limit: int | None, pascal_refs: int, seed: int,
+                 notes: list[str]) -> list[Judgments]:
+    """Every source's judgments (reference files read once each); readers' notes are added to ``notes``."""
     from recon.scoring.metaeval_formats import read_references
-    from recon.scoring.run import parse_metrics
 
-    out = Path(out)
-    refs_by_path, loaded, notes = {}, [], []
+    refs_by_path, loaded = {}, []
     for s in sources:
         if s.refs is not None and s.format in ("pascal50s", "foil"):
             notes.append(f"{s.path.name}: --refs not used ({s.format} files carry their own references)")
         elif s.refs is not None and s.refs not in refs_by_path:
             refs_by_path[s.refs] = read_references(s.refs)
+            notes += refs_by_path[s.refs].notes
         refs = refs_by_path.get(s.refs) if s.format not in ("pascal50s", "foil") else None
-        loaded.append(read_judgments(s.path, s.format, refs, pascal_refs, config.run.seed).limit(limit))
-    names = system_names([s.path for s in sources])
+        loaded.append(read_judgments(s.path, s.format, refs, pascal_refs, seed).limit(limit))
+    return loaded
+
+
+def meta_evaluate(config, sources: list[Source] | None, out: str | Path, metrics: str | None = None,
+                  limit: int | None = None, pascal_refs: int = 5, clip_prefix: str = "", n_resamples: int = 1000,
+                  progress: bool = True, retry_failed: bool = False, reconstructor=None,
+                  shapes: int | None = None) -> dict:
+    """Score every judgment file and compare each metric with the judgments; writes ``metaeval.{json,md,html}``
+    into ``out`` and returns the json. ``shapes``: instead of ``sources``, the shapes judgment set of that many
+    scenes, written to ``out/judgments``. The judgments are read, and ``out`` locked and checked
+    (:func:`open_run_dir`), before anything is written there."""
+    out = Path(out)
+    settings = {"limit": limit, "pascal_refs": pascal_refs, "clip_prefix": clip_prefix}
+    notes: list[str] = []
+    if shapes is None:
+        loaded = read_sources(sources, limit, pascal_refs, config.run.seed, notes)
+        lock = open_run_dir(out, config, {**judged_inputs(sources), **settings})
+    else:
+        lock = open_run_dir(out, config, {"shapes": shapes, **settings})
+    try:
+        if shapes is not None:
+            sources = shapes_sources(out / "judgments", shapes, config.run.seed)
+            loaded = read_sources(sources, limit, pascal_refs, config.run.seed, notes)
+        return _evaluate(config, sources, loaded, out, notes, metrics, limit, clip_prefix, n_resamples, progress,
+                         retry_failed, reconstructor)
+    finally:
+        lock.close()
+
+
+def _evaluate(config, sources: list[Source], loaded: list[Judgments], out: Path, notes: list[str],
+              metrics: str | None, limit: int | None, clip_prefix: str, n_resamples: int, progress: bool,
+              retry_failed: bool, reconstructor) -> dict:
+    from recon import stats
+    from recon.data import atomic_write_text
+    from recon.jobs import make_cache
+    from recon.pipeline import Reconstructor
+    from recon.scoring import caption_metrics as cm
+    from recon.scoring.metaeval_report import metaeval_html, metaeval_markdown
+    from recon.scoring.run import parse_metrics
+
+    names = set_names([s.path for s in sources])
     preps = [prepare(n, s, j, out / INPUTS_DIR / n) for n, s, j in zip(names, sources, loaded)]
     have_refs = any(c.refs for j in loaded for c in j.candidates())
     families = parse_metrics(metrics, have_refs)
@@ -341,6 +394,8 @@ def meta_evaluate(config, sources: list[Source], out: str | Path, metrics: str |
               for p in preps]
     if not any(scores):
         raise RuntimeError(f"no metric could be scored ({'; '.join(notes)})")
+    if note := fingerprint.differences_note(sorted((out / RUNS_DIR).glob("*/*"))):
+        notes.append(note)
     result = {"config": config.name, "seed": config.run.seed, "limit": limit, "n_resamples": n_resamples,
               "confidence": stats.CONFIDENCE, "families": families, "notes": notes, "sets": {}}
     for fmt in dict.fromkeys(s.format for s in sources):
@@ -348,8 +403,6 @@ def meta_evaluate(config, sources: list[Source], out: str | Path, metrics: str |
         result["sets"][fmt] = evaluate_set(fmt, [preps[i] for i in idx], [scores[i] for i in idx], n_resamples,
                                            config.run.seed)
     atomic_write_text(out / "metaeval.json", json.dumps(result, indent=1) + "\n")
-    from recon.scoring.metaeval_report import metaeval_html, metaeval_markdown
-
     atomic_write_text(out / "metaeval.md", metaeval_markdown(result))
     atomic_write_text(out / "metaeval.html", metaeval_html(result))
     return result
@@ -359,18 +412,15 @@ def run_metaeval(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     out = Path(args.out or f"runs/metaeval-{config.name}")
     if args.shapes is not None:
-        from recon.shapes.judgments import write_judgment_set
-
         if args.judgments or args.images or args.refs:
             raise ValueError("--shapes N writes its own judgment files, images and references; pass either "
                              "judgment files or --shapes")
-        paths = write_judgment_set(out / "judgments", args.shapes, config.run.seed)
-        sources = [Source(paths[f], f, paths["images"], paths["refs"] if f in ("expert", "crowdflower") else None)
-                   for f in ("expert", "crowdflower", "pascal50s", "foil")]
+        sources = None
     else:
         sources = sources_from_args(args.judgments, args.images, args.refs, args.format)
     res = meta_evaluate(config, sources, out, args.metrics, args.limit, args.pascal_refs, args.clip_prefix,
-                        args.resamples, progress=not args.no_progress, retry_failed=args.retry_failed)
+                        args.resamples, progress=not args.no_progress, retry_failed=args.retry_failed,
+                        shapes=args.shapes)
     for note in res["notes"]:
         print(f"recon: {note}", file=sys.stderr)
     print(json.dumps({"out": str(out), "sets": {k: {"statistic": s["statistic"], "n": s["n"], "best": s["order"][:3],
