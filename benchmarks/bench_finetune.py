@@ -187,8 +187,9 @@ def _run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
     from recon.train.bridge import SoftTokenBridge, vocab_index
     from recon.train.config import load_finetune_config
     from recon.train.data import make_pairs
+    from recon.train.diffusion import Diffusion
     from recon.train.joint import enable_checkpointing, image_sim_metrics, load_roles
-    from recon.train.losses import Diffusion, JointObjective
+    from recon.train.losses import JointObjective
 
     torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])

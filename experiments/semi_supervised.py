@@ -14,6 +14,12 @@ fixed pool of labelled pairs (``data.labelled_pairs``) and, per arm, unpaired da
   both          t2i2t + i2t2i
   pseudo_label  + unlabelled images labelled by the generator: of 8 sampled captions the one under which the UNet
                 denoises the image best (no gradient through the generator) -- the control for i2t2i
+  best_of_n_recon  + unlabelled images labelled by reconstruction: of the captioner's candidates the one whose
+                render (the generator's sample, no gradient) is most similar to the image (CLIP) -- captioner NLL on it
+  dpo_recon     + the same ranking as a preference: DPO on the best vs the worst candidate against the captioner with
+                its LoRA disabled
+  task_3x       task for three times the steps: the compute-matched control of the costlier arms (with model
+                selection, more steps can only help it)
 
 Experiments (``--experiment``):
 
@@ -23,11 +29,24 @@ Experiments (``--experiment``):
   e3  weak generator (``--generator``: a UNet trained for a cut recipe), full captioner frozen (a critic): arms
       denoise (task loss only) / t2i2t_onestep (+ text -> one-step x0 at t <= 500 -> captioner NLL) / image_sim
       (+ image -> soft caption -> sampled reconstruction -> 1 - CLIP cosine); every term on every micro-batch
+  e4  the captioner reward (issue 23): E1's weak captioner; arms task, task_3x, pseudo_label, best_of_n_recon,
+      dpo_recon, i2t2i, all candidates from the same width-4 beam search; model selection for every arm
+  e5  the generator reward: E3's weak generator and frozen full captioner; arms denoise, t2i2t_onestep,
+      diffusion_dpo (two samples per caption ranked by the captioner's likelihood of it); model selection by the
+      held-out denoising loss
+  e1r E1 re-checked with model selection: task, task_3x, t2i2t_nograd, t2i2t
+
+Model selection (e4, e5, e1r; the same rule for every arm, fixed before the runs): the last fifth of the labelled pool
+(``data.selection_pairs``) is held out of training, a checkpoint is kept every ``--select-every`` steps, and the
+adapters evaluated are those of the checkpoint (or the untrained start) with the lowest held-out loss
+(recon.train.selection). Each arm's ``eval.json`` records its compute: optimizer steps, training CPU-seconds of its
+process, and the captioner examples it read with gradient (in the whole run and up to the selected step).
 
 Evaluation (fixed scenes for every arm and seed, so arms are paired): caption tuple / attribute accuracy of beam-3
 captions of ``--n`` test scenes (and held-out scenes), parsed back exactly; generator judge accuracy of images
-generated from the reference captions (DDIM 20, guidance 5), read by the bundle's judge. Intervals: two-way
-bootstrap over training seeds and scenes (recon.stats.seeds_by_items_bootstrap), paired to ``task``.
+generated from the reference captions (DDIM 20, guidance 5), read by the bundle's judge. Intervals over training
+seeds and scenes, paired to the baseline: ``--interval t`` (default; recon.stats.seeds_by_items_t_interval, which
+covers at 3-5 seeds) or ``bootstrap`` (the two-way bootstrap of the earlier tables, too narrow at few seeds).
 
     python experiments/semi_supervised.py --out runs/semi-e1 --experiment e1 --labelled 200 --seeds 0,1,2 --jobs 2
     python experiments/semi_supervised.py --out runs/semi-e1 --report-only      # tables and plot of what is done
@@ -61,9 +80,18 @@ ARMS = {
              "data.unlabelled_images=shapes"],
     "pseudo_label": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.pseudo_label=1", "data.unlabelled_images=shapes"],
 }
+# issue 23's arms: E4 (captioner reward) and the compute-matched control of E4 and E1r
+REWARD_ARMS = {
+    "best_of_n_recon": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.best_of_n_recon=1", "data.unlabelled_images=shapes"],
+    "dpo_recon": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.dpo_recon=1", "data.unlabelled_images=shapes"],
+    "task_3x": ["loss.i2t2i=0", "loss.t2i2t=0"],
+}
+STEP_FACTORS = {"task_3x": 3}  # arms trained for a multiple of the experiment's steps
 # paired contrasts reported beside the differences to the baseline: (arm, control)
 CONTRASTS = (("t2i2t", "t2i2t_nograd"), ("i2t2i", "pseudo_label"), ("t2i2t_nograd_w0.25", "t2i2t_nograd"),
-             ("image_sim", "t2i2t_onestep"))
+             ("image_sim", "t2i2t_onestep"), ("best_of_n_recon", "pseudo_label"), ("dpo_recon", "pseudo_label"),
+             ("dpo_recon", "best_of_n_recon"), ("best_of_n_recon", "task_3x"), ("dpo_recon", "task_3x"),
+             ("t2i2t_nograd", "task_3x"), ("diffusion_dpo", "t2i2t_onestep"))
 E3_COMMON = ["captioner_lora.targets=none", "loss.caption_nll=0", "loss.i2t2i=0", "loss.schedule=sum",
              "train.grad_accum=1"]
 E3_ARMS = {
@@ -72,6 +100,15 @@ E3_ARMS = {
                                   "loss.image_sim=0"],
     "image_sim": E3_COMMON + ["loss.t2i2t=0", "loss.image_sim=1"],
 }
+E5_ARMS = {arm: E3_ARMS[arm] for arm in ("denoise", "t2i2t_onestep")} | {
+    "diffusion_dpo": E3_COMMON + ["loss.t2i2t=0", "loss.image_sim=0", "loss.diffusion_dpo=1"],
+}
+# E4's candidates: the 4 beams of a width-4 beam search for every ranked arm (E1's pseudo_label setting), so ranking
+# by reconstruction and ranking by denoising error choose among the same captions
+E4_CANDIDATES = ["loss.pseudo_label_decoding.method=beam", "loss.pseudo_label_decoding.num_beams=4",
+                 "loss.pseudo_label_candidates=4", "loss.recon_reward_decoding.method=beam",
+                 "loss.recon_reward_decoding.num_beams=4", "loss.recon_reward_candidates=4",
+                 "loss.recon_reward_metric.model={bundle}/clip"]
 EXPERIMENTS = {
     "e1": {"captioner": "captioner_weak", "extra": [], "splits": ("test", "heldout"), "judge_splits": ("test",),
            "arms": ARMS, "baseline": "task"},
@@ -80,7 +117,18 @@ EXPERIMENTS = {
            "arms": ARMS, "baseline": "task"},
     "e3": {"captioner": "captioner", "extra": [], "splits": (), "judge_splits": ("test", "heldout"),
            "arms": E3_ARMS, "baseline": "denoise"},
+    "e4": {"captioner": "captioner_weak", "extra": E4_CANDIDATES, "splits": ("test", "heldout"),
+           "judge_splits": ("test",), "baseline": "task", "select": "caption_nll",
+           "arms": {a: (ARMS | REWARD_ARMS)[a] for a in ("task", "task_3x", "pseudo_label", "best_of_n_recon",
+                                                         "dpo_recon", "i2t2i")}},
+    "e5": {"captioner": "captioner", "extra": [], "splits": (), "judge_splits": ("test", "heldout"),
+           "arms": E5_ARMS, "baseline": "denoise", "select": "denoise"},
+    "e1r": {"captioner": "captioner_weak", "extra": [], "splits": ("test", "heldout"), "judge_splits": ("test",),
+            "baseline": "task", "select": "caption_nll",
+            "arms": {a: (ARMS | REWARD_ARMS)[a] for a in ("task", "task_3x", "t2i2t_nograd", "t2i2t")}},
 }
+SELECT_EVERY = 25  # optimizer steps between the checkpoints model selection chooses from
+SELECTION_FRACTION = 5  # the last 1/5 of the labelled pool is held out for model selection
 EVAL_STREAM = 2_000_003  # the test / held-out stream of experiments/joint_finetune.py; no training stream is here
 EVAL_SEED = 0  # the scenes are the same for every arm and training seed
 METRICS = ("caption_tuple_acc", "caption_attr_acc", "judge_tuple_acc")
@@ -92,14 +140,24 @@ def log(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- one arm
 def arm_overrides(bundle: Path, experiment: str, arm: str, labelled: int, seed: int, steps: int | None,
-                  generator: Path | None = None, extra: list[str] = ()) -> list[str]:
+                  generator: Path | None = None, extra: list[str] = (), select_every: int = SELECT_EVERY) -> list[str]:
     spec = EXPERIMENTS[experiment]
     sets = [f"captioner.model={bundle / spec['captioner']}", f"generator.model={generator or bundle / 'generator'}",
             f"validation.metric.model={bundle / 'clip'}", f"loss.image_sim_terms.clip_metric.model={bundle / 'clip'}",
             "validation.every=0", "validation.final=false", "train.report_to=none", "train.threads=1",
-            f"data.labelled_pairs={labelled or 'null'}", f"train.seed={seed}", *spec["extra"],
-            *spec["arms"].get(arm, []), *extra]
-    return sets + ([f"train.steps={steps}"] if steps else [])
+            f"data.labelled_pairs={labelled or 'null'}", f"train.seed={seed}",
+            *(x.format(bundle=bundle) for x in spec["extra"]), *spec["arms"].get(arm, [])]
+    if spec.get("select"):
+        if not labelled:
+            raise ValueError(f"--experiment {experiment} selects models on a held-out slice of the labelled pool: "
+                             "pass --labelled N (not 0)")
+        sets += [f"data.selection_pairs={max(1, labelled // SELECTION_FRACTION)}",
+                 f"train.checkpoint_every={select_every}", "train.checkpoints_total_limit=100000"]
+    if arm in STEP_FACTORS:
+        from recon.train.config import load_finetune_config
+
+        steps = (steps or load_finetune_config("finetune-shapes").train.steps) * STEP_FACTORS[arm]
+    return sets + [*extra] + ([f"train.steps={steps}"] if steps else [])
 
 
 def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle: Path,
@@ -138,8 +196,11 @@ def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle:
 
 
 def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: int, steps: int | None,
-            bundle: Path, generator: Path | None = None, extra: list[str] = ()) -> dict:
-    """Train (resumably) and evaluate one arm; ``eval.json`` in its run directory marks it done."""
+            bundle: Path, generator: Path | None = None, extra: list[str] = (), select_every: int = SELECT_EVERY,
+            eval_final: bool = False) -> dict:
+    """Train (resumably), select (if the experiment does) and evaluate one arm; ``eval.json`` marks it done.
+    ``eval_final``: with selection, also evaluate the last step's adapters (keys ``final/...``; the selected ones'
+    results again when the last step was selected)."""
     import torch
 
     from recon.train.config import load_finetune_config
@@ -147,25 +208,53 @@ def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: i
 
     torch.set_num_threads(1)
     cfg = load_finetune_config("finetune-shapes", arm_overrides(bundle, experiment, arm, labelled, seed, steps,
-                                                                generator, extra))
+                                                                generator, extra, select_every))
+    spec = EXPERIMENTS[experiment]
     adapter = lora = None
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
+    compute: dict = {}
     if arm != "start":
         summary = finetune(cfg, out)
-        adapter, lora = str(out / "captioner_adapter"), str(out / "sd_lora")
+        compute = {"steps": summary["step"], "train_process_cpu_s": round(time.process_time() - cpu0, 1)}
+        run = out
+        if spec.get("select"):
+            from recon.train.selection import SELECTED_DIR, select_checkpoint
+
+            cpu1 = time.process_time()
+            chosen = select_checkpoint(cfg, out, spec["select"])
+            run = out / SELECTED_DIR
+            compute |= {"selected_step": chosen["best_step"], "selection_criterion": chosen["criterion"],
+                        "selection_process_cpu_s": round(time.process_time() - cpu1, 1)}
+        compute |= captioner_examples(out, compute.get("selected_step"))
+        adapter, lora = str(run / "captioner_adapter"), str(run / "sd_lora")
     train_s = time.time() - t0
-    spec = EXPERIMENTS[experiment]
     result = evaluate(cfg, adapter if cfg.captioner_lora.targets != "none" else None, lora, n, spec["splits"],
                       bundle, spec["judge_splits"])
+    if eval_final and "selected_step" in compute:
+        final = result if compute["selected_step"] == compute["steps"] else evaluate(
+            cfg, str(out / "captioner_adapter") if cfg.captioner_lora.targets != "none" else None,
+            str(out / "sd_lora"), n, spec["splits"], bundle, spec["judge_splits"])
+        result |= {f"final/{k}": v for k, v in final.items()}
     record = {"experiment": experiment, "arm": arm, "labelled": labelled, "seed": seed, "n": n,
-              "train_cpu_s": round(train_s, 1), "eval_cpu_s": round(time.time() - t0 - train_s, 1), **result}
-    if arm != "start":
-        record["steps"] = summary["step"]
+              "train_cpu_s": round(train_s, 1), "eval_cpu_s": round(time.time() - t0 - train_s, 1), **compute,
+              **result}
     from recon.data import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(record))
     return record
+
+
+def captioner_examples(out: Path, selected_step: int | None = None) -> dict:
+    """The captioner examples read with gradient (metrics.jsonl's per-step counts), in the run and up to the
+    selected step."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    total = sum(int(r.get("captioner_examples", 0)) for r in records)
+    found = {"captioner_examples": total}
+    if selected_step is not None:
+        found["captioner_examples_selected"] = sum(int(r.get("captioner_examples", 0)) for r in records
+                                                   if r["step"] <= selected_step)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -177,14 +266,32 @@ def fmt(e) -> str:
     return f"{100 * e.diff:5.1f} [{100 * e.low:5.1f}, {100 * e.high:5.1f}]"
 
 
-def report(root: Path) -> str:
-    """Markdown tables: per labelled size and arm, mean over seeds with CIs; paired differences to ``task``."""
-    from recon.stats import seeds_by_items_bootstrap
+def compute_cells(runs: list[dict]) -> str:
+    """An arm's compute, mean over its seeds: CPU-minutes of training, optimizer steps and captioner examples (k)
+    of the run, each with the selected checkpoint's in parentheses where a model was selected."""
+    def mean(key):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
 
+    cpu, steps, chosen = mean("train_process_cpu_s"), mean("steps"), mean("selected_step")
+    examples, examples_chosen = mean("captioner_examples"), mean("captioner_examples_selected")
+    cells = [f"{cpu / 60:.1f}" if cpu is not None else "-",
+             "-" if steps is None else f"{steps:.0f}" + (f" ({chosen:.0f})" if chosen is not None else ""),
+             "-" if examples is None else f"{examples / 1000:.1f}" + (
+                 f" ({examples_chosen / 1000:.1f})" if examples_chosen is not None else "")]
+    return " | ".join(cells)
+
+
+def report(root: Path, interval: str = "t") -> str:
+    """Markdown tables: per labelled size and arm, mean over seeds with CIs and compute; paired differences to the
+    baseline. ``interval``: ``t`` (seeds_by_items_t_interval) or ``bootstrap`` (seeds_by_items_bootstrap)."""
+    from recon.stats import SEED_INTERVALS
+
+    seeds_by_items = SEED_INTERVALS[interval]
     records = load_records(root)
     if not records:
         return "no finished arms yet"
-    keys = [k for k in records[0] if k.endswith(METRICS) and isinstance(records[0][k], list)]
+    keys = list(dict.fromkeys(k for r in records for k in r if k.endswith(METRICS) and isinstance(r[k], list)))
     spec = EXPERIMENTS[records[0].get("experiment", "e1")]
     base = spec["baseline"]
     by = {}
@@ -195,18 +302,21 @@ def report(root: Path) -> str:
         arms = by[labelled]
         order = [a for a in ("start", *spec["arms"]) if a in arms]
         lines += [f"### {labelled or 'unlimited'} labelled pairs", "",
-                  "| arm | seeds | " + " | ".join(k.replace("/", " ") + " %" for k in keys) + " | train wall-min |",
-                  "| --- | --- |" + " --- |" * len(keys) + " --- |"]
+                  "| arm | seeds | " + " | ".join(k.replace("/", " ") + " %" for k in keys) +
+                  " | train wall-min | train CPU-min | optimizer steps (selected) | captioner examples k (selected) |",
+                  "| --- | --- |" + " --- |" * len(keys) + " --- | --- | --- | --- |"]
         grids = {}
         for arm in order:
             seeds = sorted(arms[arm])
-            grids[arm] = {k: np.array([arms[arm][s][k] for s in seeds]) for k in keys}
+            grids[arm] = {k: np.array([arms[arm][s][k] for s in seeds]) for k in keys
+                          if all(k in arms[arm][s] for s in seeds)}  # final/...: only arms that selected a model
             minutes = np.mean([arms[arm][s]["train_cpu_s"] for s in seeds]) / 60
-            cells = [fmt(seeds_by_items_bootstrap(grids[arm][k])) for k in keys]
-            lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+            cells = [fmt(seeds_by_items(grids[arm][k])) if k in grids[arm] else "-" for k in keys]
+            lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + f" | {minutes:.1f} | "
+                         + compute_cells([arms[arm][s] for s in seeds]) + " |")
         if base in arms:
             lines += ["", f"Differences to `{base}` (points; 95% CI over seeds and scenes, paired on shared seeds; "
-                      "bootstrap p):", "", "| arm | " + " | ".join(k.replace("/", " ") for k in keys) + " |",
+                      f"{'t-test' if interval == 't' else 'bootstrap'} p):", "", "| arm | " + " | ".join(k.replace("/", " ") for k in keys) + " |",
                       "| --- |" + " --- |" * len(keys)]
             pairs = [(arm, base) for arm in order if arm not in (base, "start")]
             pairs += [(a, b) for a, b in CONTRASTS if a in arms and b in arms]
@@ -216,23 +326,27 @@ def report(root: Path) -> str:
                     continue
                 cells = []
                 for k in keys:
-                    t = seeds_by_items_bootstrap(np.array([arms[arm][s][k] for s in shared]),
-                                                 np.array([arms[control][s][k] for s in shared]))
+                    if not all(k in arms[a][s] for a in (arm, control) for s in shared):
+                        cells.append("-")
+                        continue
+                    t = seeds_by_items(np.array([arms[arm][s][k] for s in shared]),
+                                       np.array([arms[control][s][k] for s in shared]))
                     cells.append(f"{100 * t.diff:+.1f} [{100 * t.low:+.1f}, {100 * t.high:+.1f}] p={t.p_value:.3f}")
                 lines.append(f"| {arm if control == base else f'{arm} - {control}'} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc") -> Path | None:
+def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc", interval: str = "t") -> Path | None:
     """Accuracy per arm (mean over seeds, 95% CI) against labelled pairs (a line per arm; bars for one size)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from recon.stats import seeds_by_items_bootstrap
+    from recon.stats import SEED_INTERVALS
 
+    seeds_by_items = SEED_INTERVALS[interval]
     start = [r for r in load_records(root) if r["arm"] == "start" and metric in r]
     records = [r for r in load_records(root) if r["arm"] != "start" and metric in r]
     if not records:
@@ -246,7 +360,7 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc") -> Path
         for size in sizes:
             grid = [r[metric] for r in records if r["arm"] == arm and r["labelled"] == size]
             if grid:
-                e = seeds_by_items_bootstrap(np.array(grid))
+                e = seeds_by_items(np.array(grid))
                 xs.append(size if len(sizes) > 1 else i)
                 ys.append(100 * e.diff)
                 lo.append(100 * (e.diff - e.low))
@@ -287,7 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--generator", type=Path, default=None, help="generator dir (default: the bundle's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every arm")
-    parser.add_argument("--metric", default=None, help="plotted metric (default: caption tuple acc; e3: judge)")
+    parser.add_argument("--metric", default=None, help="plotted metric (default: caption tuple acc; e3, e5: judge)")
+    parser.add_argument("--interval", choices=("t", "bootstrap"), default="t",
+                        help="seeds x scenes interval (t: covers at few seeds; bootstrap: the earlier tables')")
+    parser.add_argument("--select-every", type=int, default=SELECT_EVERY,
+                        help="steps between the checkpoints model selection chooses from (e4, e5, e1r)")
+    parser.add_argument("--eval-final", action="store_true",
+                        help="with model selection, also evaluate each arm's last step (columns final/...)")
     parser.add_argument("--one", nargs=3, metavar=("ARM", "LABELLED", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -297,10 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:  # a worker: one arm in this process
         arm, labelled, seed = args.one[0], int(args.one[1]), int(args.one[2])
         r = run_arm(args.out / f"l{labelled}" / arm / f"seed{seed}", args.experiment, arm, labelled, seed, args.n,
-                    args.steps, bundle, args.generator, args.overrides)
+                    args.steps, bundle, args.generator, args.overrides, args.select_every, args.eval_final)
         log(f"{arm} l{labelled} seed{seed}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items()
                                                          if k.endswith(METRICS)))
         return 0
+    failures = 0
     if not args.report_only:
         jobs = [("start", int(labelled), 0) for labelled in args.labelled.split(",")][:1]
         jobs += [(arm, int(labelled), int(seed)) for labelled in args.labelled.split(",")
@@ -315,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.n), "--bundle", str(bundle), "--one", arm, str(labelled), str(seed)]
             cmd += ["--steps", str(args.steps)] if args.steps else []
             cmd += ["--generator", str(args.generator)] if args.generator else []
+            cmd += ["--select-every", str(args.select_every)] + (["--eval-final"] if args.eval_final else [])
             cmd += [x for o in args.overrides for x in ("--set", o)]
             logfile = args.out / f"l{labelled}" / arm / f"seed{seed}.log"
             logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -327,14 +449,18 @@ def main(argv: list[str] | None = None) -> int:
             failures = sum(rc != 0 for rc in pool.map(work, pending))
         if failures:
             log(f"{failures} arm(s) failed; rerun to retry them")
-    md = report(args.out)
+    if not load_records(args.out):  # never a report of empty tables
+        print(f"semi_supervised: error: {args.out}: no finished arm to report (each arm's log: "
+              f"{args.out}/l*/ARM/seed*.log)", file=sys.stderr)
+        return 2
+    md = report(args.out, args.interval)
     (args.out / "results.md").write_text(md + "\n")
     done = load_records(args.out)  # --report-only needs no --experiment: the records name theirs
     experiment = done[0].get("experiment", args.experiment) if done else args.experiment
-    metric = args.metric or ("test/judge_tuple_acc" if experiment == "e3" else "test/caption_tuple_acc")
-    plot(args.out, args.out / f"{metric.replace('/', '_')}.png", metric)
+    metric = args.metric or ("test/judge_tuple_acc" if experiment in ("e3", "e5") else "test/caption_tuple_acc")
+    plot(args.out, args.out / f"{metric.replace('/', '_')}.png", metric, args.interval)
     print(md)
-    return 0
+    return 1 if not args.report_only and failures else 0
 
 
 if __name__ == "__main__":

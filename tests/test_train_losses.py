@@ -9,15 +9,16 @@ import torch
 
 from recon.train.config import LossConfig, SamplerConfig, load_finetune_config
 
-ALL_OFF = dict(caption_nll=0.0, denoise=0.0, i2t2i=0.0, t2i2t=0.0, image_sim=0.0)
+ALL_OFF = dict(caption_nll=0.0, denoise=0.0, i2t2i=0.0, t2i2t=0.0, image_sim=0.0, pseudo_label=0.0,
+               best_of_n_recon=0.0, dpo_recon=0.0, diffusion_dpo=0.0)
 
 
 def build_parts(config: str) -> dict:
     """A finetune config's roles with LoRA on both models, the bridge, the diffusion helper, the metrics."""
     from recon import hub
     from recon.train.bridge import SoftTokenBridge, vocab_index
+    from recon.train.diffusion import Diffusion
     from recon.train.joint import image_sim_metrics, load_roles
-    from recon.train.losses import Diffusion
 
     cfg = load_finetune_config(config)
     captioner, pipe = load_roles(cfg, torch.device("cpu"), torch.float32)
@@ -297,3 +298,199 @@ def test_pseudo_labels_pick_the_caption_the_generator_denoises_best(flamingo_par
     terms.total.backward()
     assert nonzero(lora_grads(parts["captioner"].model)) and none_or_zero(lora_grads(parts["pipe"].unet))
     zero(parts)
+
+
+# ----------------------------------------------------------------------------------------------- rewards (issue 23)
+def test_preference_losses_equal_the_papers_formulas_on_hand_computed_numbers():
+    from recon.train.losses import diffusion_preference_loss, preference_loss
+
+    # h = (logpi_w - logref_w) - (logpi_l - logref_l) = (-1 - -2) - (-3 - -2.5) = 1.5
+    pw = torch.tensor([-1.0], requires_grad=True)
+    args = (pw, torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]))
+    dpo = preference_loss(*args, beta=0.5)
+    assert float(dpo.detach()) == pytest.approx(0.386871, abs=1e-6)  # -log sigmoid(0.75) = log(1 + e^-0.75)
+    dpo.sum().backward()
+    assert float(pw.grad) == pytest.approx(-0.160411, abs=1e-6)  # -beta * sigmoid(-beta h) = -0.5 * 0.320821
+    assert float(preference_loss(*args, beta=0.5, form="ipo").detach()) == pytest.approx(0.25)  # (1.5 - 1 / (2 * 0.5))^2
+    # Diffusion-DPO: (err_w - ref_w) - (err_l - ref_l) = (0.10 - 0.12) - (0.20 - 0.15) = -0.07; -beta * it = 0.7
+    loss = diffusion_preference_loss(torch.tensor([0.10]), torch.tensor([0.12]), torch.tensor([0.20]),
+                                     torch.tensor([0.15]), beta=10.0)
+    assert float(loss) == pytest.approx(0.403186, abs=1e-6)  # -log sigmoid(0.7)
+    with pytest.raises(ValueError, match="ipo"):
+        preference_loss(*args, beta=0.5, form="kto")
+
+
+def with_reward_metric(obj, parts):
+    obj.metrics = {**obj.metrics, "recon_reward": parts["metrics"]["clip"]}
+    return obj
+
+
+def zero_lora_b(module) -> dict[str, torch.Tensor]:
+    """Set every LoRA B to 0 (the policy equals its reference); returns the old values."""
+    saved = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_B" in n}
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if n in saved:
+                p.zero_()
+    return saved
+
+
+def restore(module, saved):
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if n in saved:
+                p.copy_(saved[n])
+
+
+def test_dpo_recon_starts_at_log_2_against_the_disabled_lora_and_trains_the_captioner_only(parts, monkeypatch):
+    """At LoRA B = 0 the policy is its reference (peft's disable_adapter), so DPO = log 2 whatever the pair; its
+    gradient reaches the captioner's LoRA, never the UNet; best_of_n_recon rides on the same policy pass."""
+    cap = parts["captioner"].model
+    offered = [["a red circle", "a blue square", "a green triangle"]]
+    monkeypatch.setattr(parts["captioner"], "caption", lambda images, k, decoding, seeds: offered * len(images))
+    saved = zero_lora_b(cap)
+    try:
+        obj = with_reward_metric(objective(parts, dpo_recon=1.0, best_of_n_recon=1.0), parts)
+        obj.loss.recon_reward_candidates = 3
+        images, captions = batch()
+        unlabelled, _ = batch(n=2, seed=5)
+        zero(parts)
+        terms = obj(images, captions, "image", torch.Generator().manual_seed(0), unlabelled=unlabelled)
+        assert set(terms.values) == {"dpo_recon", "best_of_n_recon"}
+        assert terms.values["dpo_recon"] == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-5)
+        assert terms.captioner_examples == 2  # regularizer_items=1 image: its chosen and rejected caption
+        assert cap.training  # ranked and scored in eval mode, restored
+        terms.total.backward()
+        assert nonzero({n: g for n, g in lora_grads(cap).items() if "lora_B" in n})
+        assert none_or_zero(lora_grads(parts["pipe"].unet))
+    finally:
+        restore(cap, saved)
+        zero(parts)
+
+
+def test_reconstruction_ranking_renders_each_distinct_caption_once_from_shared_noise(parts, monkeypatch):
+    obj = with_reward_metric(objective(parts, best_of_n_recon=1.0), parts)
+    d = parts["diffusion"]
+    rendered = []
+    real = d.sample
+    monkeypatch.setattr(d, "sample", lambda states, g, cfg, noise=None: rendered.append(noise) or
+                        real(states, g, cfg, noise=noise))
+    images, _ = batch(n=2)
+    candidates = [["a red circle", "a red circle", "a blue square"], ["a blue square"] * 3]
+    scores = obj.reconstruction_scores(images, candidates, torch.Generator().manual_seed(0))
+    (noise,) = rendered
+    assert scores.shape == (2, 3) and noise.shape[0] == 3  # 2 distinct captions of image 0, 1 of image 1
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])  # one noise per image
+    assert scores[0, 0] == scores[0, 1] and len(set(scores[1].tolist())) == 1
+
+
+def test_diffusion_dpo_starts_at_log_2_and_swaps_with_the_captioners_ranking(parts, monkeypatch):
+    """At UNet LoRA B = 0 Diffusion-DPO is log 2; with LoRA on, reversing the captioner's preference gives the
+    mirrored loss (sigmoid(z) + sigmoid(-z) = 1); the gradient reaches the UNet only."""
+    unet = parts["pipe"].unet
+    obj = objective(parts, diffusion_dpo=1.0)
+    images, captions = batch(n=1)
+
+    def loss_with(likelihoods):
+        monkeypatch.setattr(obj, "text_log_likelihood", lambda images, texts: torch.tensor(likelihoods))
+        return obj(images, captions, "text", torch.Generator().manual_seed(0), texts=["a red circle"])
+
+    saved = zero_lora_b(unet)
+    try:
+        assert loss_with([0.0, 1.0]).values["diffusion_dpo"] == pytest.approx(0.693147, abs=1e-5)
+    finally:
+        restore(unet, saved)
+    first, second = loss_with([1.0, 0.0]), loss_with([0.0, 1.0])
+    assert first.values["diffusion_dpo"] != pytest.approx(0.693147, abs=1e-4)
+    assert float(torch.exp(-first.total.detach()) + torch.exp(-second.total.detach())) == pytest.approx(1.0, abs=1e-4)
+    assert loss_with([0.5, 0.5]).values["diffusion_dpo"] == 0.0  # a tie: nothing to prefer
+    zero(parts)
+    first = loss_with([1.0, 0.0])
+    first.total.backward()
+    assert nonzero(lora_grads(unet)) and none_or_zero(lora_grads(parts["captioner"].model))
+    assert first.captioner_examples == 0  # the captioner only ranked, without gradient
+    zero(parts)
+
+
+def test_best_of_n_recon_picks_the_caption_whose_reconstruction_looks_like_the_image(flamingo_parts, monkeypatch):
+    """The shapes generator renders each candidate; the bundle's CLIP prefers the true caption's render over a
+    wrong shape's (the best-of-N target), and the NLL on it trains the captioner only."""
+    from recon.config import MetricConfig
+    from recon.shapes import world
+    from recon.similarity import load_similarity
+
+    parts = flamingo_parts
+    obj = objective(parts, best_of_n_recon=1.0, sampler=SamplerConfig(num_steps=10, grad_steps=0))
+    obj.metrics = {"recon_reward": load_similarity(MetricConfig(kind="clip", model="builtin:shapes/clip"))}
+    obj.loss.recon_reward_candidates = 2
+    scenes = world.sample_scenes(6, 0, "test", 11)
+    wrong = [s.with_attribute("shape", next(x for x in world.SHAPES if x != s.attributes["shape"])) for s in scenes]
+    offered = [[w.caption, s.caption] if i % 2 else [s.caption, w.caption]
+               for i, (s, w) in enumerate(zip(scenes, wrong))]
+    monkeypatch.setattr(parts["captioner"], "caption", lambda images, k, decoding, seeds: offered)
+    images = torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float() / 255
+    best, worst = obj.recon_ranked(images, torch.Generator().manual_seed(0))
+    assert sum(b == s.caption for b, s in zip(best, scenes)) >= 5
+    assert all(b != w for b, w in zip(best, worst))
+    terms = obj(images, [s.caption for s in scenes], "image", torch.Generator().manual_seed(0), unlabelled=images)
+    assert set(terms.values) == {"best_of_n_recon"} and terms.captioner_examples == len(scenes)
+    zero(parts)
+    terms.total.backward()
+    assert nonzero(lora_grads(parts["captioner"].model)) and none_or_zero(lora_grads(parts["pipe"].unet))
+    zero(parts)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["loss.dpo_recon=1"], "data.unlabelled_images"),
+    (["loss.best_of_n_recon=1"], "data.unlabelled_images"),
+    (["loss.dpo_recon=1", "data.unlabelled_images=shapes", "loss.recon_reward_candidates=1"],
+     "recon_reward_candidates"),
+    (["loss.preference_loss=kto"], "loss.preference_loss"),
+    (["loss.preference_beta=0"], "loss.preference_beta"),
+    (["loss.diffusion_dpo=-1"], "loss.diffusion_dpo"),
+    (["loss.diffusion_dpo=1", "loss.denoise=0", "unet_lora.targets=none"], "loss.diffusion_dpo"),
+    (["loss.dpo_recon=1", "loss.caption_nll=0", "data.unlabelled_images=shapes", "captioner_lora.targets=none"],
+     "loss.dpo_recon"),
+    (["loss.best_of_n_recon=1", "data.unlabelled_images=shapes", "loss.recon_reward_decoding.method=greedy"],
+     "recon_reward_decoding"),
+    (["data.selection_pairs=4"], "data.selection_pairs"),
+    (["data.labelled_pairs=4", "data.selection_pairs=4"], "data.selection_pairs"),
+])
+def test_reward_and_selection_settings_are_validated(overrides, field):
+    from recon.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_finetune_config("finetune-shapes-smoke", overrides)
+    load_finetune_config("finetune-shapes-smoke", ["loss.dpo_recon=1", "loss.best_of_n_recon=0.5",
+                                                   "data.unlabelled_images=shapes", "loss.diffusion_dpo=1",
+                                                   "loss.preference_loss=ipo", "data.labelled_pairs=8",
+                                                   "data.selection_pairs=2"])
+
+
+def test_model_selection_holds_out_the_pool_and_keeps_the_best_checkpoint(tmp_path):
+    """A tiny run with a held-out slice: the slice never reaches training, every checkpoint (and the start) is
+    scored, the best one's adapters are exported, and each step logs the captioner examples it read."""
+    import json
+
+    from recon.train.data import ShapesPairs
+    from recon.train.joint import finetune
+    from recon.train.selection import SELECTED_DIR, select_checkpoint
+
+    cfg = load_finetune_config("finetune-shapes-smoke", [
+        "train.steps=2", "train.checkpoint_every=1", "train.checkpoints_total_limit=10", "train.report_to=none",
+        "validation.final=false", "loss.image_sim=0", "data.labelled_pairs=6", "data.selection_pairs=2"])
+    pairs = ShapesPairs(32, 0, cfg=cfg.data)
+    held = {s.caption for s in pairs.selection}
+    assert len(pairs.selection) == 2 and len(pairs.pool) == 4 and not held & {s.caption for s in pairs.pool}
+    assert [s.caption for s in pairs.selection_batch().meta] == [s.caption for s in pairs.selection]
+    finetune(cfg, tmp_path)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["captioner_examples"] > 0 for r in steps)
+    record = select_checkpoint(cfg, tmp_path, "caption_nll")
+    assert set(record["losses"]) == {"0", "1", "2"} and record["best_step"] in (0, 1, 2)
+    assert record["losses"][str(record["best_step"])] == min(record["losses"].values())
+    assert (tmp_path / SELECTED_DIR / "captioner_adapter").is_dir() and (tmp_path / SELECTED_DIR / "sd_lora").is_dir()
+    assert select_checkpoint(cfg, tmp_path, "caption_nll") == record  # done once
+    (tmp_path / "selection.json").unlink()
+    by_denoising = select_checkpoint(cfg, tmp_path, "denoise")
+    assert by_denoising["criterion"] == "denoise" and set(by_denoising["losses"]) == {"0", "1", "2"}

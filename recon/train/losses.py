@@ -15,6 +15,16 @@ Text direction (``JointObjective.text_terms``)::
                  restricted) or a truncated-backprop sample (sampler) -> VAE decode (frozen, with grad)
                  -> BLIP preprocessing -> captioner NLL of the ORIGINAL caption
 
+Rewards from the reconstruction signal (no gradient through the ranking; ``JointObjective.recon_reward_terms``,
+``JointObjective.diffusion_preference``)::
+
+    best_of_n_recon  unlabelled image -> N sampled captions -> each rendered by the generator and scored against the
+                     image (loss.recon_reward_metric) -> captioner NLL of the best (rejection sampling)
+    dpo_recon        the same ranking -> DPO / IPO on the best vs the worst caption's sequence log-probabilities,
+                     the reference being the captioner with its LoRA disabled
+    diffusion_dpo    text -> two sampled images -> ranked by the captioner's log-likelihood of the text ->
+                     Diffusion-DPO on their latents against the UNet with its LoRA disabled
+
 The regularisers (i2t2i, image_sim, t2i2t) may use only the first ``loss.regularizer_items`` pairs of a
 micro-batch; the task losses always use all of it. Given unlabelled images, i2t2i and image_sim run on them
 instead, teacher-forced on the captioner's own caption (decoded without gradient, ``captioner.decoding``); given
@@ -26,15 +36,16 @@ passed in, so a step is a pure function of its seed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from recon.captioners.blip import IGNORE_INDEX
+from recon.captioners.blip import IGNORE_INDEX, sequence_log_prob
 from recon.train.bridge import SoftTokenBridge, caption_positions
 from recon.train.config import LossConfig, SamplerConfig
+from recon.train.diffusion import Diffusion
 
 
 def captioning_nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -43,138 +54,73 @@ def captioning_nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
                            label_smoothing=label_smoothing)
 
 
-class Diffusion:
-    """The generator's parts as training needs them: latents in and out, noising, x0 estimates, a sampler.
+def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+                    reference_rejected: torch.Tensor, beta: float, form: str = "dpo") -> torch.Tensor:
+    """Per-pair preference loss from sequence log-probabilities ``[B]`` (summed over each caption's tokens).
 
-    ``pipe`` is a diffusers StableDiffusionPipeline whose UNet may carry LoRA layers. The noise schedule is the
-    pipeline scheduler's betas; the training sampler is DDIM (deterministic, stateless between steps, so a
-    checkpointed step recomputes exactly) with ``clip_sample`` off.
+    With ``h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))``:
+    DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7): ``-log sigmoid(beta * h)``;
+    IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    eq. 17, its empirical loss): ``(h - 1 / (2 tau))^2`` with ``tau = beta``.
     """
+    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if form == "dpo":
+        return -F.logsigmoid(beta * h)
+    if form == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise ValueError(f"preference form {form!r}: expected dpo or ipo")
 
-    def __init__(self, pipe, gradient_checkpointing: bool = False):
-        from diffusers import DDIMScheduler, DDPMScheduler
 
-        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.sampler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        self.scaling = float(self.vae.config.scaling_factor)
-        self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-        self.checkpointing = gradient_checkpointing
-        self.vae_checkpointing = False  # the VAE checkpoints each decoder block itself (less memory than the whole)
-        if gradient_checkpointing and getattr(self.vae, "_supports_gradient_checkpointing", False):
-            self.vae.enable_gradient_checkpointing()
-            self.vae_checkpointing = True
-        self._uncond: torch.Tensor | None = None
+def diffusion_preference_loss(error_chosen: torch.Tensor, reference_error_chosen: torch.Tensor,
+                              error_rejected: torch.Tensor, reference_error_rejected: torch.Tensor,
+                              beta: float) -> torch.Tensor:
+    """Per-pair Diffusion-DPO loss (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference
+    Optimization", eq. 14, the weighting folded into ``beta`` = beta * T * omega(lambda_t)) from denoising errors ``[B]``
+    ``||eps - eps_theta(x_t, t)||^2`` of the policy and of the reference on the chosen (w) and rejected (l) image,
+    both noised with the same ``eps`` and ``t``:
+    ``-log sigmoid(-beta * ((err_w - ref_err_w) - (err_l - ref_err_l)))``."""
+    inside = (error_chosen - reference_error_chosen) - (error_rejected - reference_error_rejected)
+    return -F.logsigmoid(-beta * inside)
 
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.noise_scheduler.config.num_train_timesteps)
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module):
+    """The frozen reference of a preference loss: ``module`` with its LoRA switched off inside the block (peft's
+    ``disable_adapter()`` on a ``PeftModel``; diffusers' ``disable_adapters()`` on a UNet)."""
+    if callable(getattr(module, "disable_adapter", None)) and hasattr(module, "peft_config"):
+        with module.disable_adapter():
+            yield
+    elif getattr(module, "peft_config", None) and callable(getattr(module, "disable_adapters", None)):
+        module.disable_adapters()
+        try:
+            yield
+        finally:
+            module.enable_adapters()
+    else:
+        raise ValueError(f"{type(module).__name__} carries no LoRA: a preference loss needs one (its reference is "
+                         "the model with the LoRA disabled); give it targets (captioner_lora / unet_lora)")
 
-    # --- latents
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        x = images.to(self.device, self.vae.dtype) * 2 - 1
-        z = self.vae.encode(x).latent_dist.sample(generator=generator)
-        return ((z - self.shift) * self.scaling).float()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], differentiable (checkpointed when gradient checkpointing is on)."""
-        def run(z):
-            return self.vae.decode((z / self.scaling + self.shift).to(self.vae.dtype)).sample
-
-        whole = self.checkpointing and latents.requires_grad and not self.vae_checkpointing
-        x = checkpoint(run, latents, use_reentrant=False) if whole else run(latents)
-        return (x.float() / 2 + 0.5).clamp(0, 1)
-
-    # --- text conditioning
-    @torch.no_grad()
-    def text_states(self, captions: list[str]) -> torch.Tensor:
-        """Hidden states of the captions padded to the encoder's full length (77), as the pipeline encodes them.
-
-        deviation: the original padded to the longest caption; SD was trained (and samples) with 77 tokens.
-        """
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
-
-    def uncond_states(self, n: int) -> torch.Tensor:
-        if self._uncond is None:
-            self._uncond = self.text_states([""])
-        return self._uncond.expand(n, -1, -1)
-
-    # --- noising
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None, max_timestep: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy latents, the UNet's regression target, timesteps ``[B]``) for uniformly drawn timesteps."""
-        top = min(self.num_train_timesteps, max_timestep or self.num_train_timesteps)
-        t = torch.randint(0, top, (latents.shape[0],), generator=generator, device=latents.device)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            target = latents
-        return noisy, target, t
-
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=states.to(self.unet.dtype)).sample
-
-    def predicted_original(self, noisy: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0 from one UNet output at per-sample timesteps: DDIM/DDPM ``step``'s ``pred_original_sample``."""
-        a = self.noise_scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)
-        x, out = noisy.float(), model_output.float()
-        if self.prediction_type == "epsilon":
-            return (x - (1 - a).sqrt() * out) / a.sqrt()
-        if self.prediction_type == "v_prediction":
-            return a.sqrt() * x - (1 - a).sqrt() * out
-        return out
-
-    # --- sampling with gradient
-    def sample(self, states: torch.Tensor, generator: torch.Generator | None, cfg: SamplerConfig) -> torch.Tensor:
-        """DDIM sample of latents from ``states`` with gradient through the last ``cfg.grad_steps`` steps only
-        (DRaFT-K / AlignProp); each of those steps is checkpointed under gradient checkpointing."""
-        sched = self.sampler
-        sched.set_timesteps(cfg.num_steps, device=self.device)
-        unet_cfg = self.unet.config
-        h = w = unet_cfg.sample_size
-        x = torch.randn((states.shape[0], unet_cfg.in_channels, h, w), generator=generator, device=self.device)
-        x = x * sched.init_noise_sigma
-        uncond = self.uncond_states(states.shape[0]) if cfg.guidance_scale > 1 else None
-
-        def step(x, t, cond):
-            if uncond is None:
-                out = self.predict(x, t.expand(x.shape[0]), cond).float()
-            else:
-                both = self.predict(torch.cat([x, x]), t.expand(2 * x.shape[0]), torch.cat([uncond, cond])).float()
-                out_u, out_c = both.chunk(2)
-                out = out_u + cfg.guidance_scale * (out_c - out_u)
-            return sched.step(out, t, x).prev_sample
-
-        first_grad = cfg.num_steps - cfg.grad_steps
-        for i, t in enumerate(sched.timesteps):
-            if i < first_grad or not torch.is_grad_enabled():
-                with torch.no_grad():
-                    x = step(x, t, states)
-            elif self.checkpointing:
-                x = checkpoint(step, x, t, states, use_reentrant=False)
-            else:
-                x = step(x, t, states)
-        return x
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Dropout off inside the block (the mode is restored after): rankings and preference log-probs are exact."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 @dataclass
 class Terms:
-    """Unweighted loss values (detached floats) and the weighted total to backpropagate."""
+    """Unweighted loss values (detached floats) and the weighted total to backpropagate; ``captioner_examples``:
+    the (image, text) pairs the captioner read with gradient (a compute measure: one per caption it was trained on
+    or through, whatever the term)."""
 
     total: torch.Tensor
     values: dict[str, float]
+    captioner_examples: int = 0
 
 
 class JointObjective:
@@ -182,7 +128,8 @@ class JointObjective:
 
     ``captioner``: a :class:`recon.captioners.base.TrainableCaptioner` (BLIP or Flamingo; ``.model`` may carry
     LoRA);
-    ``image_sim_metrics``: ``{"clip": ClipImageSimilarity, "lpips": LpipsDistance}`` for the weights > 0.
+    ``image_sim_metrics``: ``{"clip": ClipImageSimilarity, "lpips": LpipsDistance}`` for the weights > 0, and
+    ``"recon_reward"`` (``loss.recon_reward_metric``) for the reconstruction-ranked terms.
     """
 
     def __init__(self, captioner, diffusion: Diffusion, bridge: SoftTokenBridge, loss: LossConfig,
@@ -191,6 +138,7 @@ class JointObjective:
         self.loss, self.sampler = loss, sampler
         self.metrics = image_sim_metrics or {}
         self.end_token_id = captioner.end_token_id
+        self.examples = 0  # captioner examples read with gradient in the current call
 
     def direction(self, micro_step: int) -> str:
         if self.loss.schedule == "sum":
@@ -201,6 +149,7 @@ class JointObjective:
                  generator: torch.Generator | None = None, unlabelled: torch.Tensor | None = None,
                  texts: list[str] | None = None) -> Terms:
         terms: dict[str, torch.Tensor] = {}
+        self.examples = 0
         latents = _Lazy(lambda: self.diffusion.encode(images, generator))  # one VAE encode for both directions
         if direction in ("image", "both"):
             terms.update(self.image_terms(images, captions, generator, latents, unlabelled))
@@ -209,7 +158,8 @@ class JointObjective:
         if not terms:
             raise ValueError(f"direction {direction!r}: every loss weight of it is 0")
         total = sum(getattr(self.loss, k) * v for k, v in terms.items())
-        return Terms(total=total, values={k: float(v.detach()) for k, v in terms.items()})
+        return Terms(total=total, values={k: float(v.detach()) for k, v in terms.items()},
+                     captioner_examples=self.examples)
 
     def regularized(self, batch_size: int) -> slice:
         """The pairs of a micro-batch the regularisers use (``loss.regularizer_items``; all by default)."""
@@ -217,6 +167,8 @@ class JointObjective:
 
     def caption_logits(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         pixel_values = self.captioner.preprocess_tensor(images.to(self.captioner.device))
+        if torch.is_grad_enabled():
+            self.examples += len(captions)
         return self.captioner.teacher_forced_logits(pixel_values, list(captions))
 
     @torch.no_grad()
@@ -252,7 +204,7 @@ class JointObjective:
     def image_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None,
                     unlabelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         w, d = self.loss, self.diffusion
-        if not (w.caption_nll or w.i2t2i or w.image_sim or w.pseudo_label):
+        if not (w.caption_nll or w.i2t2i or w.image_sim or w.pseudo_label or w.best_of_n_recon or w.dpo_recon):
             return {}
         latents = latents or _Lazy(lambda: d.encode(images, generator))
         out: dict[str, torch.Tensor] = {}
@@ -264,6 +216,8 @@ class JointObjective:
             chosen = unlabelled[self.regularized(unlabelled.shape[0])]
             logits_pl, labels_pl = self.caption_logits(chosen, self.pseudo_labels(chosen, generator))
             out["pseudo_label"] = captioning_nll(logits_pl, labels_pl, w.label_smoothing)
+        if (w.best_of_n_recon or w.dpo_recon) and unlabelled is not None:
+            out.update(self.recon_reward_terms(unlabelled[self.regularized(unlabelled.shape[0])], generator))
         if not (w.i2t2i or w.image_sim):
             return out
         if unlabelled is not None:  # the captioner's own caption of each unlabelled image is its target
@@ -285,6 +239,95 @@ class JointObjective:
             out["image_sim"] = self.image_similarity_loss(reg_images, states, generator)
         return out
 
+    # --- rewards from the reconstruction signal
+    @torch.no_grad()
+    def reconstruction_scores(self, images: torch.Tensor, candidates: list[list[str]], generator) -> torch.Tensor:
+        """``[B, K]`` similarity (higher is better) of each candidate caption's render to its image.
+
+        Each distinct caption of an image is rendered once (a sampled caption often repeats: its score is reused),
+        by the training sampler without gradient, every caption of an image from the same starting noise (common
+        random numbers: the ranking compares captions, not noises); ``loss.recon_reward_metric`` scores it
+        (a distance is negated)."""
+        d, metric = self.diffusion, self.metrics.get("recon_reward")
+        if metric is None:
+            raise ValueError("the reconstruction-ranked terms need metrics['recon_reward'] (loss.recon_reward_metric; "
+                             "recon.train.joint.image_sim_metrics builds it)")
+        noise = d.initial_noise(images.shape[0], generator)
+        rows = [(i, c) for i, caps in enumerate(candidates) for c in dict.fromkeys(caps)]
+        index = torch.tensor([i for i, _ in rows], device=noise.device)
+        with eval_mode(d.unet):
+            z0 = d.sample(d.text_states([c for _, c in rows]), None, self.sampler, noise=noise[index])
+        renders = d.decode(z0)
+        sims = metric(images.to(renders.device, renders.dtype)[index.to(renders.device)], renders).float().cpu()
+        sims = sims if getattr(metric, "higher_is_better", True) else -sims
+        score = {row: float(v) for row, v in zip(rows, sims)}
+        return torch.tensor([[score[(i, c)] for c in caps] for i, caps in enumerate(candidates)])
+
+    @torch.no_grad()
+    def recon_ranked(self, images: torch.Tensor, generator) -> tuple[list[str], list[str]]:
+        """Per image, the best and the worst of the captioner's ``loss.recon_reward_candidates`` sampled captions by
+        reconstruction similarity (equal when every candidate is the same caption)."""
+        w = self.loss
+        seeds = torch.randint(0, 2**31 - 1, (images.shape[0],), generator=generator,
+                              device=generator.device if generator else None)
+        candidates = self.captions_of(images, w.recon_reward_candidates, w.recon_reward_decoding, seeds.tolist())
+        scores = self.reconstruction_scores(images, candidates, generator)
+        return ([c[int(j)] for c, j in zip(candidates, scores.argmax(1))],
+                [c[int(j)] for c, j in zip(candidates, scores.argmin(1))])
+
+    def recon_reward_terms(self, images: torch.Tensor, generator) -> dict[str, torch.Tensor]:
+        """best_of_n_recon (NLL of the best caption) and dpo_recon (best vs worst) on unlabelled ``images``."""
+        w = self.loss
+        chosen, rejected = self.recon_ranked(images, generator)
+        out: dict[str, torch.Tensor] = {}
+        if not w.dpo_recon:
+            logits, labels = self.caption_logits(images, chosen)
+            out["best_of_n_recon"] = captioning_nll(logits, labels, w.label_smoothing)
+            return out
+        n, model = images.shape[0], self.captioner.model
+        both_images, both_texts = torch.cat([images, images]), chosen + rejected
+        with eval_mode(model):  # policy and reference alike without dropout: at the start they are equal
+            logits, labels = self.caption_logits(both_images, both_texts)
+            with torch.no_grad(), adapters_disabled(model):
+                ref_logits, ref_labels = self.caption_logits(both_images, both_texts)
+        policy, reference = sequence_log_prob(logits, labels), sequence_log_prob(ref_logits, ref_labels)
+        valid = torch.tensor([a != b for a, b in zip(chosen, rejected)], device=policy.device, dtype=policy.dtype)
+        per_pair = preference_loss(policy[:n], policy[n:], reference[:n], reference[n:], w.preference_beta,
+                                   w.preference_loss)
+        out["dpo_recon"] = (per_pair * valid).sum() / valid.sum().clamp(min=1)  # a tie has nothing to prefer
+        if w.best_of_n_recon:  # the chosen captions' logits are the first half of the policy pass
+            out["best_of_n_recon"] = captioning_nll(logits[:n], labels[:n], w.label_smoothing)
+        return out
+
+    @torch.no_grad()
+    def text_log_likelihood(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """The captioner's ``log p(text | image)`` per pair ``[B]`` (eval mode, no gradient)."""
+        with eval_mode(self.captioner.model):
+            return sequence_log_prob(*self.caption_logits(images, texts)).float()
+
+    def diffusion_preference(self, texts: list[str], generator) -> torch.Tensor:
+        """Diffusion-DPO on two sampled images per text, the one whose caption likelihood of the text is higher
+        chosen; both noised with one noise and timestep per text (as the authors' script), the reference being the
+        UNet with its LoRA disabled. Errors are means over latent elements."""
+        d, n = self.diffusion, len(texts)
+        states = d.text_states(list(texts))
+        with torch.no_grad():
+            with eval_mode(d.unet):
+                z0 = d.sample(states.repeat(2, 1, 1), generator, self.sampler)  # rows i and n + i: text i
+            ll = self.text_log_likelihood(d.decode(z0), list(texts) * 2)
+            first = (ll[:n] >= ll[n:]).view(-1, 1, 1, 1).to(z0.device)
+            chosen, rejected = torch.where(first, z0[:n], z0[n:]), torch.where(first, z0[n:], z0[:n])
+            valid = (ll[:n] != ll[n:]).to(z0.device, torch.float32)
+        t = torch.randint(0, d.num_train_timesteps, (n,), generator=generator, device=z0.device).repeat(2)
+        noise = torch.randn(chosen.shape, generator=generator, device=z0.device).repeat(2, 1, 1, 1)
+        noisy, target = d.noised_with(torch.cat([chosen, rejected]), noise, t)
+        cond = states.repeat(2, 1, 1)
+        error = (d.predict(noisy, t, cond).float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        with torch.no_grad(), adapters_disabled(d.unet):
+            ref = (d.predict(noisy, t, cond).float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        per_pair = diffusion_preference_loss(error[:n], ref[:n], error[n:], ref[n:], self.loss.diffusion_dpo_beta)
+        return (per_pair * valid).sum() / valid.sum().clamp(min=1)
+
     def image_similarity_loss(self, images: torch.Tensor, states: torch.Tensor, generator) -> torch.Tensor:
         d, cfg = self.diffusion, self.loss.image_sim_terms
         recon = d.decode(d.sample(states, generator, self.sampler))
@@ -303,11 +346,14 @@ class JointObjective:
                    texts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """denoise on the pairs; t2i2t on the pairs' captions, or on ``texts`` (unpaired: a sampled image)."""
         w, d = self.loss, self.diffusion
-        if not (w.denoise or w.t2i2t):
+        if not (w.denoise or w.t2i2t or w.diffusion_dpo):
             return {}
         latents = latents or _Lazy(lambda: d.encode(images, generator))
         out: dict[str, torch.Tensor] = {}
         reg = self.regularized(images.shape[0])
+        if w.diffusion_dpo:
+            out["diffusion_dpo"] = self.diffusion_preference(
+                texts[self.regularized(len(texts))] if texts is not None else captions[reg], generator)
         on_pairs = w.t2i2t and texts is None
         rows = slice(None) if w.denoise else reg
         states = d.text_states(captions[rows]) if w.denoise or on_pairs else None
