@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from recon.shapes import world
@@ -14,6 +15,14 @@ PARTS = {"captioner": "BlipForConditionalGeneration + BlipProcessor (transformer
                       "UNet2DConditionModel, DDIMScheduler (v-prediction)",
          "clip": "open_clip CLIP, ModifiedResNet image tower, hub layout (open_clip_config.json + safetensors)",
          "judge": "AttributeJudge CNN (recon.shapes.models), evaluation only"}
+
+
+PLACEHOLDERS = {"out": "BUNDLE", "work": "WORK"}
+
+
+def portable_command(command: str) -> str:
+    """A training record's command without this machine's paths (``--out BUNDLE --work WORK``)."""
+    return re.sub(r"--(out|work)[ =]\S+", lambda m: f"--{m.group(1)} {PLACEHOLDERS[m.group(1)]}", command)
 
 
 def _params(path: Path) -> int:
@@ -71,7 +80,7 @@ def write_model_card(bundle: Path, result: dict, extra: str = "") -> Path:
     for name, r in records.items():
         val = json.dumps(r.get("validation", {}))[:160]
         lines.append(f"| {name} | {r.get('steps', '')} | {r.get('batch_size', '')} | {r.get('wall_minutes', '')} | "
-                     f"{r.get('cpu_minutes', '')} | {r.get('device', 'cpu')} | `{val}` | `{r.get('command', '')}` |")
+                     f"{r.get('cpu_minutes', '')} | {r.get('device', 'cpu')} | `{val}` | `{portable_command(r.get('command', ''))}` |")
     lines += ["", "## Measured quality", "",
               f"`recon shapes eval --n {result.get('test', {}).get('n')} --seed {result.get('seed')}` "
               f"(device {result.get('device')}; DDIM {result['sampling']['num_inference_steps']} steps, guidance "

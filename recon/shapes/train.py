@@ -169,12 +169,17 @@ def write_record(args: TrainArgs, name: str, record: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- VAE
-def train_vae(args: TrainArgs) -> dict:
+# A world's batches: ``render(seed, split, stream, n, device) -> (scenes, images (n, 3, H, W) in [0, 1])``; scenes
+# have a ``caption``. The default is the shapes world; the scenes world passes its own (recon.shapes.scenes_train).
+Render = Callable[..., tuple[list, torch.Tensor]]
+
+
+def train_vae(args: TrainArgs, render: Render = render_batch) -> dict:
     dev = torch.device(args.device)
     vae = models.build_vae(args.seed).to(dev)
 
     def step_fn(step: int) -> float:
-        _, x = render_batch(args.seed, "train", step, bs(args, "vae"), dev)
+        _, x = render(args.seed, "train", step, bs(args, "vae"), dev)
         x = x * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -184,13 +189,13 @@ def train_vae(args: TrainArgs) -> dict:
 
     @torch.no_grad()
     def validate(step: int) -> dict:
-        _, x = render_batch(args.seed, "test", 0, 256, dev)
+        _, x = render(args.seed, "test", 0, 256, dev)
         mse = F.mse_loss(vae_round_trip(vae, x), x).item()
         return {"psnr_db": round(10 * math.log10(1 / mse), 2)}
 
     record = run_loop(args, "vae", {"vae": vae}, list(vae.parameters()), step_fn, validate)
     with torch.no_grad():  # SD convention: latents * scaling_factor have unit variance
-        _, x = render_batch(args.seed, "train", 10**6, 1024, dev)
+        _, x = render(args.seed, "train", 10**6, 1024, dev)
         std = vae.encode(x * 2 - 1).latent_dist.mode().std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     record["scaling_factor"] = vae.config.scaling_factor
@@ -201,7 +206,7 @@ def train_vae(args: TrainArgs) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- UNet + text encoder
-def train_unet(args: TrainArgs) -> dict:
+def train_unet(args: TrainArgs, render: Render = render_batch) -> dict:
     from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTokenizer
@@ -231,7 +236,7 @@ def train_unet(args: TrainArgs) -> dict:
     sf = vae.config.scaling_factor
 
     def step_fn(step: int) -> float:
-        scenes, x = render_batch(args.seed, "train", step, bs(args, "unet"), dev)
+        scenes, x = render(args.seed, "train", step, bs(args, "unet"), dev)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # CPU streams: same numbers on any device
         with torch.no_grad():
             dist = vae.encode(x * 2 - 1).latent_dist

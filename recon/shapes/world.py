@@ -141,25 +141,34 @@ def corrupt(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
 
 
 # ----------------------------------------------------------------------------------------------- rendering
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+               fill: tuple[int, int, int]) -> None:
+    """One shape of half-extent ``r`` centred at ``(cx, cy)`` (pixels of the supersampled canvas)."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        s = r * 0.86  # equal area-ish with the circle, so size is not confounded with shape
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r * 1.05, cy + r * 0.8), (cx - r * 1.05, cy + r * 0.8)], fill=fill)
+    elif shape == "cross":
+        w = r * 0.38
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def jittered_fill(color: str, tint: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + t, 0, 255)) for c, t in zip(COLORS[color], tint))
+
+
 def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int) -> None:
     cx, cy = POSITIONS[obj.position]
     px = side / IMAGE_SIZE
     cx, cy = cx * side + obj.dx * px, cy * side + obj.dy * px
     r = SIZES[obj.size] * obj.scale * side / 2
-    fill = tuple(int(np.clip(c + t, 0, 255)) for c, t in zip(COLORS[obj.color], obj.tint))
-    if obj.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif obj.shape == "square":
-        s = r * 0.86  # equal area-ish with the circle, so size is not confounded with shape
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-    elif obj.shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r * 1.05, cy + r * 0.8), (cx - r * 1.05, cy + r * 0.8)], fill=fill)
-    elif obj.shape == "cross":
-        w = r * 0.38
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-    else:
-        raise ValueError(f"unknown shape {obj.shape!r}; known: {SHAPES}")
+    draw_shape(draw, obj.shape, cx, cy, r, jittered_fill(obj.color, obj.tint))
 
 
 def render(scene: Scene) -> np.ndarray:
