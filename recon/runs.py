@@ -192,6 +192,13 @@ def same_value(a: Any, b: Any) -> bool:
     return a == b
 
 
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The dotted keys of two run configs whose values differ, leaving out :data:`RESULT_NEUTRAL_KEYS` (the one
+    rule for "is this the same run?", used by run directories and metaeval)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)) and k not in RESULT_NEUTRAL_KEYS)
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> ``{"a.b.c": value}`` (config comparison, tracker hparams)."""
     if isinstance(d, dict):
@@ -237,8 +244,7 @@ class RunDir:
                             if p.is_file())
         if cfg_path.exists() and holds_records:  # a run stopped before its first record binds no config
             old = read_run_config(cfg_path)
-            a, b = flatten(old), flatten(new)
-            diff = sorted(k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)) and k not in RESULT_NEUTRAL_KEYS)
+            diff = config_differences(old, new)
             if diff:
                 raise RunError(f"{self.path} holds a run with a different config ({', '.join(diff[:6])}"
                                f"{' ...' if len(diff) > 6 else ''}); pass a new --out to start a new run, "

@@ -87,7 +87,7 @@ def open_run_dir(out: Path, config, inputs: dict):
     run, a meta-evaluation of other inputs, or of another config once something was scored (as
     :class:`recon.runs.RunDir`: a run stopped before its first record binds no config)."""
     from recon.data import atomic_write_text
-    from recon.runs import RESULT_NEUTRAL_KEYS, RESULTS, RunError, flatten, lock_run_dir, same_value
+    from recon.runs import RESULTS, RunError, config_differences, lock_run_dir
 
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")
@@ -114,8 +114,7 @@ def open_run_dir(out: Path, config, inputs: dict):
                 raise RunError(f"{out} holds the metaeval of other inputs: {'; '.join(diff)}. Pass a new --out for "
                                "these inputs (reconstructions come from the cache), or the same inputs to resume it")
             scored = any(p.stat().st_size for p in out.glob(f"{RUNS_DIR}/*/*/{RESULTS}"))
-            a, b = flatten(old_config), flatten(json.loads(json.dumps(config.to_dict())))  # as stored: lists
-            diff = sorted(k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)) and k not in RESULT_NEUTRAL_KEYS)
+            diff = config_differences(old_config, json.loads(json.dumps(config.to_dict())))  # as stored: lists
             if scored and diff:
                 raise RunError(f"{out} holds a metaeval with a different config ({', '.join(diff[:6])}"
                                f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to "
