@@ -70,11 +70,8 @@ def weights_sha256(model_id: str | None) -> str | None:
     read once, not at every run."""
     if not model_id:
         return None
-    from recon import hub
-
-    try:
-        path = Path(hub.resolve(model_id))
-    except Exception:  # noqa: BLE001 - an id that does not resolve here has no hash to record
+    path = local_path(model_id)
+    if path is None:
         return None
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
         if path.is_dir() else [path]
@@ -82,6 +79,25 @@ def weights_sha256(model_id: str | None) -> str | None:
     for f in files:
         h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\x1f{_file_sha256(f)}\n".encode())
     return h.hexdigest()
+
+
+def local_path(model_id: str) -> Path | None:
+    """Where ``model_id``'s files already are (builtin, a local path, the Hugging Face cache), or None. Never
+    downloads and never probes the network: a fingerprint only reads what a run already loaded."""
+    from recon import hub
+
+    if model_id.startswith("builtin:"):
+        return hub.builtin_path(model_id)
+    if Path(model_id).expanduser().exists():
+        return Path(model_id).expanduser()
+    if model_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache: nothing to hash
+        return None
 
 
 def _file_sha256(path: Path) -> str:

@@ -55,3 +55,15 @@ def test_recon_env_prints_the_versions_for_a_bug_report():
     assert env["packages"]["transformers"] == metadata.version("transformers") and "cuda" in env
     r = subprocess.run([sys.executable, "-m", "recon", "env"], capture_output=True, text=True, timeout=300)
     assert f"- diffusers: {metadata.version('diffusers')}" in r.stdout
+
+
+def test_a_fingerprint_never_downloads_or_probes_the_network(monkeypatch):
+    import socket
+
+    def no_network(*a, **k):
+        raise AssertionError("the fingerprint touched the network")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert fingerprint.weights_sha256("Salesforce/blip-image-captioning-large") is None  # not cached here
+    assert fingerprint.weights_sha256("ViT-B-32") is None  # an open_clip architecture name, not a path
