@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from recon import fingerprint, hub
 from recon.config import Config, ConfigError
 from recon.data import DataError, list_images, load_image, load_texts, validate_text, write_coco_results
 from recon.pipeline import Reconstructor, png_bytes
-from recon.runs import Cache, RunDir, RunError, atomic_write_bytes, current_records, derive_seed, sha256_file
+from recon.runs import Cache, RunDir, RunError, atomic_write_bytes, derive_seed, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +49,10 @@ def distributed() -> Distributed:
 
 
 def make_cache(config: Config) -> Cache:
-    """The run's cache, checked writable before any work (a cache that cannot be written fails no item later)."""
+    """The run's cache, checked writable before any work (see :class:`Cache`)."""
     if config.run.cache_dir == "":
         return Cache(None)
-    cache = Cache(Path(config.run.cache_dir).expanduser() if config.run.cache_dir else hub.cache_root() / "cache")
-    try:
-        tempfile.TemporaryFile(dir=cache.root).close()
-    except OSError as e:
-        raise RunError(f"cache directory {cache.root} is not writable ({e.strerror or e}); set RECON_CACHE (or "
-                       "run.cache_dir) to a writable directory, or run.cache_dir='' to disable it") from None
-    return cache
+    return Cache(Path(config.run.cache_dir).expanduser() if config.run.cache_dir else hub.cache_root() / "cache")
 
 
 def failed(item_id: str, error: BaseException | str, **extra) -> dict:
@@ -122,7 +115,7 @@ def content_key(item) -> tuple[str, str | None]:
 
 
 def _todo(run: RunDir, items: Sequence, retry_failed: bool) -> tuple[list, dict]:
-    """The items still to do (not recorded, or recorded for other content), and each one's fingerprint."""
+    """The items still to do (not recorded, or recorded for other content), and each one's content key."""
     todo, prints = [], {}
     for it in items:
         key, value = prints[it.id] = content_key(it)
@@ -195,8 +188,9 @@ def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, 
     bar.close()
     dist.wait()
     if dist.rank == 0:
-        records = (current_records(run.path, run.merge_shards([it.id for it in items])) if dist.world_size > 1
-                   else run.records())
+        if dist.world_size > 1:
+            run.merge_shards([it.id for it in items])
+        records = run.records()
         if report:
             from recon.report import write_report
 

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,7 @@ class Cache:
         if self.root is not None:  # checked once here, not per item (every item would fail, and count as done)
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.root).close()  # writable, not only present
             except OSError as e:
                 raise RunError(f"cache directory {self.root} cannot be used ({e.strerror or e}); set RECON_CACHE "
                                "(or run.cache_dir) to a writable directory, or run.cache_dir='' to disable it"

@@ -225,7 +225,7 @@ def test_an_unwritable_out_or_cache_is_one_clear_error_before_any_work(tmp_path,
         RunDir(tmp_path / "out", load_config("tiny-random"))
     monkeypatch.undo()
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
-    with pytest.raises(RunError, match=r"cache directory .*cache is not writable \(Read-only file system\)"):
+    with pytest.raises(RunError, match=r"cache directory .*cache cannot be used \(Read-only file system\)"):
         make_cache(load_config("tiny-random", [f"run.cache_dir={tmp_path / 'cache'}"]))
 
 

@@ -277,19 +277,26 @@ def test_flamingo_bridge_is_exact_for_its_words(flamingo_parts):
     assert float((last - ref).norm() / ref.norm()) <= 1e-3
 
 
-def test_pseudo_labels_pick_the_caption_the_generator_denoises_best(flamingo_parts, monkeypatch):
-    """The shapes UNet's denoising error, used as a classifier, prefers the true caption over a wrong shape."""
+def offer_true_and_wrong_captions(parts, monkeypatch):
+    """Six test scenes and their images; the captioner offers each scene's true caption and one with a wrong shape
+    (in alternating order), so a ranking can be checked against the truth."""
     from recon.shapes import world
 
-    parts = flamingo_parts
-    obj = objective(parts, pseudo_label=1.0)
-    obj.loss.pseudo_label_candidates, obj.loss.pseudo_label_draws = 2, 8
     scenes = world.sample_scenes(6, 0, "test", 11)
     wrong = [s.with_attribute("shape", next(x for x in world.SHAPES if x != s.attributes["shape"])) for s in scenes]
     offered = [[w.caption, s.caption] if i % 2 else [s.caption, w.caption]
                for i, (s, w) in enumerate(zip(scenes, wrong))]
     monkeypatch.setattr(parts["captioner"], "caption", lambda images, k, decoding, seeds: offered)
-    images = torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float() / 255
+    return scenes, torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_pseudo_labels_pick_the_caption_the_generator_denoises_best(flamingo_parts, monkeypatch):
+    """The shapes UNet's denoising error, used as a classifier, prefers the true caption over a wrong shape."""
+
+    parts = flamingo_parts
+    obj = objective(parts, pseudo_label=1.0)
+    obj.loss.pseudo_label_candidates, obj.loss.pseudo_label_draws = 2, 8
+    scenes, images = offer_true_and_wrong_captions(parts, monkeypatch)
     chosen = obj.pseudo_labels(images, torch.Generator().manual_seed(0))
     assert sum(c == s.caption for c, s in zip(chosen, scenes)) >= 5
     terms = obj(images, [s.caption for s in scenes], "image", torch.Generator().manual_seed(0), unlabelled=images)
@@ -416,19 +423,13 @@ def test_best_of_n_recon_picks_the_caption_whose_reconstruction_looks_like_the_i
     """The shapes generator renders each candidate; the bundle's CLIP prefers the true caption's render over a
     wrong shape's (the best-of-N target), and the NLL on it trains the captioner only."""
     from recon.config import MetricConfig
-    from recon.shapes import world
     from recon.similarity import load_similarity
 
     parts = flamingo_parts
     obj = objective(parts, best_of_n_recon=1.0, sampler=SamplerConfig(num_steps=10, grad_steps=0))
     obj.metrics = {"recon_reward": load_similarity(MetricConfig(kind="clip", model="builtin:shapes/clip"))}
     obj.loss.recon_reward_candidates = 2
-    scenes = world.sample_scenes(6, 0, "test", 11)
-    wrong = [s.with_attribute("shape", next(x for x in world.SHAPES if x != s.attributes["shape"])) for s in scenes]
-    offered = [[w.caption, s.caption] if i % 2 else [s.caption, w.caption]
-               for i, (s, w) in enumerate(zip(scenes, wrong))]
-    monkeypatch.setattr(parts["captioner"], "caption", lambda images, k, decoding, seeds: offered)
-    images = torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float() / 255
+    scenes, images = offer_true_and_wrong_captions(parts, monkeypatch)
     best, worst = obj.recon_ranked(images, torch.Generator().manual_seed(0))
     assert sum(b == s.caption for b, s in zip(best, scenes)) >= 5
     assert all(b != w for b, w in zip(best, worst))
