@@ -418,7 +418,19 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ, ignoring the volatile ones (a resumed run may change those). A key that an
     older recon did not write counts as unchanged when the new value is its default (a run started before a loss
     term existed resumes with that term off)."""
+    return sorted(k for k, _, _ in _differences(old, new) if not _resumable(k))
+
+
+def resumable_changes(old: dict, new: dict) -> list[str]:
+    """``"key old -> new"`` for the keys in :data:`RESUMABLE_KEYS` that differ: a resume allows them and says so."""
+    return [f"{k} {a!r} -> {b!r}" for k, a, b in _differences(old, new) if _resumable(k)]
+
+
+def _resumable(key: str) -> bool:
+    return any(key == v or (v.endswith(".") and key.startswith(v)) for v in RESUMABLE_KEYS)
+
+
+def _differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     a, b, default = flatten(old), flatten(new), flatten(FinetuneConfig().to_dict())
-    return sorted(k for k in set(a) | set(b)
-                  if not same_value(a.get(k, default.get(k)), b.get(k))
-                  and not any(k == v or (v.endswith(".") and k.startswith(v)) for v in RESUMABLE_KEYS))
+    return [(k, a.get(k, default.get(k)), b.get(k)) for k in sorted(set(a) | set(b))
+            if not same_value(a.get(k, default.get(k)), b.get(k))]

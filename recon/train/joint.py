@@ -39,7 +39,7 @@ from recon.runs import append_jsonl, derive_seed, set_aside_bad_lines
 from recon.train import adapters
 from recon.train.bridge import SoftTokenBridge, coverage_line, token_coverage, vocab_index
 from recon.train.checkpoints import resume, save_checkpoint
-from recon.train.config import FinetuneConfig, changed_keys
+from recon.train.config import FinetuneConfig, changed_keys, resumable_changes
 from recon.train.data import batches, make_pairs
 from recon.train.diffusion import Diffusion
 from recon.train.losses import JointObjective
@@ -320,7 +320,7 @@ def judge_dir(cfg: FinetuneConfig) -> Path | None:
 def write_or_check_config(out: Path, cfg: FinetuneConfig):
     """Create ``out``, lock it (one process per run directory; returns the lock file) and write its config, or
     refuse a different config."""
-    from recon.runs import RunError, claim_run_dir, flatten, lock_run_dir, read_run_config, same_value
+    from recon.runs import RunError, claim_run_dir, lock_run_dir, read_run_config
     from recon.train.data import INPUTS_FILE, check_inputs, input_fingerprints
 
     if out.exists() and not out.is_dir():
@@ -340,10 +340,7 @@ def write_or_check_config(out: Path, cfg: FinetuneConfig):
                 raise ValueError(f"{out} holds a finetune run with a different config ({', '.join(diff[:6])}"
                                  f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to "
                                  "resume")
-            a, b = flatten(old), flatten(cfg.to_dict())  # the keys a resume may change (RESUMABLE_KEYS): said
-            changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                       if not same_value(a.get(k), b.get(k))]
-            if changed:
+            if changed := resumable_changes(old, cfg.to_dict()):
                 log.warning("resuming %s with %s (allowed: no step already taken changes; train.steps also "
                             "rescales the learning-rate schedule from here on)", out, "; ".join(changed))
         check_inputs(out / INPUTS_FILE, input_fingerprints(cfg.data))
