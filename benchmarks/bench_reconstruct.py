@@ -157,7 +157,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(args.n)]
     ids = [f"img{i}.png" for i in range(args.n)]
-    from recon.captioners.blip import generation_kwargs
+    from recon.captioners.base import generation_kwargs
     from recon.pipeline import png_bytes, to_tensor
     from recon.runs import derive_seed
 

@@ -1,5 +1,5 @@
 """The ``recon`` command: caption | generate | reconstruct | reconstruct-text | score | analyze | metaeval |
-finetune | report | presets | shapes | env."""
+finetune | report | presets | shapes | scenes | env."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from recon.run_args import add_run_args, config_from_args
+from recon.run_args import USER_ERRORS, add_run_args, config_from_args
 from recon.runs import RESULTS, failure_note
-
-# Errors a user can fix: shown as one line, never as a traceback (RECON_DEBUG=1 shows it).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="as JSON")
     from recon.scoring import commands as scoring_cli
     from recon.shapes import commands as shapes_commands
+    from recon.shapes import scenes_commands
     from recon.train import commands as train_commands
 
     scoring_cli.register(sub)  # score, analyze
     train_commands.register(sub)  # finetune
     shapes_commands.register(sub)  # shapes train | eval | render
+    scenes_commands.register(sub)  # scenes train | eval | render
     return parser
 
 

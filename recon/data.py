@@ -5,7 +5,7 @@ Every failure a user can cause with a file (empty, truncated, not an image, malf
 is a :class:`DataError` whose message names the file (and the line or entry) and says what to do. A run
 records it as a per-item failure instead of stopping.
 
-Dataset annotation files (COCO, Karpathy, clipscore-style, COCO results) are read by :mod:`recon.scoring.captions_io`.
+Dataset annotation files (COCO, Karpathy, clipscore-style, COCO results) are read by :mod:`recon.captions_io`.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHAPES_BUNDLE = Path(__file__).resolve().parent / "shapes" / "bundle"
+SCENES_BUNDLE = Path(__file__).resolve().parent / "shapes" / "scenes_bundle"  # the compositional world's
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -112,20 +113,23 @@ def _not_available(model_id: str, what: str, field: str | None) -> ModelNotAvail
 
 
 def builtin_path(model_id: str) -> Path:
-    """``builtin:shapes/captioner`` -> the shipped bundle; ``builtin:tiny-random/...`` -> built on first use."""
+    """``builtin:shapes/captioner`` / ``builtin:scenes/clip`` -> a shipped bundle; ``builtin:tiny-random/...`` ->
+    built on first use."""
     name, _, part = model_id[len("builtin:"):].partition("/")
-    if name == "shapes":
-        root = SHAPES_BUNDLE
+    if name in ("shapes", "scenes"):
+        root = SHAPES_BUNDLE if name == "shapes" else SCENES_BUNDLE
         if not (root / part).exists():
-            raise ModelNotAvailableError(f"{model_id}: the shapes bundle has no '{part}' at {root}; "
-                                         "train it with `recon shapes train --component all`")
+            how = ("`recon shapes train --component all`" if name == "shapes" else
+                   "the commands of recon/shapes/scenes_bundle/MODEL_CARD.md")
+            raise ModelNotAvailableError(f"{model_id}: the {name} bundle has no '{part}' at {root}; train it with "
+                                         f"{how}")
     elif name == "tiny-random":
         from recon import tiny
 
         root = tiny.ensure_tiny_models(cache_root() / "builtin" / f"tiny-random-v{tiny.VERSION}")
     else:
         raise ModelNotAvailableError(f"unknown builtin model {model_id!r}; known: builtin:shapes/..., "
-                                     "builtin:tiny-random/...")
+                                     "builtin:scenes/..., builtin:tiny-random/...")
     return root / part if part else root
 
 

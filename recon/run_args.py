@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+# Errors a user can fix: shown as one line, never as a traceback (RECON_DEBUG=1 shows it) by recon.cli and the
+# experiment scripts alike.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
+
 
 def count(minimum: int):
     """An argparse ``type``: an integer >= ``minimum``; anything else is argparse's one-line usage error."""

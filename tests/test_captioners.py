@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from recon.captioners import BACKENDS, BlipCaptioner, load_captioner
-from recon.captioners.blip import IGNORE_INDEX, sequence_log_prob
+from recon.captioners.base import IGNORE_INDEX, sequence_log_prob
 from recon.captioners.lavis import (
     CheckpointMismatchError,
     convert_blip_state_dict,

@@ -139,7 +139,7 @@ def test_nan_config_values_compare_equal(tmp_path):
 def test_paper_preset_decodes_with_the_original_length_arithmetic():
     """BLIP's original generate gets min_length=5, max_length=20 with the decoder prompt as input ids: the lengths
     count the prompt ([DEC] + the prompt's tokens, its [SEP] dropped), counted here with the real BERT vocabulary."""
-    from recon.captioners.blip import generation_kwargs
+    from recon.captioners.base import generation_kwargs
     from recon.tokenizers import make_blip_tokenizer
 
     cfg = load_config("blip-sd14-paper")

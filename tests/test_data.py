@@ -1,4 +1,4 @@
-"""recon.data and recon.scoring.captions_io: bad inputs are generated here, each must be a clear DataError or RGB."""
+"""recon.data and recon.captions_io: bad inputs are generated here, each must be a clear DataError or RGB."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from recon import captions_io
 from recon.data import (
     DataError,
     ImageItem,
@@ -28,7 +29,6 @@ from recon.data import (
     validate_text,
     write_coco_results,
 )
-from recon.scoring import captions_io
 
 
 def _png_bytes(img: Image.Image, **kw) -> bytes:

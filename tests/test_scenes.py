@@ -101,8 +101,8 @@ def test_templates_read_as_intended():
     s = RED_CIRCLE_LEFT_OF_BLUE_SQUARE
     assert S.caption_for(s, "relational") == "a small red circle left of a small blue square on a white background"
     assert S.caption_for(s, "count") == "a small red circle and a small blue square on a white background"
-    assert S.caption_for(s, "detailed") == ("a white background with a small red circle in the top left and a small "
-                                            "blue square in the top right")
+    assert S.caption_for(s, "detailed") == ("in the top left a small red circle and in the top right a small blue "
+                                            "square on a white background")
     two = scene("gray", ("large", "green", "triangle", "top left"), ("large", "green", "triangle", "bottom right"),
                 ("small", "red", "cross", "top right"))
     assert S.caption_for(two, "count") == "two large green triangles and a small red cross on a gray background"
@@ -116,6 +116,19 @@ def test_parser_is_tolerant_of_model_output():
     assert c.objects == (S.Claim(None, "red", "circle"), S.Claim("large", None, "square"))
     assert c.relations == ((0, "left of", 1),)
     assert S.parse_caption("").objects == ()
+    # A cell names the object it follows, or else the next one.
+    after = S.parse_caption("a red circle in the top left and two blue squares")
+    before = S.parse_caption("in the top left a red circle and two blue squares")
+    assert after.objects == before.objects == (S.Claim(None, "red", "circle", "top left"),
+                                               S.Claim(None, "blue", "square"), S.Claim(None, "blue", "square"))
+
+
+def test_templates_can_be_chosen_and_weighted():
+    assert {s.template for s in S.sample_scenes(60, 0, templates=("detailed",))} == {S.TEMPLATES.index("detailed")}
+    mixed = [S.TEMPLATES[s.template] for s in S.sample_scenes(600, 0, templates=("detailed", "detailed", "count"))]
+    assert set(mixed) == {"detailed", "count"} and 0.6 < mixed.count("detailed") / 600 < 0.73
+    with pytest.raises(ValueError, match="templates"):
+        S.sample_scenes(1, 0, templates=("poem",))
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -190,3 +203,39 @@ def test_judge_report_and_targets_agree_with_the_truth():
     assert ((y["shape"] > 0).sum(1).tolist() == [len(s.objects) for s in batch])
     wrong = [S.Scene(s.background, s.objects[1:]) if s.objects else s for s in batch]
     assert scenes_train.judge_report(wrong, batch)["exact_scene"] < 1.0
+
+
+# ----------------------------------------------------------------------------------------------- captioner
+def test_captioner_token_set_covers_every_scenes_caption_word():
+    from recon.shapes import models
+    from recon.tokenizers import make_blip_tokenizer
+
+    tok = make_blip_tokenizer()
+    used = set(models.captioner_token_ids(tok, scenes_train.captioner_texts()))
+    batch = [s for t in S.TEMPLATES for s in S.sample_scenes(200, 0, n_objects=(0, 1, 2, 3, 4), templates=(t,))]
+    for s in batch:
+        assert set(tok(s.caption, add_special_tokens=False).input_ids) <= used, s.caption
+        # [DEC] + caption + [SEP] fits the captioner's position embeddings
+        assert len(tok(s.caption).input_ids) <= scenes_train.CAPTIONER_POSITIONS
+    assert tok.sep_token_id in used
+
+
+def test_scenes_captioner_trains_and_loads(tmp_path):
+    import json
+
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    torch.set_num_threads(1)
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    from recon.cli import main
+
+    assert main(["scenes", "train", "--component", "captioner", "--out", str(out), "--work", str(work),
+                 "--objects", "1,2", "--templates", "detailed", "--steps", "2", "--batch", "4"]) == 0
+    model = BlipForConditionalGeneration.from_pretrained(out / "captioner")
+    processor = BlipProcessor.from_pretrained(out / "captioner")
+    assert model.config.text_config.max_position_embeddings == scenes_train.CAPTIONER_POSITIONS
+    record = json.loads((out / "training" / "captioner.json").read_text())
+    assert record["steps"] == 2 and set(record["validation"]) == {"exact", "object_f1", "names_cells"}
+    truth = S.sample_scenes(2, 0, "test", n_objects=(1, 2))
+    captions = scenes_train.caption_scenes(model.eval(), processor, truth, max_new_tokens=5)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -15,6 +16,72 @@ from recon import hub
 from recon.config import DecodingConfig
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- shared by the backends
+IGNORE_INDEX = -100  # label value of positions that are not scored (prompt, image tokens, padding)
+
+
+def generation_kwargs(decoding: DecodingConfig, num_candidates: int) -> dict:
+    """``generate`` keyword arguments for a decoding config; beam width is raised to ``num_candidates`` if lower."""
+    n = int(num_candidates)
+    if n < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {n}")
+    if decoding.min_new_tokens > decoding.max_new_tokens:
+        raise ValueError(f"decoding.min_new_tokens={decoding.min_new_tokens} exceeds "
+                         f"decoding.max_new_tokens={decoding.max_new_tokens}")
+    common = dict(min_new_tokens=decoding.min_new_tokens, max_new_tokens=decoding.max_new_tokens,
+                  repetition_penalty=decoding.repetition_penalty, num_return_sequences=n)
+    if decoding.method == "greedy":
+        if n > 1:
+            raise ValueError(f"decoding.method=greedy yields one caption per image, but num_candidates={n}; "
+                             "use decoding.method=beam or nucleus for several candidates")
+        return dict(common, do_sample=False, num_beams=1)
+    if decoding.method == "beam":
+        return dict(common, do_sample=False, num_beams=max(decoding.num_beams, n))
+    if decoding.method == "nucleus":
+        return dict(common, do_sample=True, num_beams=1, top_p=decoding.top_p, top_k=decoding.top_k,
+                    temperature=decoding.temperature)
+    raise ValueError(f"decoding.method={decoding.method!r}: expected greedy, beam or nucleus")
+
+
+def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability per sequence: ``logits [B, T, V]``, ``labels [B, T]`` (``-100`` = not scored) -> ``[B]``.
+
+    Computed in float32; differentiable. ``-sequence_log_prob`` is the captioning NLL.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = labels != IGNORE_INDEX
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Seed torch's generators for one block and restore the caller's RNG state afterwards."""
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []  # manual_seed seeds all
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share (where a prompt ends inside a tokenized caption)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded with ``pad_id`` into ``(ids, attention mask)``, both ``[len(rows), longest]``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
 
 
 @runtime_checkable

@@ -7,7 +7,6 @@ The text prompt (``"a picture of "`` for BLIP) is the decoder prefix, exactly as
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -16,72 +15,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from recon import hub
-from recon.captioners.base import warn_if_other_base
+from recon.captioners.base import (
+    IGNORE_INDEX,
+    common_prefix,
+    generation_kwargs,
+    pad_right,
+    seeded,
+    sequence_log_prob,
+    warn_if_other_base,
+)
 from recon.config import CaptionerConfig, DecodingConfig
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value of positions that are not scored (prompt, image tokens, padding)
-
-
-def generation_kwargs(decoding: DecodingConfig, num_candidates: int) -> dict:
-    """``generate`` keyword arguments for a decoding config; beam width is raised to ``num_candidates`` if lower."""
-    n = int(num_candidates)
-    if n < 1:
-        raise ValueError(f"num_candidates must be >= 1, got {n}")
-    if decoding.min_new_tokens > decoding.max_new_tokens:
-        raise ValueError(f"decoding.min_new_tokens={decoding.min_new_tokens} exceeds "
-                         f"decoding.max_new_tokens={decoding.max_new_tokens}")
-    common = dict(min_new_tokens=decoding.min_new_tokens, max_new_tokens=decoding.max_new_tokens,
-                  repetition_penalty=decoding.repetition_penalty, num_return_sequences=n)
-    if decoding.method == "greedy":
-        if n > 1:
-            raise ValueError(f"decoding.method=greedy yields one caption per image, but num_candidates={n}; "
-                             "use decoding.method=beam or nucleus for several candidates")
-        return dict(common, do_sample=False, num_beams=1)
-    if decoding.method == "beam":
-        return dict(common, do_sample=False, num_beams=max(decoding.num_beams, n))
-    if decoding.method == "nucleus":
-        return dict(common, do_sample=True, num_beams=1, top_p=decoding.top_p, top_k=decoding.top_k,
-                    temperature=decoding.temperature)
-    raise ValueError(f"decoding.method={decoding.method!r}: expected greedy, beam or nucleus")
-
-
-def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability per sequence: ``logits [B, T, V]``, ``labels [B, T]`` (``-100`` = not scored) -> ``[B]``.
-
-    Computed in float32; differentiable. ``-sequence_log_prob`` is the captioning NLL.
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    mask = labels != IGNORE_INDEX
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device):
-    """Seed torch's generators for one block and restore the caller's RNG state afterwards."""
-    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []  # manual_seed seeds all
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        yield
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 class BlipCaptioner:
@@ -266,7 +212,7 @@ class BlipCaptioner:
         if self.is_blip2 and not self.config.use_decoder_only_language_model:
             return self._seq2seq_logits(pixel_values, texts)
         rows, n_prompt = zip(*(self._prompt_and_text_ids(t) for t in texts))
-        ids, mask = _pad_right(list(rows), self.tokenizer.pad_token_id or 0)
+        ids, mask = pad_right(list(rows), self.tokenizer.pad_token_id or 0)
         ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
         logits = self.model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask).logits[:, :-1]
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
@@ -288,7 +234,7 @@ class BlipCaptioner:
             prompt = prompt[:-1]
         if not self.is_blip2:
             full[0] = prompt[0] = self.config.text_config.bos_token_id  # BLIP decodes from [DEC], not [CLS]
-        n_prompt = min(_common_prefix(full, prompt), len(prompt))
+        n_prompt = min(common_prefix(full, prompt), len(prompt))
         if self.is_blip2:
             image = [self._image_token_id()] * self.config.num_query_tokens
             return image + full, len(image) + n_prompt
@@ -313,7 +259,7 @@ class BlipCaptioner:
         image = [self._image_token_id()] * self.config.num_query_tokens
         ids = torch.tensor([image + prompt] * len(texts), device=pixel_values.device)
         targets = [self.tokenizer(" ".join(t.split()), truncation=True).input_ids for t in texts]
-        labels, mask = _pad_right(targets, self.tokenizer.pad_token_id or 0)
+        labels, mask = pad_right(targets, self.tokenizer.pad_token_id or 0)
         labels = labels.masked_fill(mask == 0, IGNORE_INDEX).to(pixel_values.device)
         logits = self.model(pixel_values=pixel_values, input_ids=ids, labels=labels).logits
         return logits, labels

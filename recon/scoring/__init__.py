@@ -1,7 +1,6 @@
 """Caption-set scoring: ``recon score``, ``recon analyze`` and ``recon metaeval``.
 
     inputs.py           caption files, references, and the items they make with an image folder
-    captions_io.py      dataset annotation readers (COCO captions, Karpathy splits, clipscore-style, COCO results)
     caption_metrics.py  reference metrics through pycocoevalcap (corpus BLEU / METEOR statistics), CLIPScore
     run.py              score_caption_sets (records, aggregates, leaderboards) and analyze_run
     tables.py           leaderboards, paired tests and correlations (markdown); recon.stats does the statistics

@@ -156,7 +156,7 @@ def nothing_measured(out: Path) -> str:
 
 def run_script(main: Callable[[], int], name: str) -> None:
     """Exit with ``main()``'s code; an error a user can fix is one line, not a traceback."""
-    from recon.cli import USER_ERRORS
+    from recon.run_args import USER_ERRORS
 
     try:
         sys.exit(main())

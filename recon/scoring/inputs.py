@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from recon.captions_io import References, read_clipscore_references, read_coco_captions, read_karpathy
 from recon.data import DataError, atomic_write_text, list_images, read_json, validate_text
 from recon.runs import RunError
-from recon.scoring.captions_io import References, read_clipscore_references, read_coco_captions, read_karpathy
 
 INPUTS = "inputs.json"
 ALL_METRICS = ("recon", "clipscore", "refclipscore", "bleu", "meteor", "rouge", "cider", "spice", "sbert")

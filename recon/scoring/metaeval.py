@@ -67,8 +67,13 @@ def register(subparsers) -> None:
                    help="Flickr token file (Flickr8k.token.txt; Expert and CF need it for the caption text) or "
                         "a references JSON: once, or once per file. PASCAL-50S and FOIL carry their own")
     p.add_argument("--format", choices=FORMATS, default=None, help="every file's format (default: from its name)")
-    p.add_argument("--shapes", type=count(1), default=None, metavar="N",
-                   help="write the shapes judgment set of N scenes to OUT/judgments, then evaluate it")
+    built_in = p.add_mutually_exclusive_group()
+    built_in.add_argument("--shapes", type=count(1), default=None, metavar="N",
+                          help="write the shapes judgment set of N scenes to OUT/judgments, then evaluate it")
+    built_in.add_argument("--scenes", type=count(1), default=None, metavar="N",
+                          help="write the compositional scenes judgment set (binding / relation swaps, counts, "
+                               "omissions, hallucinations, single attributes) of N scenes to OUT/judgments, then "
+                               "evaluate it (use it with --preset scenes)")
     p.add_argument("--metrics", default=None, help=f"comma-separated subset of {','.join(ALL_METRICS)} "
                                                    "(default: all that the inputs allow)")
     p.add_argument("--pascal-refs", type=count(0), default=5, help="references per PASCAL-50S pair, drawn from its "
@@ -90,7 +95,7 @@ class Source:
 def sources_from_args(files: list[str], images: list[str], refs: list[str], fmt: str | None) -> list[Source]:
     if not files:
         raise ValueError("give judgment files (e.g. ExpertAnnotations.txt --images Flicker8k_Dataset --refs "
-                         "Flickr8k.token.txt), or --shapes N")
+                         "Flickr8k.token.txt), or --shapes N / --scenes N")
     for name, given in (("--images", images), ("--refs", refs)):
         if len(given) > 1 and len(given) != len(files):
             raise ValueError(f"{name} is given {len(given)} times for {len(files)} judgment files: give it once, "
@@ -117,13 +122,17 @@ def set_names(paths: list[Path]) -> list[str]:
     return system_names([p.with_name(p.name.lstrip(".@") or "judgments") for p in paths])
 
 
-def shapes_sources(folder: Path, n: int, seed: int) -> list[Source]:
-    """Write (or reuse) the shapes judgment set of ``n`` scenes in ``folder``; its four files as sources."""
-    from recon.shapes.judgments import write_judgment_set
+BUILT_IN_SETS = {"shapes": "recon.shapes.judgments", "scenes": "recon.shapes.scenes_judgments"}  # name -> module
 
-    paths = write_judgment_set(folder, n, seed)
+
+def built_in_sources(name: str, folder: Path, n: int, seed: int) -> list[Source]:
+    """Write (or reuse) the built-in judgment set ``name`` (:data:`BUILT_IN_SETS`) of ``n`` scenes in ``folder``;
+    its files as sources (each module's ``write_judgment_set`` returns them by format)."""
+    import importlib
+
+    paths = importlib.import_module(BUILT_IN_SETS[name]).write_judgment_set(folder, n, seed)
     return [Source(paths[f], f, paths["images"], paths["refs"] if f in ("expert", "crowdflower") else None)
-            for f in ("expert", "crowdflower", "pascal50s", "foil")]
+            for f in ("expert", "crowdflower", "pascal50s", "foil") if f in paths]
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -276,11 +285,16 @@ def pair_table(correct: dict[str, np.ndarray], categories: np.ndarray, clusters:
                 rows[m][g]["n"] = int(mask.sum())
     names_ = list(correct)
     pairs = list(itertools.combinations(range(len(names_)), 2))
-    columns = (np.stack([per_cluster(correct[m], groups["all"]) for m in names_], axis=1) if names_
-               else np.zeros((0, 0)))
-    paired = [{"a": names_[i], "b": names_[j], **t.to_dict()}
-              for (i, j), t in zip(pairs, stats.paired_tests(columns, pairs, n_resamples, seed=[seed, 99]))]
-    return {"rows": rows, "paired": paired}
+
+    def paired(mask: np.ndarray) -> list[dict]:
+        columns = (np.stack([per_cluster(correct[m], mask) for m in names_], axis=1) if names_
+                   else np.zeros((0, 0)))
+        return [{"a": names_[i], "b": names_[j], **t.to_dict()}
+                for (i, j), t in zip(pairs, stats.paired_tests(columns, pairs, n_resamples, seed=[seed, 99]))]
+
+    # Per category too: a metric can win on swaps and lose on single errors while the pooled difference is ~0.
+    by_category = {c: paired(groups[c]) for c in names if groups[c].any()} if len(names) > 1 else {}
+    return {"rows": rows, "paired": paired(groups["all"]), "paired_by_category": by_category}
 
 
 def evaluate_set(fmt: str, preps: list[Prepared], scores: list[dict], n_resamples: int, seed: int) -> dict:
@@ -348,22 +362,26 @@ def read_sources(sources: list[Source], limit: int | None, pascal_refs: int, see
 def meta_evaluate(config, sources: list[Source] | None, out: str | Path, metrics: str | None = None,
                   limit: int | None = None, pascal_refs: int = 5, clip_prefix: str = "", n_resamples: int = 1000,
                   progress: bool = True, retry_failed: bool = False, reconstructor=None,
-                  shapes: int | None = None) -> dict:
+                  shapes: int | None = None, scenes: int | None = None) -> dict:
     """Score every judgment file and compare each metric with the judgments; writes ``metaeval.{json,md,html}``
-    into ``out`` and returns the json. ``shapes``: instead of ``sources``, the shapes judgment set of that many
-    scenes, written to ``out/judgments``. The judgments are read, and ``out`` locked and checked
+    into ``out`` and returns the json. ``shapes`` / ``scenes``: instead of ``sources``, that built-in judgment set
+    of that many scenes, written to ``out/judgments``. The judgments are read, and ``out`` locked and checked
     (:func:`open_run_dir`), before anything is written there."""
     out = Path(out)
     settings = {"limit": limit, "pascal_refs": pascal_refs, "clip_prefix": clip_prefix}
     notes: list[str] = []
-    if shapes is None:
+    built_in = {k: v for k, v in (("shapes", shapes), ("scenes", scenes)) if v is not None}
+    if len(built_in) > 1:
+        raise ValueError("pass one of --shapes N and --scenes N")
+    if not built_in:
         loaded = read_sources(sources, limit, pascal_refs, config.run.seed, notes)
         lock = open_run_dir(out, config, {**judged_inputs(sources), **settings})
     else:
-        lock = open_run_dir(out, config, {"shapes": shapes, **settings})
+        lock = open_run_dir(out, config, {**built_in, **settings})
     try:
-        if shapes is not None:
-            sources = shapes_sources(out / "judgments", shapes, config.run.seed)
+        if built_in:
+            (name, n), = built_in.items()
+            sources = built_in_sources(name, out / "judgments", n, config.run.seed)
             loaded = read_sources(sources, limit, pascal_refs, config.run.seed, notes)
         return _evaluate(config, sources, loaded, out, notes, metrics, limit, clip_prefix, n_resamples, progress,
                          retry_failed, reconstructor)
@@ -411,16 +429,17 @@ def _evaluate(config, sources: list[Source], loaded: list[Judgments], out: Path,
 def run_metaeval(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     out = Path(args.out or f"runs/metaeval-{config.name}")
-    if args.shapes is not None:
+    if args.shapes is not None or args.scenes is not None:
+        flag = "--shapes" if args.shapes is not None else "--scenes"
         if args.judgments or args.images or args.refs:
-            raise ValueError("--shapes N writes its own judgment files, images and references; pass either "
-                             "judgment files or --shapes")
+            raise ValueError(f"{flag} N writes its own judgment files, images and references; pass either "
+                             f"judgment files or {flag}")
         sources = None
     else:
         sources = sources_from_args(args.judgments, args.images, args.refs, args.format)
     res = meta_evaluate(config, sources, out, args.metrics, args.limit, args.pascal_refs, args.clip_prefix,
                         args.resamples, progress=not args.no_progress, retry_failed=args.retry_failed,
-                        shapes=args.shapes)
+                        shapes=args.shapes, scenes=args.scenes)
     for note in res["notes"]:
         print(f"recon: {note}", file=sys.stderr)
     print(json.dumps({"out": str(out), "sets": {k: {"statistic": s["statistic"], "n": s["n"], "best": s["order"][:3],

@@ -59,9 +59,10 @@ def input_differences(old: dict, new: dict) -> list[str]:
         return f"no {name}" if value is None else f"{name} {value!r}" if name == "--clip-prefix" else f"{name} {value}"
 
     def judged(d: dict) -> str:
-        return option("--shapes", d["shapes"]) if d.get("shapes") else f"judgment files {names(d['judgments'])}"
+        built_in = [option(f"--{k}", d[k]) for k in ("shapes", "scenes") if d.get(k)]
+        return built_in[0] if built_in else f"judgment files {names(d['judgments'])}"
 
-    if old.get("shapes") != new.get("shapes"):
+    if old.get("shapes") != new.get("shapes") or old.get("scenes") != new.get("scenes"):
         return [f"{judged(new)} (it holds {judged(old)})"]
     out = []
     old_j, new_j = old.get("judgments", []), new.get("judgments", [])

@@ -57,6 +57,30 @@ def _set_tables(s: dict) -> tuple[list[str], list[list[str]], list[str], list[li
     return head, rows, phead, prows
 
 
+TEXT_SIDE = ("clipscore", "refclipscore")  # the cheaper signals each recon_* metric is compared with per category
+
+
+def _category_table(s: dict) -> tuple[list[str], list[list[str]]]:
+    """Per category, each recon_* metric minus each text-side CLIP score, with its CI (empty without categories)."""
+    by_cat = s.get("paired_by_category") or {}
+    if not by_cat:
+        return [], []
+    cats = [c for c in s["categories"] if c in by_cat]
+    rows = []
+    for a in [m for m in s["order"] if m.startswith("recon_")]:
+        for b in [m for m in TEXT_SIDE if m in s["order"]]:
+            row = [a, b]
+            for c in cats:
+                hit = [(p, 1) for p in by_cat[c] if (p["a"], p["b"]) == (a, b)] + \
+                      [(p, -1) for p in by_cat[c] if (p["a"], p["b"]) == (b, a)]
+                p, sgn = hit[0]
+                lo, hi = (p["low"], p["high"]) if sgn == 1 else (None if p["high"] is None else -p["high"],
+                                                                 None if p["low"] is None else -p["low"])
+                row.append(f"{_f(None if p['diff'] is None else sgn * p['diff'])} [{_f(lo)}, {_f(hi)}]")
+            rows.append(row)
+    return ["A", "B", *[f"A − B: {c}" for c in cats]], rows
+
+
 def _summary(result: dict) -> tuple[list[str], list[list[str]]]:
     sets = list(result["sets"])
     metrics = list(dict.fromkeys(m for s in result["sets"].values() for m in s["order"]))
@@ -88,6 +112,9 @@ def metaeval_markdown(result: dict) -> str:
                   f"{s['n_images']} images.", "", *table(head, rows, (1,)),
                   "Paired differences (bootstrap CI; p two-sided, Holm-adjusted over the set's comparisons):", "",
                   *table(phead, prows, (0, 1))]
+        if (cat := _category_table(s))[1]:
+            lines += ["Per category, reconstruction minus text-side score (bootstrap CI over images):", "",
+                      *table(*cat, (0, 1))]
         if s["notes"]:
             lines += ["Notes:", *[f"- {_md(n)}" for n in s["notes"]], ""]
     if result["notes"]:
@@ -111,6 +138,8 @@ def metaeval_html(result: dict) -> str:
         parts += [f"<h2>{esc(name)}: {esc(STAT_TEXT[s['statistic']])}</h2>",
                   f"<p>Files: {esc(', '.join(s['files']))}; {s['n']} {_unit(s)} on {s['n_images']} images.</p>",
                   table(head, rows), "<h3>Paired differences</h3>", table(phead, prows)]
+        if (cat := _category_table(s))[1]:
+            parts += ["<h3>Per category: reconstruction minus text-side score</h3>", table(*cat)]
         if s["notes"]:
             parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in s["notes"]) + "</ul>")
     if result["notes"]:

@@ -9,6 +9,8 @@ from pathlib import Path
 from recon.shapes import world
 
 BUNDLE_VERSION = "3"
+# The parts `recon shapes train --component` trains, in order (here, not in train.py, so `--help` needs no torch).
+COMPONENTS = ("vae", "unet", "captioner", "weak", "clip", "judge")
 PARTS = {"captioner": "BlipForConditionalGeneration + BlipProcessor (transformers)",
          "captioner_weak": "a weak captioner for candidate-ranking experiments (see training/captioner_weak.json)",
          "generator": "StableDiffusionPipeline folder: AutoencoderKL, CLIPTextModel + CLIPTokenizer, "
@@ -117,3 +119,64 @@ def _default_steps() -> dict:
 
     return {k: v for k, v in DEFAULT_STEPS.items() if k != "weak"}
 
+
+
+SCENES_PARTS = {"captioner": PARTS["captioner"], "captioner_weak": "a weak snapshot of the captioner run (first "
+                "validation with exact-scene accuracy >= 0.3), for caption-selection experiments",
+                "generator": PARTS["generator"], "clip": PARTS["clip"] + "; text context 48 tokens",
+                "judge": "CellJudge CNN (recon.shapes.scenes_train): reads each cell's object and the background; "
+                         "evaluation only"}
+
+
+def write_scenes_card(bundle: Path, result: dict, extra: str = "") -> Path:
+    """``MODEL_CARD.md`` and ``eval.json`` of the scenes bundle, from its training records and ``recon scenes eval``."""
+    from recon.shapes import scenes
+
+    bundle = Path(bundle)
+    records = {p.stem: json.loads(p.read_text()) for p in sorted((bundle / "training").glob("*.json"))}
+    (bundle / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# recon scenes bundle", "",
+        "The compositional world's models (`recon/shapes/scenes.py`): 32x32 scenes of 1-4 objects on a 2x2 grid, "
+        f"each object one of {len(scenes.SHAPES)} shapes x {len(scenes.COLORS)} colours x {len(scenes.SIZES)} sizes, "
+        f"{len(scenes.BACKGROUNDS)} backgrounds; {len(scenes.HELDOUT_PAIRS)} of the {len(scenes._ALL_PAIRS)} pairs of "
+        "object types never occur together in training. The architecture classes and vocabularies are the shapes "
+        "bundle's (BERT WordPiece for the captioner, CLIP BPE for the generator and CLIP).", "",
+        "The CLIP is trained contrastively with ordinary in-batch negatives, as real CLIP is: every other caption "
+        "in the batch is a negative, identical captions are positives, and no hard negatives (no swapped or "
+        "altered captions) are ever shown. The generator learns from `detailed` (cell named first) and `count` "
+        "captions; the captioner writes them.", "",
+        "## Parts", "", "| part | what | parameters | MB |", "| --- | --- | ---: | ---: |"]
+    for part, what in SCENES_PARTS.items():
+        if (bundle / part).is_dir():
+            lines.append(f"| `{part}/` | {what} | {_params(bundle / part) / 1e6:.2f}M | {_mb(bundle / part):.1f} |")
+    lines += ["", f"Total size: {_mb(bundle):.1f} MB.", "", "## Training", "",
+              "Each part: `recon scenes train --component NAME` (seed 0, 1 thread, data rendered on the fly from "
+              "(seed, step)), in the order below; the generator in two stages (2-object scenes, then 1-4 objects "
+              "from the first stage's weights).", "",
+              "| record | steps | batch | wall min | CPU min | final validation | command |",
+              "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name, r in records.items():
+        val = json.dumps(r.get("validation", {}))[:160]
+        lines.append(f"| {name} | {r.get('steps', '')} | {r.get('batch_size', '')} | {r.get('wall_minutes', '')} | "
+                     f"{r.get('cpu_minutes', '')} | `{val}` | `{portable_command(r.get('command', ''))}` |")
+    lines += ["", "## Measured quality", "",
+              f"`recon scenes eval --n {result['n']} --seed {result['seed']}` (DDIM "
+              f"{result['sampling']['num_inference_steps']} steps, guidance {result['sampling']['guidance_scale']}; "
+              f"captioner beam {result['decoding']['num_beams']}):", "",
+              "| metric | bar | test (1-4 objects) | held-out type pairs (2-4 objects) |", "| --- | ---: | ---: | ---: |"]
+    keys = [k for k in result["test"] if isinstance(result["test"][k], float)]
+    for key in keys:
+        bar = result["bars"].get(key)
+        lines.append(f"| {key} | {_pct(bar) if bar else ''} | {_pct(result['test'][key])} | "
+                     f"{_pct(result['heldout'][key]) if key in result['heldout'] else ''} |")
+    by = result["test"].get("generator_exact_by_objects", {})
+    lines += ["", "Generator exact scenes by number of objects (test): "
+              + ", ".join(f"{k}: {_pct(v)}" for k, v in by.items()) + ".", "",
+              "The judge is a classifier trained on renders; a generated image it misreads counts as wrong, so the "
+              "generator's numbers are lower bounds up to the judge's own errors.", ""]
+    if extra:
+        lines += [extra.strip(), ""]
+    path = bundle / "MODEL_CARD.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from recon.hub import SHAPES_BUNDLE
 from recon.run_args import count
-
-# The bundle's parts (recon.shapes.train trains them; defined here so `--help` needs no torch).
-COMPONENTS = ("vae", "unet", "captioner", "weak", "clip", "judge")
+from recon.shapes.card import COMPONENTS
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -108,27 +108,37 @@ def write_judgment_set(out: str | Path, n: int, seed: int = 0) -> dict[str, Path
 
 
 def _write_pascal(folder: Path, scenes: list[dict], rng: np.random.Generator) -> None:
-    import scipy.io
-
-    pairs, triplets, categories, kinds = [], [], [], []
+    pairs = []
     for s in scenes:
         by_wrong = {c["n_wrong"]: c["caption"] for c in s["candidates"]}
-        for cat, (_, better, worse) in enumerate(PAIR_CATEGORIES, 1):
-            a_better = bool(rng.integers(2))  # the better caption is A or B at random: position tells nothing
-            a, b = (better, worse) if a_better else (worse, better)
-            pairs.append((s["image"], by_wrong[a], by_wrong[b]))
-            triplets += [(ref, by_wrong[a], by_wrong[b], 1.0 if a_better else -1.0) for ref in s["refs"]]
-            categories.append(cat)
-            kinds.append((a, b))
-    new_input = np.empty((1, len(pairs)), dtype=[("image", object), ("caption_a", object), ("caption_b", object)])
-    for i, p in enumerate(pairs):
+        pairs += [(s["image"], by_wrong[better], by_wrong[worse], cat, s["refs"], (better, worse))
+                  for cat, (_, better, worse) in enumerate(PAIR_CATEGORIES, 1)]
+    write_pascal(folder, pairs, [name for name, _, _ in PAIR_CATEGORIES], rng)
+
+
+def write_pascal(folder: Path, pairs: list[tuple], category_names: list[str], rng: np.random.Generator) -> None:
+    """PASCAL-50S's two files from ``pairs`` = ``(image, better caption, worse caption, category (1-based), refs,
+    (better's code, worse's code))``: the better caption is A or B at random (position tells nothing), one
+    unanimous consensus triplet per reference; the codes go to ``new_data``."""
+    import scipy.io
+
+    rows, triplets, categories, kinds = [], [], [], []
+    for image, better, worse, cat, refs, codes in pairs:
+        a_better = bool(rng.integers(2))
+        a, b = (better, worse) if a_better else (worse, better)
+        rows.append((image, a, b))
+        triplets += [(ref, a, b, 1.0 if a_better else -1.0) for ref in refs]
+        categories.append(cat)
+        kinds.append(codes if a_better else codes[::-1])
+    new_input = np.empty((1, len(rows)), dtype=[("image", object), ("caption_a", object), ("caption_b", object)])
+    for i, p in enumerate(rows):
         new_input[0, i] = p
     trip = np.empty((1, len(triplets)), dtype=[("reference", object), ("caption_a", object),
                                                ("caption_b", object), ("winner", object)])
     for i, t in enumerate(triplets):
         trip[0, i] = t
-    names = np.empty((1, len(PAIR_CATEGORIES)), dtype=object)
-    for i, (name, _, _) in enumerate(PAIR_CATEGORIES):
+    names = np.empty((1, len(category_names)), dtype=object)
+    for i, name in enumerate(category_names):
         names[0, i] = name
     folder.mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(str(folder / "pair_pascal.mat"), {
@@ -138,16 +148,25 @@ def _write_pascal(folder: Path, scenes: list[dict], rng: np.random.Generator) ->
 
 
 def _write_foil(path: Path, scenes: list[dict]) -> None:
+    foils = []
+    for s in scenes:
+        one_wrong = s["candidates"][1]
+        change = one_wrong["changes"][0]
+        foils.append((s["image"], [*s["refs"], s["candidates"][0]["caption"]], one_wrong["caption"],
+                      change["true"], change["wrong"]))
+    write_foil(path, foils)
+
+
+def write_foil(path: Path, foils: list[tuple[str, list[str], str, str, str]]) -> None:
+    """FOIL's json from ``(image, original captions, foil caption, target word, foil word)`` per image; the foil
+    shares the id of the last original."""
     images, annotations = [], []
-    for i, s in enumerate(scenes):
-        images.append({"id": i, "file_name": s["image"]})
-        originals = [*s["refs"], s["candidates"][0]["caption"]]
+    for i, (image, originals, foil, target, wrong) in enumerate(foils):
+        images.append({"id": i, "file_name": image})
         for k, caption in enumerate(originals):
             annotations.append({"image_id": i, "id": 10 * i + k, "caption": caption, "foil": False,
                                 "target_word": "ORIG", "foil_word": "ORIG", "foil_id": len(annotations)})
-        one_wrong = s["candidates"][1]
-        change = one_wrong["changes"][0]
-        annotations.append({"image_id": i, "id": 10 * i + len(originals) - 1, "caption": one_wrong["caption"],
-                            "foil": True, "target_word": change["true"], "foil_word": change["wrong"],
+        annotations.append({"image_id": i, "id": 10 * i + len(originals) - 1, "caption": foil,
+                            "foil": True, "target_word": target, "foil_word": wrong,
                             "foil_id": len(annotations)})
     atomic_write_text(path, json.dumps({"images": images, "annotations": annotations}, indent=1) + "\n")

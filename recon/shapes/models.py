@@ -63,23 +63,29 @@ JUDGE = dict(widths=[32, 64, 128], hidden=256)
 
 
 # ----------------------------------------------------------------------------------------------- captioner
-def build_captioner(tokenizer, seed: int = 0):
+def build_captioner(tokenizer, seed: int = 0, max_position_embeddings: int | None = None):
+    """``max_position_embeddings``: the text decoder's longest sequence ([DEC] + caption + [SEP]); None:
+    :data:`CAPTIONER_TEXT`'s 40, enough for the shapes world (the scenes world needs more)."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     torch.manual_seed(seed)
+    text = dict(CAPTIONER_TEXT)
+    if max_position_embeddings is not None:
+        text["max_position_embeddings"] = max_position_embeddings
     cfg = BlipConfig(
         vision_config=CAPTIONER_VISION,
-        text_config=dict(CAPTIONER_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        text_config=dict(text, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id),
         projection_dim=128, initializer_range=CAPTIONER_INIT,
     )
     return BlipForConditionalGeneration(cfg)
 
 
-def captioner_token_ids(tokenizer) -> list[int]:
-    """Ids of every token in every caption of the world, plus [SEP] (end of caption)."""
+def captioner_token_ids(tokenizer, texts: list[str] | None = None) -> list[int]:
+    """Ids of every token of ``texts`` (words or whole captions; default: every caption of the shapes world), plus
+    [SEP] (end of caption)."""
     ids = {tokenizer.sep_token_id}
-    for text in world.caption_vocabulary():
+    for text in world.caption_vocabulary() if texts is None else texts:
         ids.update(tokenizer(text, add_special_tokens=False).input_ids)
     return sorted(ids)
 
@@ -185,17 +191,23 @@ def save_generator(vae, text_encoder, tokenizer, unet, out: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- CLIP
-def build_clip(seed: int = 0):
+def clip_model_cfg(context_length: int = CLIP_CONTEXT) -> dict:
+    """The CLIP architecture with a text context of ``context_length`` tokens (the scenes world's captions need
+    more than the shapes world's 32)."""
+    return {**CLIP_MODEL_CFG, "text_cfg": {**CLIP_MODEL_CFG["text_cfg"], "context_length": context_length}}
+
+
+def build_clip(seed: int = 0, context_length: int = CLIP_CONTEXT):
     import open_clip
 
     torch.manual_seed(seed)
-    return open_clip.CLIP(**CLIP_MODEL_CFG)
+    return open_clip.CLIP(**clip_model_cfg(context_length))
 
 
-def clip_tokenizer():
+def clip_tokenizer(context_length: int = CLIP_CONTEXT):
     from open_clip.tokenizer import SimpleTokenizer
 
-    return SimpleTokenizer(context_length=CLIP_CONTEXT)
+    return SimpleTokenizer(context_length=context_length)
 
 
 def clip_preprocess_cfg() -> dict:
@@ -205,13 +217,13 @@ def clip_preprocess_cfg() -> dict:
             "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
-def save_clip(model, out: Path) -> Path:
+def save_clip(model, out: Path, context_length: int = CLIP_CONTEXT) -> Path:
     """Hub layout: open_clip_config.json + open_clip_model.safetensors (fp16; open_clip loads into fp32)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": CLIP_MODEL_CFG, "preprocess_cfg": clip_preprocess_cfg()}, indent=2) + "\n")
+        {"model_cfg": clip_model_cfg(context_length), "preprocess_cfg": clip_preprocess_cfg()}, indent=2) + "\n")
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
     return out

@@ -11,8 +11,10 @@ Captions come from three templates that name every object (and the background), 
   background" -- each object after the first is placed relative to the one named before it;
 * ``count``: "two small green triangles and a large red circle on a gray background" -- identical objects grouped
   and counted, no places;
-* ``detailed``: "a white background with a small red circle in the top left and a large blue square in the bottom
-  right" -- every object with its cell.
+* ``detailed``: "in the top left a small red circle and in the bottom right a large blue square on a white
+  background" -- every object with its cell, the cell named first (a causal text encoder then carries the place into
+  the object's words: the feasibility gate measured 62% exact 2-object scenes with this order, 4.5% with the cell
+  after the object).
 
 Held-out rule: an object *type* is (colour, shape); 10% of the unordered pairs of types (:data:`HELDOUT_PAIRS`,
 fixed) never occur together in a ``train`` or ``test`` scene; every ``heldout`` scene holds at least one of them.
@@ -146,7 +148,7 @@ def caption_for(scene: Scene, template: int | str = 0) -> str:
         counts = Counter(o.kind for o in objs)  # insertion order: first mention
         return f"{_join([_phrase(k, n) for k, n in counts.items()])} on a {bg} background"
     if name == "detailed":
-        return f"a {bg} background with " + _join([f"{_phrase(o.kind)} in the {o.cell}" for o in objs])
+        return " and ".join(f"in the {o.cell} {_phrase(o.kind)}" for o in objs) + f" on a {bg} background"
     raise ValueError(f"template {template!r}: expected an index or one of {TEMPLATES}")
 
 
@@ -170,7 +172,7 @@ def _rng(seed: int, split: str, *stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), SPLITS[split], 7, *stream])  # 7: never the shapes world's stream
 
 
-def _draw_scene(rng: np.random.Generator, n_objects: tuple[int, ...]) -> Scene:
+def _draw_scene(rng: np.random.Generator, n_objects: tuple[int, ...], templates: tuple[int, ...]) -> Scene:
     k = int(n_objects[int(rng.integers(len(n_objects)))])
     cells = sorted(rng.permutation(len(CELLS))[:k].tolist())
     objects = []
@@ -182,26 +184,32 @@ def _draw_scene(rng: np.random.Generator, n_objects: tuple[int, ...]) -> Scene:
             dy=JITTER_PX * float(jit[1]), scale=1.0 + 0.06 * float(jit[2]),
             tint=tuple(int(t) for t in rng.integers(-12, 13, 3))))
     background = VALUES["background"][int(rng.integers(len(BACKGROUNDS)))]
-    template = int(rng.integers(len(TEMPLATES)))
+    template = templates[int(rng.integers(len(templates)))]
     order = tuple(int(i) for i in rng.permutation(k))
     return Scene(background, tuple(objects), template, order)
 
 
 def sample_scenes(n: int, seed: int, split: str = "train", stream: int = 0,
-                  n_objects: int | tuple[int, ...] = (1, 2, 3, 4)) -> list[Scene]:
+                  n_objects: int | tuple[int, ...] = (1, 2, 3, 4),
+                  templates: tuple[str, ...] = TEMPLATES) -> list[Scene]:
     """``n`` scenes drawn deterministically from ``(seed, split, stream)``, each with a number of objects drawn
-    uniformly from ``n_objects``. ``train`` / ``test`` never hold a held-out pair of types; ``heldout`` always does
+    uniformly from ``n_objects`` and a caption template drawn uniformly from ``templates`` (repeat a name to weight
+    it). ``train`` / ``test`` never hold a held-out pair of types; ``heldout`` always does
     (so it needs ``n_objects >= 2``). Training uses ``stream = step``, as in the shapes world."""
     counts = (n_objects,) if isinstance(n_objects, int) else tuple(n_objects)
     if not counts or min(counts) < 0 or max(counts) > MAX_OBJECTS:
         raise ValueError(f"n_objects {n_objects!r}: expected numbers from 0 to {MAX_OBJECTS}")
     if split == "heldout" and max(counts) < 2:
         raise ValueError("the heldout split holds pairs of objects: pass n_objects >= 2")
+    unknown = sorted(set(templates) - set(TEMPLATES))
+    if not templates or unknown:
+        raise ValueError(f"templates {templates!r}: expected names from {TEMPLATES}")
+    template_ids = tuple(TEMPLATES.index(t) for t in templates)
     want_heldout = split == "heldout"
     rng = _rng(seed, split, stream)
     scenes: list[Scene] = []
     while len(scenes) < n:  # rejection keeps every accepted scene distributed as the unconditioned draw
-        scene = _draw_scene(rng, counts)
+        scene = _draw_scene(rng, counts, template_ids)
         if want_heldout and len(scene.objects) < 2:
             continue
         if scene.is_heldout() == want_heldout:
@@ -278,14 +286,15 @@ _RELATION_WORDS = sorted((tuple(r.split()) for r in RELATIONS), key=len, reverse
 
 def parse_caption(text: str) -> Claims:
     """The claims of any caption: objects (count word, size, colour, shape noun; a plural noun repeats the object),
-    "in/at the <cell>" after an object, a relation word before an object (relating it to the object named just
-    before), "<background> background". Tolerant of model output: unknown words are skipped, a missing attribute
-    is None."""
+    "in/at the <cell>" right after an object's noun (its cell) or else before an object (the next object's cell), a
+    relation word before an object (relating it to the object named just before), "<background> background".
+    Tolerant of model output: unknown words are skipped, a missing attribute is None."""
     words = _WORD.findall(text.lower())
     background = None
     objects: list[Claim] = []
     relations: list[tuple[int, str, int]] = []
     pending_relation: str | None = None
+    pending_cell: str | None = None
     count, size, color = None, None, None
     i = 0
     while i < len(words):
@@ -297,9 +306,12 @@ def parse_caption(text: str) -> Claims:
             continue
         if w in ("in", "at") and words[i + 1 : i + 2] == ["the"]:
             cell = " ".join(words[i + 2 : i + 4])
-            if cell in CELLS and objects:
-                last = objects[-1]
-                objects[-1] = Claim(last.size, last.color, last.shape, cell)
+            if cell in CELLS:
+                if objects and i > 0 and words[i - 1] in _NOUNS:  # "a red circle in the top left"
+                    last = objects[-1]
+                    objects[-1] = Claim(last.size, last.color, last.shape, cell)
+                else:  # "in the top left a red circle"
+                    pending_cell = cell
                 i += 4
                 continue
         rel = next((r for r in _RELATION_WORDS if tuple(words[i : i + len(r)]) == r), None)
@@ -318,10 +330,10 @@ def parse_caption(text: str) -> Claims:
             n = count if count is not None else plural
             n = max(n, 2) if plural == 2 else n
             start = len(objects)
-            objects += [Claim(size, color, shape) for _ in range(n)]
+            objects += [Claim(size, color, shape, pending_cell if k == 0 else None) for k in range(n)]
             if pending_relation is not None and start > 0:
                 relations.append((start - 1, pending_relation, start))
-            pending_relation, count, size, color = None, None, None, None
+            pending_relation, pending_cell, count, size, color = None, None, None, None, None
         i += 1
     return Claims(background, tuple(objects), tuple(relations))
 

@@ -1,19 +1,13 @@
-"""Train and measure the scenes world's models with the shapes world's loop: the feasibility gate of issue 22.
-
-``python -m recon.shapes.scenes_train train --component {vae,unet,judge} --out DIR --work DIR [--objects 2]``
-reuses :func:`recon.shapes.train.train_vae` / :func:`~recon.shapes.train.train_unet` (same architectures, same
-recipe) with this world's batches; the judge (:class:`CellJudge`, reads each cell) is this world's own.
-``python -m recon.shapes.scenes_train gate --bundle DIR --n 200`` generates from the ``detailed`` and
-``relational`` captions of an unseen seed and scores the judged images (see :func:`gate`).
-"""
+"""The scenes world's models, trained with the shapes world's loop (``recon scenes train``): :func:`train` feeds
+:func:`recon.shapes.train.train_vae` / ``train_unet`` / ``train_captioner`` / ``train_clip`` (same architectures,
+same recipe) with this world's batches; the judge (:class:`CellJudge`, reads each cell) is this world's own.
+``recon scenes eval`` (:mod:`recon.shapes.scenes_eval`) measures the result."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +22,14 @@ JUDGE_WIDTHS = (32, 64)
 JUDGE_HIDDEN = 128
 EMPTY = "empty"
 CELL_SHAPES = (EMPTY, *scenes.SHAPES)
+CLIP_CONTEXT = 48  # the longest caption (four objects, detailed) is 39 BPE tokens + start and end
 
 
 def render_scenes(seed: int, split: str, stream: int, n: int, device: str | torch.device = "cpu",
-                  n_objects: int | tuple[int, ...] = (1, 2, 3, 4)) -> tuple[list[scenes.Scene], torch.Tensor]:
+                  n_objects: int | tuple[int, ...] = (1, 2, 3, 4), templates: tuple[str, ...] = scenes.TEMPLATES,
+                  ) -> tuple[list[scenes.Scene], torch.Tensor]:
     """Scenes and their images as ``(n, 3, 32, 32)`` float in [0, 1] (the shapes trainers' ``render``)."""
-    batch = scenes.sample_scenes(n, seed, split, stream, n_objects=n_objects)
+    batch = scenes.sample_scenes(n, seed, split, stream, n_objects=n_objects, templates=templates)
     return batch, to_tensor(scenes.render_batch(batch)).to(device)
 
 
@@ -173,11 +169,66 @@ def load_judge(path: Path) -> CellJudge:
     return judge.eval()
 
 
-# ----------------------------------------------------------------------------------------------- the gate
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+# ----------------------------------------------------------------------------------------------- captioner
+# The shapes world's BLIP captioner (recon.shapes.train.train_captioner) with this world's batches. The longest
+# caption (four objects, detailed) is 39 BERT wordpieces + [DEC] and [SEP]: 41 > the shapes captioner's 40 positions.
+CAPTIONER_POSITIONS = 48
+CAPTIONER_MAX_NEW_TOKENS = CAPTIONER_POSITIONS - 4  # generation starts from [DEC]; 40 tokens end the longest caption
+CAPTIONER_VALIDATION_N = 128
+CAPTIONER_WEAK_EXACT = 0.3
+# Auxiliary heads on the ViT's [CLS] (discarded after training): per cell the shape (or empty), colour and size of its
+# object, and the background; the targets are the judge's (judge_targets).
+CAPTIONER_AUX_HEADS = {"shape": (len(scenes.CELLS), len(CELL_SHAPES)),
+                       "color": (len(scenes.CELLS), len(scenes.COLORS)),
+                       "size": (len(scenes.CELLS), len(scenes.SIZES)),
+                       "background": (1, len(scenes.BACKGROUNDS))}
 
 
+def captioner_texts() -> list[str]:
+    """What the captioner's softmax covers: every caption word, plus the comma of the relational and count
+    templates ("..., which is above ...", "a ..., a ... and a ...") that :func:`scenes.caption_vocabulary` omits."""
+    return [*scenes.caption_vocabulary(), ","]
+
+
+@torch.no_grad()
+def caption_scenes(model, processor, batch: list[scenes.Scene], chunk: int = 128, **gen) -> list[str]:
+    """Greedy (or ``gen``) captions of the rendered scenes."""
+    gen = {"max_new_tokens": CAPTIONER_MAX_NEW_TOKENS, **gen}
+    captions = []
+    for i in range(0, len(batch), chunk):
+        pix = processor(images=list(scenes.render_batch(batch[i : i + chunk])),
+                        return_tensors="pt").pixel_values.to(model.device)
+        captions += processor.batch_decode(model.generate(pixel_values=pix, **gen), skip_special_tokens=True)
+    return captions
+
+
+def captioner_report(captions: list[str], truth: list[scenes.Scene]) -> dict:
+    """Exact-scene accuracy of parsed captions vs. the true scenes, mean object F1, and the fraction of captions
+    that name cells (detailed form; the rest are count-like, exact without places)."""
+    claims = [scenes.parse_caption(c) for c in captions]
+    return {"exact": float(np.mean([scenes.exact_match(c, t) for c, t in zip(claims, truth)])),
+            "object_f1": float(np.mean([scenes.object_f1(c, t) for c, t in zip(claims, truth)])),
+            "names_cells": float(np.mean([any(o.cell for o in c.objects) for c in claims]))}
+
+
+def captioner_validation(n_objects: tuple[int, ...]) -> Callable[..., dict]:
+    """``train_captioner``'s ``validation``: greedy captions of 128 ``test`` scenes."""
+    def validate(model, processor, seed: int) -> dict:
+        truth = scenes.sample_scenes(CAPTIONER_VALIDATION_N, seed, "test", n_objects=n_objects)
+        return captioner_report(caption_scenes(model, processor, truth), truth)
+    return validate
+
+
+def train_captioner(args, render, n_objects: tuple[int, ...]) -> dict:
+    from recon.shapes.train import train_captioner as train_blip
+
+    return train_blip(args, render=render, aux_heads=CAPTIONER_AUX_HEADS, aux_targets=judge_targets,
+                      texts=captioner_texts(), validation=captioner_validation(n_objects),
+                      weak_rule=("exact", CAPTIONER_WEAK_EXACT, "exact-scene accuracy"),
+                      max_positions=CAPTIONER_POSITIONS)
+
+
+# ----------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0) -> torch.Tensor:
     """``(n, 3, 32, 32)`` in [0, 1]; image i from ``seeds[i]``'s starting noise (as recon.shapes.evaluate)."""
@@ -188,128 +239,26 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
     return to_tensor((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8))
 
 
-def pipeline_from_checkpoint(bundle: Path, checkpoint: Path):
-    """The generator of an unfinished ``train --component unet`` run: the VAE from ``bundle``, the UNet and text
-    encoder from ``checkpoint`` (``<work>/unet.ckpt.pt``) with its EMA weights, as the finished run would ship."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from diffusers.training_utils import EMAModel
-    from transformers import CLIPTokenizer
-
-    from recon.shapes import models
-    from recon.tokenizers import write_clip_tokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(checkpoint.parent / "clip_tokenizer"))
-    text_encoder, unet = models.build_text_encoder(tokenizer), models.build_unet()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    unet.load_state_dict(state["modules"]["unet"])
-    text_encoder.load_state_dict(state["modules"]["text_encoder"])
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=0.75)
-    ema.load_state_dict(state["ema"])
-    ema.copy_to(params)
-    vae = AutoencoderKL.from_pretrained(bundle / "generator" / "vae", torch_dtype=torch.float32)
-    log(f"generator from {checkpoint} at step {state['step']}")
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=models.inference_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-
-
-def gate(bundle: Path, n: int, seed: int, n_objects: int, split: str = "test", batch: int = 50,
-         steps: int = 20, guidance: float = 5.0, checkpoint: Path | None = None, tag: str = "") -> dict:
-    """Generator feasibility on ``n`` scenes of (``seed``, ``split``, stream 1): each scene generated from its
-    ``detailed`` caption (judged scene vs. the true one) and from its ``relational`` caption (is the judged scene
-    what the caption claims?), plus the judge's own accuracy on the renders and on VAE round trips."""
-    from diffusers import StableDiffusionPipeline
-
-    from recon.shapes.metrics import vae_round_trip
-
-    judge = load_judge(bundle / "judge")
-    if checkpoint is None:
-        pipe = StableDiffusionPipeline.from_pretrained(bundle / "generator", torch_dtype=torch.float32)
-    else:
-        pipe = pipeline_from_checkpoint(bundle, checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    truth, x = render_scenes(seed, split, 1, n, n_objects=n_objects)
-    result: dict = {"n": n, "seed": seed, "split": split, "n_objects": n_objects, "steps": steps,
-                    "guidance": guidance, "checkpoint": str(checkpoint) if checkpoint else None}
-    result["judge_on_renders"] = judge_report(judge.predict(x), truth)
-    result["judge_on_vae_round_trip"] = judge_report(judge.predict(vae_round_trip(pipe.vae, x)), truth)
-    log(f"judge on renders {result['judge_on_renders']}")
-    for template in ("detailed", "relational"):
-        prompts = [scenes.caption_for(s, template) for s in truth]
-        images = torch.cat([generate(pipe, prompts[i : i + batch], list(range(i, min(n, i + batch))), steps, guidance)
-                            for i in range(0, n, batch)])
-        judged = judge.predict(images)
-        claims = [scenes.parse_caption(p) for p in prompts]
-        # What the true scene's detailed caption claims, checked on the judged image.
-        scores = [scenes.score_claims(scenes.claims_of(t, "detailed"), j) for j, t in zip(judged, truth)]
-        bag_right = [s["object_f1"] == 1.0 for s in scores if s["attribute_f1"] == 1.0]
-        r = {"caption_holds": float(np.mean([scenes.exact_match(c, j) for c, j in zip(claims, judged)])),
-             **{f"judged_vs_truth_{k}": float(np.mean([s[k] for s in scores if s[k] is not None]))
-                for k in ("object_f1", "attribute_f1", "binding")},
-             # Of the images whose attribute words are all right (the bag), how many also bind them right.
-             "bag_right": len(bag_right) / n, "binding_given_bag_right": float(np.mean(bag_right)) if bag_right else None,
-             # Copies aside: are the distinct objects drawn exactly the distinct objects named (bound right)?
-             "kinds_right": float(np.mean([{o.kind for o in j.objects} == {o.kind for o in t.objects}
-                                           for j, t in zip(judged, truth)])),
-             "mean_objects_drawn": float(np.mean([len(j.objects) for j in judged]))}
-        if template == "detailed":
-            r["per_cell"] = judge_report(judged, truth)
-        result[f"from_{template}"] = r
-        log(f"{template}: {json.dumps(r)}")
-        np.save(bundle / f"gate_{template}_{split}_{seed}_g{guidance:g}{tag}.npy",
-                (images.numpy() * 255).round().astype(np.uint8))
-    return result
-
-
-# ----------------------------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
+# ----------------------------------------------------------------------------------------------- training
+def train(args, n_objects: tuple[int, ...] = (1, 2, 3, 4), templates: tuple[str, ...] = scenes.TEMPLATES) -> dict:
+    """Train one component (``args.component``) of the scenes bundle on scenes of ``n_objects`` objects captioned
+    with ``templates`` (``recon scenes train``): the shapes world's trainers with this world's batches, the judge
+    this world's own. The CLIP's positives are identical captions; every other caption in the batch is a
+    negative."""
     from recon.shapes import train as shapes_train
 
-    p = argparse.ArgumentParser(prog="python -m recon.shapes.scenes_train")
-    sub = p.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train")
-    tr.add_argument("--component", required=True, choices=["vae", "unet", "judge"])
-    tr.add_argument("--out", type=Path, required=True)
-    tr.add_argument("--work", type=Path, required=True)
-    tr.add_argument("--objects", default="1,2,3,4", help="objects per training scene, e.g. 2 or 1,2,3,4")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--steps", type=int, default=None)
-    tr.add_argument("--batch", type=int, default=None)
-    tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--threads", type=int, default=1)
-    ga = sub.add_parser("gate")
-    ga.add_argument("--bundle", type=Path, required=True)
-    ga.add_argument("--n", type=int, default=200)
-    ga.add_argument("--seed", type=int, default=1)
-    ga.add_argument("--objects", type=int, default=2)
-    ga.add_argument("--split", default="test")
-    ga.add_argument("--guidance", type=float, default=5.0)
-    ga.add_argument("--threads", type=int, default=1)
-    ga.add_argument("--checkpoint", type=Path, default=None, help="score an unfinished unet run's checkpoint")
-    ga.add_argument("--tag", default="", help="suffix of the result's file name")
-    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    if args.command == "gate":
-        result = gate(args.bundle, args.n, args.seed, args.objects, args.split, guidance=args.guidance,
-                      checkpoint=args.checkpoint, tag=args.tag)
-        name = f"gate_{args.split}_{args.seed}_g{args.guidance:g}{args.tag}.json"
-        (args.bundle / name).write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
-        return 0
-    objects = tuple(int(v) for v in args.objects.split(","))
-    targs = shapes_train.TrainArgs(component=args.component, out=args.out, work=args.work, seed=args.seed,
-                                   steps=args.steps, threads=args.threads, batch=args.batch, lr=args.lr)
-    targs.out.mkdir(parents=True, exist_ok=True)
-    targs.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    render = functools.partial(render_scenes, n_objects=objects)
+    render = functools.partial(render_scenes, n_objects=n_objects, templates=templates)
     if args.component == "judge":
-        train_judge(targs)
-    else:
-        {"vae": shapes_train.train_vae, "unet": shapes_train.train_unet}[args.component](targs, render=render)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return train_judge(args)
+    if args.component == "captioner":
+        return train_captioner(args, render, n_objects)
+    if args.component == "clip":
+        return shapes_train.train_clip(args, render=render, key=lambda s: s.caption, context_length=CLIP_CONTEXT,
+                                       validated=False)
+    if args.component in ("vae", "unet"):
+        return {"vae": shapes_train.train_vae, "unet": shapes_train.train_unet}[args.component](args, render=render)
+    raise ValueError(f"component {args.component!r}: expected vae, unet, captioner, clip or judge")

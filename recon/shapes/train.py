@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from recon.shapes import models, world
-from recon.shapes.commands import COMPONENTS  # the CLI's list: it is read there without importing torch
+from recon.shapes.card import COMPONENTS
 from recon.shapes.metrics import (
     captioner_accuracy,
     clip_zero_shot,
@@ -58,6 +58,7 @@ class TrainArgs:
     batch: int | None = None  # None: the recipe's BATCH
     lr: float | None = None  # None: the recipe's LR
     eval_every: int = 250
+    world: str = "shapes"  # the `recon WORLD train` command the records name
     checkpoint_seconds: float = 180.0
 
 
@@ -162,7 +163,7 @@ def write_record(args: TrainArgs, name: str, record: dict) -> None:
     path = args.out / "training" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     argv = sys.argv[sys.argv.index("train"):] if "train" in sys.argv else sys.argv
-    record = {"component": name, "seed": args.seed, "device": args.device, "command": "recon shapes " + " ".join(argv),
+    record = {"component": name, "seed": args.seed, "device": args.device, "command": f"recon {args.world} " + " ".join(argv),
               "torch": torch.__version__, **record}
     path.write_text(json.dumps(record, indent=2) + "\n")
     log(f"{name}: wrote {path}")
@@ -266,7 +267,33 @@ def train_unet(args: TrainArgs, render: Render = render_batch) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- captioner
-def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
+# Auxiliary heads (see train_captioner): name -> (slots, classes), a linear head on the ViT's [CLS] token with
+# ``classes`` logits for each of ``slots`` slots; ``targets(scenes)`` gives each name's class indices, ``(n,)`` for one
+# slot or ``(n, slots)``, -100 where not scored. The default reads the shapes world's five attributes.
+AUX_HEADS: dict[str, tuple[int, int]] = {a: (1, len(world.VALUES[a])) for a in world.ATTRIBUTES}
+
+
+def shapes_aux_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
+    return {a: torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes]) for a in world.ATTRIBUTES}
+
+
+def shapes_caption_validation(model, processor, seed: int) -> dict:
+    return captioner_accuracy(model, processor, world.sample_scenes(256, seed, "test"))
+
+
+def train_captioner(args: TrainArgs, name: str = "captioner", render: Render = render_batch,
+                    aux_heads: dict[str, tuple[int, int]] = AUX_HEADS,
+                    aux_targets: Callable[[list], dict[str, torch.Tensor]] = shapes_aux_targets,
+                    texts: list[str] | None = None,
+                    validation: Callable[..., dict] = shapes_caption_validation,
+                    weak_rule: tuple[str, float, str] = ("tuple_acc", 0.5, "tuple accuracy"),
+                    max_positions: int | None = None) -> dict:
+    """The BLIP captioner of a world; the defaults are the shapes world's. ``render``: the world's batches;
+    ``aux_heads`` / ``aux_targets``: the auxiliary heads (above); ``texts``: the words (or captions) whose tokens the
+    softmax is restricted to (None: the shapes world's, :func:`models.captioner_token_ids`);
+    ``validation(model, processor, seed) -> metrics``; ``weak_rule`` (metric, threshold, its name in the record):
+    the ``captioner_weak`` snapshot is saved at the first validation with ``metric >= threshold``;
+    ``max_positions``: the text decoder's position embeddings (None: :data:`models.CAPTIONER_TEXT`'s)."""
     from recon.tokenizers import make_blip_tokenizer
 
     tok = make_blip_tokenizer()
@@ -278,9 +305,9 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
                                                              dtype=torch.float32).to(dev)
         log(f"{name}: initialised from {args.init_from}")
     else:
-        model = models.build_captioner(tok, args.seed).to(dev)
+        model = models.build_captioner(tok, args.seed, max_positions).to(dev)
     processor_mean, processor_std = models.image_processor().image_mean, models.image_processor().image_std
-    used = torch.tensor(models.captioner_token_ids(tok), device=dev)
+    used = torch.tensor(models.captioner_token_ids(tok, texts), device=dev)
     to_used = torch.full((len(tok),), -100, dtype=torch.long, device=dev)
     to_used[used] = torch.arange(len(used), device=dev)
     head = model.text_decoder.cls.predictions
@@ -296,41 +323,41 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
     # colour, size and background but not where the object is or its shape (chance after 1000 steps: the decoder's
     # cross-attention needs object-aware patch features first). Linear attribute heads on the [CLS] token, trained
     # with the captioning loss and then discarded, play the part of that pretraining.
-    aux = torch.nn.ModuleDict({a: torch.nn.Linear(models.CAPTIONER_VISION["hidden_size"], len(world.VALUES[a]))
-                               for a in world.ATTRIBUTES}).to(dev)
+    aux = torch.nn.ModuleDict({a: torch.nn.Linear(models.CAPTIONER_VISION["hidden_size"], slots * classes)
+                               for a, (slots, classes) in aux_heads.items()}).to(dev)
 
-    def aux_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
-        return {a: torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes], device=dev)
-                for a in world.ATTRIBUTES}
+    def aux_loss(cls: torch.Tensor, y: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(F.cross_entropy(aux[a](cls).view(-1, classes), y[a].to(dev).reshape(-1))
+                   for a, (_, classes) in aux_heads.items()) / len(aux)
 
     def step_fn(step: int) -> float:
-        scenes, x = render_batch(args.seed, "train", step, bs(args, name), dev)
+        scenes, x = render(args.seed, "train", step, bs(args, name), dev)
         enc = tok([s.caption for s in scenes], padding="longest", return_tensors="pt").to(dev)
         ids = enc.input_ids.clone()
         ids[:, 0] = tok.bos_token_id  # [CLS] -> [DEC], as BLIP's captioning loss does
         image_embeds = model.vision_model(pixel_values=normalize(x, processor_mean, processor_std))[0]
         hidden = model.text_decoder.bert(input_ids=ids, attention_mask=enc.attention_mask,
                                          encoder_hidden_states=image_embeds, is_decoder=True).last_hidden_state
-        # Softmax over the world's 32 tokens only: same model, a fraction of the 30524-way head's cost.
+        # Softmax over the world's tokens only (32 in the shapes world): a fraction of the 30524-way head's cost.
         h = head.transform(hidden[:, :-1])
         logits = h @ head.decoder.weight[used].T + head.decoder.bias[used]
         target = to_used[ids[:, 1:]].masked_fill(enc.attention_mask[:, 1:] == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, len(used)), target.reshape(-1), label_smoothing=0.1)
-        y = aux_targets(scenes)
-        loss = loss + AUX_WEIGHT * sum(F.cross_entropy(aux[a](image_embeds[:, 0]), y[a]) for a in aux) / len(aux)
+        loss = loss + AUX_WEIGHT * aux_loss(image_embeds[:, 0], aux_targets(scenes))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         return loss.item()
 
     def validate(step: int) -> dict:
-        metrics = captioner_accuracy(model, processor, world.sample_scenes(256, args.seed, "test"))
-        if not weak_saved["done"] and metrics["tuple_acc"] >= 0.5:
+        metrics = validation(model, processor, args.seed)
+        key, threshold, what = weak_rule
+        if not weak_saved["done"] and metrics[key] >= threshold:
             # A deliberately weak snapshot for the candidate-ranking experiment (prototype: 62% -> 90% ranked).
             models.save_captioner(model.cpu(), tok, args.out / "captioner_weak")
             model.to(dev)
             write_record(args, "captioner_weak", {"steps": step, "validation": metrics,
                                                    "note": "snapshot of the captioner run at the first validation "
-                                                           "with tuple accuracy >= 0.5"})
+                                                           f"with {what} >= {threshold}"})
             weak_saved["done"] = True
         return metrics
 
@@ -347,19 +374,23 @@ def train_captioner(args: TrainArgs, name: str = "captioner") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- CLIP
-def train_clip(args: TrainArgs) -> dict:
+def train_clip(args: TrainArgs, render: Render = render_batch, key: Callable = lambda s: s.combo,
+               context_length: int = models.CLIP_CONTEXT, validated: bool = True) -> dict:
+    """Contrastive, ordinary in-batch negatives (no hard negatives). ``key(scene)``: scenes with equal keys are
+    each other's positives (the shapes world: the same combination under any template). ``validated``: the shapes
+    world's zero-shot validation (another world validates afterwards)."""
     dev = torch.device(args.device)
-    model = models.build_clip(args.seed).to(dev)
-    tokenizer = models.clip_tokenizer()
+    model = models.build_clip(args.seed, context_length).to(dev)
+    tokenizer = models.clip_tokenizer(context_length)
     pre = models.clip_preprocess_cfg()
 
     def step_fn(step: int) -> float:
-        scenes, x = render_batch(args.seed, "train", step, bs(args, "clip"), dev)
+        scenes, x = render(args.seed, "train", step, bs(args, "clip"), dev)
         img = model.encode_image(normalize(x, pre["mean"], pre["std"]), normalize=True)
         txt = model.encode_text(tokenizer([s.caption for s in scenes]).to(dev), normalize=True)
         logits = model.logit_scale.exp() * img @ txt.T
-        # Many captions in a batch describe the same combination: all of them are positives.
-        combos = [s.combo for s in scenes]
+        # Many captions in a batch describe the same thing: all of them are positives.
+        combos = [key(s) for s in scenes]
         same = torch.tensor([[a == b for b in combos] for a in combos], dtype=torch.float32, device=dev)
         target = same / same.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -372,8 +403,9 @@ def train_clip(args: TrainArgs) -> dict:
         scenes, x = render_batch(args.seed, "test", 0, 512, dev)
         return clip_zero_shot(model, tokenizer, x, scenes, pre["mean"], pre["std"])
 
-    record = run_loop(args, "clip", {"clip": model}, list(model.parameters()), step_fn, validate)
-    models.save_clip(model.cpu(), args.out / "clip")
+    record = run_loop(args, "clip", {"clip": model}, list(model.parameters()), step_fn,
+                      validate if validated else None)
+    models.save_clip(model.cpu(), args.out / "clip", context_length)
     write_record(args, "clip", record)
     return record
 

@@ -3,7 +3,7 @@
 * :class:`ShapesPairs`: scenes rendered from ``(seed, stream)`` (recon.shapes.world); validation scores
   captions by exact attributes and generated images with the bundle's judge when it is present.
 * :class:`CaptionFilePairs`: a Karpathy split file or COCO caption annotations plus an image root (read with
-  recon.scoring.captions_io). Sample ``k`` of the run is item ``perm_epoch[k mod N]`` with a seeded permutation per
+  recon.captions_io). Sample ``k`` of the run is item ``perm_epoch[k mod N]`` with a seeded permutation per
   epoch and one of its references chosen by a seeded draw.
 
 ``train_batch(micro_step, rank, world_size, n)``: process ``rank``'s ``n`` pairs of that micro-step: items
@@ -160,7 +160,7 @@ class CaptionFilePairs:
         self.unpaired = Unpaired(cfg, self.resolution, self.seed)
 
     def _items(self, annotations: str | None, split: list[str]) -> list[tuple[str, list[str]]]:
-        from recon.scoring import captions_io
+        from recon import captions_io
 
         if annotations is None:
             return []

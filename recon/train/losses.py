@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from recon.captioners.blip import IGNORE_INDEX, sequence_log_prob
+from recon.captioners.base import IGNORE_INDEX, sequence_log_prob
 from recon.train.bridge import SoftTokenBridge, caption_positions
 from recon.train.config import LossConfig, SamplerConfig
 from recon.train.diffusion import Diffusion

@@ -34,14 +34,14 @@ import torch
 from PIL import Image
 
 from recon import hub
-from recon.captioners.base import warn_if_other_base
-from recon.captioners.blip import (
+from recon.captioners.base import (
     IGNORE_INDEX,
-    _common_prefix,
-    _pad_right,
+    common_prefix,
     generation_kwargs,
+    pad_right,
     seeded,
     sequence_log_prob,
+    warn_if_other_base,
 )
 from recon.captioners.flamingo.decoding import generate
 from recon.captioners.flamingo.model import Flamingo, vision_embedding
@@ -251,8 +251,8 @@ class FlamingoCaptioner:
             full = self.tokenizer(prompt + " ".join(text.split()) + EOC_TOKEN).input_ids
             head = self.tokenizer(prompt).input_ids
             rows.append(full)
-            n_prompt.append(min(_common_prefix(full, head), len(full) - 1))
-        ids, mask = (t.to(self.device) for t in _pad_right(rows, self.pad_id))
+            n_prompt.append(min(common_prefix(full, head), len(full) - 1))
+        ids, mask = (t.to(self.device) for t in pad_right(rows, self.pad_id))
         media = self._media(pixel_values, [idx for _, idx in demos])
         logits = self.model(ids, media, attention_mask=mask).logits[:, :-1]
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)

@@ -46,7 +46,7 @@ class Demonstrations:
                   seed: int = 0) -> Demonstrations:
         """A COCO captions json + its image folder; ``limit`` images drawn with ``seed`` (OpenFlamingo samples
         random demonstrations from 2048 training images), one of each image's captions drawn likewise."""
-        from recon.scoring.captions_io import read_coco_captions
+        from recon.captions_io import read_coco_captions
 
         refs = read_coco_captions(captions_file)
         ids = sorted(refs.refs, key=str)
