@@ -11,9 +11,10 @@ exact-attribute accuracy of the chosen caption (the world's caption parser vs. t
     python experiments/caption_selection.py --preset blip-large-sd15 --images val2014/ --refs captions_val2014.json \
         --n 500 --candidates 5 --k 4 --out runs/caption-selection-coco
 
-On shapes the scenes come from stream 11 of the test split (--stream 10 is the dev stream for choosing settings
-such as the temperature) and the captioner defaults to the bundle's weak one (builtin:shapes/captioner_weak), whose
-samples differ enough for selection to matter.
+On shapes (and on the compositional scenes world, ``--preset scenes``: exact scene match of the chosen caption) the
+scenes come from stream 11 of the test split (--stream 10 is the dev stream for choosing settings such as the
+temperature) and the captioner defaults to the bundle's weak one (builtin:shapes/captioner_weak,
+builtin:scenes/captioner_weak), whose samples differ enough for selection to matter.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recon.scoring.experiment_data import experiment_parser, run_script  # noqa: E402
 
-WEAK = "builtin:shapes/captioner_weak"
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = experiment_parser(__doc__, "images")
@@ -38,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sampling temperature of the nucleus samples (0.3: chosen on the shapes dev stream)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of the samples")
     p.add_argument("--k", type=int, default=None, help="reconstructions per candidate (generator.images_per_caption)")
-    p.add_argument("--captioner", default=None, help=f"captioner.model (shapes default: {WEAK} when bundled)")
+    p.add_argument("--captioner", default=None, help="captioner.model (shapes / scenes default: the bundle's "
+                                                     "weak captioner, builtin:WORLD/captioner_weak)")
     p.add_argument("--ref-metrics", default="bleu,meteor,rouge,cider", help="pycocoevalcap metrics ('' for none)")
     args = p.parse_args(argv)
     if args.out is None:
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from recon.jobs import make_cache, reconstruct_images
     from recon.run_args import config_from_args
     from recon.scoring import caption_metrics as cm
-    from recon.scoring.experiment_data import experiment_inputs, is_shapes, write_outputs
+    from recon.scoring.experiment_data import experiment_inputs, world_of, write_outputs
     from recon.scoring.run import shared_clip_metric
     from recon.scoring.selection import CandidateReconstructor, candidate_config, select_captions
     from recon.scoring.tables import compare_rules, rules_markdown
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     config = config_from_args(args, [f"generator.images_per_caption={args.k}"] if args.k else [])
     if args.captioner:
         config.captioner.model = args.captioner
-    elif is_shapes(config) and (hub.SHAPES_BUNDLE / "captioner_weak").is_dir():
-        config.captioner.model = WEAK
+    elif (world := world_of(config)) and (hub.builtin_path(f"builtin:{world}") / "captioner_weak").is_dir():
+        config.captioner.model = f"builtin:{world}/captioner_weak"
     out = Path(args.out)
     data = experiment_inputs(config, out, args.n, args.stream, images=args.images, refs=args.refs)
     cfg = candidate_config(config, args.candidates, args.temperature, args.top_p)

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from recon.pipeline import Reconstructor
     from recon.run_args import config_from_args
     from recon.scoring import caption_metrics as cm
-    from recon.scoring.experiment_data import experiment_inputs, text_metric_configs, write_outputs
+    from recon.scoring.experiment_data import experiment_inputs, is_shapes, text_metric_configs, write_outputs
     from recon.scoring.run import shared_clip_metric
     from recon.scoring.selection import select_images
     from recon.scoring.tables import compare_rules, rules_markdown
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     data = experiment_inputs(config, out, args.n, args.stream, texts=args.texts, need="texts")
     judge = None
-    if data.truth is not None and (hub.SHAPES_BUNDLE / "judge").is_dir():
+    if data.truth is not None and is_shapes(config) and (hub.SHAPES_BUNDLE / "judge").is_dir():  # its judge
         from recon.shapes.models import load_judge
 
         judge = load_judge(hub.SHAPES_BUNDLE / "judge")

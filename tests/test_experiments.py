@@ -109,6 +109,24 @@ def test_shapes_data_and_attribute_scores(tmp_path):
     assert attribute_scores(wrong, truth["00000"]) == {"exact": 0.0, "attributes": 0.8}
 
 
+def test_scenes_data_and_exact_scene_scores(tmp_path):
+    from recon.config import load_config
+    from recon.scoring.experiment_data import attribute_scores, world_of, write_scenes_data
+
+    assert world_of(load_config("scenes")) == "scenes" and world_of(load_config("tiny-random")) is None
+    data = write_scenes_data(tmp_path / "data", 4, seed=0)
+    truth = json.loads((data / "truth.json").read_text())
+    refs = json.loads((data / "refs.json").read_text())
+    texts = json.loads((data / "texts.json").read_text())
+    assert sorted(p.stem for p in (data / "images").glob("*.png")) == sorted(truth) == sorted(texts)
+    for key, t in truth.items():
+        assert len(refs[key]) == 3 and all(attribute_scores(r, t)["exact"] == 1.0 for r in refs[key])
+    first = truth["00000"]["objects"][0]
+    other = "cross" if first["shape"] != "cross" else "square"
+    wrong = texts["00000"].replace(f"{first['color']} {first['shape']}", f"{first['color']} {other}", 1)
+    assert wrong != texts["00000"] and attribute_scores(wrong, truth["00000"])["exact"] == 0.0
+
+
 # ------------------------------------------------- each script on its default data path (shapes), small
 SHAPES = ["--no-cache", "--no-progress", "--resamples", "20", "--n", "3", "--threads", "1",
           "--set", "generator.num_inference_steps=4"]

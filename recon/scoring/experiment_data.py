@@ -40,6 +40,27 @@ def write_shapes_data(out: str | Path, n: int, seed: int = 0, stream: int = TEST
     return out
 
 
+def write_scenes_data(out: str | Path, n: int, seed: int = 0, stream: int = TEST_STREAM) -> Path:
+    """As :func:`write_shapes_data` for the compositional scenes world (1-4 objects): ``texts.json`` holds each
+    scene's ``detailed`` caption, ``truth.json`` its background and objects (with cells)."""
+    from PIL import Image
+
+    from recon.shapes import scenes
+
+    out = Path(out)
+    refs, texts, truth = {}, {}, {}
+    for i, scene in enumerate(scenes.sample_scenes(n, seed, "test", stream)):
+        key = f"{i:05d}"
+        save_png(Image.fromarray(scenes.render(scene)), out / "images" / f"{key}.png")
+        refs[key] = [scenes.caption_for(scene, t) for t in scenes.TEMPLATES]
+        texts[key] = scenes.caption_for(scene, "detailed")
+        truth[key] = {"background": scene.background,
+                      "objects": [{a: getattr(o, a) for a in ("shape", "color", "size", "cell")} for o in scene.objects]}
+    for name, value in (("refs.json", refs), ("texts.json", texts), ("truth.json", truth)):
+        atomic_write_text(out / name, json.dumps(value, indent=1) + "\n")
+    return out
+
+
 def stem(item_id: str) -> str:
     """An image record's id (a path relative to the folder) as the key refs and truth use."""
     return Path(item_id).with_suffix("").as_posix()
@@ -54,9 +75,16 @@ def load_json(path: str | Path | None) -> dict | None:
     return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
 
 
-def attribute_scores(caption: str, truth: dict[str, str]) -> dict[str, float]:
+def attribute_scores(caption: str, truth: dict) -> dict[str, float]:
     """``exact``: 1 when the caption names all five attributes right (shapes parser), else 0;
-    ``attributes``: the fraction of the five it names right."""
+    ``attributes``: the fraction of the five it names right. On a scenes truth (``objects``): ``exact`` is the
+    exact scene match, ``attributes`` the object F1 (:mod:`recon.shapes.scenes`)."""
+    if "objects" in truth:
+        from recon.shapes import scenes
+
+        scene = scenes.Scene(truth["background"], tuple(scenes.SceneObject(**o) for o in truth["objects"]))
+        claims = scenes.parse_caption(caption)
+        return {"exact": float(scenes.exact_match(claims, scene)), "attributes": scenes.object_f1(claims, scene)}
     from recon.shapes import world
 
     return attribute_agreement(world.parse_caption(caption), truth)
@@ -69,8 +97,16 @@ def attribute_agreement(predicted: dict[str, str], truth: dict[str, str]) -> dic
     return {"exact": float(all(right)), "attributes": sum(right) / len(right)}
 
 
+def world_of(config) -> str | None:
+    """``shapes`` / ``scenes`` when the preset is that world's (its name, or its captioner from that bundle)."""
+    for world in ("shapes", "scenes"):
+        if str(config.captioner.model).startswith(f"builtin:{world}/") or config.name == world:
+            return world
+    return None
+
+
 def is_shapes(config) -> bool:
-    return str(config.captioner.model).startswith("builtin:shapes/") or config.name == "shapes"
+    return world_of(config) == "shapes"
 
 
 def refs_by_stem(references) -> dict[str, list[str]]:
@@ -108,14 +144,16 @@ class Inputs:
 
 def experiment_inputs(config, out: Path, n: int, stream: int, images=None, refs=None, texts=None,
                       need: str = "images") -> Inputs:
-    """The user's ``images`` / ``texts`` (+ ``refs``), or on the shapes preset ``n`` rendered scenes."""
+    """The user's ``images`` / ``texts`` (+ ``refs``), or on the shapes / scenes preset ``n`` rendered scenes."""
     from recon.scoring.inputs import read_references
 
     given = images if need == "images" else texts
     if given is None:
-        if not is_shapes(config):
-            raise ValueError(f"--{need} is needed outside the shapes preset")
-        data = write_shapes_data(Path(out) / "data", n, config.run.seed, stream)
+        world = world_of(config)
+        if world is None:
+            raise ValueError(f"--{need} is needed outside the shapes and scenes presets")
+        write = write_shapes_data if world == "shapes" else write_scenes_data
+        data = write(Path(out) / "data", n, config.run.seed, stream)
         return Inputs(data / "images", data / "texts.json", refs_by_stem(read_references(data / "refs.json")),
                       load_json(data / "truth.json"))
     return Inputs(Path(images) if images else None, Path(texts) if texts else None,
