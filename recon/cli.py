@@ -96,7 +96,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "report":
         from recon.config import read_yaml
-        from recon.report import read_records, write_report
+        from recon.report import write_report
+        from recon.runs import read_records
 
         run_dir = Path(args.run_dir)
         if not (run_dir / "results.jsonl").is_file():

@@ -26,9 +26,9 @@ import yaml
 
 from recon.config import metric_direction
 from recon.data import DataError, atomic_write_text, encode_png, load_image
-from recon.runs import current_records, latest_per_id, read_jsonl
+from recon.runs import latest_per_id
 
-__all__ = ["Gallery", "gallery", "read_records", "write_gallery_rows", "write_report"]
+__all__ = ["Gallery", "gallery", "write_gallery_rows", "write_report"]
 
 IMAGE_TEXT_IMAGE = "image-text-image"
 TEXT_IMAGE_TEXT = "text-image-text"
@@ -437,28 +437,6 @@ def write_gallery_rows(run_dir: Path, g: Gallery) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- assembly
-
-
-class RecordList(list):
-    """Records of a ``results.jsonl``; ``skipped_lines`` counts its unreadable lines."""
-
-    skipped_lines: int = 0
-
-
-def read_records(path: str | Path) -> RecordList:
-    """The records of a run's ``results.jsonl`` for :func:`write_report`.
-
-    Reads like a resuming run does (:func:`recon.runs.read_jsonl`): torn or corrupt lines (a run killed
-    mid-write) are skipped and counted in ``skipped_lines``, which the report shows. Only the records of the run's
-    current inputs count (:func:`recon.runs.current_records`).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such results file; is this a run directory?")
-    records, bad = read_jsonl(path)
-    out = RecordList(current_records(path.parent, records))
-    out.skipped_lines = len(bad)
-    return out
 
 
 def config_text(run_dir: Path, config: Any) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from recon.config import Config
-from recon.data import atomic_write_bytes, atomic_write_text  # noqa: F401 - re-exported for jobs
+from recon.data import DataError, atomic_write_bytes, atomic_write_text  # noqa: F401 - the writers re-exported for jobs
 
 log = logging.getLogger(__name__)
 
@@ -439,3 +439,25 @@ def derive_seed(run_seed: int, item_id: str, candidate: int, image: int) -> int:
     """A 63-bit seed from (run seed, item id, candidate index, image index): any image reproducible alone."""
     digest = hashlib.sha256(f"{run_seed}\x1f{item_id}\x1f{candidate}\x1f{image}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+class RecordList(list):
+    """Records of a ``results.jsonl``; ``skipped_lines`` counts its unreadable lines."""
+
+    skipped_lines: int = 0
+
+
+def read_records(path: str | Path) -> RecordList:
+    """The records of a run's ``results.jsonl`` (for :func:`recon.report.write_report` and analyses).
+
+    Reads like a resuming run does (:func:`read_jsonl`): torn or corrupt lines (a run killed
+    mid-write) are skipped and counted in ``skipped_lines``, which the report shows. Only the records of the run's
+    current inputs count (:func:`current_records`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such results file; is this a run directory?")
+    records, bad = read_jsonl(path)
+    out = RecordList(current_records(path.parent, records))
+    out.skipped_lines = len(bad)
+    return out

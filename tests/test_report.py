@@ -13,7 +13,8 @@ from PIL import Image
 
 from recon.config import metric_direction
 from recon.data import DataError, save_png
-from recon.report import read_records, write_report
+from recon.report import write_report
+from recon.runs import read_records
 
 XSS = "<script>alert(1)</script>"
 XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"

@@ -231,7 +231,7 @@ def test_an_unwritable_out_or_cache_is_one_clear_error_before_any_work(tmp_path,
 
 def test_a_resumed_run_counts_only_its_current_inputs(tmp_path, tiny_models):
     from recon.jobs import reconstruct_images
-    from recon.report import read_records
+    from recon.runs import read_records
 
     src = _tiny_images(tmp_path / "src", 4)
     run = reconstruct_images(_tiny_cfg(), src, tmp_path / "run", progress=False)

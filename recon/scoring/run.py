@@ -344,7 +344,7 @@ def analyze_run(run_dir: str | Path, recon_metric: str | None = None, seed: int 
                 n_resamples: int = 1000) -> dict:
     """Correlations of a score run (``analysis.json``, ``analysis.md``; report.html gains the analysis)."""
     from recon.config import read_yaml
-    from recon.report import read_records
+    from recon.runs import read_records
     from recon.scoring.html import write_score_report
     from recon.scoring.tables import correlations, correlations_markdown, leaderboard
 
