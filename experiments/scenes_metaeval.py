@@ -104,10 +104,11 @@ def judge_similarity(out: Path, judge_dir: Path) -> dict[tuple[str, str], float]
             return judge.predict(x)
 
     originals = read([run / r["original"] for r in rows])
-    recons = read([run / r["images"][0] for r in rows])
+    recons = iter(read([run / p for r in rows for p in r["images"]]))
     table = {}
-    for r, a, b in zip(rows, originals, recons):
-        agree = [a.background == b.background] + [x == y for x, y in zip(a.layout, b.layout)]
+    for r, a in zip(rows, originals):  # K reconstructions: the mean agreement, as recon averages its similarities
+        agree = [np.mean([a.background == b.background] + [x == y for x, y in zip(a.layout, b.layout)])
+                 for b in (next(recons) for _ in r["images"])]
         table[(caption_of[(r["system"], r["image_id"])], r["image_id"])] = float(np.mean(agree))
     return table
 
@@ -116,8 +117,9 @@ def right(a: float, b: float) -> float:
     return float(a > b) + 0.5 * float(a == b)
 
 
-def pairs_of(out: Path, seed: int, judge_dir: Path | None) -> tuple[list[str], list[str], dict[str, list[float]]]:
-    """(categories, clusters, metric -> correctness) of one seed's true-vs-altered pairs."""
+def pairs_of(out: Path, seed: int, judge_dir: Path | None, keys: bool = False) -> tuple:
+    """(categories, clusters, metric -> correctness) of one seed's true-vs-altered pairs; with ``keys`` also each
+    pair's ``(category, image, altered caption)``."""
     scenes = json.loads((out / "judgments" / "judgments.json").read_text())["scenes"]
     score = scores_by_caption(out)
     if not score:
@@ -127,7 +129,7 @@ def pairs_of(out: Path, seed: int, judge_dir: Path | None) -> tuple[list[str], l
         for key, v in judge_similarity(out, judge_dir).items():
             score.setdefault(key, {})["recon_judge_similarity"] = v
     metrics = sorted({m for v in score.values() for m in v})
-    cats, clusters, correct = [], [], {m: [] for m in [*metrics, *([JUDGE] if judged else [])]}
+    cats, clusters, pair_keys, correct = [], [], [], {m: [] for m in [*metrics, *([JUDGE] if judged else [])]}
     for s in scenes:
         by_code = {c["code"]: c for c in s["candidates"]}
         for c in s["candidates"]:
@@ -139,11 +141,12 @@ def pairs_of(out: Path, seed: int, judge_dir: Path | None) -> tuple[list[str], l
                 continue  # a failed item: left out (counted in n)
             cats.append(c["category"])
             clusters.append(f"{seed}/{s['image']}")
+            pair_keys.append((c["category"], s["image"], c["caption"]))
             for m in metrics:
                 correct[m].append(right(score[a][m], score[b][m]))
             if judged:
                 correct[JUDGE].append(right(judged[a], judged[b]))
-    return cats, clusters, correct
+    return (cats, clusters, correct, pair_keys) if keys else (cats, clusters, correct)
 
 
 def seconds(out: Path) -> dict[str, float]:
@@ -172,6 +175,23 @@ def analyze(root: Path, seeds: list[int], n_resamples: int, judge_dir: Path | No
     table = pair_table(arrays, np.asarray(cats), np.asarray(clusters), list(CATEGORIES), n_resamples, seed=0)
     return {"seeds": seeds, "n_pairs": len(cats), "n_scenes": len(set(clusters)), "table": table,
             "per_seed": per_seed, "compute_seconds": compute}
+
+
+def compare_k(k1: Path, k4: Path, n_resamples: int, judge_dir: Path | None) -> dict:
+    """K = 1 (``k1``, a seed's run) vs K = 4 (``k4``: the same seed with ``--limit`` and
+    ``generator.images_per_caption=4``) on the pairs both scored: per category accuracy, ``_k1`` / ``_k4``."""
+    runs = [pairs_of(d, 0, judge_dir, keys=True) for d in (k1, k4)]
+    common = sorted(set(runs[0][3]) & set(runs[1][3]))
+    correct, cats = {}, []
+    for tag, (c, _, cor, keys) in zip(("k1", "k4"), runs):
+        where = {k: i for i, k in enumerate(keys)}
+        for m, v in cor.items():
+            if m != JUDGE:
+                correct[f"{m}_{tag}"] = np.asarray([v[where[k]] for k in common])
+        cats = [c[where[k]] for k in common]
+    clusters = np.asarray([k[1] for k in common])
+    table = pair_table(correct, np.asarray(cats), clusters, list(CATEGORIES), n_resamples, seed=0)
+    return {"n_pairs": len(common), "table": table}
 
 
 def markdown(res: dict) -> str:
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge", type=Path, default=None, help="the judge folder for the ceiling (default: the scenes "
                                                             "bundle's; 'none' to skip)")
     p.add_argument("--analyze-only", action="store_true")
+    p.add_argument("--k4", type=Path, default=None, metavar="DIR",
+                   help="also compare K = 1 (seed 0's run) with this K = 4 metaeval run of seed 0 on their common pairs")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="passed to recon metaeval")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -236,10 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     res = analyze(args.out, seeds, args.resamples, judge)
     (args.out / "summary.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res)
+    if args.k4 is not None:
+        cmp = compare_k(args.out / "seed-0", args.k4, args.resamples, judge)
+        res["k1_vs_k4"] = cmp
+        rows = cmp["table"]["rows"]
+        text += (f"\nK = 1 vs K = 4 on the same {cmp['n_pairs']} pairs (seed 0):\n\n| category | "
+                 + " | ".join(rows) + " |\n|---|" + "---|" * len(rows) + "\n")
+        for c in ["all", *[c for c in CATEGORIES if c in next(iter(rows.values()))]]:
+            text += f"| {c} | " + " | ".join(f"{rows[m][c]['value']:.3f} [{rows[m][c]['low']:.3f}, "
+                                              f"{rows[m][c]['high']:.3f}]" for m in rows) + " |\n"
+        (args.out / "summary.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / "summary.md").write_text(text)
     print(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from recon.scoring.experiment_data import run_script
+
+    run_script(main, "scenes_metaeval")

@@ -209,3 +209,16 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
     assert len(_numbers(row)) >= 5
     assert _script("semi_supervised").main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
     assert "no finished arm" in capsys.readouterr().err
+
+
+def test_scenes_metaeval_pools_seeds_per_category_on_the_shipped_bundle(tmp_path):
+    out = tmp_path / "sme"
+    assert _script("scenes_metaeval").main(["--out", str(out), "--n", "2", "--seeds", "0,1", "--jobs", "1",
+                                            "--resamples", "20"]) == 0
+    res = json.loads((out / "summary.json").read_text())
+    rows = res["table"]["rows"]
+    assert {"clipscore", "recon_clip_similarity", "recon_ssim_similarity", "recon_judge_similarity",
+            "judge_ceiling"} <= set(rows)
+    assert res["n_scenes"] == 4 and set(res["per_seed"]) == {"0", "1"}
+    assert all(0.0 <= rows[m]["all"]["value"] <= 1.0 for m in rows)
+    assert "Reconstruction minus clipscore" in (out / "summary.md").read_text()

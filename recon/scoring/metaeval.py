@@ -42,6 +42,7 @@ from recon import fingerprint
 from recon.run_args import add_run_args, config_from_args, count
 from recon.scoring.metaeval_dir import INPUTS_DIR, RUNS_DIR, judged_inputs, open_run_dir
 from recon.scoring.metaeval_formats import (
+    FORMAT,
     FORMATS,
     STATISTIC,
     Candidate,
@@ -310,7 +311,7 @@ def evaluate_set(fmt: str, preps: list[Prepared], scores: list[dict], n_resample
     notes = [n for p in preps for n in p.judgments.notes]
     out = {"format": fmt, "statistic": STATISTIC[fmt], "files": [str(p.source.path) for p in preps],
            "metrics": metrics, "notes": notes}
-    if fmt in ("pascal50s", "foil"):
+    if FORMAT[fmt].pairs:
         items = [(p, t, pair) for p, t in zip(preps, scores) for pair in p.judgments.pairs]
         better = np.array([[sign[m] * lookup(p, t, pr.better).get(m, np.nan) for m in metrics] for p, t, pr in items])
         worse = np.array([[sign[m] * lookup(p, t, pr.worse).get(m, np.nan) for m in metrics] for p, t, pr in items])
@@ -349,12 +350,12 @@ def read_sources(sources: list[Source], limit: int | None, pascal_refs: int, see
 
     refs_by_path, loaded = {}, []
     for s in sources:
-        if s.refs is not None and s.format in ("pascal50s", "foil"):
+        if s.refs is not None and FORMAT[s.format].own_references:
             notes.append(f"{s.path.name}: --refs not used ({s.format} files carry their own references)")
         elif s.refs is not None and s.refs not in refs_by_path:
             refs_by_path[s.refs] = read_references(s.refs)
             notes += refs_by_path[s.refs].notes
-        refs = refs_by_path.get(s.refs) if s.format not in ("pascal50s", "foil") else None
+        refs = None if FORMAT[s.format].own_references else refs_by_path.get(s.refs)
         loaded.append(read_judgments(s.path, s.format, refs, pascal_refs, seed).limit(limit))
     return loaded
 

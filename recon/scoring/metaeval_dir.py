@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recon.scoring.metaeval_formats import FORMAT
+
 if TYPE_CHECKING:
     from recon.scoring.metaeval import Source
 
@@ -38,7 +40,7 @@ def judged_inputs(sources: list[Source]) -> dict:
 
     return {"judgments": [{"format": s.format, "files": [file(p) for p in _files_of(s)]} for s in sources],
             "images": [str(s.images.resolve()) for s in sources],
-            "refs": [None if s.refs is None or s.format in ("pascal50s", "foil") else file(s.refs) for s in sources]}
+            "refs": [None if s.refs is None or FORMAT[s.format].own_references else file(s.refs) for s in sources]}
 
 
 def input_differences(old: dict, new: dict) -> list[str]:

@@ -36,7 +36,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +45,7 @@ import numpy as np
 from recon.data import DataError, read_json, read_text_file
 from recon.scoring.inputs import read_references as read_json_references
 
-FORMATS = ("expert", "crowdflower", "composite", "pascal50s", "foil")
-STATISTIC = {"expert": "kendall_tau_c", "crowdflower": "kendall_tau_b", "composite": "kendall_tau_c",
-             "pascal50s": "accuracy", "foil": "accuracy"}
+FORMATS = ("expert", "crowdflower", "composite", "pascal50s", "foil")  # the keys of FORMAT, in detection order
 PASCAL_CATEGORIES = {1: "HC", 2: "HI", 3: "HM", 4: "MM"}
 EXPERT_SCALE, COMPOSITE_SCALE = (1, 4), (1, 5)
 _IMAGE = re.compile(r"\.(jpe?g|png|bmp|gif|webp)$", re.IGNORECASE)
@@ -143,16 +141,9 @@ class Judgments:
 def detect_format(path: str | Path) -> str:
     """The format a file's name says (``ExpertAnnotations.txt``, ``*.csv``, ``pair_pascal.mat``, ``*.json``)."""
     name = Path(path).name.lower()
-    if name.endswith(".mat"):
-        return "pascal50s"
-    if "expert" in name:
-        return "expert"
-    if "crowdflower" in name:
-        return "crowdflower"
-    if name.endswith(".csv"):
-        return "composite"
-    if name.endswith(".json"):
-        return "foil"
+    for fmt in sorted(FORMAT.values(), key=lambda f: f.detect_order):
+        if fmt.named(name):
+            return fmt.name
     raise DataError(f"{path}: cannot tell the judgment format from the file name; pass --format "
                     f"({', '.join(FORMATS)})")
 
@@ -494,16 +485,39 @@ def read_foil(path: str | Path, seed: int = 0) -> Judgments:
     return out
 
 
+@dataclass(frozen=True)
+class Format:
+    """A judgment format: how its files are named and read, and how a metric is compared with its judgments.
+    ``pairs``: the judgments are preferred-caption pairs (pairwise accuracy) rather than ratings (Kendall tau with
+    ``statistic``'s variant); ``own_references``: its files carry their references (``--refs`` is not used)."""
+
+    name: str
+    statistic: str
+    pairs: bool
+    own_references: bool
+    named: Callable[[str], bool]  # does a lower-cased file name say this format
+    detect_order: int
+    read: Callable[..., Judgments]  # (path, refs, n_refs, seed) -> Judgments
+
+
+# Adding a format: a reader above and one row here.
+FORMAT: dict[str, Format] = {f.name: f for f in (
+    Format("expert", "kendall_tau_c", False, False, lambda n: "expert" in n, 1,
+           lambda path, refs, n_refs, seed: read_expert(path, refs)),
+    Format("crowdflower", "kendall_tau_b", False, False, lambda n: "crowdflower" in n, 2,
+           lambda path, refs, n_refs, seed: read_crowdflower(path, refs)),
+    Format("composite", "kendall_tau_c", False, False, lambda n: n.endswith(".csv"), 3,
+           lambda path, refs, n_refs, seed: read_composite(path, refs)),
+    Format("pascal50s", "accuracy", True, True, lambda n: n.endswith(".mat"), 0,
+           lambda path, refs, n_refs, seed: read_pascal50s(path, n_refs, seed)),
+    Format("foil", "accuracy", True, True, lambda n: n.endswith(".json"), 4,
+           lambda path, refs, n_refs, seed: read_foil(path, seed)),
+)}
+STATISTIC = {name: f.statistic for name, f in FORMAT.items()}
+
+
 def read_judgments(path: str | Path, fmt: str, refs: References | None = None, n_refs: int = 5,
                    seed: int = 0) -> Judgments:
-    if fmt == "expert":
-        return read_expert(path, refs)
-    if fmt == "crowdflower":
-        return read_crowdflower(path, refs)
-    if fmt == "composite":
-        return read_composite(path, refs)
-    if fmt == "pascal50s":
-        return read_pascal50s(path, n_refs, seed)
-    if fmt == "foil":
-        return read_foil(path, seed)
-    raise ValueError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    if fmt not in FORMAT:
+        raise ValueError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    return FORMAT[fmt].read(path, refs, n_refs, seed)

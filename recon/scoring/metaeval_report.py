@@ -7,6 +7,8 @@ import html
 
 import numpy as np
 
+from recon.scoring.metaeval_formats import FORMAT
+
 STAT_TEXT = {"kendall_tau_c": "Kendall τ_c with the human ratings", "kendall_tau_b": "Kendall τ_b with the human "
              "ratings", "accuracy": "pairwise accuracy (the human-preferred caption scores higher; a tie is ½)"}
 
@@ -26,7 +28,7 @@ def _pval(p) -> str:
 
 
 def _unit(s: dict) -> str:
-    return "pairs" if s["format"] in ("pascal50s", "foil") else "judgments"
+    return "pairs" if FORMAT[s["format"]].pairs else "judgments"
 
 
 def _set_tables(s: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
