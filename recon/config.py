@@ -281,13 +281,23 @@ def _is_valid(data: dict) -> bool:
 
 
 DECODING_METHODS = ("greedy", "beam", "nucleus")
-# The result key of each similarity kind, as recon.similarity's IMAGE_METRICS / TEXT_METRICS name them (a test keeps
-# the two equal): kinds and select_by are checked at load, without importing any model library.
-IMAGE_METRIC_NAMES = {"clip": "clip_similarity", "clip_pooler": "clip_pooler_similarity",
-                      "lpips": "lpips_distance", "ssim": "ssim_similarity", "psnr": "psnr_similarity",
-                      "dino": "dino_similarity", "dreamsim": "dreamsim_distance"}
-TEXT_METRIC_NAMES = {"clip_text": "clip_text_similarity", "clip_text_pooler": "clip_text_pooler_similarity",
-                     "sbert": "sbert_similarity"}
+# Every similarity kind, per role: its result key and the class that computes it (``module:Class``; recon.similarity
+# imports the classes from here, a test checks each class's ``name`` against its key). Kinds and select_by are checked
+# at load from this table, without importing any model library. A new similarity: its class, and one row here.
+SIMILARITY_KINDS: dict[str, dict[str, tuple[str, str]]] = {
+    "image": {"clip": ("clip_similarity", "recon.similarity.image:ClipImageSimilarity"),
+              "clip_pooler": ("clip_pooler_similarity", "recon.similarity.image:ClipVisionPoolerSimilarity"),
+              "lpips": ("lpips_distance", "recon.similarity.image:LpipsDistance"),
+              "ssim": ("ssim_similarity", "recon.similarity.image:SsimSimilarity"),
+              "psnr": ("psnr_similarity", "recon.similarity.image:PsnrSimilarity"),
+              "dino": ("dino_similarity", "recon.similarity.image:DinoSimilarity"),
+              "dreamsim": ("dreamsim_distance", "recon.similarity.image:DreamSimDistance")},
+    "text": {"clip_text": ("clip_text_similarity", "recon.similarity.text:ClipTextSimilarity"),
+             "clip_text_pooler": ("clip_text_pooler_similarity", "recon.similarity.text:ClipTextPoolerSimilarity"),
+             "sbert": ("sbert_similarity", "recon.similarity.text:SbertSimilarity")},
+}
+IMAGE_METRIC_NAMES = {kind: key for kind, (key, _) in SIMILARITY_KINDS["image"].items()}
+TEXT_METRIC_NAMES = {kind: key for kind, (key, _) in SIMILARITY_KINDS["text"].items()}
 
 
 LONG_PROMPT_MODES = ("truncate", "chunk")

@@ -131,24 +131,11 @@ class Reconstructor:
         for kind in ("image", "text"):
             if kind not in stages or (self._image_metrics if kind == "image" else self._text_metrics) is not None:
                 continue
-            from recon.hub import DEFAULT_DINO, DEFAULT_HF_CLIP_VISION, open_clip_source
+            from recon.similarity import metric_class
 
-            for n, m in enumerate(sim.image if kind == "image" else sim.text):
+            for n, m in enumerate(sim.image if kind == "image" else sim.text):  # each metric knows what it needs
                 where = f"similarity.{kind}.{n}"
-                if m.kind in ("clip", "clip_text"):
-                    hub.open_clip_name(*open_clip_source(m, where), f"{where}.model")
-                elif m.kind == "lpips":
-                    hub.check_lpips(m.net, m.random_backbone)
-                elif m.kind == "clip_pooler":
-                    hub.resolve(m.model or DEFAULT_HF_CLIP_VISION, "CLIP vision model", f"{where}.model")
-                elif m.kind == "clip_text_pooler":
-                    hub.resolve(m.model or DEFAULT_HF_CLIP_VISION, "CLIP text model", f"{where}.model")
-                elif m.kind == "dino":
-                    hub.resolve(m.model or DEFAULT_DINO, "DINO model", f"{where}.model")
-                elif m.kind == "dreamsim":
-                    hub.check_dreamsim(m.model, m.pretrained, f"{where}.model")
-                elif m.model:
-                    hub.resolve(m.model, f"{m.kind} model", f"{where}.model")
+                metric_class(m, where, kind).preflight(m, where)
 
     # ------------------------------------------------------------------ cached stages
     def caption(self, images: Sequence[Image.Image], ids: Sequence[str], hashes: Sequence[str]) -> list[list[str]]:

@@ -7,10 +7,12 @@ A config names a metric by ``kind`` (a key of ``IMAGE_METRICS`` or ``TEXT_METRIC
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
-from recon.config import ConfigError, MetricConfig, SimilarityConfig
+from recon.config import SIMILARITY_KINDS, ConfigError, MetricConfig, SimilarityConfig
 from recon.similarity.base import EmbeddingSimilarity, Similarity
 from recon.similarity.image import (
     PSNR_CAP_DB,
@@ -26,25 +28,23 @@ from recon.similarity.image import (
 )
 from recon.similarity.text import ClipTextPoolerSimilarity, ClipTextSimilarity, SbertSimilarity
 
-IMAGE_METRICS: dict[str, type[Similarity]] = {
-    "clip": ClipImageSimilarity,
-    "clip_pooler": ClipVisionPoolerSimilarity,
-    "lpips": LpipsDistance,
-    "ssim": SsimSimilarity,
-    "psnr": PsnrSimilarity,
-    "dino": DinoSimilarity,
-    "dreamsim": DreamSimDistance,
-}
-TEXT_METRICS: dict[str, type[Similarity]] = {
-    "clip_text": ClipTextSimilarity,
-    "clip_text_pooler": ClipTextPoolerSimilarity,
-    "sbert": SbertSimilarity,
-}
+
+def _classes(role: str) -> dict[str, type[Similarity]]:
+    """``{kind: class}`` of a role, from :data:`recon.config.SIMILARITY_KINDS` (the one list of kinds)."""
+    out = {}
+    for kind, (_, path) in SIMILARITY_KINDS[role].items():
+        module, name = path.split(":")
+        out[kind] = getattr(importlib.import_module(module), name)
+    return out
 
 
-def load_similarity(cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric",
-                    role: str | None = None) -> nn.Module:
-    """Build one metric from its config; ``role`` ("image" / "text") restricts the valid kinds."""
+IMAGE_METRICS: dict[str, type[Similarity]] = _classes("image")
+TEXT_METRICS: dict[str, type[Similarity]] = _classes("text")
+
+
+def metric_class(cfg: MetricConfig, where: str = "metric", role: str | None = None) -> type[Similarity]:
+    """The class of ``cfg.kind``; ``role`` ("image" / "text") restricts the valid kinds. An unknown kind is a
+    :class:`ConfigError` naming ``where`` and the valid kinds."""
     tables = {"image": IMAGE_METRICS, "text": TEXT_METRICS}
     table = tables[role] if role else {**IMAGE_METRICS, **TEXT_METRICS}
     cls = table.get(cfg.kind)
@@ -55,7 +55,13 @@ def load_similarity(cfg: MetricConfig, device: torch.device | str = "cpu", where
                 hint = f" ('{cfg.kind}' is {'an' if other == 'image' else 'a'} {other} similarity: list it under similarity.{other})"
         what = f"{role} similarity" if role else "similarity"
         raise ConfigError(f"{where}.kind: unknown {what} kind {cfg.kind!r}{hint}; valid kinds: {', '.join(table)}")
-    return cls.from_config(cfg, device, where=where)
+    return cls
+
+
+def load_similarity(cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric",
+                    role: str | None = None) -> nn.Module:
+    """Build one metric from its config; ``role`` ("image" / "text") restricts the valid kinds."""
+    return metric_class(cfg, where, role).from_config(cfg, device, where=where)
 
 
 def _load_all(cfgs: list[MetricConfig], device, role: str) -> dict[str, nn.Module]:
@@ -84,5 +90,5 @@ def load_text_metrics(cfg: SimilarityConfig, device: torch.device | str = "cpu")
 __all__ = [
     "IMAGE_METRICS", "TEXT_METRICS", "PSNR_CAP_DB", "ClipImageSimilarity", "ClipTextPoolerSimilarity", "ClipTextSimilarity",
     "ClipVisionPoolerSimilarity", "DinoSimilarity", "DreamSimDistance", "EmbeddingSimilarity", "LpipsDistance", "PsnrSimilarity", "SbertSimilarity",
-    "Similarity", "SsimSimilarity", "load_image_metrics", "load_similarity", "load_text_metrics", "psnr", "ssim",
+    "Similarity", "SsimSimilarity", "load_image_metrics", "load_similarity", "load_text_metrics", "metric_class", "psnr", "ssim",
 ]
