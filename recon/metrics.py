@@ -69,7 +69,6 @@ class ReconstructionScore(Metric):
         ``[3, H, W]`` tensors / numpy arrays / PIL images; ``ids`` (optional) name the images as a ``recon score``
         run does. An image out of range (see the module docstring) is a ValueError naming its index."""
         from recon.pipeline import png_bytes
-        from recon.scoring.run import Timer, reconstruct
 
         originals = [image_tensor(im, f"update: image {i}") for i, im in enumerate(images)]
         captions = list(captions)
@@ -82,7 +81,7 @@ class ReconstructionScore(Metric):
         hashes = [hashlib.sha256(png_bytes(x)).hexdigest() for x in originals]
         keys = [str(i) for i in ids] if ids is not None else hashes
         requests = [(key, key, x, h, c.strip()) for key, x, h, c in zip(keys, originals, hashes, captions)]
-        for result in reconstruct(self._recon, requests, self.config.run.seed, Timer()):
+        for result in self._recon.reconstruct_captions(requests, prefix="recon_"):
             for key in self.keys:
                 value = result["scores"].get(key)
                 if value is not None:  # every reconstruction of the caption flagged: nothing to average

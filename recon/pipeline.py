@@ -13,7 +13,9 @@ import hashlib
 import io
 import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,34 @@ class Rendered:
     png: bytes
     flagged: bool = False
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Timer:
+    """Exclusive seconds per stage (``generation``, ``clipscore``, ``model_loading``, ...), summed over calls:
+    a stage entered inside another (a model loaded on first use) pauses the outer one."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    _stack: list = field(default_factory=list)
+
+    def _charge(self, now: float) -> None:
+        if self._stack:
+            stage, since = self._stack[-1]
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + now - since
+
+    @contextmanager
+    def __call__(self, stage: str):
+        now = time.perf_counter()
+        self._charge(now)
+        self._stack.append((stage, now))
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self._charge(now)
+            self._stack.pop()
+            if self._stack:
+                self._stack[-1] = (self._stack[-1][0], now)
 
 
 class Reconstructor:
@@ -253,35 +283,56 @@ class Reconstructor:
             raise ValueError(f"similarity.select_by={key!r} is not one of the image metrics {names}")
         return key
 
+    def reconstruct_captions(self, requests: Sequence[tuple], timer: Timer | None = None,
+                             prefix: str = "") -> list[dict]:
+        """The one reconstruction-scoring step: K images per caption, each compared with its original.
+
+        ``requests = [(group, image key, original, original hash, caption)]`` or with a sixth element, the
+        candidate index ``c`` of the seed (default 0). Image k uses ``derive_seed(run.seed, image key, c, k)``: with
+        ``c = 0`` every caption of one image is rendered from the same K noises (common random numbers). ``group``
+        (an item id) keeps an item's images in their own generation batches unless ``generator.batch_across_items``.
+        Returns per request ``scores`` (mean over the non-flagged images), ``std`` (sample std, None for K = 1),
+        ``per_image``, ``seeds``, ``png``, ``flagged``, ``warnings``; metric keys get ``prefix``."""
+        timer = timer or (lambda stage: nullcontext())
+        K = self.config.generator.images_per_caption
+        seeds = [[derive_seed(self.config.run.seed, req[1], req[5] if len(req) > 5 else 0, k) for k in range(K)]
+                 for req in requests]
+        with timer("generation"):
+            rendered = self.render([req[4] for req in requests for _ in range(K)], [s for ss in seeds for s in ss],
+                                   [req[0] for req in requests for _ in range(K)])
+        out = []
+        for n, req in enumerate(requests):
+            chunk = rendered[n * K:(n + 1) * K]
+            with timer("recon_similarity"):
+                scored = self.score_reconstructions(req[2], req[3], chunk)
+            out.append({**{part: {f"{prefix}{m}": v for m, v in scored[part].items()}
+                           for part in ("scores", "std", "per_image")},
+                        "seeds": seeds[n], "png": [r.png for r in chunk], "flagged": scored["flagged"],
+                        "warnings": scored["warnings"]})
+        return out
+
     def image_to_text_to_image(self, images: Sequence[Image.Image], ids: Sequence[str],
                                hashes: Sequence[str] | None = None) -> list[dict]:
         """Records (see module runs / report) with reconstructions as PNG bytes under ``candidates[*]['png']``."""
         hashes = list(hashes) if hashes is not None else [_sha(png_bytes(im)) for im in images]
-        g, K = self.config.generator, self.config.generator.images_per_caption
+        crn = self.config.generator.common_random_numbers
         select = self.select_metric()
         captions = self.caption(images, ids, hashes)
-        prompts, seeds, groups = [], [], []
+        # the original stays a PIL image: made a tensor only if a score is not cached
+        scored_all = iter(self.reconstruct_captions(
+            [(item_id, item_id, image, h, cap, 0 if crn else c)
+             for item_id, image, h, caps in zip(ids, images, hashes, captions) for c, cap in enumerate(caps)]))
+        records = []
         for item_id, caps in zip(ids, captions):
-            for c, cap in enumerate(caps):
-                for k in range(K):
-                    prompts.append(cap)
-                    seeds.append(derive_seed(self.config.run.seed, item_id, 0 if g.common_random_numbers else c, k))
-                    groups.append(item_id)
-        rendered = self.render(prompts, seeds, groups)
-        records, pos = [], 0
-        for item_id, image, h, caps in zip(ids, images, hashes, captions):
-            original = image  # made a tensor only if a score is not cached
             candidates, warnings = [], []
             for cap in caps:
-                chunk, chunk_seeds = rendered[pos:pos + K], seeds[pos:pos + K]
-                pos += K
-                scored = self.score_reconstructions(original, h, chunk)
+                scored = next(scored_all)
                 warnings += [w for w in scored["warnings"] if w not in warnings]
                 if not cap.strip():
                     warnings.append("captioner returned an empty caption")
                 candidates.append({
                     "caption": cap, "scores": scored["scores"], "scores_per_image": scored["per_image"],
-                    "seeds": chunk_seeds, "flagged": scored["flagged"], "png": [r.png for r in chunk]})
+                    "seeds": scored["seeds"], "flagged": scored["flagged"], "png": scored["png"]})
             chosen = self._choose([c["scores"][select] for c in candidates], select)
             records.append({"id": item_id, "status": "ok", "direction": "image-text-image",
                             "candidates": candidates, "chosen": chosen, "caption": candidates[chosen]["caption"],

@@ -368,7 +368,7 @@ def test_recon_score_through_the_main_cli_is_one_error_line(tmp_path, recon_cach
 def test_timer_stages_are_exclusive():
     import time as _time
 
-    from recon.scoring.run import Timer
+    from recon.pipeline import Timer
 
     t = Timer()
     with t("outer"):

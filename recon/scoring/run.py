@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,8 @@ import numpy as np
 from recon import fingerprint
 from recon.config import Config, MetricConfig
 from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_image
-from recon.runs import RunDir, derive_seed, sha256_file
+from recon.pipeline import Timer
+from recon.runs import RunDir, sha256_file
 from recon.scoring import caption_metrics as cm
 from recon.scoring.inputs import (
     ALL_METRICS,
@@ -63,63 +62,8 @@ def parse_metrics(spec: str | Sequence[str] | None, have_refs: bool) -> list[str
     return list(dict.fromkeys(names))
 
 
-# -------------------------------------------------------------------------------------------------- timing
-@dataclass
-class Timer:
-    """Exclusive seconds per stage (``generation``, ``clipscore``, ``model_loading``, ...), summed over calls:
-    a stage entered inside another (a model loaded on first use) pauses the outer one."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    _stack: list = field(default_factory=list)
-
-    def _charge(self, now: float) -> None:
-        if self._stack:
-            stage, since = self._stack[-1]
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + now - since
-
-    @contextmanager
-    def __call__(self, stage: str):
-        now = time.perf_counter()
-        self._charge(now)
-        self._stack.append((stage, now))
-        try:
-            yield
-        finally:
-            now = time.perf_counter()
-            self._charge(now)
-            self._stack.pop()
-            if self._stack:
-                self._stack[-1] = (self._stack[-1][0], now)
-
-
 def finite(scores: dict) -> dict:
     return {k: float(v) for k, v in scores.items() if v is not None and math.isfinite(v)}
-
-
-def reconstruct(recon, requests: Sequence[tuple[str, str, object, str, str]], seed: int, timer: Timer) -> list[dict]:
-    """Reconstruction scores of captions: ``requests = [(group, image key, original [3,H,W], hash, caption)]``.
-
-    Image k of a caption uses ``derive_seed(seed, image key, 0, k)``: every caption of one image is rendered
-    from the same K noises (common random numbers). ``group`` (an item id) keeps an item's images in their own
-    generation batches unless ``generator.batch_across_items``. Returns per request ``scores`` (mean over the
-    non-flagged images), ``std`` (sample std, None for K = 1), ``per_image``, ``seeds``, ``png``, ``flagged``.
-    """
-    K = recon.config.generator.images_per_caption
-    seeds = {key: [derive_seed(seed, key, 0, k) for k in range(K)] for _, key, _, _, _ in requests}
-    with timer("generation"):
-        rendered = recon.render([cap for *_, cap in requests for _ in range(K)],
-                                [s for _, key, *_ in requests for s in seeds[key]],
-                                [group for group, *_ in requests for _ in range(K)])
-    out = []
-    for n, (_, key, original, original_hash, _) in enumerate(requests):
-        chunk = rendered[n * K:(n + 1) * K]
-        with timer("recon_similarity"):
-            scored = recon.score_reconstructions(original, original_hash, chunk)
-        out.append({**{part: {f"recon_{m}": v for m, v in scored[part].items()}
-                       for part in ("scores", "std", "per_image")},
-                    "seeds": seeds[key], "png": [r.png for r in chunk], "flagged": scored["flagged"],
-                    "warnings": scored["warnings"]})
-    return out
 
 
 def aggregate_scores(records: Sequence[dict], systems: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -289,7 +233,7 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
                         extra[i].setdefault("truncated", []).append("sbert_similarity")
         if good and "recon" in metrics:
             requests = [(it.id, it.key, originals[it.path][1], originals[it.path][2], it.caption) for it in good]
-            for i, (it, r) in enumerate(zip(good, reconstruct(recon, requests, config.run.seed, timer))):
+            for i, (it, r) in enumerate(zip(good, recon.reconstruct_captions(requests, timer, prefix="recon_"))):
                 scores[i] = {**r["scores"], **scores[i]}
                 extra[i].update(recon_std=r["std"], scores_per_image=r["per_image"], seeds=r["seeds"],
                                 flagged=r["flagged"])
