@@ -158,3 +158,22 @@ def read_clipscore_references(path: str | Path) -> References:
                 if (c := _caption(v, path, f"key {key!r}[{j}]", key, out.problems)) is not None]
         out.refs[key] = refs
     return out
+
+
+def read_references(path: str | Path) -> References:
+    """The one references reader: COCO caption annotations, a Karpathy split file, or ``{image_id: [refs]}``
+    (the format told from the content); ids become strings."""
+    path = Path(path)
+    data = read_json(path)
+    if isinstance(data, dict) and "annotations" in data:
+        refs = read_coco_captions(path)
+    elif isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] and \
+            isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
+        refs = read_karpathy(path)
+    elif isinstance(data, dict):
+        refs = read_clipscore_references(path)
+    else:
+        raise DataError(f"{path}: expected COCO caption annotations or an object {{image_id: [references]}}, "
+                        f"got {type(data).__name__}")
+    return References({str(k): v for k, v in refs.refs.items()}, {str(k): v for k, v in refs.file_names.items()},
+                      refs.problems)

@@ -145,7 +145,7 @@ class Inputs:
 def experiment_inputs(config, out: Path, n: int, stream: int, images=None, refs=None, texts=None,
                       need: str = "images") -> Inputs:
     """The user's ``images`` / ``texts`` (+ ``refs``), or on the shapes / scenes preset ``n`` rendered scenes."""
-    from recon.scoring.inputs import read_references
+    from recon.captions_io import read_references
 
     given = images if need == "images" else texts
     if given is None:

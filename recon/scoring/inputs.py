@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from recon.captions_io import References, read_clipscore_references, read_coco_captions, read_karpathy
+from recon.captions_io import References, read_references  # noqa: F401 - read_references: recon score's --refs
 from recon.data import DataError, atomic_write_text, list_images, read_json, validate_text
 from recon.runs import RunError
 
@@ -90,24 +90,6 @@ def read_caption_set(path: str | Path, name: str) -> CaptionSet:
         raise DataError(f"{path}: expected a COCO results list [{{'image_id', 'caption'}}] or an object "
                         f"{{image_id: caption}}, got {type(data).__name__}")
     return CaptionSet(name, path, entries)
-
-
-def read_references(path: str | Path) -> References:
-    """COCO caption annotations, a Karpathy split file, or ``{image_id: [refs]}``; ids become strings."""
-    path = Path(path)
-    data = read_json(path)
-    if isinstance(data, dict) and "annotations" in data:
-        refs = read_coco_captions(path)
-    elif isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] and \
-            isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
-        refs = read_karpathy(path)
-    elif isinstance(data, dict):
-        refs = read_clipscore_references(path)
-    else:
-        raise DataError(f"{path}: expected COCO caption annotations or an object {{image_id: [references]}}, "
-                        f"got {type(data).__name__}")
-    return References({str(k): v for k, v in refs.refs.items()}, {str(k): v for k, v in refs.file_names.items()},
-                      refs.problems)
 
 
 def system_names(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> list[str]:

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recon.captions_io import read_references as read_json_references
 from recon.data import DataError, read_json, read_text_file
-from recon.scoring.inputs import read_references as read_json_references
 
 FORMATS = ("expert", "crowdflower", "composite", "pascal50s", "foil")  # the keys of FORMAT, in detection order
 PASCAL_CATEGORIES = {1: "HC", 2: "HI", 3: "HM", 4: "MM"}
