@@ -152,8 +152,10 @@ def write_scenes_card(bundle: Path, result: dict, extra: str = "") -> Path:
             lines.append(f"| `{part}/` | {what} | {_params(bundle / part) / 1e6:.2f}M | {_mb(bundle / part):.1f} |")
     lines += ["", f"Total size: {_mb(bundle):.1f} MB.", "", "## Training", "",
               "Each part: `recon scenes train --component NAME` (seed 0, 1 thread, data rendered on the fly from "
-              "(seed, step)), in the order below; the generator in two stages (2-object scenes, then 1-4 objects "
-              "from the first stage's weights).", "",
+              "(seed, step)). The VAE comes before the UNet, which trains in two stages (`unet_stage1`: 2-object "
+              "scenes; `unet`: 1-4 objects with `--init-from` the first stage's bundle and a fresh `--work`); the "
+              "captioner (its weak snapshot on the way), CLIP and judge are independent. The commands in order are "
+              "under *Rebuild* below.", "",
               "| record | steps | batch | wall min | CPU min | final validation | command |",
               "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for name, r in records.items():
