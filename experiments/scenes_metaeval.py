@@ -228,6 +228,36 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(res: dict, path: Path) -> None:
+    """Pair accuracy per category and metric with 95% CIs, as grouped bars (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["table"]["rows"]
+    metrics = [m for m in ("clipscore", "recon_clip_similarity", "recon_ssim_similarity", "recon_judge_similarity")
+               if m in rows]
+    cats = [c for c in CATEGORIES if c in rows[metrics[0]]]
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    width = 0.8 / len(metrics)
+    for j, m in enumerate(metrics):
+        v = np.array([rows[m][c]["value"] for c in cats])
+        lo = v - np.array([rows[m][c]["low"] for c in cats])
+        hi = np.array([rows[m][c]["high"] for c in cats]) - v
+        ax.bar(np.arange(len(cats)) + (j - (len(metrics) - 1) / 2) * width, v, width, yerr=[lo, hi], capsize=2,
+               label=m)
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(cats)), cats)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("pair accuracy (true caption preferred)")
+    ax.set_title(f"Scenes judgment set, {res['n_scenes']} scenes over seeds {res['seeds']}: 95% bootstrap CIs")
+    ax.legend(fontsize=8, ncol=len(metrics), loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -239,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge", type=Path, default=None, help="the judge folder for the ceiling (default: the scenes "
                                                             "bundle's; 'none' to skip)")
     p.add_argument("--analyze-only", action="store_true")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw the per-category bars (matplotlib)")
     p.add_argument("--k4", type=Path, default=None, metavar="DIR",
                    help="also compare K = 1 (seed 0's run) with this K = 4 metaeval run of seed 0 on their common pairs")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="passed to recon metaeval")
@@ -269,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                                               f"{rows[m][c]['high']:.3f}]" for m in rows) + " |\n"
         (args.out / "summary.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / "summary.md").write_text(text)
+    if args.plot is not None:
+        plot(res, args.plot)
     print(text)
     return 0
 
