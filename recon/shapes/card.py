@@ -53,6 +53,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def training_rows(records: dict[str, dict], device: bool) -> list[str]:
+    """One markdown row per training record: steps, batch, wall / CPU minutes, (device,) validation, command."""
+    rows = []
+    for name, r in records.items():
+        val = json.dumps(r.get("validation", {}))[:160]
+        cells = [name, r.get("steps", ""), r.get("batch_size", ""), r.get("wall_minutes", ""), r.get("cpu_minutes", ""),
+                 *([r.get("device", "cpu")] if device else []), f"`{val}`", f"`{portable_command(r.get('command', ''))}`"]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return rows
+
+
 def write_model_card(bundle: Path, result: dict, extra: str = "") -> Path:
     """Write ``MODEL_CARD.md``, ``VERSION`` and ``eval.json`` into ``bundle``."""
     bundle = Path(bundle)
@@ -79,10 +90,7 @@ def write_model_card(bundle: Path, result: dict, extra: str = "") -> Path:
               "(seed, step)). Recipe steps: " + ", ".join(f"{k} {v}" for k, v in _default_steps().items()) + ".",
               "", "| component | steps | batch | wall min | CPU min | device | final validation | command |",
               "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
-    for name, r in records.items():
-        val = json.dumps(r.get("validation", {}))[:160]
-        lines.append(f"| {name} | {r.get('steps', '')} | {r.get('batch_size', '')} | {r.get('wall_minutes', '')} | "
-                     f"{r.get('cpu_minutes', '')} | {r.get('device', 'cpu')} | `{val}` | `{portable_command(r.get('command', ''))}` |")
+    lines += training_rows(records, device=True)
     lines += ["", "## Measured quality", "",
               f"`recon shapes eval --n {result.get('test', {}).get('n')} --seed {result.get('seed')}` "
               f"(device {result.get('device')}; DDIM {result['sampling']['num_inference_steps']} steps, guidance "
@@ -158,10 +166,7 @@ def write_scenes_card(bundle: Path, result: dict, extra: str = "") -> Path:
               "under *Rebuild* below.", "",
               "| record | steps | batch | wall min | CPU min | final validation | command |",
               "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    for name, r in records.items():
-        val = json.dumps(r.get("validation", {}))[:160]
-        lines.append(f"| {name} | {r.get('steps', '')} | {r.get('batch_size', '')} | {r.get('wall_minutes', '')} | "
-                     f"{r.get('cpu_minutes', '')} | `{val}` | `{portable_command(r.get('command', ''))}` |")
+    lines += training_rows(records, device=False)
     lines += ["", "## Measured quality", "",
               f"`recon scenes eval --n {result['n']} --seed {result['seed']}` (DDIM "
               f"{result['sampling']['num_inference_steps']} steps, guidance {result['sampling']['guidance_scale']}; "

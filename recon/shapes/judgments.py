@@ -80,13 +80,8 @@ def write_judgment_set(out: str | Path, n: int, seed: int = 0) -> dict[str, Path
     paths = {"images": out / "images", "refs": out / "Shapes.token.txt", "expert": out / "ExpertAnnotations.txt",
              "crowdflower": out / "CrowdFlowerAnnotations.txt", "pascal50s": out / "pascal50s" / "pair_pascal.mat",
              "foil": out / "shapes_foil.json"}
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
-        if old.get("n") == n and old.get("seed") == seed and all(p.exists() for p in paths.values()):
-            return paths
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file, not a directory; pass a new or existing directory")
+    if already_written(out, paths, n, seed):
+        return paths
     scenes = build_scenes(n, seed)
     token, expert, crowd = [], [], []
     for s in scenes:
@@ -102,9 +97,22 @@ def write_judgment_set(out: str | Path, n: int, seed: int = 0) -> dict[str, Path
     atomic_write_text(paths["crowdflower"], "\n".join(crowd) + "\n")
     _write_pascal(paths["pascal50s"].parent, scenes, np.random.default_rng([seed, 5050]))
     _write_foil(paths["foil"], scenes)
-    atomic_write_text(manifest, json.dumps({"n": n, "seed": seed, "split": "test", "scenes": [
+    atomic_write_text(out / MANIFEST, json.dumps({"n": n, "seed": seed, "split": "test", "scenes": [
         {k: v for k, v in s.items() if k != "scene"} for s in scenes]}, indent=1) + "\n")
     return paths
+
+
+def already_written(out: Path, paths: dict[str, Path], n: int, seed: int) -> bool:
+    """Whether ``out`` holds a judgment set of ``n`` scenes from ``seed`` with all of ``paths`` (then it is reused);
+    an ``out`` that is a file is an error."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        old = json.loads(manifest.read_text(encoding="utf-8"))
+        if old.get("n") == n and old.get("seed") == seed and all(p.exists() for p in paths.values()):
+            return True
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a directory; pass a new or existing directory")
+    return False
 
 
 def _write_pascal(folder: Path, scenes: list[dict], rng: np.random.Generator) -> None:

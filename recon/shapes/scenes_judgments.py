@@ -38,7 +38,7 @@ import numpy as np
 
 from recon.data import atomic_write_text, save_png
 from recon.shapes import scenes as S
-from recon.shapes.judgments import write_foil, write_pascal
+from recon.shapes.judgments import already_written, write_foil, write_pascal
 
 CATEGORIES = ("binding-swap", "relation-swap", "count-change", "omission", "hallucination", "single-attribute")
 SWAPS = ("binding-swap", "relation-swap")  # the categories that keep the bag of words
@@ -150,13 +150,8 @@ def write_judgment_set(out: str | Path, n: int, seed: int = 0) -> dict[str, Path
     out = Path(out)
     paths = {"images": out / "images", "refs": out / "Scenes.token.txt", "expert": out / "ExpertAnnotations.txt",
              "pascal50s": out / "pascal50s" / "pair_pascal.mat", "foil": out / "scenes_foil.json"}
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
-        if old.get("n") == n and old.get("seed") == seed and all(p.exists() for p in paths.values()):
-            return paths
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file, not a directory; pass a new or existing directory")
+    if already_written(out, paths, n, seed):
+        return paths
     from PIL import Image
 
     items = build_scenes(n, seed)
@@ -181,7 +176,7 @@ def write_judgment_set(out: str | Path, n: int, seed: int = 0) -> dict[str, Path
     atomic_write_text(paths["expert"], "\n".join(expert) + "\n")
     write_pascal(paths["pascal50s"].parent, pairs, list(CATEGORIES), np.random.default_rng([seed, 5151]))
     write_foil(paths["foil"], foils)
-    atomic_write_text(manifest, json.dumps({"n": n, "seed": seed, "split": "test", "n_objects": N_OBJECTS, "scenes": [
+    atomic_write_text(out / MANIFEST, json.dumps({"n": n, "seed": seed, "split": "test", "n_objects": N_OBJECTS, "scenes": [
         {"image": s["image"], "background": s["scene"].background,
          "objects": [dataclasses.asdict(o) for o in s["scene"].objects], "refs": s["refs"],
          "candidates": s["candidates"]} for s in items]}, indent=1) + "\n")
