@@ -281,23 +281,27 @@ def _is_valid(data: dict) -> bool:
 
 
 DECODING_METHODS = ("greedy", "beam", "nucleus")
-# Every similarity kind, per role: its result key and the class that computes it (``module:Class``; recon.similarity
-# imports the classes from here, a test checks each class's ``name`` against its key). Kinds and select_by are checked
-# at load from this table, without importing any model library. A new similarity: its class, and one row here.
-SIMILARITY_KINDS: dict[str, dict[str, tuple[str, str]]] = {
-    "image": {"clip": ("clip_similarity", "recon.similarity.image:ClipImageSimilarity"),
-              "clip_pooler": ("clip_pooler_similarity", "recon.similarity.image:ClipVisionPoolerSimilarity"),
-              "lpips": ("lpips_distance", "recon.similarity.image:LpipsDistance"),
-              "ssim": ("ssim_similarity", "recon.similarity.image:SsimSimilarity"),
-              "psnr": ("psnr_similarity", "recon.similarity.image:PsnrSimilarity"),
-              "dino": ("dino_similarity", "recon.similarity.image:DinoSimilarity"),
-              "dreamsim": ("dreamsim_distance", "recon.similarity.image:DreamSimDistance")},
-    "text": {"clip_text": ("clip_text_similarity", "recon.similarity.text:ClipTextSimilarity"),
-             "clip_text_pooler": ("clip_text_pooler_similarity", "recon.similarity.text:ClipTextPoolerSimilarity"),
-             "sbert": ("sbert_similarity", "recon.similarity.text:SbertSimilarity")},
+# Every similarity kind, per role: its result key, the class that computes it (``module:Class``; recon.similarity
+# imports the classes from here, a test checks each class's ``name`` against its key) and the recon.hub function that
+# checks, before any work and without importing a model library, that its files are there (``hub.preflight_metric``;
+# None: ``model`` if one is set). Kinds and select_by are checked at load from this table. A new similarity: its
+# class, and one row here.
+SIMILARITY_KINDS: dict[str, dict[str, tuple[str, str, str | None]]] = {
+    "image": {"clip": ("clip_similarity", "recon.similarity.image:ClipImageSimilarity", "check_open_clip"),
+              "clip_pooler": ("clip_pooler_similarity", "recon.similarity.image:ClipVisionPoolerSimilarity",
+                              "check_hf_clip"),
+              "lpips": ("lpips_distance", "recon.similarity.image:LpipsDistance", "check_lpips_metric"),
+              "ssim": ("ssim_similarity", "recon.similarity.image:SsimSimilarity", None),
+              "psnr": ("psnr_similarity", "recon.similarity.image:PsnrSimilarity", None),
+              "dino": ("dino_similarity", "recon.similarity.image:DinoSimilarity", "check_dino"),
+              "dreamsim": ("dreamsim_distance", "recon.similarity.image:DreamSimDistance", "check_dreamsim_metric")},
+    "text": {"clip_text": ("clip_text_similarity", "recon.similarity.text:ClipTextSimilarity", "check_open_clip"),
+             "clip_text_pooler": ("clip_text_pooler_similarity", "recon.similarity.text:ClipTextPoolerSimilarity",
+                                  "check_hf_clip"),
+             "sbert": ("sbert_similarity", "recon.similarity.text:SbertSimilarity", None)},
 }
-IMAGE_METRIC_NAMES = {kind: key for kind, (key, _) in SIMILARITY_KINDS["image"].items()}
-TEXT_METRIC_NAMES = {kind: key for kind, (key, _) in SIMILARITY_KINDS["text"].items()}
+IMAGE_METRIC_NAMES = {kind: row[0] for kind, row in SIMILARITY_KINDS["image"].items()}
+TEXT_METRIC_NAMES = {kind: row[0] for kind, row in SIMILARITY_KINDS["text"].items()}
 
 
 LONG_PROMPT_MODES = ("truncate", "chunk")

@@ -437,6 +437,43 @@ def load_lpips(net: str, random_backbone: bool, device: torch.device):
     return lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False).to(device).eval()
 
 
+def preflight_metric(cfg: MetricConfig, role: str, where: str) -> None:
+    """Check, before any work and without loading or importing a model library, that the files similarity
+    ``cfg`` needs are here (the check its row of :data:`recon.config.SIMILARITY_KINDS` names). An unknown kind is a
+    :class:`ConfigError` naming ``where``."""
+    from recon.config import SIMILARITY_KINDS
+
+    row = SIMILARITY_KINDS[role].get(cfg.kind)
+    if row is None:
+        raise ConfigError(f"{where}.kind: unknown {role} similarity kind {cfg.kind!r}; valid kinds: "
+                          f"{', '.join(SIMILARITY_KINDS[role])}")
+    if row[2] is not None:
+        globals()[row[2]](cfg, where)
+    elif cfg.model:
+        resolve(cfg.model, f"{cfg.kind} model", f"{where}.model")
+
+
+def check_open_clip(cfg: MetricConfig, where: str) -> None:
+    open_clip_name(*open_clip_source(cfg, where), f"{where}.model")
+
+
+def check_hf_clip(cfg: MetricConfig, where: str) -> None:
+    what = "CLIP text model" if cfg.kind.startswith("clip_text") else "CLIP vision model"
+    resolve(cfg.model or DEFAULT_HF_CLIP_VISION, what, f"{where}.model")
+
+
+def check_dino(cfg: MetricConfig, where: str) -> None:
+    resolve(cfg.model or DEFAULT_DINO, "DINO model", f"{where}.model")
+
+
+def check_dreamsim_metric(cfg: MetricConfig, where: str) -> None:
+    check_dreamsim(cfg.model, cfg.pretrained, f"{where}.model")
+
+
+def check_lpips_metric(cfg: MetricConfig, where: str) -> None:
+    check_lpips(cfg.net, cfg.random_backbone)
+
+
 def check_lpips(net: str, random_backbone: bool) -> None:
     import torch
 

@@ -161,11 +161,8 @@ class Reconstructor:
         for kind in ("image", "text"):
             if kind not in stages or (self._image_metrics if kind == "image" else self._text_metrics) is not None:
                 continue
-            from recon.similarity import metric_class
-
-            for n, m in enumerate(sim.image if kind == "image" else sim.text):  # each metric knows what it needs
-                where = f"similarity.{kind}.{n}"
-                metric_class(m, where, kind).preflight(m, where)
+            for n, m in enumerate(sim.image if kind == "image" else sim.text):  # each kind's row names its check
+                hub.preflight_metric(m, kind, f"similarity.{kind}.{n}")
 
     # ------------------------------------------------------------------ cached stages
     def caption(self, images: Sequence[Image.Image], ids: Sequence[str], hashes: Sequence[str]) -> list[list[str]]:

@@ -115,6 +115,11 @@ def test_metric_kinds_and_select_by_are_checked_at_load():
 
     assert {k: c.name for k, c in IMAGE_METRICS.items()} == IMAGE_METRIC_NAMES
     assert {k: c.name for k, c in TEXT_METRICS.items()} == TEXT_METRIC_NAMES
+    from recon import hub
+    from recon.config import SIMILARITY_KINDS
+
+    checks = [row[2] for rows in SIMILARITY_KINDS.values() for row in rows.values() if row[2] is not None]
+    assert checks and all(callable(getattr(hub, name, None)) for name in checks)  # each row's preflight exists
     with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind='dino2'"):
         load_config("shapes", ["similarity.image.0.kind=dino2"])
     with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind='sbert'.*list it under similarity\.text"):

@@ -32,7 +32,7 @@ from recon.similarity.text import ClipTextPoolerSimilarity, ClipTextSimilarity, 
 def _classes(role: str) -> dict[str, type[Similarity]]:
     """``{kind: class}`` of a role, from :data:`recon.config.SIMILARITY_KINDS` (the one list of kinds)."""
     out = {}
-    for kind, (_, path) in SIMILARITY_KINDS[role].items():
+    for kind, (_, path, _check) in SIMILARITY_KINDS[role].items():
         module, name = path.split(":")
         out[kind] = getattr(importlib.import_module(module), name)
     return out

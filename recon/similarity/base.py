@@ -46,13 +46,6 @@ class Similarity(nn.Module):
         """Load the metric's model through recon.hub; ``where`` (``similarity.image.0``) prefixes errors."""
         raise NotImplementedError
 
-    @classmethod
-    def preflight(cls, cfg: MetricConfig, where: str = "metric") -> None:
-        """Resolve the model files this metric will need, before any work (offline failures surface here, naming
-        ``where``); loads nothing. Default: ``cfg.model`` when set."""
-        if cfg.model:
-            hub.resolve(cfg.model, f"{cfg.kind} model", f"{where}.model")
-
     def train(self, mode: bool = True):
         return super().train(False)
 

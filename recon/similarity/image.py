@@ -41,10 +41,6 @@ class ClipImageSimilarity(EmbeddingSimilarity):
             ImagePreprocess.from_open_clip(preprocess)
 
     @classmethod
-    def preflight(cls, cfg: MetricConfig, where: str = "metric") -> None:
-        hub.open_clip_name(*open_clip_source(cfg, where), f"{where}.model")
-
-    @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
         model, pretrained = open_clip_source(cfg, where)
         clip, preprocess_cfg, _ = hub.load_open_clip(model, pretrained, as_device(device), field=f"{where}.model")
@@ -73,10 +69,6 @@ class ClipVisionPoolerSimilarity(EmbeddingSimilarity):
             ImagePreprocess.from_hf_processor(processor)
 
     @classmethod
-    def preflight(cls, cfg: MetricConfig, where: str = "metric") -> None:
-        hub.resolve(cfg.model or DEFAULT_HF_CLIP_VISION, "CLIP vision model", f"{where}.model")
-
-    @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
         model, processor = hub.load_hf_clip_vision(cfg.model or DEFAULT_HF_CLIP_VISION, as_device(device),
                                                    field=f"{where}.model")
@@ -102,10 +94,6 @@ class DinoSimilarity(EmbeddingSimilarity):
         self.backbone = backbone
         self.preprocess = processor if isinstance(processor, ImagePreprocess) else \
             ImagePreprocess.from_hf_processor(processor)
-
-    @classmethod
-    def preflight(cls, cfg: MetricConfig, where: str = "metric") -> None:
-        hub.resolve(cfg.model or DEFAULT_DINO, "DINO model", f"{where}.model")
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
@@ -139,10 +127,6 @@ class DreamSimDistance(Similarity):
     def __init__(self, model: nn.Module, name: str | None = None):
         super().__init__(name)
         self.model = model
-
-    @classmethod
-    def preflight(cls, cfg: MetricConfig, where: str = "metric") -> None:
-        hub.check_dreamsim(cfg.model, cfg.pretrained, f"{where}.model")
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
@@ -185,10 +169,6 @@ class LpipsDistance(Similarity):
     def __init__(self, lpips_model: nn.Module, name: str | None = None):
         super().__init__(name)
         self.lpips = lpips_model
-
-    @classmethod
-    def preflight(cls, cfg: MetricConfig, where: str = "metric") -> None:
-        hub.check_lpips(cfg.net, cfg.random_backbone)
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):

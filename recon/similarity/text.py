@@ -122,10 +122,6 @@ class ClipTextSimilarity(LongTextSimilarity):
         self.set_long_text(long_text)
 
     @classmethod
-    def preflight(cls, cfg: MetricConfig, where: str = "metric") -> None:
-        hub.open_clip_name(*hub.open_clip_source(cfg, where), f"{where}.model")
-
-    @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
         model, pretrained = hub.open_clip_source(cfg, where)
         clip, _, tokenizer = hub.load_open_clip(model, pretrained, as_device(device), field=f"{where}.model")
@@ -158,10 +154,6 @@ class ClipTextPoolerSimilarity(LongTextSimilarity):
         self.text_model = text_model
         self.tokenizer = tokenizer
         self.set_long_text(long_text)
-
-    @classmethod
-    def preflight(cls, cfg: MetricConfig, where: str = "metric") -> None:
-        hub.resolve(cfg.model or hub.DEFAULT_HF_CLIP_VISION, "CLIP text model", f"{where}.model")
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
