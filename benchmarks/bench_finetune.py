@@ -49,18 +49,26 @@ VARIANTS = {
     "captioner": dict(weights=dict(caption_nll=1.0), directions=["image"]),
     "sd": dict(weights=dict(denoise=1.0), directions=["text"]),
     "joint_sum": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["both"]),
-    "joint_sum_q": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["both"],
-                        quarter=True),
-    "joint_alt": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["image", "text"]),
+    "joint_sum_q": dict(
+        weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["both"], quarter=True
+    ),
+    "joint_alt": dict(
+        weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["image", "text"]
+    ),
     "image_sim": dict(weights=dict(caption_nll=1.0, image_sim=1.0), directions=["image"]),
-    "floor": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=[]),  # see FLOOR
+    "floor": dict(
+        weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=[]
+    ),  # see FLOOR
 }
 ALL_OFF = dict(caption_nll=0.0, denoise=0.0, i2t2i=0.0, t2i2t=0.0, image_sim=0.0)
 REAL_VARIANTS = {
     "i2t2i+denoise": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0), directions=["both"]),
-    "+t2i2t_one_step": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["both"]),
-    "+image_sim": dict(weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0, image_sim=1.0),
-                       directions=["both"]),
+    "+t2i2t_one_step": dict(
+        weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0), directions=["both"]
+    ),
+    "+image_sim": dict(
+        weights=dict(caption_nll=1.0, i2t2i=1.0, denoise=1.0, t2i2t=1.0, image_sim=1.0), directions=["both"]
+    ),
 }
 VARIANTS.update(REAL_VARIANTS)
 
@@ -82,10 +90,18 @@ def real_arch_models(root) -> list[str]:
         blip.save_pretrained(root / "blip")
         proc.save_pretrained(root / "blip")
         (root / ".complete").write_text("1\n")
-    return [f"captioner.model={root / 'blip'}", f"generator.model={root / 'sd15'}", "data.resolution=512",
-            "loss.image_sim_terms.clip_metric.model=builtin:shapes/clip", "loss.image_sim_terms.lpips=0",
-            "loss.one_step_max_timestep=500", "sampler.num_steps=10", "sampler.grad_steps=1",
-            "captioner_lora.targets=xattn_q", "unet_lora.targets=attn2_q"]
+    return [
+        f"captioner.model={root / 'blip'}",
+        f"generator.model={root / 'sd15'}",
+        "data.resolution=512",
+        "loss.image_sim_terms.clip_metric.model=builtin:shapes/clip",
+        "loss.image_sim_terms.lpips=0",
+        "loss.one_step_max_timestep=500",
+        "sampler.num_steps=10",
+        "sampler.grad_steps=1",
+        "captioner_lora.targets=xattn_q",
+        "unet_lora.targets=attn2_q",
+    ]
 
 
 def reset_peak_rss() -> float:
@@ -118,10 +134,26 @@ def proc_status(key: str) -> float:
 FLOOR = {
     "captioner": ["captioner"],
     "sd": ["vae_encode", "text_states", "unet"],
-    "joint_sum": ["vae_encode", "captioner", "bridge", "unet", "text_states", "unet", "vae_decode",
-                  "captioner_on_pixels"],
-    "joint_alt": ["vae_encode", "captioner", "bridge", "unet", "text_states", "unet", "vae_decode",
-                  "captioner_on_pixels"],
+    "joint_sum": [
+        "vae_encode",
+        "captioner",
+        "bridge",
+        "unet",
+        "text_states",
+        "unet",
+        "vae_decode",
+        "captioner_on_pixels",
+    ],
+    "joint_alt": [
+        "vae_encode",
+        "captioner",
+        "bridge",
+        "unet",
+        "text_states",
+        "unet",
+        "vae_decode",
+        "captioner_on_pixels",
+    ],
 }
 
 
@@ -159,9 +191,15 @@ def floor_components(objective, images, captions, generator, torch) -> dict:
         logits, labels = objective.caption_logits(x, captions)
         captioning_nll(logits, labels).backward()
 
-    return {"vae_encode": lambda: d.encode(images, generator), "text_states": lambda: d.text_states(captions),
-            "captioner": captioner, "bridge": bridge, "unet": unet, "vae_decode": vae_decode,
-            "captioner_on_pixels": captioner_on_pixels}
+    return {
+        "vae_encode": lambda: d.encode(images, generator),
+        "text_states": lambda: d.text_states(captions),
+        "captioner": captioner,
+        "bridge": bridge,
+        "unet": unet,
+        "vae_decode": vae_decode,
+        "captioner_on_pixels": captioner_on_pixels,
+    }
 
 
 def run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
@@ -174,7 +212,9 @@ def run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
     except (MemoryError, RuntimeError) as e:
         if "memory" not in str(e).lower():
             raise
-        queue.put({"variant": variant, "checkpointing": checkpointing, "error": f"> {args['memory_cap_gb']} GB"})
+        queue.put(
+            {"variant": variant, "checkpointing": checkpointing, "error": f"> {args['memory_cap_gb']} GB"}
+        )
 
 
 def _run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
@@ -195,8 +235,11 @@ def _run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
     device = torch.device(args["device"])
     cfg = load_finetune_config(args["config"], args["overrides"])
     spec = VARIANTS[variant]
-    loss = dataclasses.replace(cfg.loss, **{**ALL_OFF, **spec["weights"]},
-                               regularizer_items=args["reg_items"] if spec.get("quarter") else None)
+    loss = dataclasses.replace(
+        cfg.loss,
+        **{**ALL_OFF, **spec["weights"]},
+        regularizer_items=args["reg_items"] if spec.get("quarter") else None,
+    )
     cfg = dataclasses.replace(cfg, loss=loss)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     captioner, pipe = load_roles(cfg, device, dtype)
@@ -208,10 +251,20 @@ def _run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
         pipe.unet.enable_gradient_checkpointing()
     captioner.model.train()
     pipe.unet.train()
-    bridge = SoftTokenBridge(vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root()), pipe.text_encoder,
-                             pipe.tokenizer, cfg.bridge).to(device)
-    objective = JointObjective(captioner, Diffusion(pipe, checkpointing), bridge, cfg.loss, cfg.sampler,
-                               image_sim_metrics(cfg, device))
+    bridge = SoftTokenBridge(
+        vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root()),
+        pipe.text_encoder,
+        pipe.tokenizer,
+        cfg.bridge,
+    ).to(device)
+    objective = JointObjective(
+        captioner,
+        Diffusion(pipe, checkpointing),
+        bridge,
+        cfg.loss,
+        cfg.sampler,
+        image_sim_metrics(cfg, device),
+    )
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     resolution = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     batch = make_pairs(cfg.data, cfg.data.resolution or resolution, 0).train_batch(0, n=args["batch_size"])
@@ -234,7 +287,9 @@ def _run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
 
     if variant == "floor":
         clock = time.perf_counter if device.type == "cuda" else time.process_time
-        parts = floor_components(objective, images, batch.captions, torch.Generator(device).manual_seed(0), torch)
+        parts = floor_components(
+            objective, images, batch.captions, torch.Generator(device).manual_seed(0), torch
+        )
         seconds = {}
         for name, fn in parts.items():
             times = []
@@ -268,9 +323,21 @@ def _run_variant(args: dict, variant: str, checkpointing: bool, queue) -> None:
         sync()
         times.append(clock() - t0)
         walls.append(time.perf_counter() - w0)
-    peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if device.type == "cuda" else peak_rss() - base_rss
-    queue.put({"variant": variant, "checkpointing": checkpointing, "step_s": statistics.median(times),
-               "wall_s": statistics.median(walls), "peak_mb": peak, "params": sum(p.numel() for p in params)})
+    peak = (
+        (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+        if device.type == "cuda"
+        else peak_rss() - base_rss
+    )
+    queue.put(
+        {
+            "variant": variant,
+            "checkpointing": checkpointing,
+            "step_s": statistics.median(times),
+            "wall_s": statistics.median(walls),
+            "peak_mb": peak,
+            "params": sum(p.numel() for p in params),
+        }
+    )
 
 
 def measure(args: dict, variant: str, checkpointing: bool) -> dict:
@@ -284,8 +351,9 @@ def measure(args: dict, variant: str, checkpointing: bool) -> dict:
             break
         except queue_mod.Empty:
             if not proc.is_alive():
-                raise RuntimeError(f"variant {variant} failed (exit code {proc.exitcode}); see its traceback above"
-                                   ) from None
+                raise RuntimeError(
+                    f"variant {variant} failed (exit code {proc.exitcode}); see its traceback above"
+                ) from None
     proc.join()
     return result
 
@@ -300,37 +368,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--reg-items", type=int, default=None, help="joint_sum_q's loss.regularizer_items (B/4)")
+    parser.add_argument(
+        "--reg-items", type=int, default=None, help="joint_sum_q's loss.regularizer_items (B/4)"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--real-arch", action="store_true", help="SD v1.5 + BLIP base architectures, random weights")
-    parser.add_argument("--memory-cap-gb", type=float, default=None, help="CPU: cap each variant's data segment")
+    parser.add_argument(
+        "--real-arch", action="store_true", help="SD v1.5 + BLIP base architectures, random weights"
+    )
+    parser.add_argument(
+        "--memory-cap-gb", type=float, default=None, help="CPU: cap each variant's data segment"
+    )
     a = parser.parse_args(argv)
     if a.real_arch:
         return real_arch(a)
     from recon.train.config import load_finetune_config
 
     cfg = load_finetune_config(a.config, a.overrides)
-    args = dict(config=a.config, overrides=a.overrides, batch_size=a.batch_size or cfg.train.batch_size,
-                steps=a.steps, warmup=a.warmup, device=a.device, threads=a.threads)
+    args = dict(
+        config=a.config,
+        overrides=a.overrides,
+        batch_size=a.batch_size or cfg.train.batch_size,
+        steps=a.steps,
+        warmup=a.warmup,
+        device=a.device,
+        threads=a.threads,
+    )
     args["reg_items"] = a.reg_items or max(1, args["batch_size"] // 4)
     clock = "wall" if a.device.startswith("cuda") else "CPU"
-    print(f"config {a.config}, batch {args['batch_size']}, device {a.device}, threads {a.threads}, {clock} time, "
-          f"median of {a.steps} steps after {a.warmup} warm-up; sampler {cfg.sampler.num_steps} steps "
-          f"(grad through {cfg.sampler.grad_steps})", flush=True)
+    print(
+        f"config {a.config}, batch {args['batch_size']}, device {a.device}, threads {a.threads}, {clock} time, "
+        f"median of {a.steps} steps after {a.warmup} warm-up; sampler {cfg.sampler.num_steps} steps "
+        f"(grad through {cfg.sampler.grad_steps})",
+        flush=True,
+    )
     results = []
     for checkpointing in (False, True):
         rows = {v: measure(args, v, checkpointing) for v in a.variants.split(",")}
         results += rows.values()
         parts = measure(args, "floor", checkpointing)["components"]
         results.append({"floor_components": parts, "checkpointing": checkpointing})
-        own_call = ["unet"] if cfg.loss.one_step_max_timestep else []  # t2i2t's own timesteps: a UNet pass of its own
-        floors = {v: sum(parts[c] for c in FLOOR[v] + (own_call if v.startswith("joint") else [])) for v in rows
-                  if v in FLOOR}
+        own_call = (
+            ["unet"] if cfg.loss.one_step_max_timestep else []
+        )  # t2i2t's own timesteps: a UNet pass of its own
+        floors = {
+            v: sum(parts[c] for c in FLOOR[v] + (own_call if v.startswith("joint") else []))
+            for v in rows
+            if v in FLOOR
+        }
         print(f"\ngradient checkpointing {'on' if checkpointing else 'off'}")
         print("floor passes (s): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
-        print(f"{'variant':<12} {'step s':>8} {'peak MB':>9} {'time x':>7} {'mem x':>7} {'wall s':>8} {'floor s':>8} "
-              f"{'/floor':>7}")
-        base_t = rows["captioner"]["step_s"] + rows["sd"]["step_s"] if {"captioner", "sd"} <= rows.keys() else None
+        print(
+            f"{'variant':<12} {'step s':>8} {'peak MB':>9} {'time x':>7} {'mem x':>7} {'wall s':>8} {'floor s':>8} "
+            f"{'/floor':>7}"
+        )
+        base_t = (
+            rows["captioner"]["step_s"] + rows["sd"]["step_s"] if {"captioner", "sd"} <= rows.keys() else None
+        )
         base_m = max(rows["captioner"]["peak_mb"], rows["sd"]["peak_mb"]) if base_t else None
         for v, r in rows.items():
             tx = f"{r['step_s'] / base_t:.2f}" if base_t else ""
@@ -338,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             fl = floors.get(v)
             # joint_alt takes two optimizer steps: its floor is the same passes, its step time both steps
             fx = f"{fl:>8.3f} {r['step_s'] / fl:>7.2f}" if fl else ""
-            print(f"{v:<12} {r['step_s']:>8.3f} {r['peak_mb']:>9.1f} {tx:>7} {mx:>7} {r['wall_s']:>8.3f} {fx}",
-                  flush=True)
+            print(
+                f"{v:<12} {r['step_s']:>8.3f} {r['peak_mb']:>9.1f} {tx:>7} {mx:>7} {r['wall_s']:>8.3f} {fx}",
+                flush=True,
+            )
         if base_t:
             print(f"(time x: / (captioner + sd) = {base_t:.3f} s; mem x: / max(captioner, sd) peak)")
     if a.json:
@@ -356,14 +451,24 @@ def real_arch(a) -> int:
     from recon.hub import cache_root
 
     overrides = real_arch_models(cache_root() / "bench-real-arch-v1") + list(a.overrides)
-    args = dict(config="finetune-shapes", overrides=overrides, batch_size=a.batch_size or 1, steps=a.steps,
-                warmup=a.warmup, device=a.device, threads=a.threads, reg_items=None,
-                memory_cap_gb=a.memory_cap_gb or (18 if a.device == "cpu" else None))
+    args = dict(
+        config="finetune-shapes",
+        overrides=overrides,
+        batch_size=a.batch_size or 1,
+        steps=a.steps,
+        warmup=a.warmup,
+        device=a.device,
+        threads=a.threads,
+        reg_items=None,
+        memory_cap_gb=a.memory_cap_gb or (18 if a.device == "cpu" else None),
+    )
     clock = "wall" if a.device.startswith("cuda") else "CPU"
-    print(f"real architectures (SD v1.5 UNet/VAE/text encoder, BLIP base; random weights), batch "
-          f"{args['batch_size']}, 512 px, device {a.device}, threads {a.threads}, {clock} seconds, median of "
-          f"{a.steps} step(s) after {a.warmup} warm-up; image_sim: 10 DDIM steps, gradient through the last",
-          flush=True)
+    print(
+        f"real architectures (SD v1.5 UNet/VAE/text encoder, BLIP base; random weights), batch "
+        f"{args['batch_size']}, 512 px, device {a.device}, threads {a.threads}, {clock} seconds, median of "
+        f"{a.steps} step(s) after {a.warmup} warm-up; image_sim: 10 DDIM steps, gradient through the last",
+        flush=True,
+    )
     print(f"{'configuration':<18} {'ckpt':>5} {'step s':>9} {'peak MB':>9}")
     results = []
     for variant in REAL_VARIANTS:
@@ -371,10 +476,15 @@ def real_arch(a) -> int:
             r = measure(args, variant, checkpointing)
             results.append(r)
             if "error" in r:
-                print(f"{variant:<18} {'on' if checkpointing else 'off':>5} {'–':>9} {r['error']:>9}", flush=True)
+                print(
+                    f"{variant:<18} {'on' if checkpointing else 'off':>5} {'–':>9} {r['error']:>9}",
+                    flush=True,
+                )
             else:
-                print(f"{variant:<18} {'on' if checkpointing else 'off':>5} {r['step_s']:>9.2f} {r['peak_mb']:>9.0f}",
-                      flush=True)
+                print(
+                    f"{variant:<18} {'on' if checkpointing else 'off':>5} {r['step_s']:>9.2f} {r['peak_mb']:>9.0f}",
+                    flush=True,
+                )
     if a.json:
         Path(a.json).write_text(json.dumps({"args": args, "results": results, "pid": os.getpid()}, indent=2))
     return 0

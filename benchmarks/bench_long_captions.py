@@ -1,16 +1,16 @@
 """Cost of issue 24's additions, each printed against the path it extends in the same run (CPU seconds, medians):
 
-  * prompt encoding: ``generator.long_prompts=chunk`` (:func:`recon.generators.diffusion.encode_long_prompts`) vs the
-    pipeline's own truncating ``encode_prompt``, for a 150-token prompt, on SD v1.5's text encoder architecture
-    (CLIP ViT-L/14 text tower, random weights); and one UNet pass (SD v1.5 architecture, random weights, 64 x 64
-    latents) with the 154-token context chunking gives vs the 77-token one;
-  * text similarity: ``long_text=chunk_mean`` vs ``truncate`` on 150-token captions (open_clip ViT-B/32 text tower);
-  * image similarity per image: DreamSim (the ``dreamsim`` package's PerceptualModel: the ensemble of three ViT-B/16
-    branches, and the single ``dino_vitb16`` branch) vs CLIP ViT-B/32 (recon's default ``clip`` metric), through
-    recon's modules. Random weights in the real architectures: the cost is the architecture's, not the weights'
-    (no weights are downloaded; DreamSim needs ``pip install dreamsim``).
+* prompt encoding: ``generator.long_prompts=chunk`` (:func:`recon.generators.diffusion.encode_long_prompts`) vs the
+  pipeline's own truncating ``encode_prompt``, for a 150-token prompt, on SD v1.5's text encoder architecture
+  (CLIP ViT-L/14 text tower, random weights); and one UNet pass (SD v1.5 architecture, random weights, 64 x 64
+  latents) with the 154-token context chunking gives vs the 77-token one;
+* text similarity: ``long_text=chunk_mean`` vs ``truncate`` on 150-token captions (open_clip ViT-B/32 text tower);
+* image similarity per image: DreamSim (the ``dreamsim`` package's PerceptualModel: the ensemble of three ViT-B/16
+  branches, and the single ``dino_vitb16`` branch) vs CLIP ViT-B/32 (recon's default ``clip`` metric), through
+  recon's modules. Random weights in the real architectures: the cost is the architecture's, not the weights'
+  (no weights are downloaded; DreamSim needs ``pip install dreamsim``).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_long_captions.py [--repeats 5] [--batch 8] [--skip-unet]
+  OMP_NUM_THREADS=1 python benchmarks/bench_long_captions.py [--repeats 5] [--batch 8] [--skip-unet]
 """
 
 from __future__ import annotations
@@ -43,8 +43,18 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def report(name: str, base_name: str, base: float, new_name: str, new: float, **extra) -> None:
-    print(json.dumps({"bench": name, base_name: round(base, 4), new_name: round(new, 4),
-                      "ratio": round(new / base, 2), **extra}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": name,
+                base_name: round(base, 4),
+                new_name: round(new, 4),
+                "ratio": round(new / base, 2),
+                **extra,
+            }
+        ),
+        flush=True,
+    )
 
 
 def clip_tokenizer():
@@ -65,9 +75,16 @@ def bench_prompt_encoding(repeats: int, batch: int, unet: bool) -> None:
 
     tok = clip_tokenizer()
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                num_attention_heads=12, projection_dim=768,
-                                                hidden_act="quick_gelu")).eval()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+    ).eval()
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(148))
     assert len(tok(prompt).input_ids) == 150 and len(chunk_token_ids(tok, prompt)[0]) == 2
     prompts = [prompt] * batch
@@ -82,8 +99,14 @@ def bench_prompt_encoding(repeats: int, batch: int, unet: bool) -> None:
         with torch.inference_mode():
             encode_long_prompts(tok, text_encoder, prompts, 2, "cpu")
 
-    report("prompt encoding, 150-token prompt, SD1.5 text encoder", "truncate_s", median_seconds(truncated, repeats),
-           "chunk_s", median_seconds(chunked, repeats), batch=batch)
+    report(
+        "prompt encoding, 150-token prompt, SD1.5 text encoder",
+        "truncate_s",
+        median_seconds(truncated, repeats),
+        "chunk_s",
+        median_seconds(chunked, repeats),
+        batch=batch,
+    )
     if not unet:
         return
     from diffusers import UNet2DConditionModel
@@ -98,10 +121,16 @@ def bench_prompt_encoding(repeats: int, batch: int, unet: bool) -> None:
         def run():
             with torch.inference_mode():
                 unet_model(latents, t, encoder_hidden_states=ctx)
+
         return run
 
-    report("one UNet pass (SD1.5, 64x64 latents, CFG batch 2)", "context77_s", median_seconds(step(77), repeats),
-           "context154_s", median_seconds(step(154), repeats))
+    report(
+        "one UNet pass (SD1.5, 64x64 latents, CFG batch 2)",
+        "context77_s",
+        median_seconds(step(77), repeats),
+        "context154_s",
+        median_seconds(step(154), repeats),
+    )
 
 
 def bench_text_similarity(repeats: int, batch: int) -> None:
@@ -113,16 +142,26 @@ def bench_text_similarity(repeats: int, batch: int) -> None:
     model = open_clip.create_model("ViT-B-32").eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     texts = [" ".join(WORDS[(i + j) % len(WORDS)] for i in range(148)) for j in range(batch)]
-    truncate, chunk = ClipTextSimilarity(model, tokenizer), ClipTextSimilarity(model, tokenizer, long_text="chunk_mean")
+    truncate, chunk = (
+        ClipTextSimilarity(model, tokenizer),
+        ClipTextSimilarity(model, tokenizer, long_text="chunk_mean"),
+    )
 
     def enc(metric):
         def run():
             with torch.inference_mode():
                 metric.encode(texts)
+
         return run
 
-    report("CLIP text embedding, 150-token captions (ViT-B/32)", "truncate_s", median_seconds(enc(truncate), repeats),
-           "chunk_mean_s", median_seconds(enc(chunk), repeats), batch=batch)
+    report(
+        "CLIP text embedding, 150-token captions (ViT-B/32)",
+        "truncate_s",
+        median_seconds(enc(truncate), repeats),
+        "chunk_mean_s",
+        median_seconds(enc(chunk), repeats),
+        batch=batch,
+    )
 
 
 def dreamsim_architecture(variant: str):
@@ -140,7 +179,9 @@ def dreamsim_architecture(variant: str):
     ViTExtractor.create_model = staticmethod(random_branch)
     try:
         torch.manual_seed(0)
-        return PerceptualModel(**dreamsim_args["model_config"][variant], device="cpu", normalize_embeds=True).eval()
+        return PerceptualModel(
+            **dreamsim_args["model_config"][variant], device="cpu", normalize_embeds=True
+        ).eval()
     finally:
         ViTExtractor.create_model = original
 
@@ -160,6 +201,7 @@ def bench_image_similarity(repeats: int, batch: int) -> None:
         def run():
             with torch.inference_mode():
                 metric(a, b)
+
         return lambda: run()
 
     base = median_seconds(per_image(clip), repeats) / batch
@@ -170,8 +212,14 @@ def bench_image_similarity(repeats: int, batch: int) -> None:
         return
     for variant in ("dino_vitb16", "ensemble"):
         metric = DreamSimDistance(freeze(dreamsim_architecture(variant)))
-        report(f"image similarity per image pair (512 px in): DreamSim {variant} vs CLIP ViT-B/32", "clip_s", base,
-               "dreamsim_s", median_seconds(per_image(metric), repeats) / batch, batch=batch)
+        report(
+            f"image similarity per image pair (512 px in): DreamSim {variant} vs CLIP ViT-B/32",
+            "clip_s",
+            base,
+            "dreamsim_s",
+            median_seconds(per_image(metric), repeats) / batch,
+            batch=batch,
+        )
 
 
 def main() -> None:

@@ -39,8 +39,11 @@ from recon.scoring.metaeval import pair_table, rating_table  # noqa: E402
 
 METRICS = 12
 # (name, judgments, images, human scale, tau variant); the scale: ratings 1..k, or "cf" (yes fractions of 3-8 votes)
-RATING_SETS = [("Composite", 12_000, 4_000, 5, "c"), ("Flickr8k-Expert", 18_000, 1_000, 4, "c"),
-               ("Flickr8k-CF", 48_000, 1_000, "cf", "b")]
+RATING_SETS = [
+    ("Composite", 12_000, 4_000, 5, "c"),
+    ("Flickr8k-Expert", 18_000, 1_000, 4, "c"),
+    ("Flickr8k-CF", 48_000, 1_000, "cf", "b"),
+]
 SERIES = [("Expert-shaped", n, max(1, n // 18), 4, "c") for n in (2_250, 4_500, 9_000, 18_000, 36_000)]
 # (name, pairs, images, categories)
 PAIR_SETS = [("PASCAL-50S", 4_000, 1_000, ["HC", "HI", "HM", "MM"]), ("FOIL", 32_000, 32_000, ["foil"])]
@@ -59,23 +62,28 @@ def rating_data(n: int, images: int, scale, seed: int = 0):
     return values, human, clusters
 
 
-def old_taus(values: dict, human: np.ndarray, clusters: np.ndarray, variant: str, n_resamples: int,
-             seed: int) -> np.ndarray:
+def old_taus(
+    values: dict, human: np.ndarray, clusters: np.ndarray, variant: str, n_resamples: int, seed: int
+) -> np.ndarray:
     """The previous rating_table's resampled taus: expand each resample, call scipy."""
     _, codes = np.unique(clusters, return_inverse=True)
     order = np.argsort(codes, kind="stable")
     members = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
     rng = np.random.default_rng([seed, 15])
-    draws = [np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
-             for _ in range(n_resamples)]
+    draws = [
+        np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
+        for _ in range(n_resamples)
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return np.array([[kendalltau(x[i], human[i], variant=variant).statistic for i in draws]
-                         for x in values.values()])
+        return np.array(
+            [[kendalltau(x[i], human[i], variant=variant).statistic for i in draws] for x in values.values()]
+        )
 
 
-def new_taus(values: dict, human: np.ndarray, clusters: np.ndarray, variant: str, n_resamples: int,
-             seed: int) -> np.ndarray:
+def new_taus(
+    values: dict, human: np.ndarray, clusters: np.ndarray, variant: str, n_resamples: int, seed: int
+) -> np.ndarray:
     codes = np.unique(clusters, return_inverse=True)[1]
     c = codes.max() + 1
     rng = np.random.default_rng([seed, 15])
@@ -85,6 +93,7 @@ def new_taus(values: dict, human: np.ndarray, clusters: np.ndarray, variant: str
 
 def old_pair_table(correct, categories, clusters, names, n_resamples, seed):
     """The previous pair_table: a per-cluster loop and one paired test per pair."""
+
     def per_cluster(x, mask):
         _, codes = np.unique(clusters[mask], return_inverse=True)
         order = np.argsort(codes, kind="stable")
@@ -96,8 +105,12 @@ def old_pair_table(correct, categories, clusters, names, n_resamples, seed):
         for k, mask in enumerate(groups.values()):
             stats.bootstrap_mean(per_cluster(x, mask), n_resamples, seed=[seed, j, k])
     for a, b in itertools.combinations(correct, 2):
-        stats.paired_test(per_cluster(correct[a], groups["all"]), per_cluster(correct[b], groups["all"]),
-                          n_resamples, seed=[seed, 99])
+        stats.paired_test(
+            per_cluster(correct[a], groups["all"]),
+            per_cluster(correct[b], groups["all"]),
+            n_resamples,
+            seed=[seed, 99],
+        )
 
 
 def timed(fn, *args) -> tuple[float, float]:
@@ -110,15 +123,23 @@ def timed(fn, *args) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--resamples", type=int, default=1000)
-    ap.add_argument("--old-resamples", type=int, default=10,
-                    help="resamples the previous implementation is timed on (scaled to --resamples)")
+    ap.add_argument(
+        "--old-resamples",
+        type=int,
+        default=10,
+        help="resamples the previous implementation is timed on (scaled to --resamples)",
+    )
     ap.add_argument("--quick", action="store_true", help="the doubling series up to 9k and PASCAL-50S only")
     args = ap.parse_args()
     r, r_old = args.resamples, args.old_resamples
-    print(f"{METRICS} metrics, {r} resamples, 1 thread, CPU seconds (wall in brackets); previous implementation "
-          f"timed on {r_old} resamples, scaled\n")
-    print("| set | judgments | images | statistic | CPU s (wall) | previous CPU s (scaled) | speed-up | "
-          "taus = scipy's |")
+    print(
+        f"{METRICS} metrics, {r} resamples, 1 thread, CPU seconds (wall in brackets); previous implementation "
+        f"timed on {r_old} resamples, scaled\n"
+    )
+    print(
+        "| set | judgments | images | statistic | CPU s (wall) | previous CPU s (scaled) | speed-up | "
+        "taus = scipy's |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     sets = [s for s in SERIES if s[1] <= 9_000] if args.quick else RATING_SETS + SERIES
     for name, n, images, scale, variant in sets:
@@ -128,13 +149,18 @@ def main() -> int:
         old = old_taus(values, human, clusters, variant, r_old, 0)
         t_old = (time.process_time() - t0) * r / r_old
         same = np.array_equal(old, new_taus(values, human, clusters, variant, r_old, 0), equal_nan=True)
-        print(f"| {name} | {n:,} | {images:,} | tau-{variant} | {t_new:.1f} ({w_new:.1f}) | {t_old:.0f} | "
-              f"{t_old / t_new:.0f}x | {'yes' if same else 'NO'} |", flush=True)
+        print(
+            f"| {name} | {n:,} | {images:,} | tau-{variant} | {t_new:.1f} ({w_new:.1f}) | {t_old:.0f} | "
+            f"{t_old / t_new:.0f}x | {'yes' if same else 'NO'} |",
+            flush=True,
+        )
     print("\n| set | pairs | images | CPU s (wall) | previous CPU s | speed-up |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, n, images, cats in PAIR_SETS[:1] if args.quick else PAIR_SETS:
         rng = np.random.default_rng(1)
-        correct = {f"metric{j:02d}": rng.choice([0.0, 0.5, 1.0], n, p=[0.3, 0.05, 0.65]) for j in range(METRICS)}
+        correct = {
+            f"metric{j:02d}": rng.choice([0.0, 0.5, 1.0], n, p=[0.3, 0.05, 0.65]) for j in range(METRICS)
+        }
         categories = rng.choice(cats, n)
         clusters = np.arange(n) if images == n else np.sort(rng.integers(0, images, n))
         t_new, w_new = timed(pair_table, correct, categories, clusters, cats, r, 0)

@@ -29,19 +29,42 @@ from recon.report import GALLERY_PAGE_ROWS, GALLERY_ROWS_FILE, write_report  # n
 def records(n: int, metrics: int) -> list[dict]:
     rng = random.Random(0)
     names = [f"metric_{j:02d}" for j in range(metrics)]
-    return [{"id": f"system{i % 3}/{i:06d}.jpg", "status": "ok", "direction": "score", "system": f"system{i % 3}",
-             "image_id": f"{i:06d}", "caption": f"a person riding a bicycle down a street number {i}",
-             "scores": {m: rng.random() for m in names}, "warnings": []} for i in range(n)]
+    return [
+        {
+            "id": f"system{i % 3}/{i:06d}.jpg",
+            "status": "ok",
+            "direction": "score",
+            "system": f"system{i % 3}",
+            "image_id": f"{i:06d}",
+            "caption": f"a person riding a bicycle down a street number {i}",
+            "scores": {m: rng.random() for m in names},
+            "warnings": [],
+        }
+        for i in range(n)
+    ]
 
 
 def browse_seconds(page: Path, fragment: str, tmp: Path) -> tuple[float, str]:
-    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    chromium = next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
     if chromium is None:
         return float("nan"), ""
     t0 = time.perf_counter()
-    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp / 'p'}",
-                        "--dump-dom", f"{page.resolve().as_uri()}#{fragment}"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp / 'p'}",
+            "--dump-dom",
+            f"{page.resolve().as_uri()}#{fragment}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return time.perf_counter() - t0, r.stdout
 
 
@@ -50,8 +73,10 @@ def main() -> int:
     ap.add_argument("--rows", default="1000,10000,100000")
     ap.add_argument("--metrics", type=int, default=12)
     args = ap.parse_args()
-    print(f"score records, {args.metrics} metrics, ~50-character captions, no images; {GALLERY_PAGE_ROWS} rows a "
-          "page\n")
+    print(
+        f"score records, {args.metrics} metrics, ~50-character captions, no images; {GALLERY_PAGE_ROWS} rows a "
+        "page\n"
+    )
     print("| rows | write_report (s) | report.html | report-rows.js | Chromium, sorted, middle page (s) |")
     print("| --- | --- | --- | --- | --- |")
     for n in [int(x) for x in args.rows.split(",")]:
@@ -64,10 +89,18 @@ def main() -> int:
             side = tmp / GALLERY_ROWS_FILE
             middle = max(1, n // GALLERY_PAGE_ROWS // 2)
             t_browse, dom = browse_seconds(page, f"sort=metric_03&dir=desc&page={middle}", tmp)
-            ok = bool(re.search(rf"page {middle} of {max(1, -(-n // GALLERY_PAGE_ROWS))}", dom)) if dom else None
-            print(f"| {n:,} | {t_write:.1f} | {page.stat().st_size / 1e6:.2f} MB | "
-                  f"{side.stat().st_size / 1e6:.1f} MB |" if side.exists() else
-                  f"| {n:,} | {t_write:.1f} | {page.stat().st_size / 1e6:.2f} MB | — |", end="")
+            ok = (
+                bool(re.search(rf"page {middle} of {max(1, -(-n // GALLERY_PAGE_ROWS))}", dom))
+                if dom
+                else None
+            )
+            print(
+                f"| {n:,} | {t_write:.1f} | {page.stat().st_size / 1e6:.2f} MB | "
+                f"{side.stat().st_size / 1e6:.1f} MB |"
+                if side.exists()
+                else f"| {n:,} | {t_write:.1f} | {page.stat().st_size / 1e6:.2f} MB | — |",
+                end="",
+            )
             print(f" {t_browse:.1f}{'' if ok in (None, True) else ' (WRONG PAGE)'} |", flush=True)
     return 0
 

@@ -36,16 +36,50 @@ HERE = Path(__file__).resolve().parent
 def plan(args) -> list[dict]:
     """The benchmark commands, each ``{name, argv, timeout_s}``."""
     py = sys.executable
-    steps = [{"name": "reconstruct_sd15_fp16_batch8",
-              "argv": [py, str(HERE / "bench_reconstruct.py"), "--sd15-random", "--device", "cuda", "--dtype", "fp16",
-                       "--batches", "8", "--n", str(args.n), "--repeats", str(args.repeats), "--steps",
-                       str(args.steps), "--no-cache-bench"],
-              "timeout_s": 600}]
+    steps = [
+        {
+            "name": "reconstruct_sd15_fp16_batch8",
+            "argv": [
+                py,
+                str(HERE / "bench_reconstruct.py"),
+                "--sd15-random",
+                "--device",
+                "cuda",
+                "--dtype",
+                "fp16",
+                "--batches",
+                "8",
+                "--n",
+                str(args.n),
+                "--repeats",
+                str(args.repeats),
+                "--steps",
+                str(args.steps),
+                "--no-cache-bench",
+            ],
+            "timeout_s": 600,
+        }
+    ]
     for b in args.train_batches:
-        steps.append({"name": f"joint_step_memory_512px_batch{b}",
-                      "argv": [py, str(HERE / "bench_finetune.py"), "--real-arch", "--device", "cuda", "--batch-size",
-                               str(b), "--steps", "3", "--warmup", "1"],
-                      "timeout_s": 900})
+        steps.append(
+            {
+                "name": f"joint_step_memory_512px_batch{b}",
+                "argv": [
+                    py,
+                    str(HERE / "bench_finetune.py"),
+                    "--real-arch",
+                    "--device",
+                    "cuda",
+                    "--batch-size",
+                    str(b),
+                    "--steps",
+                    "3",
+                    "--warmup",
+                    "1",
+                ],
+                "timeout_s": 900,
+            }
+        )
     return steps
 
 
@@ -58,17 +92,25 @@ def check_flags(steps: list[dict]) -> list[str]:
             problems.append(f"{step['name']}: {script} is missing")
             continue
         defined = set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", script.read_text(encoding="utf-8")))
-        problems += [f"{step['name']}: {script.name} has no {flag}" for flag in step["argv"][2:]
-                     if flag.startswith("--") and flag not in defined]
+        problems += [
+            f"{step['name']}: {script.name} has no {flag}"
+            for flag in step["argv"][2:]
+            if flag.startswith("--") and flag not in defined
+        ]
     return problems
 
 
 def environment() -> dict:
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cuda_available": torch.cuda.is_available(), "host": platform.node(),
-           "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "host": platform.node(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -78,8 +120,12 @@ def environment() -> dict:
         except Exception as e:  # noqa: BLE001  (a version is context, not a requirement here)
             env[name] = f"unavailable: {e}"
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                                       timeout=10).stdout.strip() or None
+        env["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
     return env
@@ -88,8 +134,9 @@ def environment() -> dict:
 def run_step(step: dict) -> dict:
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(step["argv"], capture_output=True, text=True, timeout=step["timeout_s"],
-                           cwd=HERE.parent)
+        r = subprocess.run(
+            step["argv"], capture_output=True, text=True, timeout=step["timeout_s"], cwd=HERE.parent
+        )
         rc, out, err = r.returncode, r.stdout, r.stderr
     except subprocess.TimeoutExpired as e:
         rc, out, err = "timeout", e.stdout or "", e.stderr or ""
@@ -101,23 +148,44 @@ def run_step(step: dict) -> dict:
                 parsed.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
-    return {"name": step["name"], "argv": step["argv"][1:], "rc": rc, "wall_s": round(time.perf_counter() - t0, 1),
-            "json": parsed, "stdout": out[-20_000:], "stderr_tail": err[-4_000:]}
+    return {
+        "name": step["name"],
+        "argv": step["argv"][1:],
+        "rc": rc,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "json": parsed,
+        "stdout": out[-20_000:],
+        "stderr_tail": err[-4_000:],
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and check the flags; no GPU needed")
-    ap.add_argument("--out", default=None, help="results file (default: $OUT/gpu-results.json, else benchmarks/)")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="print the plan and check the flags; no GPU needed"
+    )
+    ap.add_argument(
+        "--out", default=None, help="results file (default: $OUT/gpu-results.json, else benchmarks/)"
+    )
     ap.add_argument("--n", type=int, default=16, help="images per reconstruct measurement (two batches of 8)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20, help="denoising steps per image")
-    ap.add_argument("--train-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
-                    help="batch sizes of the joint-step memory table, e.g. 1,4")
+    ap.add_argument(
+        "--train-batches",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 4],
+        help="batch sizes of the joint-step memory table, e.g. 1,4",
+    )
     args = ap.parse_args(argv)
     steps = plan(args)
-    out = Path(args.out or (Path(os.environ["OUT"]) / "gpu-results.json" if os.environ.get("OUT")
-                            else HERE / "gpu-results.json"))
+    out = Path(
+        args.out
+        or (
+            Path(os.environ["OUT"]) / "gpu-results.json"
+            if os.environ.get("OUT")
+            else HERE / "gpu-results.json"
+        )
+    )
     problems = check_flags(steps)
     if args.dry_run:
         for step in steps:
@@ -132,8 +200,11 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu.py: no CUDA device (torch.cuda.is_available() is False): run this on the GPU machine, or "
-              "`python benchmarks/gpu.py --dry-run` to check the plan here", file=sys.stderr)
+        print(
+            "gpu.py: no CUDA device (torch.cuda.is_available() is False): run this on the GPU machine, or "
+            "`python benchmarks/gpu.py --dry-run` to check the plan here",
+            file=sys.stderr,
+        )
         return 2
     results = {"environment": environment(), "steps": []}
     for step in steps:

@@ -33,13 +33,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", default=None, help="image folder (default on shapes: rendered scenes)")
     p.add_argument("--refs", default=None, help="references {image_id: [refs]} or COCO annotations")
     p.add_argument("--candidates", type=int, default=8, help="N: 1 beam caption + N-1 nucleus samples")
-    p.add_argument("--temperature", type=float, default=0.3,
-                   help="sampling temperature of the nucleus samples (0.3: chosen on the shapes dev stream)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.3,
+        help="sampling temperature of the nucleus samples (0.3: chosen on the shapes dev stream)",
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of the samples")
-    p.add_argument("--k", type=int, default=None, help="reconstructions per candidate (generator.images_per_caption)")
-    p.add_argument("--captioner", default=None, help="captioner.model (shapes / scenes default: the bundle's "
-                                                     "weak captioner, builtin:WORLD/captioner_weak)")
-    p.add_argument("--ref-metrics", default="bleu,meteor,rouge,cider", help="pycocoevalcap metrics ('' for none)")
+    p.add_argument(
+        "--k", type=int, default=None, help="reconstructions per candidate (generator.images_per_caption)"
+    )
+    p.add_argument(
+        "--captioner",
+        default=None,
+        help="captioner.model (shapes / scenes default: the bundle's "
+        "weak captioner, builtin:WORLD/captioner_weak)",
+    )
+    p.add_argument(
+        "--ref-metrics", default="bleu,meteor,rouge,cider", help="pycocoevalcap metrics ('' for none)"
+    )
     args = p.parse_args(argv)
     if args.out is None:
         p.error("--out DIR is required")
@@ -68,27 +80,61 @@ def main(argv=None) -> int:
     data = experiment_inputs(config, out, args.n, args.stream, images=args.images, refs=args.refs)
     cfg = candidate_config(config, args.candidates, args.temperature, args.top_p)
     recon = CandidateReconstructor(cfg, cache=make_cache(cfg))
-    run = reconstruct_images(cfg, data.images, out, limit=args.n, retry_failed=args.retry_failed,
-                             progress=not args.no_progress, reconstructor=recon)
+    run = reconstruct_images(
+        cfg,
+        data.images,
+        out,
+        limit=args.n,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+        reconstructor=recon,
+    )
     records = run.records()
     clip = cm.ClipScore.from_config(cfg, recon.device, shared_clip_metric(recon))
     ref_metrics = [m for m in args.ref_metrics.split(",") if m.strip()]
-    values, details = select_captions(out, records, recon, clip, data.refs, data.truth, ref_metrics, cfg.run.seed)
+    values, details = select_captions(
+        out, records, recon, clip, data.refs, data.truth, ref_metrics, cfg.run.seed
+    )
     table = compare_rules(values, "reconstruction", seed=cfg.run.seed, n_resamples=args.resamples)
     distinct = sum(d["distinct"] for d in details) / max(1, len(details))
     select = details[0]["select_by"] if details else "-"
-    header = (f"# Caption selection by reconstruction\n\npreset `{cfg.name}`, captioner `{cfg.captioner.model}`, "
-              f"{len(details)} images ({sum(r.get('status') != 'ok' for r in records)} failed), N = {args.candidates} "
-              f"candidates (1 beam + {args.candidates - 1} samples at temperature {args.temperature}, top-p "
-              f"{args.top_p}; {distinct:.2f} distinct per image on average), K = "
-              f"{cfg.generator.images_per_caption} reconstructions each, selected by `{select}`"
-              f"{f', scenes of stream {args.stream}' if data.truth else ''}.\n\n")
-    shown = ["exact_attribute_acc", "attribute_acc", "bleu_4", "meteor", "rouge_l", "cider", "clipscore",
-             *[m for m in table["metrics"] if m.startswith("recon_")], "log_likelihood"]
-    md = header + rules_markdown(table, "Chosen caption per rule", "Mean over images [95% bootstrap CI]; "
-                                 "every metric is in summary.json.", shown)
-    write_outputs(out, md, {"table": table, "distinct_candidates": distinct, "n": len(details), "args": vars(args),
-                            "captioner": cfg.captioner.model}, details)
+    header = (
+        f"# Caption selection by reconstruction\n\npreset `{cfg.name}`, captioner `{cfg.captioner.model}`, "
+        f"{len(details)} images ({sum(r.get('status') != 'ok' for r in records)} failed), N = {args.candidates} "
+        f"candidates (1 beam + {args.candidates - 1} samples at temperature {args.temperature}, top-p "
+        f"{args.top_p}; {distinct:.2f} distinct per image on average), K = "
+        f"{cfg.generator.images_per_caption} reconstructions each, selected by `{select}`"
+        f"{f', scenes of stream {args.stream}' if data.truth else ''}.\n\n"
+    )
+    shown = [
+        "exact_attribute_acc",
+        "attribute_acc",
+        "bleu_4",
+        "meteor",
+        "rouge_l",
+        "cider",
+        "clipscore",
+        *[m for m in table["metrics"] if m.startswith("recon_")],
+        "log_likelihood",
+    ]
+    md = header + rules_markdown(
+        table,
+        "Chosen caption per rule",
+        "Mean over images [95% bootstrap CI]; every metric is in summary.json.",
+        shown,
+    )
+    write_outputs(
+        out,
+        md,
+        {
+            "table": table,
+            "distinct_candidates": distinct,
+            "n": len(details),
+            "args": vars(args),
+            "captioner": cfg.captioner.model,
+        },
+        details,
+    )
     return 0
 
 

@@ -22,7 +22,9 @@ from recon.scoring.experiment_data import experiment_parser, run_script  # noqa:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = experiment_parser(__doc__, "texts")
-    p.add_argument("--texts", default=None, help="texts (.txt lines, .json, .jsonl; default on shapes: scene captions)")
+    p.add_argument(
+        "--texts", default=None, help="texts (.txt lines, .json, .jsonl; default on shapes: scene captions)"
+    )
     p.add_argument("--k", type=int, default=4, help="images generated per text")
     args = p.parse_args(argv)
     if args.out is None:
@@ -54,17 +56,26 @@ def main(argv=None) -> int:
 
         judge = load_judge(hub.SHAPES_BUNDLE / "judge")
     recon = Reconstructor(config, cache=make_cache(config))
-    run = reconstruct_texts(config, data.texts, out, limit=args.n, retry_failed=args.retry_failed,
-                            progress=not args.no_progress, reconstructor=recon)
+    run = reconstruct_texts(
+        config,
+        data.texts,
+        out,
+        limit=args.n,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+        reconstructor=recon,
+    )
     records = run.records()
     clip = cm.ClipScore.from_config(config, recon.device, shared_clip_metric(recon))
     values, details = select_images(out, records, clip, config.run.seed, judge, data.truth)
     reference = next((r for r in values if r.startswith("by_")), "random")
     table = compare_rules(values, reference, seed=config.run.seed, n_resamples=args.resamples)
-    header = (f"# Image selection by reconstruction\n\npreset `{config.name}`, {len(details)} texts "
-              f"({sum(r.get('status') != 'ok' for r in records)} failed), K = {args.k} images per text, each "
-              f"captioned by `{config.captioner.model}`; `by_X` keeps the image whose caption is closest to the text "
-              f"by X{'; judge: the shapes bundle judge (attribute classifier)' if judge else ''}.\n\n")
+    header = (
+        f"# Image selection by reconstruction\n\npreset `{config.name}`, {len(details)} texts "
+        f"({sum(r.get('status') != 'ok' for r in records)} failed), K = {args.k} images per text, each "
+        f"captioned by `{config.captioner.model}`; `by_X` keeps the image whose caption is closest to the text "
+        f"by X{'; judge: the shapes bundle judge (attribute classifier)' if judge else ''}.\n\n"
+    )
     md = header + rules_markdown(table, "Kept image per rule", "Mean over texts [95% bootstrap CI].")
     write_outputs(out, md, {"table": table, "n": len(details), "args": vars(args)}, details)
     return 0

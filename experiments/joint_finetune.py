@@ -54,8 +54,9 @@ def log(msg: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(cfg, adapter: str | None, lora: str | None, n: int, seed: int, bundle: Path,
-             batch_size: int = 64) -> dict:
+def evaluate(
+    cfg, adapter: str | None, lora: str | None, n: int, seed: int, bundle: Path, batch_size: int = 64
+) -> dict:
     """Per-item correctness (lists of 0/1 and attribute fractions) of the captioner and the generator."""
     from recon.captioners import BlipCaptioner
     from recon.generators.diffusion import DiffusionGenerator
@@ -63,15 +64,23 @@ def evaluate(cfg, adapter: str | None, lora: str | None, n: int, seed: int, bund
     from recon.shapes import models, world
 
     device = torch.device("cpu")
-    captioner = BlipCaptioner.from_config(dataclasses.replace(cfg.captioner, adapter=adapter), device,
-                                          batch_size=batch_size)
-    generator = DiffusionGenerator.from_config(dataclasses.replace(cfg.generator, lora=lora), device,
-                                               batch_size=batch_size)
+    captioner = BlipCaptioner.from_config(
+        dataclasses.replace(cfg.captioner, adapter=adapter), device, batch_size=batch_size
+    )
+    generator = DiffusionGenerator.from_config(
+        dataclasses.replace(cfg.generator, lora=lora), device, batch_size=batch_size
+    )
     judge = models.load_judge(bundle / "judge", device)
     scenes = world.sample_scenes(n, seed, "test", EVAL_STREAM)
-    captions = [c[0] for c in captioner.caption([world.render_pil(s) for s in scenes], num_candidates=1,
-                                                decoding=cfg.captioner.decoding)]
-    images = generator.generate([s.caption for s in scenes], [derive_seed(seed, f"eval{i}", 0, 0) for i in range(n)]).images
+    captions = [
+        c[0]
+        for c in captioner.caption(
+            [world.render_pil(s) for s in scenes], num_candidates=1, decoding=cfg.captioner.decoding
+        )
+    ]
+    images = generator.generate(
+        [s.caption for s in scenes], [derive_seed(seed, f"eval{i}", 0, 0) for i in range(n)]
+    ).images
     judged = judge.predict(images)
     truth = [s.attributes for s in scenes]
     parsed = [world.parse_caption(c) for c in captions]
@@ -93,20 +102,30 @@ def table(results: dict[str, dict]) -> str:
     """Markdown: per arm the mean of each metric with its bootstrap CI; paired differences to ``a_task``."""
     from recon.stats import bootstrap_mean, paired_test
 
-    rows = ["| arm | caption tuple acc % | caption attr acc % | judge tuple acc % | judge attr acc % |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| arm | caption tuple acc % | caption attr acc % | judge tuple acc % | judge attr acc % |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for arm, r in results.items():
         cells = [bootstrap_mean(r[m], n_resamples=2000, seed=0) for m in METRICS]
         rows.append(f"| {arm} | " + " | ".join(fmt(e.value, e.low, e.high) for e in cells) + " |")
     if "a_task" in results:
-        rows += ["", "Paired differences to a_task (percentage points; 95% bootstrap CI; permutation p):", "",
-                 "| arm | caption tuple | caption attr | judge tuple | judge attr |", "| --- | --- | --- | --- | --- |"]
+        rows += [
+            "",
+            "Paired differences to a_task (percentage points; 95% bootstrap CI; permutation p):",
+            "",
+            "| arm | caption tuple | caption attr | judge tuple | judge attr |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for arm, r in results.items():
             if arm in ("a_task", "start"):
                 continue
             tests = [paired_test(r[m], results["a_task"][m], n_resamples=2000, seed=0) for m in METRICS]
-            rows.append(f"| {arm} | " + " | ".join(f"{fmt(t.diff, t.low, t.high)} p={t.p_value:.3f}"
-                                                     for t in tests) + " |")
+            rows.append(
+                f"| {arm} | "
+                + " | ".join(f"{fmt(t.diff, t.low, t.high)} p={t.p_value:.3f}" for t in tests)
+                + " |"
+            )
     return "\n".join(rows)
 
 
@@ -115,15 +134,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/joint-finetune"))
     parser.add_argument("--config", default="finetune-shapes")
     parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: the config's)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per arm (default: the config's)"
+    )
     parser.add_argument("--n", type=int, default=500, help="evaluation scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every arm")
-    parser.add_argument("--report-only", action="store_true", help="print the table of the evaluations so far")
-    parser.add_argument("--bundle", type=Path, default=None,
-                        help="a copy of the shapes bundle to use (default: the shipped one; a copy keeps a bundle "
-                             "being retrained from changing between arms)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="print the table of the evaluations so far"
+    )
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="a copy of the shapes bundle to use (default: the shipped one; a copy keeps a bundle "
+        "being retrained from changing between arms)",
+    )
     args = parser.parse_args(argv)
 
     from recon import hub
@@ -132,13 +159,22 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = (args.bundle or hub.SHAPES_BUNDLE).resolve()
     if not all((bundle / part).is_dir() for part in ("captioner_weak", "generator", "clip", "judge")):
-        print(f"the shapes bundle at {bundle} is incomplete (captioner_weak/, generator/, clip/, judge/ are needed): "
-              "recon shapes train --component all", file=sys.stderr)
+        print(
+            f"the shapes bundle at {bundle} is incomplete (captioner_weak/, generator/, clip/, judge/ are needed): "
+            "recon shapes train --component all",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(args.threads)
-    common = [f"captioner.model={bundle / 'captioner_weak'}", f"generator.model={bundle / 'generator'}",
-              f"validation.metric.model={bundle / 'clip'}", f"loss.image_sim_terms.clip_metric.model={bundle / 'clip'}",
-              *args.overrides, f"train.seed={args.seed}", f"train.threads={args.threads}"]
+    common = [
+        f"captioner.model={bundle / 'captioner_weak'}",
+        f"generator.model={bundle / 'generator'}",
+        f"validation.metric.model={bundle / 'clip'}",
+        f"loss.image_sim_terms.clip_metric.model={bundle / 'clip'}",
+        *args.overrides,
+        f"train.seed={args.seed}",
+        f"train.threads={args.threads}",
+    ]
     if args.steps:
         common.append(f"train.steps={args.steps}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -162,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         adapter = str(args.out / arm / "captioner_adapter") if arm != "start" else None
         lora = str(args.out / arm / "sd_lora") if arm != "start" else None
         results[arm] = {"key": key, **evaluate(cfg, adapter, lora, args.n, args.seed, bundle)}
-        log(f"{arm}: evaluated in {time.time() - t0:.0f}s: " + ", ".join(
-            f"{m} {np.mean(results[arm][m]):.3f}" for m in METRICS))
+        log(
+            f"{arm}: evaluated in {time.time() - t0:.0f}s: "
+            + ", ".join(f"{m} {np.mean(results[arm][m]):.3f}" for m in METRICS)
+        )
         cache.write_text(json.dumps(results))
     shown = {a: results[a] for a in arms if a in results}
     md = table(shown)

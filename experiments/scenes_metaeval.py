@@ -33,8 +33,26 @@ TEXT_SIDE = "clipscore"
 
 
 def run_seed(out: Path, n: int, seed: int, preset: str, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "recon", "metaeval", "--scenes", str(n), "--preset", preset, "--seed", str(seed),
-           "--metrics", "recon,clipscore", "--out", str(out), "--threads", "1", "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "recon",
+        "metaeval",
+        "--scenes",
+        str(n),
+        "--preset",
+        preset,
+        "--seed",
+        str(seed),
+        "--metrics",
+        "recon,clipscore",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = out.with_suffix(".log")
     with open(log, "a") as f:
@@ -52,7 +70,9 @@ def scores_by_caption(out: Path) -> dict[tuple[str, str], dict[str, float]]:
         for line in (run / "results.jsonl").read_text().splitlines():
             r = json.loads(line)
             if r.get("status") == "ok":
-                table.setdefault((caption_of[(r["system"], r["image_id"])], r["image_id"]), {}).update(r["scores"])
+                table.setdefault((caption_of[(r["system"], r["image_id"])], r["image_id"]), {}).update(
+                    r["scores"]
+                )
     return table
 
 
@@ -66,8 +86,12 @@ def judge_scores(out: Path, scenes: list[dict], judge_dir: Path) -> dict[tuple[s
     from recon.shapes.scenes_train import load_judge
 
     judge = load_judge(judge_dir)
-    images = torch.cat([to_tensor(np.asarray(Image.open(out / "judgments" / "images" / s["image"]).convert("RGB"))[None])
-                        for s in scenes])
+    images = torch.cat(
+        [
+            to_tensor(np.asarray(Image.open(out / "judgments" / "images" / s["image"]).convert("RGB"))[None])
+            for s in scenes
+        ]
+    )
     with torch.no_grad():
         judged = judge.predict(images)
     table = {}
@@ -75,7 +99,9 @@ def judge_scores(out: Path, scenes: list[dict], judge_dir: Path) -> dict[tuple[s
         for c in s["candidates"]:
             sc = S.score_claims(S.parse_caption(c["caption"]), seen)
             partial = [v for k, v in sc.items() if k != "exact" and v is not None]
-            table[(c["caption"], s["image"])] = float(sc["exact"]) + 0.1 * float(np.mean(partial) if partial else 0)
+            table[(c["caption"], s["image"])] = float(sc["exact"]) + 0.1 * float(
+                np.mean(partial) if partial else 0
+            )
     return table
 
 
@@ -94,8 +120,11 @@ def judge_similarity(out: Path, judge_dir: Path) -> dict[tuple[str, str], float]
     caption_of = {}
     for f in (out / "inputs" / "ExpertAnnotations").glob("c*.json"):
         caption_of.update({(f.stem, u): c for u, c in json.loads(f.read_text()).items()})
-    rows = [r for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())
-            if r.get("status") == "ok" and r.get("images")]
+    rows = [
+        r
+        for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())
+        if r.get("status") == "ok" and r.get("images")
+    ]
     judge = load_judge(judge_dir)
 
     def read(paths: list[Path]) -> list:
@@ -106,9 +135,13 @@ def judge_similarity(out: Path, judge_dir: Path) -> dict[tuple[str, str], float]
     originals = read([run / r["original"] for r in rows])
     recons = iter(read([run / p for r in rows for p in r["images"]]))
     table = {}
-    for r, a in zip(rows, originals):  # K reconstructions: the mean agreement, as recon averages its similarities
-        agree = [np.mean([a.background == b.background] + [x == y for x, y in zip(a.layout, b.layout)])
-                 for b in (next(recons) for _ in r["images"])]
+    for r, a in zip(
+        rows, originals
+    ):  # K reconstructions: the mean agreement, as recon averages its similarities
+        agree = [
+            np.mean([a.background == b.background] + [x == y for x, y in zip(a.layout, b.layout)])
+            for b in (next(recons) for _ in r["images"])
+        ]
         table[(caption_of[(r["system"], r["image_id"])], r["image_id"])] = float(np.mean(agree))
     return table
 
@@ -137,7 +170,11 @@ def pairs_of(out: Path, seed: int, judge_dir: Path | None, keys: bool = False) -
                 continue
             true = by_code["true-count" if c["category"] == "count-change" else "true-detailed"]
             a, b = (true["caption"], s["image"]), (c["caption"], s["image"])
-            if a not in score or b not in score or any(m not in score[a] or m not in score[b] for m in metrics):
+            if (
+                a not in score
+                or b not in score
+                or any(m not in score[a] or m not in score[b] for m in metrics)
+            ):
                 continue  # a failed item: left out (counted in n)
             cats.append(c["category"])
             clusters.append(f"{seed}/{s['image']}")
@@ -168,13 +205,21 @@ def analyze(root: Path, seeds: list[int], n_resamples: int, judge_dir: Path | No
         clusters += cl
         for m, v in cor.items():
             correct.setdefault(m, []).extend(v)
-        per_seed[seed] = {m: {cat: float(np.mean([x for x, k in zip(v, c) if k == cat]))
-                              for cat in CATEGORIES if cat in c} for m, v in cor.items()}
+        per_seed[seed] = {
+            m: {cat: float(np.mean([x for x, k in zip(v, c) if k == cat])) for cat in CATEGORIES if cat in c}
+            for m, v in cor.items()
+        }
         compute[seed] = seconds(out)
     arrays = {m: np.asarray(v, dtype=np.float64) for m, v in correct.items()}
     table = pair_table(arrays, np.asarray(cats), np.asarray(clusters), list(CATEGORIES), n_resamples, seed=0)
-    return {"seeds": seeds, "n_pairs": len(cats), "n_scenes": len(set(clusters)), "table": table,
-            "per_seed": per_seed, "compute_seconds": compute}
+    return {
+        "seeds": seeds,
+        "n_pairs": len(cats),
+        "n_scenes": len(set(clusters)),
+        "table": table,
+        "per_seed": per_seed,
+        "compute_seconds": compute,
+    }
 
 
 def compare_k(k1: Path, k4: Path, n_resamples: int, judge_dir: Path | None) -> dict:
@@ -198,16 +243,27 @@ def markdown(res: dict) -> str:
     rows, by_cat = res["table"]["rows"], res["table"]["paired_by_category"]
     metrics = [m for m in rows if m != JUDGE] + ([JUDGE] if JUDGE in rows else [])
     cats = [c for c in CATEGORIES if c in rows[metrics[0]]]
-    out = [f"Pooled over seeds {res['seeds']}: {res['n_pairs']} pairs on {res['n_scenes']} scenes; 95% bootstrap "
-           "CIs over (seed, scene).", "", "| category | n | " + " | ".join(metrics) + " |",
-           "|---|---|" + "---|" * len(metrics)]
+    out = [
+        f"Pooled over seeds {res['seeds']}: {res['n_pairs']} pairs on {res['n_scenes']} scenes; 95% bootstrap "
+        "CIs over (seed, scene).",
+        "",
+        "| category | n | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
     for c in ["all", *cats]:
         cells = [rows[m][c] for m in metrics]
-        out.append(f"| {c} | {cells[0]['n']} | " + " | ".join(
-            f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for e in cells) + " |")
-    out += ["", f"Reconstruction minus {TEXT_SIDE} (paired, same resamples):", "",
-            "| category | " + " | ".join(m for m in metrics if m.startswith("recon_")) + " |",
-            "|---|" + "---|" * sum(m.startswith("recon_") for m in metrics)]
+        out.append(
+            f"| {c} | {cells[0]['n']} | "
+            + " | ".join(f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for e in cells)
+            + " |"
+        )
+    out += [
+        "",
+        f"Reconstruction minus {TEXT_SIDE} (paired, same resamples):",
+        "",
+        "| category | " + " | ".join(m for m in metrics if m.startswith("recon_")) + " |",
+        "|---|" + "---|" * sum(m.startswith("recon_") for m in metrics),
+    ]
     for c in ["all", *cats]:
         pairs = res["table"]["paired"] if c == "all" else by_cat[c]
         cells = []
@@ -217,14 +273,25 @@ def markdown(res: dict) -> str:
             lo, hi = (p["low"], p["high"]) if sgn == 1 else (-p["high"], -p["low"])
             cells.append(f"{sgn * p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         out.append(f"| {c} | " + " | ".join(cells) + " |")
-    out += ["", "Each seed alone (accuracy):", "", "| seed | metric | " + " | ".join(cats) + " |",
-            "|---|---|" + "---|" * len(cats)]
+    out += [
+        "",
+        "Each seed alone (accuracy):",
+        "",
+        "| seed | metric | " + " | ".join(cats) + " |",
+        "|---|---|" + "---|" * len(cats),
+    ]
     for seed, by_metric in res["per_seed"].items():
         for m in metrics:
-            out.append(f"| {seed} | {m} | " + " | ".join(f"{by_metric[m].get(c, float('nan')):.3f}" for c in cats)
-                       + " |")
-    out += ["", "Seconds per metric run (Expert file, where every caption is scored first): "
-            + "; ".join(f"seed {s}: {t}" for s, t in res["compute_seconds"].items())]
+            out.append(
+                f"| {seed} | {m} | "
+                + " | ".join(f"{by_metric[m].get(c, float('nan')):.3f}" for c in cats)
+                + " |"
+            )
+    out += [
+        "",
+        "Seconds per metric run (Expert file, where every caption is scored first): "
+        + "; ".join(f"seed {s}: {t}" for s, t in res["compute_seconds"].items()),
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -236,8 +303,11 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = res["table"]["rows"]
-    metrics = [m for m in ("clipscore", "recon_clip_similarity", "recon_ssim_similarity", "recon_judge_similarity")
-               if m in rows]
+    metrics = [
+        m
+        for m in ("clipscore", "recon_clip_similarity", "recon_ssim_similarity", "recon_judge_similarity")
+        if m in rows
+    ]
     cats = [c for c in CATEGORIES if c in rows[metrics[0]]]
     fig, ax = plt.subplots(figsize=(10, 3.6))
     width = 0.8 / len(metrics)
@@ -245,13 +315,21 @@ def plot(res: dict, path: Path) -> None:
         v = np.array([rows[m][c]["value"] for c in cats])
         lo = v - np.array([rows[m][c]["low"] for c in cats])
         hi = np.array([rows[m][c]["high"] for c in cats]) - v
-        ax.bar(np.arange(len(cats)) + (j - (len(metrics) - 1) / 2) * width, v, width, yerr=[lo, hi], capsize=2,
-               label=m)
+        ax.bar(
+            np.arange(len(cats)) + (j - (len(metrics) - 1) / 2) * width,
+            v,
+            width,
+            yerr=[lo, hi],
+            capsize=2,
+            label=m,
+        )
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(cats)), cats)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("pair accuracy (true caption preferred)")
-    ax.set_title(f"Scenes judgment set, {res['n_scenes']} scenes over seeds {res['seeds']}: 95% bootstrap CIs")
+    ax.set_title(
+        f"Scenes judgment set, {res['n_scenes']} scenes over seeds {res['seeds']}: 95% bootstrap CIs"
+    )
     ax.legend(fontsize=8, ncol=len(metrics), loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -266,12 +344,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--preset", default="scenes")
     p.add_argument("--resamples", type=int, default=1000)
-    p.add_argument("--judge", type=Path, default=None, help="the judge folder for the ceiling (default: the scenes "
-                                                            "bundle's; 'none' to skip)")
+    p.add_argument(
+        "--judge",
+        type=Path,
+        default=None,
+        help="the judge folder for the ceiling (default: the scenes bundle's; 'none' to skip)",
+    )
     p.add_argument("--analyze-only", action="store_true")
-    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw the per-category bars (matplotlib)")
-    p.add_argument("--k4", type=Path, default=None, metavar="DIR",
-                   help="also compare K = 1 (seed 0's run) with this K = 4 metaeval run of seed 0 on their common pairs")
+    p.add_argument(
+        "--plot", type=Path, default=None, metavar="PNG", help="also draw the per-category bars (matplotlib)"
+    )
+    p.add_argument(
+        "--k4",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also compare K = 1 (seed 0's run) with this K = 4 metaeval run of seed 0 on their common pairs",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], help="passed to recon metaeval")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -293,11 +382,22 @@ def main(argv: list[str] | None = None) -> int:
         cmp = compare_k(args.out / "seed-0", args.k4, args.resamples, judge)
         res["k1_vs_k4"] = cmp
         rows = cmp["table"]["rows"]
-        text += (f"\nK = 1 vs K = 4 on the same {cmp['n_pairs']} pairs (seed 0):\n\n| category | "
-                 + " | ".join(rows) + " |\n|---|" + "---|" * len(rows) + "\n")
+        text += (
+            f"\nK = 1 vs K = 4 on the same {cmp['n_pairs']} pairs (seed 0):\n\n| category | "
+            + " | ".join(rows)
+            + " |\n|---|"
+            + "---|" * len(rows)
+            + "\n"
+        )
         for c in ["all", *[c for c in CATEGORIES if c in next(iter(rows.values()))]]:
-            text += f"| {c} | " + " | ".join(f"{rows[m][c]['value']:.3f} [{rows[m][c]['low']:.3f}, "
-                                              f"{rows[m][c]['high']:.3f}]" for m in rows) + " |\n"
+            text += (
+                f"| {c} | "
+                + " | ".join(
+                    f"{rows[m][c]['value']:.3f} [{rows[m][c]['low']:.3f}, {rows[m][c]['high']:.3f}]"
+                    for m in rows
+                )
+                + " |\n"
+            )
         (args.out / "summary.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / "summary.md").write_text(text)
     if args.plot is not None:

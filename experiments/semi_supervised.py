@@ -70,34 +70,68 @@ import numpy as np
 ARMS = {
     "task": ["loss.i2t2i=0", "loss.t2i2t=0"],
     "t2i2t": ["loss.i2t2i=0", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler"],
-    "t2i2t_nograd": ["loss.i2t2i=0", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler",
-                     "sampler.grad_steps=0"],
+    "t2i2t_nograd": [
+        "loss.i2t2i=0",
+        "loss.t2i2t=1",
+        "data.unpaired_texts=shapes",
+        "loss.t2i2t_form=sampler",
+        "sampler.grad_steps=0",
+    ],
     # the same at a quarter of the weight: E2's 1:1 mix cost 4.9 points on seen combinations
-    "t2i2t_nograd_w0.25": ["loss.i2t2i=0", "loss.t2i2t=0.25", "data.unpaired_texts=shapes",
-                           "loss.t2i2t_form=sampler", "sampler.grad_steps=0"],
+    "t2i2t_nograd_w0.25": [
+        "loss.i2t2i=0",
+        "loss.t2i2t=0.25",
+        "data.unpaired_texts=shapes",
+        "loss.t2i2t_form=sampler",
+        "sampler.grad_steps=0",
+    ],
     "i2t2i": ["loss.i2t2i=1", "loss.t2i2t=0", "data.unlabelled_images=shapes"],
-    "both": ["loss.i2t2i=1", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler",
-             "data.unlabelled_images=shapes"],
+    "both": [
+        "loss.i2t2i=1",
+        "loss.t2i2t=1",
+        "data.unpaired_texts=shapes",
+        "loss.t2i2t_form=sampler",
+        "data.unlabelled_images=shapes",
+    ],
     "pseudo_label": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.pseudo_label=1", "data.unlabelled_images=shapes"],
 }
 # issue 23's arms: E4 (captioner reward) and the compute-matched control of E4 and E1r
 REWARD_ARMS = {
-    "best_of_n_recon": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.best_of_n_recon=1", "data.unlabelled_images=shapes"],
+    "best_of_n_recon": [
+        "loss.i2t2i=0",
+        "loss.t2i2t=0",
+        "loss.best_of_n_recon=1",
+        "data.unlabelled_images=shapes",
+    ],
     "dpo_recon": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.dpo_recon=1", "data.unlabelled_images=shapes"],
     "task_3x": ["loss.i2t2i=0", "loss.t2i2t=0"],
 }
 STEP_FACTORS = {"task_3x": 3}  # arms trained for a multiple of the experiment's steps
 # paired contrasts reported beside the differences to the baseline: (arm, control)
-CONTRASTS = (("t2i2t", "t2i2t_nograd"), ("i2t2i", "pseudo_label"), ("t2i2t_nograd_w0.25", "t2i2t_nograd"),
-             ("image_sim", "t2i2t_onestep"), ("best_of_n_recon", "pseudo_label"), ("dpo_recon", "pseudo_label"),
-             ("dpo_recon", "best_of_n_recon"), ("best_of_n_recon", "task_3x"), ("dpo_recon", "task_3x"),
-             ("t2i2t_nograd", "task_3x"), ("diffusion_dpo", "t2i2t_onestep"))
-E3_COMMON = ["captioner_lora.targets=none", "loss.caption_nll=0", "loss.i2t2i=0", "loss.schedule=sum",
-             "train.grad_accum=1"]
+CONTRASTS = (
+    ("t2i2t", "t2i2t_nograd"),
+    ("i2t2i", "pseudo_label"),
+    ("t2i2t_nograd_w0.25", "t2i2t_nograd"),
+    ("image_sim", "t2i2t_onestep"),
+    ("best_of_n_recon", "pseudo_label"),
+    ("dpo_recon", "pseudo_label"),
+    ("dpo_recon", "best_of_n_recon"),
+    ("best_of_n_recon", "task_3x"),
+    ("dpo_recon", "task_3x"),
+    ("t2i2t_nograd", "task_3x"),
+    ("diffusion_dpo", "t2i2t_onestep"),
+)
+E3_COMMON = [
+    "captioner_lora.targets=none",
+    "loss.caption_nll=0",
+    "loss.i2t2i=0",
+    "loss.schedule=sum",
+    "train.grad_accum=1",
+]
 E3_ARMS = {
     "denoise": E3_COMMON + ["loss.t2i2t=0", "loss.image_sim=0"],
-    "t2i2t_onestep": E3_COMMON + ["loss.t2i2t=1", "loss.t2i2t_form=one_step", "loss.one_step_max_timestep=500",
-                                  "loss.image_sim=0"],
+    "t2i2t_onestep": E3_COMMON
+    + ["loss.t2i2t=1", "loss.t2i2t_form=one_step", "loss.one_step_max_timestep=500", "loss.image_sim=0"],
     "image_sim": E3_COMMON + ["loss.t2i2t=0", "loss.image_sim=1"],
 }
 E5_ARMS = {arm: E3_ARMS[arm] for arm in ("denoise", "t2i2t_onestep")} | {
@@ -105,31 +139,76 @@ E5_ARMS = {arm: E3_ARMS[arm] for arm in ("denoise", "t2i2t_onestep")} | {
 }
 # E4's candidates: the 4 beams of a width-4 beam search for every ranked arm (E1's pseudo_label setting), so ranking
 # by reconstruction and ranking by denoising error choose among the same captions
-E4_CANDIDATES = ["loss.pseudo_label_decoding.method=beam", "loss.pseudo_label_decoding.num_beams=4",
-                 "loss.pseudo_label_candidates=4", "loss.recon_reward_decoding.method=beam",
-                 "loss.recon_reward_decoding.num_beams=4", "loss.recon_reward_candidates=4",
-                 "loss.recon_reward_metric.model={bundle}/clip"]
+E4_CANDIDATES = [
+    "loss.pseudo_label_decoding.method=beam",
+    "loss.pseudo_label_decoding.num_beams=4",
+    "loss.pseudo_label_candidates=4",
+    "loss.recon_reward_decoding.method=beam",
+    "loss.recon_reward_decoding.num_beams=4",
+    "loss.recon_reward_candidates=4",
+    "loss.recon_reward_metric.model={bundle}/clip",
+]
 EXPERIMENTS = {
-    "e1": {"captioner": "captioner_weak", "extra": [], "splits": ("test", "heldout"), "judge_splits": ("test",),
-           "arms": ARMS, "baseline": "task"},
-    "e2": {"captioner": "captioner", "extra": ["data.unpaired_combos=heldout_a"],
-           "splits": ("test", "heldout_a", "heldout_b"), "judge_splits": ("test", "heldout_a", "heldout_b"),
-           "arms": ARMS, "baseline": "task"},
-    "e3": {"captioner": "captioner", "extra": [], "splits": (), "judge_splits": ("test", "heldout"),
-           "arms": E3_ARMS, "baseline": "denoise"},
-    "e4": {"captioner": "captioner_weak", "extra": E4_CANDIDATES, "splits": ("test", "heldout"),
-           "judge_splits": ("test",), "baseline": "task", "select": "caption_nll",
-           "arms": {a: (ARMS | REWARD_ARMS)[a] for a in ("task", "task_3x", "pseudo_label", "best_of_n_recon",
-                                                         "dpo_recon", "i2t2i")}},
-    "e5": {"captioner": "captioner", "extra": [], "splits": (), "judge_splits": ("test", "heldout"),
-           "arms": E5_ARMS, "baseline": "denoise", "select": "denoise"},
-    "e1r": {"captioner": "captioner_weak", "extra": [], "splits": ("test", "heldout"), "judge_splits": ("test",),
-            "baseline": "task", "select": "caption_nll",
-            "arms": {a: (ARMS | REWARD_ARMS)[a] for a in ("task", "task_3x", "t2i2t_nograd", "t2i2t")}},
+    "e1": {
+        "captioner": "captioner_weak",
+        "extra": [],
+        "splits": ("test", "heldout"),
+        "judge_splits": ("test",),
+        "arms": ARMS,
+        "baseline": "task",
+    },
+    "e2": {
+        "captioner": "captioner",
+        "extra": ["data.unpaired_combos=heldout_a"],
+        "splits": ("test", "heldout_a", "heldout_b"),
+        "judge_splits": ("test", "heldout_a", "heldout_b"),
+        "arms": ARMS,
+        "baseline": "task",
+    },
+    "e3": {
+        "captioner": "captioner",
+        "extra": [],
+        "splits": (),
+        "judge_splits": ("test", "heldout"),
+        "arms": E3_ARMS,
+        "baseline": "denoise",
+    },
+    "e4": {
+        "captioner": "captioner_weak",
+        "extra": E4_CANDIDATES,
+        "splits": ("test", "heldout"),
+        "judge_splits": ("test",),
+        "baseline": "task",
+        "select": "caption_nll",
+        "arms": {
+            a: (ARMS | REWARD_ARMS)[a]
+            for a in ("task", "task_3x", "pseudo_label", "best_of_n_recon", "dpo_recon", "i2t2i")
+        },
+    },
+    "e5": {
+        "captioner": "captioner",
+        "extra": [],
+        "splits": (),
+        "judge_splits": ("test", "heldout"),
+        "arms": E5_ARMS,
+        "baseline": "denoise",
+        "select": "denoise",
+    },
+    "e1r": {
+        "captioner": "captioner_weak",
+        "extra": [],
+        "splits": ("test", "heldout"),
+        "judge_splits": ("test",),
+        "baseline": "task",
+        "select": "caption_nll",
+        "arms": {a: (ARMS | REWARD_ARMS)[a] for a in ("task", "task_3x", "t2i2t_nograd", "t2i2t")},
+    },
 }
 SELECT_EVERY = 25  # optimizer steps between the checkpoints model selection chooses from
 SELECTION_FRACTION = 5  # the last 1/5 of the labelled pool is held out for model selection
-EVAL_STREAM = 2_000_003  # the test / held-out stream of experiments/joint_finetune.py; no training stream is here
+EVAL_STREAM = (
+    2_000_003  # the test / held-out stream of experiments/joint_finetune.py; no training stream is here
+)
 EVAL_SEED = 0  # the scenes are the same for every arm and training seed
 METRICS = ("caption_tuple_acc", "caption_attr_acc", "judge_tuple_acc")
 
@@ -139,20 +218,43 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- one arm
-def arm_overrides(bundle: Path, experiment: str, arm: str, labelled: int, seed: int, steps: int | None,
-                  generator: Path | None = None, extra: list[str] = (), select_every: int = SELECT_EVERY) -> list[str]:
+def arm_overrides(
+    bundle: Path,
+    experiment: str,
+    arm: str,
+    labelled: int,
+    seed: int,
+    steps: int | None,
+    generator: Path | None = None,
+    extra: list[str] = (),
+    select_every: int = SELECT_EVERY,
+) -> list[str]:
     spec = EXPERIMENTS[experiment]
-    sets = [f"captioner.model={bundle / spec['captioner']}", f"generator.model={generator or bundle / 'generator'}",
-            f"validation.metric.model={bundle / 'clip'}", f"loss.image_sim_terms.clip_metric.model={bundle / 'clip'}",
-            "validation.every=0", "validation.final=false", "train.report_to=none", "train.threads=1",
-            f"data.labelled_pairs={labelled or 'null'}", f"train.seed={seed}",
-            *(x.format(bundle=bundle) for x in spec["extra"]), *spec["arms"].get(arm, [])]
+    sets = [
+        f"captioner.model={bundle / spec['captioner']}",
+        f"generator.model={generator or bundle / 'generator'}",
+        f"validation.metric.model={bundle / 'clip'}",
+        f"loss.image_sim_terms.clip_metric.model={bundle / 'clip'}",
+        "validation.every=0",
+        "validation.final=false",
+        "train.report_to=none",
+        "train.threads=1",
+        f"data.labelled_pairs={labelled or 'null'}",
+        f"train.seed={seed}",
+        *(x.format(bundle=bundle) for x in spec["extra"]),
+        *spec["arms"].get(arm, []),
+    ]
     if spec.get("select"):
         if not labelled:
-            raise ValueError(f"--experiment {experiment} selects models on a held-out slice of the labelled pool: "
-                             "pass --labelled N (not 0)")
-        sets += [f"data.selection_pairs={max(1, labelled // SELECTION_FRACTION)}",
-                 f"train.checkpoint_every={select_every}", "train.checkpoints_total_limit=100000"]
+            raise ValueError(
+                f"--experiment {experiment} selects models on a held-out slice of the labelled pool: "
+                "pass --labelled N (not 0)"
+            )
+        sets += [
+            f"data.selection_pairs={max(1, labelled // SELECTION_FRACTION)}",
+            f"train.checkpoint_every={select_every}",
+            "train.checkpoints_total_limit=100000",
+        ]
     if arm in STEP_FACTORS:
         from recon.train.config import load_finetune_config
 
@@ -160,8 +262,9 @@ def arm_overrides(bundle: Path, experiment: str, arm: str, labelled: int, seed: 
     return sets + [*extra] + ([f"train.steps={steps}"] if steps else [])
 
 
-def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle: Path,
-             judge_splits=("test",)) -> dict:
+def evaluate(
+    cfg, adapter: str | None, lora: str | None, n: int, splits, bundle: Path, judge_splits=("test",)
+) -> dict:
     """Per scene 0/1 correctness of the captioner and of the generator, per split."""
     import torch
 
@@ -171,21 +274,29 @@ def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle:
     from recon.shapes import models, world
 
     device = torch.device("cpu")
-    captioner = BlipCaptioner.from_config(dataclasses.replace(cfg.captioner, adapter=adapter), device, batch_size=64)
+    captioner = BlipCaptioner.from_config(
+        dataclasses.replace(cfg.captioner, adapter=adapter), device, batch_size=64
+    )
     out: dict[str, list[float]] = {}
     with torch.no_grad():
         for split in splits:
             scenes = world.sample_scenes(n, EVAL_SEED, split, EVAL_STREAM)
-            captions = [c[0] for c in captioner.caption([world.render_pil(s) for s in scenes], num_candidates=1,
-                                                        decoding=cfg.captioner.decoding)]
+            captions = [
+                c[0]
+                for c in captioner.caption(
+                    [world.render_pil(s) for s in scenes], num_candidates=1, decoding=cfg.captioner.decoding
+                )
+            ]
             parsed = [world.parse_caption(c) for c in captions]
             truth = [s.attributes for s in scenes]
             out[f"{split}/caption_tuple_acc"] = [float(p == t) for p, t in zip(parsed, truth)]
-            out[f"{split}/caption_attr_acc"] = [float(np.mean([p[a] == t[a] for a in world.ATTRIBUTES]))
-                                                for p, t in zip(parsed, truth)]
+            out[f"{split}/caption_attr_acc"] = [
+                float(np.mean([p[a] == t[a] for a in world.ATTRIBUTES])) for p, t in zip(parsed, truth)
+            ]
             out[f"{split}/captions"] = captions[:8]
-        generator = DiffusionGenerator.from_config(dataclasses.replace(cfg.generator, lora=lora), device,
-                                                   batch_size=64)
+        generator = DiffusionGenerator.from_config(
+            dataclasses.replace(cfg.generator, lora=lora), device, batch_size=64
+        )
         judge = models.load_judge(bundle / "judge", device)
         seeds = [derive_seed(EVAL_SEED, f"eval{i}", 0, 0) for i in range(n)]
         for split in judge_splits:
@@ -195,9 +306,20 @@ def evaluate(cfg, adapter: str | None, lora: str | None, n: int, splits, bundle:
     return out
 
 
-def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: int, steps: int | None,
-            bundle: Path, generator: Path | None = None, extra: list[str] = (), select_every: int = SELECT_EVERY,
-            eval_final: bool = False) -> dict:
+def run_arm(
+    out: Path,
+    experiment: str,
+    arm: str,
+    labelled: int,
+    seed: int,
+    n: int,
+    steps: int | None,
+    bundle: Path,
+    generator: Path | None = None,
+    extra: list[str] = (),
+    select_every: int = SELECT_EVERY,
+    eval_final: bool = False,
+) -> dict:
     """Train (resumably), select (if the experiment does) and evaluate one arm; ``eval.json`` marks it done.
     ``eval_final``: with selection, also evaluate the last step's adapters (keys ``final/...``; the selected ones'
     results again when the last step was selected)."""
@@ -207,8 +329,10 @@ def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: i
     from recon.train.joint import finetune
 
     torch.set_num_threads(1)
-    cfg = load_finetune_config("finetune-shapes", arm_overrides(bundle, experiment, arm, labelled, seed, steps,
-                                                                generator, extra, select_every))
+    cfg = load_finetune_config(
+        "finetune-shapes",
+        arm_overrides(bundle, experiment, arm, labelled, seed, steps, generator, extra, select_every),
+    )
     spec = EXPERIMENTS[experiment]
     adapter = lora = None
     t0, cpu0 = time.time(), time.process_time()
@@ -223,21 +347,49 @@ def run_arm(out: Path, experiment: str, arm: str, labelled: int, seed: int, n: i
             cpu1 = time.process_time()
             chosen = select_checkpoint(cfg, out, spec["select"])
             run = out / SELECTED_DIR
-            compute |= {"selected_step": chosen["best_step"], "selection_criterion": chosen["criterion"],
-                        "selection_process_cpu_s": round(time.process_time() - cpu1, 1)}
+            compute |= {
+                "selected_step": chosen["best_step"],
+                "selection_criterion": chosen["criterion"],
+                "selection_process_cpu_s": round(time.process_time() - cpu1, 1),
+            }
         compute |= captioner_examples(out, compute.get("selected_step"))
         adapter, lora = str(run / "captioner_adapter"), str(run / "sd_lora")
     train_s = time.time() - t0
-    result = evaluate(cfg, adapter if cfg.captioner_lora.targets != "none" else None, lora, n, spec["splits"],
-                      bundle, spec["judge_splits"])
+    result = evaluate(
+        cfg,
+        adapter if cfg.captioner_lora.targets != "none" else None,
+        lora,
+        n,
+        spec["splits"],
+        bundle,
+        spec["judge_splits"],
+    )
     if eval_final and "selected_step" in compute:
-        final = result if compute["selected_step"] == compute["steps"] else evaluate(
-            cfg, str(out / "captioner_adapter") if cfg.captioner_lora.targets != "none" else None,
-            str(out / "sd_lora"), n, spec["splits"], bundle, spec["judge_splits"])
+        final = (
+            result
+            if compute["selected_step"] == compute["steps"]
+            else evaluate(
+                cfg,
+                str(out / "captioner_adapter") if cfg.captioner_lora.targets != "none" else None,
+                str(out / "sd_lora"),
+                n,
+                spec["splits"],
+                bundle,
+                spec["judge_splits"],
+            )
+        )
         result |= {f"final/{k}": v for k, v in final.items()}
-    record = {"experiment": experiment, "arm": arm, "labelled": labelled, "seed": seed, "n": n,
-              "train_cpu_s": round(train_s, 1), "eval_cpu_s": round(time.time() - t0 - train_s, 1), **compute,
-              **result}
+    record = {
+        "experiment": experiment,
+        "arm": arm,
+        "labelled": labelled,
+        "seed": seed,
+        "n": n,
+        "train_cpu_s": round(train_s, 1),
+        "eval_cpu_s": round(time.time() - t0 - train_s, 1),
+        **compute,
+        **result,
+    }
     from recon.data import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -252,8 +404,9 @@ def captioner_examples(out: Path, selected_step: int | None = None) -> dict:
     total = sum(int(r.get("captioner_examples", 0)) for r in records)
     found = {"captioner_examples": total}
     if selected_step is not None:
-        found["captioner_examples_selected"] = sum(int(r.get("captioner_examples", 0)) for r in records
-                                                   if r["step"] <= selected_step)
+        found["captioner_examples_selected"] = sum(
+            int(r.get("captioner_examples", 0)) for r in records if r["step"] <= selected_step
+        )
     return found
 
 
@@ -269,16 +422,21 @@ def fmt(e) -> str:
 def compute_cells(runs: list[dict]) -> str:
     """An arm's compute, mean over its seeds: CPU-minutes of training, optimizer steps and captioner examples (k)
     of the run, each with the selected checkpoint's in parentheses where a model was selected."""
+
     def mean(key):
         values = [r[key] for r in runs if r.get(key) is not None]
         return float(np.mean(values)) if values else None
 
     cpu, steps, chosen = mean("train_process_cpu_s"), mean("steps"), mean("selected_step")
     examples, examples_chosen = mean("captioner_examples"), mean("captioner_examples_selected")
-    cells = [f"{cpu / 60:.1f}" if cpu is not None else "-",
-             "-" if steps is None else f"{steps:.0f}" + (f" ({chosen:.0f})" if chosen is not None else ""),
-             "-" if examples is None else f"{examples / 1000:.1f}" + (
-                 f" ({examples_chosen / 1000:.1f})" if examples_chosen is not None else "")]
+    cells = [
+        f"{cpu / 60:.1f}" if cpu is not None else "-",
+        "-" if steps is None else f"{steps:.0f}" + (f" ({chosen:.0f})" if chosen is not None else ""),
+        "-"
+        if examples is None
+        else f"{examples / 1000:.1f}"
+        + (f" ({examples_chosen / 1000:.1f})" if examples_chosen is not None else ""),
+    ]
     return " | ".join(cells)
 
 
@@ -291,7 +449,9 @@ def report(root: Path, interval: str = "t") -> str:
     records = load_records(root)
     if not records:
         return "no finished arms yet"
-    keys = list(dict.fromkeys(k for r in records for k in r if k.endswith(METRICS) and isinstance(r[k], list)))
+    keys = list(
+        dict.fromkeys(k for r in records for k in r if k.endswith(METRICS) and isinstance(r[k], list))
+    )
     spec = EXPERIMENTS[records[0].get("experiment", "e1")]
     base = spec["baseline"]
     by = {}
@@ -301,23 +461,40 @@ def report(root: Path, interval: str = "t") -> str:
     for labelled in sorted(by):
         arms = by[labelled]
         order = [a for a in ("start", *spec["arms"]) if a in arms]
-        lines += [f"### {labelled or 'unlimited'} labelled pairs", "",
-                  "| arm | seeds | " + " | ".join(k.replace("/", " ") + " %" for k in keys) +
-                  " | train wall-min | train CPU-min | optimizer steps (selected) | captioner examples k (selected) |",
-                  "| --- | --- |" + " --- |" * len(keys) + " --- | --- | --- | --- |"]
+        lines += [
+            f"### {labelled or 'unlimited'} labelled pairs",
+            "",
+            "| arm | seeds | "
+            + " | ".join(k.replace("/", " ") + " %" for k in keys)
+            + " | train wall-min | train CPU-min | optimizer steps (selected) | captioner examples k (selected) |",
+            "| --- | --- |" + " --- |" * len(keys) + " --- | --- | --- | --- |",
+        ]
         grids = {}
         for arm in order:
             seeds = sorted(arms[arm])
-            grids[arm] = {k: np.array([arms[arm][s][k] for s in seeds]) for k in keys
-                          if all(k in arms[arm][s] for s in seeds)}  # final/...: only arms that selected a model
+            grids[arm] = {
+                k: np.array([arms[arm][s][k] for s in seeds])
+                for k in keys
+                if all(k in arms[arm][s] for s in seeds)
+            }  # final/...: only arms that selected a model
             minutes = np.mean([arms[arm][s]["train_cpu_s"] for s in seeds]) / 60
             cells = [fmt(seeds_by_items(grids[arm][k])) if k in grids[arm] else "-" for k in keys]
-            lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + f" | {minutes:.1f} | "
-                         + compute_cells([arms[arm][s] for s in seeds]) + " |")
+            lines.append(
+                f"| {arm} | {','.join(map(str, seeds))} | "
+                + " | ".join(cells)
+                + f" | {minutes:.1f} | "
+                + compute_cells([arms[arm][s] for s in seeds])
+                + " |"
+            )
         if base in arms:
-            lines += ["", f"Differences to `{base}` (points; 95% CI over seeds and scenes, paired on shared seeds; "
-                      f"{'t-test' if interval == 't' else 'bootstrap'} p):", "", "| arm | " + " | ".join(k.replace("/", " ") for k in keys) + " |",
-                      "| --- |" + " --- |" * len(keys)]
+            lines += [
+                "",
+                f"Differences to `{base}` (points; 95% CI over seeds and scenes, paired on shared seeds; "
+                f"{'t-test' if interval == 't' else 'bootstrap'} p):",
+                "",
+                "| arm | " + " | ".join(k.replace("/", " ") for k in keys) + " |",
+                "| --- |" + " --- |" * len(keys),
+            ]
             pairs = [(arm, base) for arm in order if arm not in (base, "start")]
             pairs += [(a, b) for a, b in CONTRASTS if a in arms and b in arms]
             for arm, control in pairs:
@@ -329,10 +506,16 @@ def report(root: Path, interval: str = "t") -> str:
                     if not all(k in arms[a][s] for a in (arm, control) for s in shared):
                         cells.append("-")
                         continue
-                    t = seeds_by_items(np.array([arms[arm][s][k] for s in shared]),
-                                       np.array([arms[control][s][k] for s in shared]))
-                    cells.append(f"{100 * t.diff:+.1f} [{100 * t.low:+.1f}, {100 * t.high:+.1f}] p={t.p_value:.3f}")
-                lines.append(f"| {arm if control == base else f'{arm} - {control}'} | " + " | ".join(cells) + " |")
+                    t = seeds_by_items(
+                        np.array([arms[arm][s][k] for s in shared]),
+                        np.array([arms[control][s][k] for s in shared]),
+                    )
+                    cells.append(
+                        f"{100 * t.diff:+.1f} [{100 * t.low:+.1f}, {100 * t.high:+.1f}] p={t.p_value:.3f}"
+                    )
+                lines.append(
+                    f"| {arm if control == base else f'{arm} - {control}'} | " + " | ".join(cells) + " |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -370,7 +553,9 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc", interva
         else:
             ax.bar(xs, ys, yerr=[lo, hi], capsize=4)  # the x ticks name the arms
     if start:
-        ax.axhline(100 * float(np.mean(start[0][metric])), color="gray", linestyle="--", label="start (untrained)")
+        ax.axhline(
+            100 * float(np.mean(start[0][metric])), color="gray", linestyle="--", label="start (untrained)"
+        )
         ax.legend(loc="lower right")
     if len(sizes) > 1:
         ax.set_xscale("log")
@@ -392,22 +577,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/semi-e1"))
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="e1")
     parser.add_argument("--arms", default=None, help="comma-separated (default: every arm of the experiment)")
-    parser.add_argument("--labelled", default="200", help="comma-separated labelled pool sizes (0: unlimited)")
+    parser.add_argument(
+        "--labelled", default="200", help="comma-separated labelled pool sizes (0: unlimited)"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: the config's)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per arm (default: the config's)"
+    )
     parser.add_argument("--n", type=int, default=400, help="evaluation scenes per split")
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once, one thread each")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--generator", type=Path, default=None, help="generator dir (default: the bundle's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every arm")
-    parser.add_argument("--metric", default=None, help="plotted metric (default: caption tuple acc; e3, e5: judge)")
-    parser.add_argument("--interval", choices=("t", "bootstrap"), default="t",
-                        help="seeds x scenes interval (t: covers at few seeds; bootstrap: the earlier tables')")
-    parser.add_argument("--select-every", type=int, default=SELECT_EVERY,
-                        help="steps between the checkpoints model selection chooses from (e4, e5, e1r)")
-    parser.add_argument("--eval-final", action="store_true",
-                        help="with model selection, also evaluate each arm's last step (columns final/...)")
+    parser.add_argument(
+        "--metric", default=None, help="plotted metric (default: caption tuple acc; e3, e5: judge)"
+    )
+    parser.add_argument(
+        "--interval",
+        choices=("t", "bootstrap"),
+        default="t",
+        help="seeds x scenes interval (t: covers at few seeds; bootstrap: the earlier tables')",
+    )
+    parser.add_argument(
+        "--select-every",
+        type=int,
+        default=SELECT_EVERY,
+        help="steps between the checkpoints model selection chooses from (e4, e5, e1r)",
+    )
+    parser.add_argument(
+        "--eval-final",
+        action="store_true",
+        help="with model selection, also evaluate each arm's last step (columns final/...)",
+    )
     parser.add_argument("--one", nargs=3, metavar=("ARM", "LABELLED", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -416,24 +618,57 @@ def main(argv: list[str] | None = None) -> int:
     bundle = (args.bundle or hub.SHAPES_BUNDLE).resolve()
     if args.one:  # a worker: one arm in this process
         arm, labelled, seed = args.one[0], int(args.one[1]), int(args.one[2])
-        r = run_arm(args.out / f"l{labelled}" / arm / f"seed{seed}", args.experiment, arm, labelled, seed, args.n,
-                    args.steps, bundle, args.generator, args.overrides, args.select_every, args.eval_final)
-        log(f"{arm} l{labelled} seed{seed}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items()
-                                                         if k.endswith(METRICS)))
+        r = run_arm(
+            args.out / f"l{labelled}" / arm / f"seed{seed}",
+            args.experiment,
+            arm,
+            labelled,
+            seed,
+            args.n,
+            args.steps,
+            bundle,
+            args.generator,
+            args.overrides,
+            args.select_every,
+            args.eval_final,
+        )
+        log(
+            f"{arm} l{labelled} seed{seed}: "
+            + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in r.items() if k.endswith(METRICS))
+        )
         return 0
     failures = 0
     if not args.report_only:
         jobs = [("start", int(labelled), 0) for labelled in args.labelled.split(",")][:1]
-        jobs += [(arm, int(labelled), int(seed)) for labelled in args.labelled.split(",")
-                 for seed in args.seeds.split(",")
-                 for arm in (args.arms.split(",") if args.arms else EXPERIMENTS[args.experiment]["arms"])]
-        pending = [j for j in jobs if not (args.out / f"l{j[1]}" / j[0] / f"seed{j[2]}" / "eval.json").exists()]
+        jobs += [
+            (arm, int(labelled), int(seed))
+            for labelled in args.labelled.split(",")
+            for seed in args.seeds.split(",")
+            for arm in (args.arms.split(",") if args.arms else EXPERIMENTS[args.experiment]["arms"])
+        ]
+        pending = [
+            j for j in jobs if not (args.out / f"l{j[1]}" / j[0] / f"seed{j[2]}" / "eval.json").exists()
+        ]
         log(f"{len(pending)} of {len(jobs)} arms to run, {args.jobs} at a time")
 
         def work(job):
             arm, labelled, seed = job
-            cmd = [sys.executable, __file__, "--out", str(args.out), "--experiment", args.experiment, "--n",
-                   str(args.n), "--bundle", str(bundle), "--one", arm, str(labelled), str(seed)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--out",
+                str(args.out),
+                "--experiment",
+                args.experiment,
+                "--n",
+                str(args.n),
+                "--bundle",
+                str(bundle),
+                "--one",
+                arm,
+                str(labelled),
+                str(seed),
+            ]
             cmd += ["--steps", str(args.steps)] if args.steps else []
             cmd += ["--generator", str(args.generator)] if args.generator else []
             cmd += ["--select-every", str(args.select_every)] + (["--eval-final"] if args.eval_final else [])
@@ -450,14 +685,19 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             log(f"{failures} arm(s) failed; rerun to retry them")
     if not load_records(args.out):  # never a report of empty tables
-        print(f"semi_supervised: error: {args.out}: no finished arm to report (each arm's log: "
-              f"{args.out}/l*/ARM/seed*.log)", file=sys.stderr)
+        print(
+            f"semi_supervised: error: {args.out}: no finished arm to report (each arm's log: "
+            f"{args.out}/l*/ARM/seed*.log)",
+            file=sys.stderr,
+        )
         return 2
     md = report(args.out, args.interval)
     (args.out / "results.md").write_text(md + "\n")
     done = load_records(args.out)  # --report-only needs no --experiment: the records name theirs
     experiment = done[0].get("experiment", args.experiment) if done else args.experiment
-    metric = args.metric or ("test/judge_tuple_acc" if experiment in ("e3", "e5") else "test/caption_tuple_acc")
+    metric = args.metric or (
+        "test/judge_tuple_acc" if experiment in ("e3", "e5") else "test/caption_tuple_acc"
+    )
     plot(args.out, args.out / f"{metric.replace('/', '_')}.png", metric, args.interval)
     print(md)
     return 1 if not args.report_only and failures else 0

@@ -24,9 +24,13 @@ QUANTILES = (5, 25, 50, 75, 95)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = experiment_parser(__doc__, "texts")
-    p.add_argument("--texts", default=None, help="texts (.txt lines, .json, .jsonl; default on shapes: scene captions)")
+    p.add_argument(
+        "--texts", default=None, help="texts (.txt lines, .json, .jsonl; default on shapes: scene captions)"
+    )
     p.add_argument("--k", type=int, default=1, help="images generated (and captioned) per text")
-    p.add_argument("--ref-metrics", default="bleu,meteor,rouge,cider", help="pycocoevalcap metrics ('' for none)")
+    p.add_argument(
+        "--ref-metrics", default="bleu,meteor,rouge,cider", help="pycocoevalcap metrics ('' for none)"
+    )
     args = p.parse_args(argv)
     if args.out is None:
         p.error("--out DIR is required")
@@ -72,8 +76,15 @@ def main(argv=None) -> int:
     data = experiment_inputs(config, out, args.n, args.stream, texts=args.texts, need="texts")
     truth = data.truth
     recon = Reconstructor(config, cache=make_cache(config))
-    run = reconstruct_texts(config, data.texts, out, limit=args.n, retry_failed=args.retry_failed,
-                            progress=not args.no_progress, reconstructor=recon)
+    run = reconstruct_texts(
+        config,
+        data.texts,
+        out,
+        limit=args.n,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+        reconstructor=recon,
+    )
     ok = [r for r in run.records() if r.get("status") == "ok"]
     # per metric: {text id: [value per image]}
     values: dict[str, dict[str, list[float]]] = {}
@@ -96,20 +107,35 @@ def main(argv=None) -> int:
     rows, summary = [], {}
     for j, (m, per_text) in enumerate(values.items()):
         flat = [v for vs in per_text.values() for v in vs]
-        est = stats.bootstrap_mean([np.mean(vs) for vs in per_text.values()], args.resamples,
-                                   seed=[config.run.seed, j])
+        est = stats.bootstrap_mean(
+            [np.mean(vs) for vs in per_text.values()], args.resamples, seed=[config.run.seed, j]
+        )
         q = np.percentile(flat, QUANTILES).tolist() if flat else [float("nan")] * len(QUANTILES)
         plot = histogram(out / "plots" / f"{m}.png", m, flat) if flat else None
-        summary[m] = {**est.to_dict(), "std": float(np.std(flat, ddof=1)) if len(flat) > 1 else None,
-                      "quantiles": dict(zip(map(str, QUANTILES), q)), "pairs": len(flat)}
+        summary[m] = {
+            **est.to_dict(),
+            "std": float(np.std(flat, ddof=1)) if len(flat) > 1 else None,
+            "quantiles": dict(zip(map(str, QUANTILES), q)),
+            "pairs": len(flat),
+        }
         ci = f"[{est.low:.3f}, {est.high:.3f}]" if est.low == est.low else ""
         link = f"![{m}](plots/{m}.png)" if plot else ""
-        rows.append(f"| {m} | {est.value:.3f} {ci} | {summary[m]['std'] if summary[m]['std'] is not None else float('nan'):.3f} | "
-                    + " | ".join(f"{v:.3f}" for v in q) + f" | {len(flat)} | {link} |")
-    md = (f"# Text reconstruction (text -> image -> text)\n\npreset `{config.name}`, {len(ok)} texts, K = {args.k} "
-          f"image(s) per text, captioned by `{config.captioner.model}`.\n\n"
-          "| metric | mean [95% CI over texts] | std | " + " | ".join(f"q{q}" for q in QUANTILES)
-          + " | pairs | histogram |\n|---|---|---|" + "---|" * len(QUANTILES) + "---|---|\n" + "\n".join(rows) + "\n")
+        rows.append(
+            f"| {m} | {est.value:.3f} {ci} | {summary[m]['std'] if summary[m]['std'] is not None else float('nan'):.3f} | "
+            + " | ".join(f"{v:.3f}" for v in q)
+            + f" | {len(flat)} | {link} |"
+        )
+    md = (
+        f"# Text reconstruction (text -> image -> text)\n\npreset `{config.name}`, {len(ok)} texts, K = {args.k} "
+        f"image(s) per text, captioned by `{config.captioner.model}`.\n\n"
+        "| metric | mean [95% CI over texts] | std | "
+        + " | ".join(f"q{q}" for q in QUANTILES)
+        + " | pairs | histogram |\n|---|---|---|"
+        + "---|" * len(QUANTILES)
+        + "---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
     write_outputs(out, md, {"metrics": summary, "n": len(ok), "args": vars(args)})
     return 0
 

@@ -41,7 +41,9 @@ class References:
     problems: list[Problem] = field(default_factory=list)
 
 
-def _caption(value: Any, path: Path, where: str, image_id: ImageId | None, problems: list[Problem]) -> str | None:
+def _caption(
+    value: Any, path: Path, where: str, image_id: ImageId | None, problems: list[Problem]
+) -> str | None:
     if isinstance(value, str):
         return value.strip()
     kind = "null" if value is None else f"a {type(value).__name__}"
@@ -51,7 +53,9 @@ def _caption(value: Any, path: Path, where: str, image_id: ImageId | None, probl
 
 def _list_field(data: Any, key: str, path: Path, required: bool = True) -> list:
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with {key!r} at the top level, got {type(data).__name__}")
+        raise DataError(
+            f"{path}: expected a JSON object with {key!r} at the top level, got {type(data).__name__}"
+        )
     if key not in data:
         if required:
             raise DataError(f"{path}: missing top-level key {key!r}")
@@ -73,8 +77,9 @@ def read_coco_captions(path: str | Path) -> References:
         image_id = coco_image_id(entry_field(img, ("id",), path, f"images[{i}]"), path, f"images[{i}].id")
         file_name = entry_field(img, ("file_name",), path, f"images[{i}]")
         if image_id in out.file_names:
-            out.problems.append(Problem(image_id, f"{path}: images[{i}]: duplicate id {image_id!r}; "
-                                                  "the first entry is kept"))
+            out.problems.append(
+                Problem(image_id, f"{path}: images[{i}]: duplicate id {image_id!r}; the first entry is kept")
+            )
             continue
         out.file_names[image_id] = str(file_name)
     for i, ann in enumerate(_list_field(data, "annotations", path)):
@@ -84,7 +89,9 @@ def read_coco_captions(path: str | Path) -> References:
         if caption is None:
             continue
         if out.file_names and image_id not in out.file_names and image_id not in out.refs:
-            out.problems.append(Problem(image_id, f"{path}: {where}: image_id {image_id!r} is not in 'images'"))
+            out.problems.append(
+                Problem(image_id, f"{path}: {where}: image_id {image_id!r} is not in 'images'")
+            )
         out.refs.setdefault(image_id, []).append(caption)
     return out
 
@@ -111,8 +118,9 @@ def read_karpathy(path: str | Path, split: str | Iterable[str] | None = None) ->
         raw_id = img.get("cocoid", Path(filename).stem)
         image_id = coco_image_id(raw_id, path, f"{where}.cocoid")
         if image_id in out.refs:
-            out.problems.append(Problem(image_id, f"{path}: {where}: duplicate id {image_id!r}; "
-                                                  "the first entry is kept"))
+            out.problems.append(
+                Problem(image_id, f"{path}: {where}: duplicate id {image_id!r}; the first entry is kept")
+            )
             continue
         sentences = entry_field(img, ("sentences",), path, where)
         if not isinstance(sentences, list):
@@ -120,7 +128,9 @@ def read_karpathy(path: str | Path, split: str | Iterable[str] | None = None) ->
         refs = []
         for j, sentence in enumerate(sentences):
             swhere = f"{where}.sentences[{j}]"
-            caption = _caption(entry_field(sentence, ("raw",), path, swhere), path, swhere, image_id, out.problems)
+            caption = _caption(
+                entry_field(sentence, ("raw",), path, swhere), path, swhere, image_id, out.problems
+            )
             if caption is not None:
                 refs.append(caption)
         out.refs[image_id] = refs
@@ -154,8 +164,11 @@ def read_clipscore_references(path: str | Path) -> References:
         if _duplicate(path, key, out.problems, seen):
             continue
         values = value if isinstance(value, list) else [value]
-        refs = [c for j, v in enumerate(values)
-                if (c := _caption(v, path, f"key {key!r}[{j}]", key, out.problems)) is not None]
+        refs = [
+            c
+            for j, v in enumerate(values)
+            if (c := _caption(v, path, f"key {key!r}[{j}]", key, out.problems)) is not None
+        ]
         out.refs[key] = refs
     return out
 
@@ -167,13 +180,23 @@ def read_references(path: str | Path) -> References:
     data = read_json(path)
     if isinstance(data, dict) and "annotations" in data:
         refs = read_coco_captions(path)
-    elif isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] and \
-            isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
+    elif (
+        isinstance(data, dict)
+        and isinstance(data.get("images"), list)
+        and data["images"]
+        and isinstance(data["images"][0], dict)
+        and "sentences" in data["images"][0]
+    ):
         refs = read_karpathy(path)
     elif isinstance(data, dict):
         refs = read_clipscore_references(path)
     else:
-        raise DataError(f"{path}: expected COCO caption annotations or an object {{image_id: [references]}}, "
-                        f"got {type(data).__name__}")
-    return References({str(k): v for k, v in refs.refs.items()}, {str(k): v for k, v in refs.file_names.items()},
-                      refs.problems)
+        raise DataError(
+            f"{path}: expected COCO caption annotations or an object {{image_id: [references]}}, "
+            f"got {type(data).__name__}"
+        )
+    return References(
+        {str(k): v for k, v in refs.refs.items()},
+        {str(k): v for k, v in refs.file_names.items()},
+        refs.problems,
+    )

@@ -18,18 +18,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recon", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, arg, help_ in [("caption", "images", "caption an image folder (or one image)"),
-                             ("generate", "texts", "generate images from a texts file (.txt lines or .json)"),
-                             ("reconstruct", "images", "image -> captions -> images -> similarity"),
-                             ("reconstruct-text", "texts", "text -> images -> captions -> text similarity")]:
+    for name, arg, help_ in [
+        ("caption", "images", "caption an image folder (or one image)"),
+        ("generate", "texts", "generate images from a texts file (.txt lines or .json)"),
+        ("reconstruct", "images", "image -> captions -> images -> similarity"),
+        ("reconstruct-text", "texts", "text -> images -> captions -> text similarity"),
+    ]:
         p = sub.add_parser(name, help=help_)
-        p.add_argument(arg, help="an image folder (searched recursively) or one image file" if arg == "images"
-                       else "a texts file: .txt (one per line), .json (list or {id: text}) or .jsonl")
+        p.add_argument(
+            arg,
+            help="an image folder (searched recursively) or one image file"
+            if arg == "images"
+            else "a texts file: .txt (one per line), .json (list or {id: text}) or .jsonl",
+        )
         add_run_args(p)
     p = sub.add_parser("report", help="(re)write report.html of a run directory")
     p.add_argument("run_dir")
     sub.add_parser("presets", help="list the presets in configs/")
-    p = sub.add_parser("env", help="print the versions and devices that decide recon's numbers (for bug reports)")
+    p = sub.add_parser(
+        "env", help="print the versions and devices that decide recon's numbers (for bug reports)"
+    )
     p.add_argument("--json", action="store_true", help="as JSON")
     from recon.scoring import commands as scoring_cli
     from recon.shapes import commands as shapes_commands
@@ -46,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _summary(run) -> None:
     records = run.records()
     ok = [r for r in records if r.get("status") == "ok"]
-    summary: dict = {"run_dir": str(run.path), "items": len(records), "ok": len(ok), "failed": len(records) - len(ok)}
+    summary: dict = {
+        "run_dir": str(run.path),
+        "items": len(records),
+        "ok": len(ok),
+        "failed": len(records) - len(ok),
+    }
     metrics = sorted({m for r in ok for m in (r.get("scores") or {})})
     for m in metrics:
         vals = [r["scores"][m] for r in ok if r["scores"].get(m) is not None]
@@ -65,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C at any moment (imports included) ends with one line, not a traceback."""
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+        )
         _quiet_libraries(args.verbose)
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -112,8 +126,12 @@ def _dispatch(args) -> int:
     config = config_from_args(args)
     out = args.out or f"runs/{args.command}-{config.name}"
     kw = dict(limit=args.limit, retry_failed=args.retry_failed, progress=not args.no_progress)
-    fn = {"caption": jobs.caption_images, "generate": jobs.generate_images,
-          "reconstruct": jobs.reconstruct_images, "reconstruct-text": jobs.reconstruct_texts}[args.command]
+    fn = {
+        "caption": jobs.caption_images,
+        "generate": jobs.generate_images,
+        "reconstruct": jobs.reconstruct_images,
+        "reconstruct-text": jobs.reconstruct_texts,
+    }[args.command]
     run = fn(config, getattr(args, "images", None) or args.texts, out, **kw)
     if run.rank == 0:
         _summary(run)
@@ -131,8 +149,11 @@ def _quiet_libraries(verbose: bool) -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    for key, value in [("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")]:
+    for key, value in [
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ]:
         os.environ.setdefault(key, value)
 
 

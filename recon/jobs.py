@@ -52,12 +52,19 @@ def make_cache(config: Config) -> Cache:
     """The run's cache, checked writable before any work (see :class:`Cache`)."""
     if config.run.cache_dir == "":
         return Cache(None)
-    return Cache(Path(config.run.cache_dir).expanduser() if config.run.cache_dir else hub.cache_root() / "cache")
+    return Cache(
+        Path(config.run.cache_dir).expanduser() if config.run.cache_dir else hub.cache_root() / "cache"
+    )
 
 
 def failed(item_id: str, error: BaseException | str, **extra) -> dict:
-    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}" if not isinstance(
-        error, (DataError, ValueError)) else str(error)
+    msg = (
+        error
+        if isinstance(error, str)
+        else f"{type(error).__name__}: {error}"
+        if not isinstance(error, (DataError, ValueError))
+        else str(error)
+    )
     return {"id": item_id, "status": "failed", "error": msg, **extra}
 
 
@@ -78,14 +85,25 @@ def environment_error(error: BaseException) -> OSError | None:
 
 def _stop_for(error: OSError, run: RunDir) -> RunError:
     where = f" writing {error.filename}" if error.filename else ""
-    return RunError(f"stopped: {error.strerror or os.strerror(error.errno)}{where}; the records so far are kept in "
-                    f"{run.path}; free space or make it writable, then rerun the same command to resume")
+    return RunError(
+        f"stopped: {error.strerror or os.strerror(error.errno)}{where}; the records so far are kept in "
+        f"{run.path}; free space or make it writable, then rerun the same command to resume"
+    )
 
 
-def run_job(config: Config, out: str | Path, items: Sequence, process: Callable[[list, RunDir], list[dict]],
-            desc: str, retry_failed: bool = False, report: bool = True, progress: bool = True,
-            preflight: Callable[[], None] | None = None, reconstructor: Reconstructor | None = None,
-            images_per_item: int = 1) -> RunDir:
+def run_job(
+    config: Config,
+    out: str | Path,
+    items: Sequence,
+    process: Callable[[list, RunDir], list[dict]],
+    desc: str,
+    retry_failed: bool = False,
+    report: bool = True,
+    progress: bool = True,
+    preflight: Callable[[], None] | None = None,
+    reconstructor: Reconstructor | None = None,
+    images_per_item: int = 1,
+) -> RunDir:
     """The shared loop: resume, preflight, batch, isolate failures, append, merge shards, report.
 
     Missing models (:class:`hub.ModelNotAvailableError`) stop the run instead of failing every item. With the
@@ -96,8 +114,20 @@ def run_job(config: Config, out: str | Path, items: Sequence, process: Callable[
     run = RunDir(out, config, dist.rank, dist.world_size, command=desc)
     try:
         run.set_inputs(it.id for it in items)
-        _run_items(run, dist, config, items, process, desc, retry_failed, report, progress, preflight,
-                   reconstructor, images_per_item)
+        _run_items(
+            run,
+            dist,
+            config,
+            items,
+            process,
+            desc,
+            retry_failed,
+            report,
+            progress,
+            preflight,
+            reconstructor,
+            images_per_item,
+        )
     finally:
         run.close()
     return run
@@ -128,10 +158,21 @@ def _todo(run: RunDir, items: Sequence, retry_failed: bool) -> tuple[list, dict]
     return todo, prints
 
 
-def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, process, desc: str,
-               retry_failed: bool, report: bool, progress: bool, preflight, reconstructor=None,
-               images_per_item: int = 1) -> None:
-    mine = list(items)[dist.rank::dist.world_size]
+def _run_items(
+    run: RunDir,
+    dist: Distributed,
+    config: Config,
+    items: Sequence,
+    process,
+    desc: str,
+    retry_failed: bool,
+    report: bool,
+    progress: bool,
+    preflight,
+    reconstructor=None,
+    images_per_item: int = 1,
+) -> None:
+    mine = list(items)[dist.rank :: dist.world_size]
     todo, prints = _todo(run, mine, retry_failed)
     if todo and preflight is not None:
         preflight()
@@ -149,7 +190,7 @@ def _run_items(run: RunDir, dist: Distributed, config: Config, items: Sequence, 
     if reconstructor is not None and bar.disable is False:
         reconstructor.on_progress = on_images
     for start in range(0, len(todo), max(1, config.run.batch_size)):
-        chunk = todo[start:start + config.run.batch_size]
+        chunk = todo[start : start + config.run.batch_size]
         partial.update(items=0.0, cap=len(chunk) - 1e-6)
         try:
             records = process(chunk, run)
@@ -206,8 +247,10 @@ def input_images(source: str | Path, out: str | Path) -> list:
     outputs = (Path(out) / "images").resolve()
     items = [it for it in list_images(source) if outputs not in it.path.resolve().parents]
     if not items:
-        raise DataError(f"{source}: no input images outside the run directory's outputs ({outputs}); "
-                        "pass a folder of images")
+        raise DataError(
+            f"{source}: no input images outside the run directory's outputs ({outputs}); "
+            "pass a folder of images"
+        )
     return items
 
 
@@ -225,21 +268,30 @@ def _load(items, run: RunDir) -> tuple[list, list[dict]]:
     return ok, bad
 
 
-def reconstruct_images(config: Config, source: str | Path, out: str | Path, limit: int | None = None,
-                       retry_failed: bool = False, progress: bool = True, reconstructor: Reconstructor | None = None
-                       ) -> RunDir:
+def reconstruct_images(
+    config: Config,
+    source: str | Path,
+    out: str | Path,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    reconstructor: Reconstructor | None = None,
+) -> RunDir:
     """image -> N captions -> K images each -> similarity to the original; best candidate chosen."""
     if not config.similarity.image:
-        raise ConfigError("similarity.image is empty: reconstruct scores and ranks candidates by an image "
-                          "similarity; list at least one (e.g. --set similarity.image.0.kind=clip)")
+        raise ConfigError(
+            "similarity.image is empty: reconstruct scores and ranks candidates by an image "
+            "similarity; list at least one (e.g. --set similarity.image.0.kind=clip)"
+        )
     items = input_images(source, out)[:limit]
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
 
     def process(chunk, run: RunDir) -> list[dict]:
         loaded, records = _load(chunk, run)
         if loaded:
-            results = recon.image_to_text_to_image([im for _, im, _ in loaded], [it.id for it, _, _ in loaded],
-                                                   [h for _, _, h in loaded])
+            results = recon.image_to_text_to_image(
+                [im for _, im, _ in loaded], [it.id for it, _, _ in loaded], [h for _, _, h in loaded]
+            )
             for (it, image, _), rec in zip(loaded, results):
                 rec["source"] = str(it.path)
                 if config.run.save_images:
@@ -256,9 +308,18 @@ def reconstruct_images(config: Config, source: str | Path, out: str | Path, limi
                 records.append(rec)
         return records
 
-    return run_job(config, out, items, process, "reconstruct", retry_failed, progress=progress,
-                   preflight=lambda: recon.preflight(("captioner", "generator", "image")), reconstructor=recon,
-                   images_per_item=config.captioner.num_candidates * config.generator.images_per_caption)
+    return run_job(
+        config,
+        out,
+        items,
+        process,
+        "reconstruct",
+        retry_failed,
+        progress=progress,
+        preflight=lambda: recon.preflight(("captioner", "generator", "image")),
+        reconstructor=recon,
+        images_per_item=config.captioner.num_candidates * config.generator.images_per_caption,
+    )
 
 
 def _split_valid_texts(items) -> tuple[list[dict], list]:
@@ -270,20 +331,30 @@ def _split_valid_texts(items) -> tuple[list[dict], list]:
     return records, good
 
 
-def reconstruct_texts(config: Config, texts: str | Path, out: str | Path, limit: int | None = None,
-                      retry_failed: bool = False, progress: bool = True,
-                      reconstructor: Reconstructor | None = None) -> RunDir:
+def reconstruct_texts(
+    config: Config,
+    texts: str | Path,
+    out: str | Path,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    reconstructor: Reconstructor | None = None,
+) -> RunDir:
     """text -> K images -> a caption each -> text similarity to the original text."""
     if not config.similarity.text:
-        log.warning("similarity.text is empty: reconstruct-text records captions of the generated images but no "
-                    "text similarity (add one, e.g. --set similarity.text.0.kind=clip_text)")
+        log.warning(
+            "similarity.text is empty: reconstruct-text records captions of the generated images but no "
+            "text similarity (add one, e.g. --set similarity.text.0.kind=clip_text)"
+        )
     items = load_texts(texts)[:limit]
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
 
     def process(chunk, run: RunDir) -> list[dict]:
         records, good = _split_valid_texts(chunk)
         if good:
-            for it, rec in zip(good, recon.text_to_image_to_text([it.text for it in good], [it.id for it in good])):
+            for it, rec in zip(
+                good, recon.text_to_image_to_text([it.text for it in good], [it.id for it in good])
+            ):
                 rec["images"] = []
                 for k, data in enumerate(rec.pop("png")):
                     path = run.image_path(it.id, f"k{k}.png")
@@ -292,43 +363,91 @@ def reconstruct_texts(config: Config, texts: str | Path, out: str | Path, limit:
                 records.append(rec)
         return records
 
-    return run_job(config, out, items, process, "reconstruct-text", retry_failed, progress=progress,
-                   preflight=lambda: recon.preflight(("captioner", "generator", "text")), reconstructor=recon,
-                   images_per_item=config.generator.images_per_caption)
+    return run_job(
+        config,
+        out,
+        items,
+        process,
+        "reconstruct-text",
+        retry_failed,
+        progress=progress,
+        preflight=lambda: recon.preflight(("captioner", "generator", "text")),
+        reconstructor=recon,
+        images_per_item=config.generator.images_per_caption,
+    )
 
 
-def caption_images(config: Config, source: str | Path, out: str | Path, limit: int | None = None,
-                   retry_failed: bool = False, progress: bool = True) -> RunDir:
+def caption_images(
+    config: Config,
+    source: str | Path,
+    out: str | Path,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> RunDir:
     """Caption a folder; also writes ``captions.json`` in COCO results format (image_id = file stem)."""
     items = input_images(source, out)[:limit]
     stems: dict[str, Path] = {}
     for it in items:  # captions.json names an image by its path without extension
         stem = Path(it.id).with_suffix("").as_posix()
         if stem in stems:
-            raise DataError(f"{stems[stem]} and {it.path} would share the image_id {stem!r} in captions.json; "
-                            "rename one of them, or caption them from separate folders")
+            raise DataError(
+                f"{stems[stem]} and {it.path} would share the image_id {stem!r} in captions.json; "
+                "rename one of them, or caption them from separate folders"
+            )
         stems[stem] = it.path
     recon = Reconstructor(config, cache=make_cache(config))
 
     def process(chunk, run: RunDir) -> list[dict]:
         loaded, records = _load(chunk, run)
         if loaded:
-            caps = recon.caption([im for _, im, _ in loaded], [it.id for it, _, _ in loaded], [h for _, _, h in loaded])
-            records += [{"id": it.id, "status": "ok", "direction": "caption", "source": str(it.path),
-                         "captions": c, "caption": c[0] if c else ""} for (it, _, _), c in zip(loaded, caps)]
+            caps = recon.caption(
+                [im for _, im, _ in loaded], [it.id for it, _, _ in loaded], [h for _, _, h in loaded]
+            )
+            records += [
+                {
+                    "id": it.id,
+                    "status": "ok",
+                    "direction": "caption",
+                    "source": str(it.path),
+                    "captions": c,
+                    "caption": c[0] if c else "",
+                }
+                for (it, _, _), c in zip(loaded, caps)
+            ]
         return records
 
-    run = run_job(config, out, items, process, "caption", retry_failed, report=False, progress=progress,
-                  preflight=lambda: recon.preflight(("captioner",)))
+    run = run_job(
+        config,
+        out,
+        items,
+        process,
+        "caption",
+        retry_failed,
+        report=False,
+        progress=progress,
+        preflight=lambda: recon.preflight(("captioner",)),
+    )
     if run.rank == 0:
-        write_coco_results(run.path / "captions.json",
-                           [(Path(r["id"]).with_suffix("").as_posix(), r["caption"]) for r in run.records()
-                            if r.get("status") == "ok"])
+        write_coco_results(
+            run.path / "captions.json",
+            [
+                (Path(r["id"]).with_suffix("").as_posix(), r["caption"])
+                for r in run.records()
+                if r.get("status") == "ok"
+            ],
+        )
     return run
 
 
-def generate_images(config: Config, texts: str | Path, out: str | Path, limit: int | None = None,
-                    retry_failed: bool = False, progress: bool = True) -> RunDir:
+def generate_images(
+    config: Config,
+    texts: str | Path,
+    out: str | Path,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> RunDir:
     """K images per text, seeded from (run seed, text id, 0, image index)."""
     items = load_texts(texts)[:limit]
     recon = Reconstructor(config, cache=make_cache(config))
@@ -338,18 +457,38 @@ def generate_images(config: Config, texts: str | Path, out: str | Path, limit: i
         records, good = _split_valid_texts(chunk)
         if good:
             seeds = [derive_seed(config.run.seed, it.id, 0, k) for it in good for k in range(K)]
-            rendered = recon.render([it.text for it in good for _ in range(K)], seeds,
-                                    [it.id for it in good for _ in range(K)])
+            rendered = recon.render(
+                [it.text for it in good for _ in range(K)], seeds, [it.id for it in good for _ in range(K)]
+            )
             for n, it in enumerate(good):
-                mine = rendered[n * K:(n + 1) * K]
+                mine = rendered[n * K : (n + 1) * K]
                 paths = [run.image_path(it.id, f"k{k}.png") for k in range(K)]
                 for p, r in zip(paths, mine):
                     atomic_write_bytes(p, r.png)
-                records.append({"id": it.id, "status": "ok", "direction": "generate", "text": it.text,
-                                "images": [_rel(run, p) for p in paths], "seeds": seeds[n * K:(n + 1) * K],
-                                "flagged": [r.flagged for r in mine],
-                                "warnings": sorted({w for r in mine for w in r.warnings})})
+                records.append(
+                    {
+                        "id": it.id,
+                        "status": "ok",
+                        "direction": "generate",
+                        "text": it.text,
+                        "images": [_rel(run, p) for p in paths],
+                        "seeds": seeds[n * K : (n + 1) * K],
+                        "flagged": [r.flagged for r in mine],
+                        "warnings": sorted({w for r in mine for w in r.warnings}),
+                    }
+                )
         return records
 
-    return run_job(config, out, items, process, "generate", retry_failed, report=False, progress=progress,
-                   preflight=lambda: recon.preflight(("generator",)), reconstructor=recon, images_per_item=K)
+    return run_job(
+        config,
+        out,
+        items,
+        process,
+        "generate",
+        retry_failed,
+        report=False,
+        progress=progress,
+        preflight=lambda: recon.preflight(("generator",)),
+        reconstructor=recon,
+        images_per_item=K,
+    )

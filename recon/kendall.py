@@ -13,8 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def kendall_tau_resampled(xs: np.ndarray, y: np.ndarray, counts: np.ndarray, groups: np.ndarray | None = None,
-                          variant: str = "b", chunk: int | None = None) -> np.ndarray:
+def kendall_tau_resampled(
+    xs: np.ndarray,
+    y: np.ndarray,
+    counts: np.ndarray,
+    groups: np.ndarray | None = None,
+    variant: str = "b",
+    chunk: int | None = None,
+) -> np.ndarray:
     """Kendall's tau (``variant`` "b" or "c") of each row of ``xs [M, n]`` with ``y [n]`` on each of ``R`` resamples
     given as counts: resample ``r`` holds item ``i`` ``counts[r, groups[i]]`` times (``groups`` maps items to the
     columns of ``counts [R, G]``; every item its own column when None). Returns ``[M, R]``; NaN where scipy's is.
@@ -31,8 +37,10 @@ def kendall_tau_resampled(xs: np.ndarray, y: np.ndarray, counts: np.ndarray, gro
     n = y.size
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if xs.shape[1] != n or groups.shape != (n,) or counts.ndim != 2:
-        raise ValueError(f"expected xs [M, {n}], groups [{n}] and counts [R, G]; got {xs.shape}, {groups.shape}, "
-                         f"{counts.shape}")
+        raise ValueError(
+            f"expected xs [M, {n}], groups [{n}] and counts [R, G]; got {xs.shape}, {groups.shape}, "
+            f"{counts.shape}"
+        )
     if variant not in ("b", "c"):
         raise ValueError(f"Kendall tau variant {variant!r}: expected 'b' or 'c'")
     # resamples at a time: [chunk, n] int64 arrays of ~2 MB stay in cache (64 x 18k took 3x the CPU time of 16 x 18k)
@@ -46,19 +54,24 @@ def kendall_tau_resampled(xs: np.ndarray, y: np.ndarray, counts: np.ndarray, gro
         # dis is symmetric in x and y: sort by the finer variable, count inversions of the coarser
         fine, coarse = (xr, yr) if xr.max(initial=0) >= yr.max(initial=0) else (yr, xr)
         order = np.lexsort((coarse, fine))
-        plans.append((_inversion_levels(coarse[order], groups[order]),
-                      _TieCounts(xr * (int(yr.max(initial=0)) + 1) + yr, groups, counts.shape[1], outer=xr)))
+        plans.append(
+            (
+                _inversion_levels(coarse[order], groups[order]),
+                _TieCounts(xr * (int(yr.max(initial=0)) + 1) + yr, groups, counts.shape[1], outer=xr),
+            )
+        )
     out = np.empty((xs.shape[0], counts.shape[0]))
     work = np.empty((2, min(chunk, counts.shape[0]), n), dtype=np.int64)
     for start in range(0, counts.shape[0], chunk):
-        w = counts[start:start + chunk]
+        w = counts[start : start + chunk]
         size = w @ sizes
         [(ytie, y_classes)] = y_ties(w)
         for m, (levels, joint) in enumerate(plans):
             dis = sum(_level_inversions(w, *level, work) for level in levels)
             (ntie, _), (xtie, x_classes) = joint(w)
-            out[m, start:start + chunk] = _kendall_formula(size, dis, xtie, ytie, ntie,
-                                                           np.minimum(x_classes, y_classes), variant)
+            out[m, start : start + chunk] = _kendall_formula(
+                size, dis, xtie, ytie, ntie, np.minimum(x_classes, y_classes), variant
+            )
     return out
 
 
@@ -78,7 +91,9 @@ class _TieCounts:
         c = codes[order]
         starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
         size = np.diff(np.r_[starts, len(c)])
-        single = np.bincount(groups[order[starts[size == 1]]], minlength=n_groups)  # one-item classes per group
+        single = np.bincount(
+            groups[order[starts[size == 1]]], minlength=n_groups
+        )  # one-item classes per group
         multi = np.repeat(size > 1, size)
         c_multi = c[multi]
         multi_starts = np.flatnonzero(np.r_[True, c_multi[1:] != c_multi[:-1]]) if c_multi.size else c_multi
@@ -90,7 +105,10 @@ class _TieCounts:
             ties, classes = (w * (w - 1) // 2) @ single, (w > 0) @ single
             if multi_groups.size:
                 per_class = np.add.reduceat(np.take(w, multi_groups, axis=1), multi_starts, axis=1)
-                ties, classes = ties + (per_class * (per_class - 1) // 2).sum(1), classes + (per_class > 0).sum(1)
+                ties, classes = (
+                    ties + (per_class * (per_class - 1) // 2).sum(1),
+                    classes + (per_class > 0).sum(1),
+                )
             out.append((ties, classes))
         return out
 
@@ -108,11 +126,12 @@ def _inversion_levels(seq: np.ndarray, groups: np.ndarray) -> list[tuple[np.ndar
     return levels
 
 
-def _level_inversions(w: np.ndarray, groups: np.ndarray, one: np.ndarray, starts: np.ndarray,
-                      work: np.ndarray) -> np.ndarray:
+def _level_inversions(
+    w: np.ndarray, groups: np.ndarray, one: np.ndarray, starts: np.ndarray, work: np.ndarray
+) -> np.ndarray:
     """Weighted pairs (a set bit before an unset one, within a group) per resample row of ``w [R, G]``. ``work``
     ``[2, >= R, n]``: reused buffers (fresh ones page-faulted in on every call: up to 5x the CPU time)."""
-    zeros, ones = work[0, :len(w)], work[1, :len(w)]
+    zeros, ones = work[0, : len(w)], work[1, : len(w)]
     np.take(w, groups, axis=1, out=zeros)
     np.multiply(zeros, one, out=ones)
     zeros -= ones
@@ -131,7 +150,11 @@ def _kendall_formula(size, dis, xtie, ytie, ntie, classes, variant: str) -> np.n
         if variant == "b":
             tau = con_minus_dis / np.sqrt(tot - xtie) / np.sqrt(tot - ytie)
         else:  # Python ints, as scipy: size**2 * (classes - 1) may pass 2**53
-            tau = np.array([2 * int(cd) / (int(s) ** 2 * (int(k) - 1) / int(k)) if k > 1 else np.nan
-                            for cd, s, k in zip(con_minus_dis, size, classes)])
+            tau = np.array(
+                [
+                    2 * int(cd) / (int(s) ** 2 * (int(k) - 1) / int(k)) if k > 1 else np.nan
+                    for cd, s, k in zip(con_minus_dis, size, classes)
+                ]
+            )
     tau = np.minimum(1.0, np.maximum(-1.0, tau))
     return np.where((xtie == tot) | (ytie == tot), np.nan, tau)

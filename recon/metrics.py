@@ -43,8 +43,15 @@ class ReconstructionScore(Metric):
     is_differentiable = False
     higher_is_better = None  # depends on the configured similarity: see ``better`` ("higher" or "lower")
 
-    def __init__(self, config: str | Config | None = None, overrides: Sequence[str] = (), device: str | None = None,
-                 use_cache: bool = True, all_metrics: bool = False, **kwargs):
+    def __init__(
+        self,
+        config: str | Config | None = None,
+        overrides: Sequence[str] = (),
+        device: str | None = None,
+        use_cache: bool = True,
+        all_metrics: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         from recon.jobs import make_cache
         from recon.pipeline import Reconstructor
@@ -53,8 +60,9 @@ class ReconstructionScore(Metric):
         self.config = config if isinstance(config, Config) else load_config(config, list(overrides))
         if not self.config.similarity.image:
             raise ValueError("similarity.image is empty: the reconstruction score needs an image similarity")
-        self._recon = Reconstructor(self.config, device=device,
-                                    cache=make_cache(self.config) if use_cache else Cache(None))
+        self._recon = Reconstructor(
+            self.config, device=device, cache=make_cache(self.config) if use_cache else Cache(None)
+        )
         self.keys = [f"recon_{n}" for n in self._recon.metric_names("image")]
         self.selected = f"recon_{self._recon.select_metric()}"
         self.better = metric_direction(self.selected)
@@ -63,8 +71,12 @@ class ReconstructionScore(Metric):
             self.add_state(f"{key}_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{key}_n", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, images: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray | Image.Image],
-               captions: Sequence[str], ids: Sequence[str] | None = None) -> None:
+    def update(
+        self,
+        images: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray | Image.Image],
+        captions: Sequence[str],
+        ids: Sequence[str] | None = None,
+    ) -> None:
         """Score each ``(image, caption)``: images ``[B, 3, H, W]`` floats in [0, 1] or uint8, or a list of
         ``[3, H, W]`` tensors / numpy arrays / PIL images; ``ids`` (optional) name the images as a ``recon score``
         run does. An image out of range (see the module docstring) is a ValueError naming its index."""
@@ -73,8 +85,10 @@ class ReconstructionScore(Metric):
         originals = [image_tensor(im, f"update: image {i}") for i, im in enumerate(images)]
         captions = list(captions)
         if len(originals) != len(captions) or (ids is not None and len(ids) != len(captions)):
-            raise ValueError(f"update: {len(originals)} images, {len(captions)} captions"
-                             f"{'' if ids is None else f', {len(ids)} ids'}: give one of each per pair")
+            raise ValueError(
+                f"update: {len(originals)} images, {len(captions)} captions"
+                f"{'' if ids is None else f', {len(ids)} ids'}: give one of each per pair"
+            )
         for i, caption in enumerate(captions):
             if (err := validate_text(caption)) is not None:
                 raise ValueError(f"update: caption {i}: {err}")
@@ -89,8 +103,12 @@ class ReconstructionScore(Metric):
                     setattr(self, f"{key}_n", getattr(self, f"{key}_n") + 1)
 
     def compute(self) -> torch.Tensor | dict[str, torch.Tensor]:
-        means = {key: (getattr(self, f"{key}_sum") / getattr(self, f"{key}_n").clamp(min=1)).float()
-                 if getattr(self, f"{key}_n") > 0 else torch.tensor(float("nan")) for key in self.keys}
+        means = {
+            key: (getattr(self, f"{key}_sum") / getattr(self, f"{key}_n").clamp(min=1)).float()
+            if getattr(self, f"{key}_n") > 0
+            else torch.tensor(float("nan"))
+            for key in self.keys
+        }
         return means if self.all_metrics else means[self.selected]
 
 
@@ -104,15 +122,23 @@ def image_tensor(image: torch.Tensor | np.ndarray | Image.Image, where: str = "i
         try:
             image = torch.from_numpy(np.ascontiguousarray(image))
         except TypeError:
-            raise ValueError(f"{where}: a numpy array of dtype {image.dtype}; pass uint8 (0-255) or floats in "
-                             "[0, 1]") from None
+            raise ValueError(
+                f"{where}: a numpy array of dtype {image.dtype}; pass uint8 (0-255) or floats in [0, 1]"
+            ) from None
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{where}: got {type(image).__name__}; pass a [3, H, W] tensor or numpy array, or a PIL image")
+        raise TypeError(
+            f"{where}: got {type(image).__name__}; pass a [3, H, W] tensor or numpy array, or a PIL image"
+        )
     x = image.detach().cpu()
     if x.ndim != 3 or x.shape[0] != 3 or x.shape[1] == 0 or x.shape[2] == 0:
-        hint = "; channels last? pass x.permute(2, 0, 1) (numpy: x.transpose(2, 0, 1))" \
-            if x.ndim == 3 and x.shape[-1] == 3 else ""
-        raise ValueError(f"{where}: shape {tuple(x.shape)}, expected [3, H, W] (a batch is [B, 3, H, W]){hint}")
+        hint = (
+            "; channels last? pass x.permute(2, 0, 1) (numpy: x.transpose(2, 0, 1))"
+            if x.ndim == 3 and x.shape[-1] == 3
+            else ""
+        )
+        raise ValueError(
+            f"{where}: shape {tuple(x.shape)}, expected [3, H, W] (a batch is [B, 3, H, W]){hint}"
+        )
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
     if not x.is_floating_point():
@@ -121,6 +147,8 @@ def image_tensor(image: torch.Tensor | np.ndarray | Image.Image, where: str = "i
         raise ValueError(f"{where}: holds non-finite values (NaN or inf); pass floats in [0, 1]")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
-        raise ValueError(f"{where}: values in [{lo:.4g}, {hi:.4g}], expected floats in [0, 1] (divide a 0-255 "
-                         "image by 255, or pass it as uint8); nothing is clamped")
+        raise ValueError(
+            f"{where}: values in [{lo:.4g}, {hi:.4g}], expected floats in [0, 1] (divide a 0-255 "
+            "image by 255, or pass it as uint8); nothing is clamped"
+        )
     return x.float()

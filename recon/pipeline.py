@@ -84,8 +84,16 @@ class Reconstructor:
     item uses the same seed (common random numbers) unless ``generator.common_random_numbers`` is false.
     """
 
-    def __init__(self, config: Config, device: torch.device | str | None = None, cache: Cache | None = None,
-                 captioner=None, generator=None, image_metrics=None, text_metrics=None):
+    def __init__(
+        self,
+        config: Config,
+        device: torch.device | str | None = None,
+        cache: Cache | None = None,
+        captioner=None,
+        generator=None,
+        image_metrics=None,
+        text_metrics=None,
+    ):
         self.config = config
         self._device_spec = str(device) if device is not None else config.run.device
         self._device: torch.device | None = None
@@ -107,7 +115,9 @@ class Reconstructor:
         if self._captioner is None:
             from recon.captioners import load_captioner
 
-            self._captioner = load_captioner(self.config.captioner, self.device, batch_size=self.config.run.batch_size)
+            self._captioner = load_captioner(
+                self.config.captioner, self.device, batch_size=self.config.run.batch_size
+            )
         return self._captioner
 
     @property
@@ -115,7 +125,9 @@ class Reconstructor:
         if self._generator is None:
             from recon.generators import load_generator
 
-            self._generator = load_generator(self.config.generator, self.device, batch_size=self.config.run.batch_size)
+            self._generator = load_generator(
+                self.config.generator, self.device, batch_size=self.config.run.batch_size
+            )
         return self._generator
 
     @property
@@ -139,8 +151,11 @@ class Reconstructor:
         from recon.config import IMAGE_METRIC_NAMES, TEXT_METRIC_NAMES
 
         loaded = self._image_metrics if kind == "image" else self._text_metrics
-        table, metrics = (IMAGE_METRIC_NAMES, self.config.similarity.image) if kind == "image" else \
-            (TEXT_METRIC_NAMES, self.config.similarity.text)
+        table, metrics = (
+            (IMAGE_METRIC_NAMES, self.config.similarity.image)
+            if kind == "image"
+            else (TEXT_METRIC_NAMES, self.config.similarity.text)
+        )
         if loaded is None and all(m.kind in table for m in metrics):
             return [m.name or table[m.kind] for m in metrics]
         return list(self.image_metrics if kind == "image" else self.text_metrics)  # loading names bad kinds
@@ -159,42 +174,80 @@ class Reconstructor:
             if g.lora:
                 hub.resolve(g.lora, "generator LoRA", "generator.lora")
         for kind in ("image", "text"):
-            if kind not in stages or (self._image_metrics if kind == "image" else self._text_metrics) is not None:
+            if (
+                kind not in stages
+                or (self._image_metrics if kind == "image" else self._text_metrics) is not None
+            ):
                 continue
-            for n, m in enumerate(sim.image if kind == "image" else sim.text):  # each kind's row names its check
+            for n, m in enumerate(
+                sim.image if kind == "image" else sim.text
+            ):  # each kind's row names its check
                 hub.preflight_metric(m, kind, f"similarity.{kind}.{n}")
 
     # ------------------------------------------------------------------ cached stages
-    def caption(self, images: Sequence[Image.Image], ids: Sequence[str], hashes: Sequence[str]) -> list[list[str]]:
+    def caption(
+        self, images: Sequence[Image.Image], ids: Sequence[str], hashes: Sequence[str]
+    ) -> list[list[str]]:
         c = self.config.captioner
         seeds = [derive_seed(self.config.run.seed, i, -1, 0) for i in ids]
         models = [hub.fingerprint(m) for m in (c.model, c.checkpoint, c.adapter)]
-        keys = [self.cache.key(stage="caption", image=h, model=c.model, files=models, checkpoint=c.checkpoint,
-                               adapter=c.adapter,
-                               backend=c.backend, prompt=c.prompt, n=c.num_candidates, decoding=c.decoding.__dict__,
-                               seed=s if c.decoding.method == "nucleus" else None) for h, s in zip(hashes, seeds)]
+        keys = [
+            self.cache.key(
+                stage="caption",
+                image=h,
+                model=c.model,
+                files=models,
+                checkpoint=c.checkpoint,
+                adapter=c.adapter,
+                backend=c.backend,
+                prompt=c.prompt,
+                n=c.num_candidates,
+                decoding=c.decoding.__dict__,
+                seed=s if c.decoding.method == "nucleus" else None,
+            )
+            for h, s in zip(hashes, seeds)
+        ]
         out: list[list[str] | None] = [self.cache.get_json("captions", k, _is_captions) for k in keys]
         miss = [i for i, o in enumerate(out) if o is None]
         if miss:
-            fresh = self.captioner.caption([images[i] for i in miss], num_candidates=c.num_candidates,
-                                           decoding=c.decoding, seeds=[seeds[i] for i in miss])
+            fresh = self.captioner.caption(
+                [images[i] for i in miss],
+                num_candidates=c.num_candidates,
+                decoding=c.decoding,
+                seeds=[seeds[i] for i in miss],
+            )
             for i, caps in zip(miss, fresh):
                 out[i] = list(caps)
                 self.cache.put_json("captions", keys[i], out[i])
         return out  # type: ignore[return-value]
 
-    def render(self, prompts: Sequence[str], seeds: Sequence[int],
-               groups: Sequence[str] | None = None) -> list[Rendered]:
+    def render(
+        self, prompts: Sequence[str], seeds: Sequence[int], groups: Sequence[str] | None = None
+    ) -> list[Rendered]:
         """PNG per (prompt, seed), cached. Misses of one group (item) are generated in their own batches unless
         ``generator.batch_across_items``: the batch layout of an item never depends on the other items."""
         g = self.config.generator
         files = [hub.fingerprint(g.model), hub.fingerprint(g.lora)]
-        keys = [self.cache.key(stage="generate", model=g.model, files=files, lora=g.lora, scheduler=g.scheduler,
-                               steps=g.num_inference_steps, guidance=g.guidance_scale, h=g.height, w=g.width,
-                               negative=g.negative_prompt, safety=g.safety_checker, prompt=p, seed=s,
-                               # only chunk mode joins the key: truncate-mode keys (and caches) stay as they were
-                               **({"long_prompts": g.long_prompts} if g.long_prompts != "truncate" else {}))
-                for p, s in zip(prompts, seeds)]
+        keys = [
+            self.cache.key(
+                stage="generate",
+                model=g.model,
+                files=files,
+                lora=g.lora,
+                scheduler=g.scheduler,
+                steps=g.num_inference_steps,
+                guidance=g.guidance_scale,
+                h=g.height,
+                w=g.width,
+                negative=g.negative_prompt,
+                safety=g.safety_checker,
+                prompt=p,
+                seed=s,
+                # only chunk mode joins the key: truncate-mode keys (and caches) stay as they were
+                **({"long_prompts": g.long_prompts} if g.long_prompts != "truncate" else {}),
+            )
+            for p, s in zip(prompts, seeds)
+        ]
         out: list[Rendered | None] = []
         for k in keys:
             # a cached PNG passes the checks of an input image (decodes whole, within the pixel budget)
@@ -210,26 +263,37 @@ class Reconstructor:
                 by_group.setdefault(groups[i], []).append(i)
             batches = list(by_group.values())
         for miss in batches:
-            progress = {"on_progress": self.on_progress} if self.on_progress else {}  # a generator of the older protocol takes none
+            progress = (
+                {"on_progress": self.on_progress} if self.on_progress else {}
+            )  # a generator of the older protocol takes none
             gen = self.generator.generate([prompts[i] for i in miss], [seeds[i] for i in miss], **progress)
             for j, i in enumerate(miss):
-                r = Rendered(png_bytes(gen.images[j]), gen.flagged[j] if gen.flagged else False,
-                             gen.warnings[j] if gen.warnings else [])
+                r = Rendered(
+                    png_bytes(gen.images[j]),
+                    gen.flagged[j] if gen.flagged else False,
+                    gen.warnings[j] if gen.warnings else [],
+                )
                 self.cache.put_bytes("images", keys[i], r.png, ".png")
                 self.cache.put_json("images-meta", keys[i], {"flagged": r.flagged, "warnings": r.warnings})
                 out[i] = r
         return out  # type: ignore[return-value]
 
-    def score_images(self, original: torch.Tensor | Image.Image, original_hash: str,
-                     pngs: Sequence[bytes]) -> dict[str, list[float]]:
+    def score_images(
+        self, original: torch.Tensor | Image.Image, original_hash: str, pngs: Sequence[bytes]
+    ) -> dict[str, list[float]]:
         """Similarity of one original (``[3, H, W]`` tensor, or a PIL image made one only on a cache miss) to each
         reconstruction, per metric (cached per pair)."""
         names = self.metric_names("image")
-        specs = {n: {**m.__dict__, "files": hub.fingerprint(m.model)} for n, m in zip(names, self.config.similarity.image)}
+        specs = {
+            n: {**m.__dict__, "files": hub.fingerprint(m.model)}
+            for n, m in zip(names, self.config.similarity.image)
+        }
         scores: dict[str, list[float]] = {}
         for n in names:
-            keys = [self.cache.key(stage="score", metric=specs.get(n, n), a=original_hash,
-                                   b=_sha(p)) for p in pngs]
+            keys = [
+                self.cache.key(stage="score", metric=specs.get(n, n), a=original_hash, b=_sha(p))
+                for p in pngs
+            ]
             vals = [self.cache.get_json("scores", k, _is_finite) for k in keys]
             miss = [i for i, v in enumerate(vals) if v is None]
             if miss:
@@ -240,7 +304,9 @@ class Reconstructor:
                     original = to_tensor(original)
                 recon = torch.stack([to_tensor(pngs[i]) for i in miss]).to(self.device)
                 with torch.inference_mode():
-                    fresh = metric(original.unsqueeze(0).to(self.device), recon).float().cpu().tolist()  # 1 vs K
+                    fresh = (
+                        metric(original.unsqueeze(0).to(self.device), recon).float().cpu().tolist()
+                    )  # 1 vs K
                 for i, v in zip(miss, fresh):
                     vals[i] = v
                     if math.isfinite(v):  # a NaN is recomputed next time, never served from the cache
@@ -252,7 +318,9 @@ class Reconstructor:
         import torch
 
         with torch.inference_mode():
-            return {n: m(list(texts), list(others)).float().cpu().tolist() for n, m in self.text_metrics.items()}
+            return {
+                n: m(list(texts), list(others)).float().cpu().tolist() for n, m in self.text_metrics.items()
+            }
 
     def score_reconstructions(self, original, original_hash: str, rendered: Sequence[Rendered]) -> dict:
         """One caption's K reconstructions against its original: ``per_image`` scores per metric, ``scores`` (mean
@@ -265,12 +333,22 @@ class Reconstructor:
         per_image: dict[str, list[float | None]] = {}
         for m, vs in scored.items():
             per_image[m] = [v if math.isfinite(v) else None for v in vs]
-            if (bad := per_image[m].count(None)):
-                warnings.add(f"{m}: {bad} of {len(vs)} reconstruction score(s) not finite, left out of the mean")
-        kept = {m: [v for v, r in zip(vs, rendered) if not r.flagged and v is not None] for m, vs in per_image.items()}
+            if bad := per_image[m].count(None):
+                warnings.add(
+                    f"{m}: {bad} of {len(vs)} reconstruction score(s) not finite, left out of the mean"
+                )
+        kept = {
+            m: [v for v, r in zip(vs, rendered) if not r.flagged and v is not None]
+            for m, vs in per_image.items()
+        }
         std = {m: float(statistics.stdev(vs)) if len(vs) > 1 else None for m, vs in kept.items()}
-        return {"scores": {m: _mean(vs) for m, vs in kept.items()}, "std": std, "per_image": per_image,
-                "flagged": [r.flagged for r in rendered], "warnings": sorted(warnings)}
+        return {
+            "scores": {m: _mean(vs) for m, vs in kept.items()},
+            "std": std,
+            "per_image": per_image,
+            "flagged": [r.flagged for r in rendered],
+            "warnings": sorted(warnings),
+        }
 
     # ------------------------------------------------------------------ the two directions
     def select_metric(self) -> str:
@@ -280,8 +358,9 @@ class Reconstructor:
             raise ValueError(f"similarity.select_by={key!r} is not one of the image metrics {names}")
         return key
 
-    def reconstruct_captions(self, requests: Sequence[tuple], timer: Timer | None = None,
-                             prefix: str = "") -> list[dict]:
+    def reconstruct_captions(
+        self, requests: Sequence[tuple], timer: Timer | None = None, prefix: str = ""
+    ) -> list[dict]:
         """The one reconstruction-scoring step: K images per caption, each compared with its original.
 
         ``requests = [(group, image key, original, original hash, caption)]`` or with a sixth element, the
@@ -292,33 +371,53 @@ class Reconstructor:
         ``per_image``, ``seeds``, ``png``, ``flagged``, ``warnings``; metric keys get ``prefix``."""
         timer = timer or (lambda stage: nullcontext())
         K = self.config.generator.images_per_caption
-        seeds = [[derive_seed(self.config.run.seed, req[1], req[5] if len(req) > 5 else 0, k) for k in range(K)]
-                 for req in requests]
+        seeds = [
+            [derive_seed(self.config.run.seed, req[1], req[5] if len(req) > 5 else 0, k) for k in range(K)]
+            for req in requests
+        ]
         with timer("generation"):
-            rendered = self.render([req[4] for req in requests for _ in range(K)], [s for ss in seeds for s in ss],
-                                   [req[0] for req in requests for _ in range(K)])
+            rendered = self.render(
+                [req[4] for req in requests for _ in range(K)],
+                [s for ss in seeds for s in ss],
+                [req[0] for req in requests for _ in range(K)],
+            )
         out = []
         for n, req in enumerate(requests):
-            chunk = rendered[n * K:(n + 1) * K]
+            chunk = rendered[n * K : (n + 1) * K]
             with timer("recon_similarity"):
                 scored = self.score_reconstructions(req[2], req[3], chunk)
-            out.append({**{part: {f"{prefix}{m}": v for m, v in scored[part].items()}
-                           for part in ("scores", "std", "per_image")},
-                        "seeds": seeds[n], "png": [r.png for r in chunk], "flagged": scored["flagged"],
-                        "warnings": scored["warnings"]})
+            out.append(
+                {
+                    **{
+                        part: {f"{prefix}{m}": v for m, v in scored[part].items()}
+                        for part in ("scores", "std", "per_image")
+                    },
+                    "seeds": seeds[n],
+                    "png": [r.png for r in chunk],
+                    "flagged": scored["flagged"],
+                    "warnings": scored["warnings"],
+                }
+            )
         return out
 
-    def image_to_text_to_image(self, images: Sequence[Image.Image], ids: Sequence[str],
-                               hashes: Sequence[str] | None = None) -> list[dict]:
+    def image_to_text_to_image(
+        self, images: Sequence[Image.Image], ids: Sequence[str], hashes: Sequence[str] | None = None
+    ) -> list[dict]:
         """Records (see module runs / report) with reconstructions as PNG bytes under ``candidates[*]['png']``."""
         hashes = list(hashes) if hashes is not None else [_sha(png_bytes(im)) for im in images]
         crn = self.config.generator.common_random_numbers
         select = self.select_metric()
         captions = self.caption(images, ids, hashes)
         # the original stays a PIL image: made a tensor only if a score is not cached
-        scored_all = iter(self.reconstruct_captions(
-            [(item_id, item_id, image, h, cap, 0 if crn else c)
-             for item_id, image, h, caps in zip(ids, images, hashes, captions) for c, cap in enumerate(caps)]))
+        scored_all = iter(
+            self.reconstruct_captions(
+                [
+                    (item_id, item_id, image, h, cap, 0 if crn else c)
+                    for item_id, image, h, caps in zip(ids, images, hashes, captions)
+                    for c, cap in enumerate(caps)
+                ]
+            )
+        )
         records = []
         for item_id, caps in zip(ids, captions):
             candidates, warnings = [], []
@@ -327,14 +426,31 @@ class Reconstructor:
                 warnings += [w for w in scored["warnings"] if w not in warnings]
                 if not cap.strip():
                     warnings.append("captioner returned an empty caption")
-                candidates.append({
-                    "caption": cap, "scores": scored["scores"], "scores_per_image": scored["per_image"],
-                    "seeds": scored["seeds"], "flagged": scored["flagged"], "png": scored["png"]})
+                candidates.append(
+                    {
+                        "caption": cap,
+                        "scores": scored["scores"],
+                        "scores_per_image": scored["per_image"],
+                        "seeds": scored["seeds"],
+                        "flagged": scored["flagged"],
+                        "png": scored["png"],
+                    }
+                )
             chosen = self._choose([c["scores"][select] for c in candidates], select)
-            records.append({"id": item_id, "status": "ok", "direction": "image-text-image",
-                            "candidates": candidates, "chosen": chosen, "caption": candidates[chosen]["caption"],
-                            "scores": dict(candidates[chosen]["scores"]), "seeds": candidates[chosen]["seeds"],
-                            "select_by": select, "warnings": warnings})
+            records.append(
+                {
+                    "id": item_id,
+                    "status": "ok",
+                    "direction": "image-text-image",
+                    "candidates": candidates,
+                    "chosen": chosen,
+                    "caption": candidates[chosen]["caption"],
+                    "scores": dict(candidates[chosen]["scores"]),
+                    "seeds": candidates[chosen]["seeds"],
+                    "select_by": select,
+                    "warnings": warnings,
+                }
+            )
         return records
 
     def text_to_image_to_text(self, texts: Sequence[str], ids: Sequence[str]) -> list[dict]:
@@ -357,13 +473,32 @@ class Reconstructor:
             chosen = self._choose(per_image[first], first) if first else 0
             warnings = sorted({w for r in rendered[sl] for w in r.warnings})
             # text metrics that saw only a prefix of the original text (their long_text policy: truncate)
-            cut = [m for m, metric in self.text_metrics.items() if hasattr(metric, "truncated")
-                   and metric.truncated([text])[0]] if per_image else []
-            records.append({"id": item_id, "status": "ok", "direction": "text-image-text", "text": text,
-                            "seeds": seeds[sl], "captions": caps, "scores_per_image": per_image, "scores": scores,
-                            "chosen": chosen, "flagged": [r.flagged for r in rendered[sl]],
-                            "png": [r.png for r in rendered[sl]], "warnings": warnings,
-                            **({"truncated": cut} if cut else {})})
+            cut = (
+                [
+                    m
+                    for m, metric in self.text_metrics.items()
+                    if hasattr(metric, "truncated") and metric.truncated([text])[0]
+                ]
+                if per_image
+                else []
+            )
+            records.append(
+                {
+                    "id": item_id,
+                    "status": "ok",
+                    "direction": "text-image-text",
+                    "text": text,
+                    "seeds": seeds[sl],
+                    "captions": caps,
+                    "scores_per_image": per_image,
+                    "scores": scores,
+                    "chosen": chosen,
+                    "flagged": [r.flagged for r in rendered[sl]],
+                    "png": [r.png for r in rendered[sl]],
+                    "warnings": warnings,
+                    **({"truncated": cut} if cut else {}),
+                }
+            )
         return records
 
     @staticmethod
@@ -376,8 +511,12 @@ def _is_captions(value) -> bool:
 
 
 def _is_render_meta(value) -> bool:
-    return isinstance(value, dict) and isinstance(value.get("flagged"), bool) and \
-        isinstance(value.get("warnings"), list) and all(isinstance(w, str) for w in value["warnings"])
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("flagged"), bool)
+        and isinstance(value.get("warnings"), list)
+        and all(isinstance(w, str) for w in value["warnings"])
+    )
 
 
 def _is_finite(value) -> bool:

@@ -83,8 +83,6 @@ def _scores(r: Mapping) -> Mapping:
     return scores if isinstance(scores, Mapping) else {}
 
 
-
-
 # -------------------------------------------------------------------------------------------- statistics
 
 
@@ -118,20 +116,28 @@ def _stats_table(records: list[dict], values: dict[tuple[str, str], list[float]]
         stats = [len(a), *_summary(a), a.min(), a.max()] if len(a) else [0] + [float("nan")] * 5
         missing = ok.get(direction, 0) - len(a)
         cells = "".join(f'<td class="num">{"–" if s != s else _num(s)}</td>' for s in stats)  # NaN: "–"
-        rows.append(f"<tr><td>{esc(direction)}</td><td>{esc(metric)}</td>"
-                    f"<td>{'lower (distance)' if better == 'lower' else 'higher (similarity)'}</td>{cells}"
-                    f'<td class="num">{missing}</td><td class="num">{failed.get(direction, 0)}</td></tr>')
+        rows.append(
+            f"<tr><td>{esc(direction)}</td><td>{esc(metric)}</td>"
+            f"<td>{'lower (distance)' if better == 'lower' else 'higher (similarity)'}</td>{cells}"
+            f'<td class="num">{missing}</td><td class="num">{failed.get(direction, 0)}</td></tr>'
+        )
     for direction, n in failed.items():
         if not any(d == direction for d, _ in values):
-            rows.append(f"<tr><td>{esc(direction)}</td><td class='muted' colspan='9'>no scores</td>"
-                        f'<td class="num">{n}</td></tr>')
+            rows.append(
+                f"<tr><td>{esc(direction)}</td><td class='muted' colspan='9'>no scores</td>"
+                f'<td class="num">{n}</td></tr>'
+            )
     if not rows:
         return "<p class='muted'>No records.</p>"
-    head = ("<tr><th>direction</th><th>metric</th><th>better</th><th>n</th><th>mean</th><th>std</th>"
-            "<th>median</th><th>min</th><th>max</th><th>missing / non-finite</th><th>failed records</th></tr>")
-    return (f"<table>{head}{''.join(rows)}</table><p class='muted'>Over records with status ok; std is the "
-            "sample standard deviation; a metric ending in <code>_distance</code> is lower-is-better, "
-            "every other metric higher-is-better.</p>")
+    head = (
+        "<tr><th>direction</th><th>metric</th><th>better</th><th>n</th><th>mean</th><th>std</th>"
+        "<th>median</th><th>min</th><th>max</th><th>missing / non-finite</th><th>failed records</th></tr>"
+    )
+    return (
+        f"<table>{head}{''.join(rows)}</table><p class='muted'>Over records with status ok; std is the "
+        "sample standard deviation; a metric ending in <code>_distance</code> is lower-is-better, "
+        "every other metric higher-is-better.</p>"
+    )
 
 
 def _exponent(a: np.ndarray) -> int:
@@ -158,7 +164,9 @@ def _histogram(direction: str, metric: str, values: list[float]) -> str:
     e = _exponent(a)  # binned scaled: a span of 2e308 would overflow numpy's bin widths
     counts, edges = np.histogram(np.ldexp(a, -e), bins=max(5, min(30, len(values) // 2)))
     top = np.finfo(float).max
-    with np.errstate(over="ignore"):  # only the outer edge of a one-value histogram can pass the largest float
+    with np.errstate(
+        over="ignore"
+    ):  # only the outer edge of a one-value histogram can pass the largest float
         edges = np.clip(np.ldexp(edges, e), -top, top)
     w, h, left, bottom, top = 320, 190, 36, 34, 22
     pw, ph, top_count = w - left - 8, h - bottom - top, max(1, int(counts.max()))
@@ -166,21 +174,25 @@ def _histogram(direction: str, metric: str, values: list[float]) -> str:
     bars = "".join(
         f'<rect x="{left + i * bw:.1f}" y="{top + ph * (1 - c / top_count):.1f}" width="{max(bw - 1, 0.5):.1f}" '
         f'height="{ph * c / top_count:.1f}" fill="#4a78b5"><title>{edges[i]:.4g} to {edges[i + 1]:.4g}: {c}'
-        "</title></rect>" for i, c in enumerate(counts.tolist()))
+        "</title></rect>"
+        for i, c in enumerate(counts.tolist())
+    )
     title = f"{metric} ({metric_direction(metric)} is better)"
     alt = f"histogram of {metric} ({direction})"
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" font-size="9" '
-           f'font-family="sans-serif"><title>{esc(alt)}</title>'
-           f'<text x="{w / 2}" y="13" text-anchor="middle" font-size="10">{esc(title)}</text>{bars}'
-           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#444"/>'
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#444"/>'
-           f'<text x="{left}" y="{top + ph + 12}">{edges[0]:.4g}</text>'
-           f'<text x="{left + pw}" y="{top + ph + 12}" text-anchor="end">{edges[-1]:.4g}</text>'
-           f'<text x="{left + pw / 2}" y="{h - 4}" text-anchor="middle">{esc(metric)}</text>'
-           f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{top_count}</text>'
-           f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>'
-           f'<text x="10" y="{top + ph / 2}" transform="rotate(-90 10 {top + ph / 2})" text-anchor="middle">records'
-           "</text></svg>")
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" font-size="9" '
+        f'font-family="sans-serif"><title>{esc(alt)}</title>'
+        f'<text x="{w / 2}" y="13" text-anchor="middle" font-size="10">{esc(title)}</text>{bars}'
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#444"/>'
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#444"/>'
+        f'<text x="{left}" y="{top + ph + 12}">{edges[0]:.4g}</text>'
+        f'<text x="{left + pw}" y="{top + ph + 12}" text-anchor="end">{edges[-1]:.4g}</text>'
+        f'<text x="{left + pw / 2}" y="{h - 4}" text-anchor="middle">{esc(metric)}</text>'
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{top_count}</text>'
+        f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>'
+        f'<text x="10" y="{top + ph / 2}" transform="rotate(-90 10 {top + ph / 2})" text-anchor="middle">records'
+        "</text></svg>"
+    )
     return f"<figure>{svg}<figcaption>{esc(alt)}</figcaption></figure>"
 
 
@@ -252,7 +264,9 @@ def _item_key(r: dict) -> str:
 
 
 def _flagged(r: dict) -> bool:
-    lists = [r.get("flagged")] + [c.get("flagged") for c in r.get("candidates") or [] if isinstance(c, Mapping)]
+    lists = [r.get("flagged")] + [
+        c.get("flagged") for c in r.get("candidates") or [] if isinstance(c, Mapping)
+    ]
     return any(isinstance(f, list) and any(f) for f in lists)
 
 
@@ -265,9 +279,15 @@ def _io_cells(r: dict, images: Images, with_images: bool) -> tuple[str, str, str
         best = candidates[chosen] if 0 <= chosen < len(candidates) else {}
         source = images.img(r.get("original")) if with_images and r.get("original") else ""
         out = "".join(images.img(rel) for rel in best.get("images") or []) if with_images else ""
-        others = "" if not candidates else (f"<details><summary>{len(candidates)} candidate(s), per-image scores"
-                                            f"</summary>{_candidates_table(r, candidates, images, with_images)}"
-                                            "</details>")
+        others = (
+            ""
+            if not candidates
+            else (
+                f"<details><summary>{len(candidates)} candidate(s), per-image scores"
+                f"</summary>{_candidates_table(r, candidates, images, with_images)}"
+                "</details>"
+            )
+        )
         return source, out, f"{esc(r.get('caption', best.get('caption', '')))}{others}"
     if direction == "score":  # recon score: one caption of one system for one image
         source = images.img(r.get("original")) if with_images and r.get("original") else ""
@@ -279,19 +299,35 @@ def _io_cells(r: dict, images: Images, with_images: bool) -> tuple[str, str, str
         out = "".join(images.img(rel) for rel in r.get("images") or []) if with_images else ""
         captions = "".join(f"<li>{esc(c)}</li>" for c in r.get("captions") or [])
         per = r.get("scores_per_image") if isinstance(r.get("scores_per_image"), Mapping) else {}
-        per_text = "".join(f"<li>{esc(m)}: " + ", ".join(_num(v) for v in vs) + "</li>" for m, vs in per.items()
-                           if isinstance(vs, list))
-        details = f"<details><summary>per-image scores</summary><ul>{per_text}</ul></details>" if per_text else ""
-        return (f"<q>{esc(r.get('text', ''))}</q>", out,
-                (f"<ol start='0'>{captions}</ol>" if captions else "") + details)
+        per_text = "".join(
+            f"<li>{esc(m)}: " + ", ".join(_num(v) for v in vs) + "</li>"
+            for m, vs in per.items()
+            if isinstance(vs, list)
+        )
+        details = (
+            f"<details><summary>per-image scores</summary><ul>{per_text}</ul></details>" if per_text else ""
+        )
+        return (
+            f"<q>{esc(r.get('text', ''))}</q>",
+            out,
+            (f"<ol start='0'>{captions}</ol>" if captions else "") + details,
+        )
     out = "".join(images.img(rel) for rel in r.get("images") or []) if with_images else ""
     if r.get("status") != "ok":
-        return esc(r.get("source", "")), out, f"<span class='flagged'>{esc(r.get('error', r.get('status')))}</span>"
+        return (
+            esc(r.get("source", "")),
+            out,
+            f"<span class='flagged'>{esc(r.get('error', r.get('status')))}</span>",
+        )
     text = "".join(f"<p>{key}: <q>{esc(r[key])}</q></p>" for key in ("text", "caption") if key in r)
     if isinstance(r.get("captions"), list):
         text += "<ol start='0'>" + "".join(f"<li>{esc(c)}</li>" for c in r["captions"]) + "</ol>"
     raw = esc(json.dumps(r, ensure_ascii=False, indent=1, default=str))
-    return esc(r.get("source", "")), out, f"{text}<details><summary>record</summary><pre>{raw}</pre></details>"
+    return (
+        esc(r.get("source", "")),
+        out,
+        f"{text}<details><summary>record</summary><pre>{raw}</pre></details>",
+    )
 
 
 def _candidates_table(r: dict, candidates: list, images: Images, with_images: bool) -> str:
@@ -302,20 +338,30 @@ def _candidates_table(r: dict, candidates: list, images: Images, with_images: bo
     metrics += ["log-likelihood"] if has_ll else []
     rows = []
     for i, c in enumerate(candidates):
-        scores = dict(c.get("scores") or {}, **({"log-likelihood": c.get("log_likelihood", "–")} if has_ll else {}))
+        scores = dict(
+            c.get("scores") or {}, **({"log-likelihood": c.get("log_likelihood", "–")} if has_ll else {})
+        )
         chosen = i == r.get("chosen")
         per = c.get("scores_per_image") if isinstance(c.get("scores_per_image"), Mapping) else {}
-        per_text = "; ".join(f"{esc(m)}: " + ", ".join(_num(v) for v in vs) for m, vs in per.items()
-                             if isinstance(vs, list))
+        per_text = "; ".join(
+            f"{esc(m)}: " + ", ".join(_num(v) for v in vs) for m, vs in per.items() if isinstance(vs, list)
+        )
         flags = c.get("flagged") if isinstance(c.get("flagged"), list) else []
         flag = " <span class='flagged'>flagged by the safety checker</span>" if any(flags) else ""
-        figs = "" if chosen or not with_images else "".join(images.img(rel, 64) for rel in c.get("images") or [])
-        rows.append(f"<tr{' class=chosen' if chosen else ''}><td>{'★ ' if chosen else ''}{i}</td>"
-                    f"<td>{esc(c.get('caption', ''))}{flag}</td>"
-                    + "".join(f'<td class="num">{_num(scores.get(m, "–"))}</td>' for m in metrics)
-                    + f"<td class='muted'>{per_text}</td><td><div class='pair'>{figs}</div></td></tr>")
-    head = ("<tr><th>#</th><th>caption</th>" + "".join(f"<th>{esc(m)}</th>" for m in metrics)
-            + "<th>per image</th><th>images</th></tr>")
+        figs = (
+            "" if chosen or not with_images else "".join(images.img(rel, 64) for rel in c.get("images") or [])
+        )
+        rows.append(
+            f"<tr{' class=chosen' if chosen else ''}><td>{'★ ' if chosen else ''}{i}</td>"
+            f"<td>{esc(c.get('caption', ''))}{flag}</td>"
+            + "".join(f'<td class="num">{_num(scores.get(m, "–"))}</td>' for m in metrics)
+            + f"<td class='muted'>{per_text}</td><td><div class='pair'>{figs}</div></td></tr>"
+        )
+    head = (
+        "<tr><th>#</th><th>caption</th>"
+        + "".join(f"<th>{esc(m)}</th>" for m in metrics)
+        + "<th>per image</th><th>images</th></tr>"
+    )
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -354,14 +400,25 @@ def _row_data(r: dict, metrics: list[str]) -> list:
     is a finite number, a string (shown as text, sorted as missing) or null (no score)."""
     scores = _scores(r)
     warnings = [str(w) for w in r.get("warnings")] if isinstance(r.get("warnings"), list) else []
-    cells = [float(v) if _finite(v) else (None if v is None else str(v)) for v in (scores.get(m) for m in metrics)]
-    return [_item_key(r), str(r.get("id", "?")), int(r.get("status") == "ok"), int(_flagged(r)), warnings,
-            *_row_text(r), *cells]
+    cells = [
+        float(v) if _finite(v) else (None if v is None else str(v)) for v in (scores.get(m) for m in metrics)
+    ]
+    return [
+        _item_key(r),
+        str(r.get("id", "?")),
+        int(r.get("status") == "ok"),
+        int(_flagged(r)),
+        warnings,
+        *_row_text(r),
+        *cells,
+    ]
 
 
 def _json_for_html(value: Any) -> str:
     """JSON that is inert inside a <script> element: no "<" at all (so no </script>, no <!--)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace(
+        "<", "\\u003c"
+    )
 
 
 def gallery(records: list[dict], images: Images, max_items: int, select: str | None = None) -> Gallery:
@@ -378,9 +435,14 @@ def gallery(records: list[dict], images: Images, max_items: int, select: str | N
         return (0, -v if direction == "desc" else v) if _finite(v) else (1, 0.0)
 
     ordered = sorted(records, key=worst_first)
-    head = ("<tr><th></th><th>input</th><th>reconstruction / output</th><th>caption</th>"
-            + "".join(f'<th data-key="{esc(m)}">{esc(m)} <span class="muted">({metric_direction(m)})</span></th>'
-                      for m in metrics) + '<th data-key="@warnings">warnings</th></tr>')
+    head = (
+        "<tr><th></th><th>input</th><th>reconstruction / output</th><th>caption</th>"
+        + "".join(
+            f'<th data-key="{esc(m)}">{esc(m)} <span class="muted">({metric_direction(m)})</span></th>'
+            for m in metrics
+        )
+        + '<th data-key="@warnings">warnings</th></tr>'
+    )
     rows = []
     for r in ordered[:max_items]:
         key = _item_key(r)
@@ -389,8 +451,11 @@ def gallery(records: list[dict], images: Images, max_items: int, select: str | N
         except Exception as e:  # a malformed record must not cost the whole report
             source, out, text = "", "", f"<span class='flagged'>cannot render this record: {esc(e)}</span>"
         scores = _scores(r)
-        cells = "".join(f'<td class="num" data-v="{scores[m] if _finite(scores.get(m)) else ""}">'
-                        f"{_num(scores.get(m, '–'))}</td>" for m in metrics)
+        cells = "".join(
+            f'<td class="num" data-v="{scores[m] if _finite(scores.get(m)) else ""}">'
+            f"{_num(scores.get(m, '–'))}</td>"
+            for m in metrics
+        )
         warnings = r.get("warnings") if isinstance(r.get("warnings"), list) else []
         status = "ok" if r.get("status") == "ok" else "failed"
         rows.append(
@@ -399,7 +464,8 @@ def gallery(records: list[dict], images: Images, max_items: int, select: str | N
             f'<td><a class="itemlink" href="#item={key}" title="link to this item">#</a> '
             f"<span class='muted'>{esc(r.get('id', '?'))}</span></td>"
             f'<td>{source}</td><td><div class="pair">{out}</div></td><td class="caption">{text}</td>{cells}'
-            f'<td data-v="{len(warnings)}">{_warnings(r)}</td></tr>')
+            f'<td data-v="{len(warnings)}">{_warnings(r)}</td></tr>'
+        )
     rest = ordered[max_items:]
     data, rows_js, source_attr = "", None, ""
     if rest:
@@ -413,17 +479,21 @@ def gallery(records: list[dict], images: Images, max_items: int, select: str | N
             source_attr = f' data-rows-file="{GALLERY_ROWS_FILE}" data-token="{token}"'
     options = "".join(f'<option value="{v}">{v}</option>' for v in SHOW)
     shown = min(len(ordered), max_items)
-    where = (f"; the other {len(rest)} are in <code>{GALLERY_ROWS_FILE}</code> beside this page" if rows_js else "")
-    html_ = (f"<h2>Items</h2><p class='controls'>show <select id='show'>{options}</select> "
-             f"<span id='view' class='muted'></span></p><p class='muted'>Click a column to sort (again to reverse); "
-             f"the view is kept in the address, so it can be shared. Images for the first {shown} of {len(ordered)} "
-             f"items (run.max_report_items){where}; {GALLERY_PAGE_ROWS} rows a page; default order: worst first by "
-             f"<code>{esc(select or '–')}</code>.</p>"
-             f'<table id="gallery" data-sort="{esc(select or "")}" data-dir="{direction}" '
-             f'data-page-rows="{GALLERY_PAGE_ROWS}" data-total="{len(ordered)}"{source_attr}><thead>{head}</thead>'
-             f"<tbody>{''.join(rows)}</tbody></table>"
-             "<p class='controls' id='pager'><a id='prev' href='#'>« previous</a> <span id='page'></span> "
-             f"<a id='next' href='#'>next »</a></p>{data}")
+    where = (
+        f"; the other {len(rest)} are in <code>{GALLERY_ROWS_FILE}</code> beside this page" if rows_js else ""
+    )
+    html_ = (
+        f"<h2>Items</h2><p class='controls'>show <select id='show'>{options}</select> "
+        f"<span id='view' class='muted'></span></p><p class='muted'>Click a column to sort (again to reverse); "
+        f"the view is kept in the address, so it can be shared. Images for the first {shown} of {len(ordered)} "
+        f"items (run.max_report_items){where}; {GALLERY_PAGE_ROWS} rows a page; default order: worst first by "
+        f"<code>{esc(select or '–')}</code>.</p>"
+        f'<table id="gallery" data-sort="{esc(select or "")}" data-dir="{direction}" '
+        f'data-page-rows="{GALLERY_PAGE_ROWS}" data-total="{len(ordered)}"{source_attr}><thead>{head}</thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        "<p class='controls' id='pager'><a id='prev' href='#'>« previous</a> <span id='page'></span> "
+        f"<a id='next' href='#'>next »</a></p>{data}"
+    )
     return Gallery(html_, rows_js)
 
 
@@ -451,8 +521,14 @@ def config_text(run_dir: Path, config: Any) -> str | None:
         return json.dumps(config, ensure_ascii=False, indent=2, default=str)
 
 
-def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping | None = None,
-                 title: str = "recon report", max_items: int = 200, thumb_size: int | None = 256) -> Path:
+def write_report(
+    run_dir: str | Path,
+    records: Iterable[dict],
+    config: Mapping | None = None,
+    title: str = "recon report",
+    max_items: int = 200,
+    thumb_size: int | None = 256,
+) -> Path:
     """Write ``run_dir/report.html`` atomically and return its path.
 
     ``records``: result records (see ``recon.pipeline``); when an id repeats, its last record counts.
@@ -469,10 +545,13 @@ def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping |
     values = _metric_values(records)
     images = Images(run_dir, thumb_size)
 
-    parts = [f"<h1>{esc(title)}</h1>",
-             f"<p>run directory <code>{esc(run_dir.resolve().name)}</code>: {len(records)} records, "
-             f"{len(ok)} ok, {len(failed)} failed"
-             + (f"; {skipped} unreadable line(s) at the end of results.jsonl skipped" if skipped else "") + ".</p>"]
+    parts = [
+        f"<h1>{esc(title)}</h1>",
+        f"<p>run directory <code>{esc(run_dir.resolve().name)}</code>: {len(records)} records, "
+        f"{len(ok)} ok, {len(failed)} failed"
+        + (f"; {skipped} unreadable line(s) at the end of results.jsonl skipped" if skipped else "")
+        + ".</p>",
+    ]
     shown_config = config_text(run_dir, config)
     if shown_config is not None:
         parts.append(f"<details><summary>config</summary><pre>{esc(shown_config)}</pre></details>")
@@ -483,14 +562,21 @@ def write_report(run_dir: str | Path, records: Iterable[dict], config: Mapping |
     items = gallery(records, images, max_items)
     parts.append(items.html)
     if failed:
-        rows = "".join(f"<tr><td>{esc(r.get('id', '?'))}</td><td>{esc(r.get('direction', ''))}</td>"
-                       f"<td>{esc(r.get('error', r.get('status', 'no status')))}</td></tr>"
-                       for r in failed[:max_items])
+        rows = "".join(
+            f"<tr><td>{esc(r.get('id', '?'))}</td><td>{esc(r.get('direction', ''))}</td>"
+            f"<td>{esc(r.get('error', r.get('status', 'no status')))}</td></tr>"
+            for r in failed[:max_items]
+        )
         more = f"<p class='muted'>and {len(failed) - max_items} more.</p>" if len(failed) > max_items else ""
-        parts.append(f"<h2>Failed items</h2><table><tr><th>id</th><th>direction</th><th>error</th></tr>"
-                     f"{rows}</table>{more}")
-    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts)
-            + f"\n<script>{script()}</script>\n</body></html>\n")
+        parts.append(
+            f"<h2>Failed items</h2><table><tr><th>id</th><th>direction</th><th>error</th></tr>"
+            f"{rows}</table>{more}"
+        )
+    page = (
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{CSS}</style></head><body>\n"
+        + "\n".join(parts)
+        + f"\n<script>{script()}</script>\n</body></html>\n"
+    )
     write_gallery_rows(run_dir, items)
     return atomic_write_text(run_dir / "report.html", page)

@@ -13,6 +13,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 
 def count(minimum: int):
     """An argparse ``type``: an integer >= ``minimum``; anything else is argparse's one-line usage error."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -21,24 +22,42 @@ def count(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
         return value
+
     parse.__name__ = f"integer >= {minimum}"
     return parse
 
 
-def add_run_args(p: argparse.ArgumentParser, default_preset: str | None = None,
-                 limit_help: str = "process only the first N items") -> None:
-    p.add_argument("--preset", default=default_preset,
-                   help="preset name from configs/ or a YAML path (default: shapes)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, e.g. --set generator.images_per_caption=4 (repeatable)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/COMMAND-PRESET; rerunning with the same "
-                   "--out resumes)")
+def add_run_args(
+    p: argparse.ArgumentParser,
+    default_preset: str | None = None,
+    limit_help: str = "process only the first N items",
+) -> None:
+    p.add_argument(
+        "--preset", default=default_preset, help="preset name from configs/ or a YAML path (default: shapes)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config override, e.g. --set generator.images_per_caption=4 (repeatable)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default: runs/COMMAND-PRESET; rerunning with the same --out resumes)",
+    )
     p.add_argument("--seed", type=int, default=None, help="run seed (run.seed)")
     p.add_argument("--batch-size", type=count(1), default=None, help="items per batch (run.batch_size)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (run.device)")
-    p.add_argument("--threads", type=count(1), default=None,
-                   help="torch CPU threads (run.threads; default: torch's; on a busy or small CPU --threads 1 was "
-                   "2-3x faster)")
+    p.add_argument(
+        "--threads",
+        type=count(1),
+        default=None,
+        help="torch CPU threads (run.threads; default: torch's; on a busy or small CPU --threads 1 was "
+        "2-3x faster)",
+    )
     p.add_argument("--limit", type=count(0), default=None, help=limit_help)
     p.add_argument("--retry-failed", action="store_true", help="on resume, redo items recorded as failed")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the content-keyed cache")
@@ -50,8 +69,12 @@ def config_from_args(args: argparse.Namespace, extra: list[str] | tuple[str, ...
     from recon.config import load_config
 
     overrides = [*extra, *args.overrides]
-    for flag, key in [("seed", "run.seed"), ("batch_size", "run.batch_size"), ("device", "run.device"),
-                      ("threads", "run.threads")]:
+    for flag, key in [
+        ("seed", "run.seed"),
+        ("batch_size", "run.batch_size"),
+        ("device", "run.device"),
+        ("threads", "run.threads"),
+    ]:
         if getattr(args, flag, None) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if getattr(args, "no_cache", False):

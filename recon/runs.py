@@ -72,8 +72,9 @@ def set_aside_bad_lines(path: Path) -> list[dict]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n"
-                                        for r in records))
+        atomic_write_text(
+            path, "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+        )
         log.warning("%s: %d unreadable line(s) moved to %s", path, len(bad), aside)
     return records
 
@@ -81,7 +82,9 @@ def set_aside_bad_lines(path: Path) -> list[dict]:
 def append_jsonl(path: Path, record: dict, allow_nan: bool = False) -> None:
     """Append ``record`` to a JSONL file as one write(2) of one line, then fsync: whole or absent after a kill.
     ``allow_nan``: training metrics may be NaN (a diverged loss is a result); result records may not."""
-    line = (json.dumps(record, ensure_ascii=False, allow_nan=allow_nan, default=_json_default) + "\n").encode()
+    line = (
+        json.dumps(record, ensure_ascii=False, allow_nan=allow_nan, default=_json_default) + "\n"
+    ).encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -121,7 +124,9 @@ def lock_run_dir(path: Path):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise RunError(f"{path} is in use by {holder}; wait for it to finish, or pass another --out") from None
+        raise RunError(
+            f"{path} is in use by {holder}; wait for it to finish, or pass another --out"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"recon pid {os.getpid()}\n")
@@ -168,8 +173,10 @@ def failure_note(records: Iterable[dict], results: Path) -> str | None:
     failed = [r for r in records if r.get("status") != "ok"]
     if not failed:
         return None
-    return (f"{len(failed)} item(s) failed; the first, {failed[0].get('id')}: {failed[0].get('error')} (every "
-            f"failure is in {results})")
+    return (
+        f"{len(failed)} item(s) failed; the first, {failed[0].get('id')}: {failed[0].get('error')} (every "
+        f"failure is in {results})"
+    )
 
 
 def latest_per_id(records: Iterable[dict]) -> list[dict]:
@@ -197,7 +204,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
     """The dotted keys of two run configs whose values differ, leaving out :data:`RESULT_NEUTRAL_KEYS` (the one
     rule for "is this the same run?", used by run directories and metaeval)."""
     a, b = flatten(old), flatten(new)
-    return sorted(k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)) and k not in RESULT_NEUTRAL_KEYS)
+    return sorted(
+        k for k in set(a) | set(b) if not same_value(a.get(k), b.get(k)) and k not in RESULT_NEUTRAL_KEYS
+    )
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -213,8 +222,9 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 class RunDir:
     """One run's output directory; ``rank``/``world_size`` select the shard this process appends to."""
 
-    def __init__(self, path: str | Path, config: Config, rank: int = 0, world_size: int = 1,
-                 command: str | None = None):
+    def __init__(
+        self, path: str | Path, config: Config, rank: int = 0, world_size: int = 1, command: str | None = None
+    ):
         self.path = Path(path)
         self.rank, self.world_size = rank, world_size
         self.images_dir = self.path / "images"
@@ -224,8 +234,9 @@ class RunDir:
             self.images_dir.mkdir(parents=True, exist_ok=True)
             self._lock = lock_run_dir(self.path) if rank == 0 else None
         except OSError as e:  # read-only or full filesystem, no permission
-            raise RunError(f"--out {self.path} cannot be written ({e.strerror or e}); pass a writable directory"
-                           ) from None
+            raise RunError(
+                f"--out {self.path} cannot be written ({e.strerror or e}); pass a writable directory"
+            ) from None
         if command is not None:  # before anything is written: another command's directory stays as it was
             self.claim(command)
         self._check_config(config)
@@ -241,15 +252,20 @@ class RunDir:
     def _check_config(self, config: Config) -> None:
         cfg_path = self.path / "config.yaml"
         new = config.to_dict()
-        holds_records = any(p.stat().st_size for p in [self.path / RESULTS, *self.path.glob("results.rank*.jsonl")]
-                            if p.is_file())
+        holds_records = any(
+            p.stat().st_size
+            for p in [self.path / RESULTS, *self.path.glob("results.rank*.jsonl")]
+            if p.is_file()
+        )
         if cfg_path.exists() and holds_records:  # a run stopped before its first record binds no config
             old = read_run_config(cfg_path)
             diff = config_differences(old, new)
             if diff:
-                raise RunError(f"{self.path} holds a run with a different config ({', '.join(diff[:6])}"
-                               f"{' ...' if len(diff) > 6 else ''}); pass a new --out to start a new run, "
-                               "or the same settings to resume it")
+                raise RunError(
+                    f"{self.path} holds a run with a different config ({', '.join(diff[:6])}"
+                    f"{' ...' if len(diff) > 6 else ''}); pass a new --out to start a new run, "
+                    "or the same settings to resume it"
+                )
         if self.rank == 0:
             atomic_write_text(cfg_path, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
 
@@ -335,14 +351,17 @@ class Cache:
 
     def __init__(self, root: str | Path | None):
         self.root = Path(root) if root else None
-        if self.root is not None:  # checked once here, not per item (every item would fail, and count as done)
+        if (
+            self.root is not None
+        ):  # checked once here, not per item (every item would fail, and count as done)
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 tempfile.TemporaryFile(dir=self.root).close()  # writable, not only present
             except OSError as e:
-                raise RunError(f"cache directory {self.root} cannot be used ({e.strerror or e}); set RECON_CACHE "
-                               "(or run.cache_dir) to a writable directory, or run.cache_dir='' to disable it"
-                               ) from None
+                raise RunError(
+                    f"cache directory {self.root} cannot be used ({e.strerror or e}); set RECON_CACHE "
+                    "(or run.cache_dir) to a writable directory, or run.cache_dir='' to disable it"
+                ) from None
 
     @staticmethod
     def key(**parts: Any) -> str:
@@ -365,11 +384,17 @@ class Cache:
         except FileNotFoundError:
             return None
         except Exception as e:  # noqa: BLE001 - any failure to use a cache entry is a miss, never a failed item
-            log.warning("cache entry %s is damaged (%s: %s); treated as a miss, it will be rebuilt", path,
-                        type(e).__name__, e)
+            log.warning(
+                "cache entry %s is damaged (%s: %s); treated as a miss, it will be rebuilt",
+                path,
+                type(e).__name__,
+                e,
+            )
             try:
                 path.unlink(missing_ok=True)
-            except OSError:  # a directory in its place, a read-only cache: the rebuilt value is simply not stored
+            except (
+                OSError
+            ):  # a directory in its place, a read-only cache: the rebuilt value is simply not stored
                 pass
             return None
 
@@ -397,8 +422,9 @@ class Cache:
             return
         atomic_write_text(self._path(namespace, key, ".json"), text)
 
-    def get_bytes(self, namespace: str, key: str, suffix: str = ".bin",
-                  check: Callable[[Path], Any] | None = None) -> bytes | None:
+    def get_bytes(
+        self, namespace: str, key: str, suffix: str = ".bin", check: Callable[[Path], Any] | None = None
+    ) -> bytes | None:
         """The bytes of an entry, or None for a miss; ``check(path)`` raising marks the entry damaged (see
         :meth:`load`)."""
 

@@ -61,8 +61,12 @@ def _percentiles(samples: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_mean(values: Sequence[float], n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
-                   seed: int | Sequence[int] = 0) -> Estimate:
+def bootstrap_mean(
+    values: Sequence[float],
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int | Sequence[int] = 0,
+) -> Estimate:
     """Mean of ``values`` with a percentile bootstrap CI over items (non-finite values are dropped first)."""
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -72,8 +76,13 @@ def bootstrap_mean(values: Sequence[float], n_resamples: int = N_RESAMPLES, conf
         return Estimate(float(x[0]), float("nan"), float("nan"), 1)
     rng, step = _rng(seed), _chunk_rows(x.size)
     # drawn a chunk of resamples at a time: the same stream as one (n_resamples, n) draw, without its memory
-    means = np.concatenate([x[rng.integers(0, x.size, (min(step, n_resamples - i), x.size))].mean(axis=1)
-                            for i in range(0, n_resamples, step)] or [np.zeros(0)])
+    means = np.concatenate(
+        [
+            x[rng.integers(0, x.size, (min(step, n_resamples - i), x.size))].mean(axis=1)
+            for i in range(0, n_resamples, step)
+        ]
+        or [np.zeros(0)]
+    )
     lo, hi = _percentiles(means, confidence)
     return Estimate(float(x.mean()), lo, hi, int(x.size))
 
@@ -83,9 +92,14 @@ def _chunk_rows(n: int, elements: int = 1 << 18) -> int:
     return max(1, elements // max(n, 1))
 
 
-def bootstrap_statistic(rows: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray],
-                        n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
-                        seed: int | Sequence[int] = 0, chunk: int = 100) -> list[Estimate]:
+def bootstrap_statistic(
+    rows: np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int | Sequence[int] = 0,
+    chunk: int = 100,
+) -> list[Estimate]:
     """A statistic of a whole set of items that is not a mean (corpus BLEU), with percentile bootstrap CIs:
     ``rows [n, ...]`` are the items; ``statistic([R, n, ...]) -> [R, k]`` computes it per resample (k values).
     Resamples are drawn and evaluated ``chunk`` at a time, so memory stays ``chunk * n`` rows."""
@@ -113,9 +127,14 @@ class PairedTest(_Result):
     n: int
 
 
-def paired_test(a: Sequence[float], b: Sequence[float], n_resamples: int = N_RESAMPLES,
-                confidence: float = CONFIDENCE, seed: int | Sequence[int] = 0,
-                n_permutations: int = N_PERMUTATIONS) -> PairedTest:
+def paired_test(
+    a: Sequence[float],
+    b: Sequence[float],
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int | Sequence[int] = 0,
+    n_permutations: int = N_PERMUTATIONS,
+) -> PairedTest:
     """Compare two systems scored on the same items (pairs with a non-finite value are dropped).
 
     ``n_resamples`` bootstrap resamples give the CI of the mean difference; ``n_permutations`` random sign
@@ -135,9 +154,14 @@ def paired_test(a: Sequence[float], b: Sequence[float], n_resamples: int = N_RES
     return PairedTest(est.value, est.low, est.high, p, int(d.size))
 
 
-def paired_tests(columns: np.ndarray, pairs: Sequence[tuple[int, int]], n_resamples: int = N_RESAMPLES,
-                 confidence: float = CONFIDENCE, seed: int | Sequence[int] = 0,
-                 n_permutations: int = N_PERMUTATIONS) -> list[PairedTest]:
+def paired_tests(
+    columns: np.ndarray,
+    pairs: Sequence[tuple[int, int]],
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int | Sequence[int] = 0,
+    n_permutations: int = N_PERMUTATIONS,
+) -> list[PairedTest]:
     """:func:`paired_test` of ``columns[:, i]`` against ``columns[:, j]`` for each ``(i, j)`` in ``pairs`` (``columns
     [n, k]``: k systems on n items), all from one set of draws: the same bootstrap resamples and sign flips as
     :func:`paired_test` with this seed draws for each pair, applied to every pair at once (matrix products over the
@@ -146,12 +170,17 @@ def paired_tests(columns: np.ndarray, pairs: Sequence[tuple[int, int]], n_resamp
     n = columns.shape[0]
     exact = n <= 20 and 2**n <= n_permutations
     if not pairs or exact or n < 2 or not np.isfinite(columns).all():  # the loop's own paths (rare, or cheap)
-        return [paired_test(columns[:, i], columns[:, j], n_resamples, confidence, seed, n_permutations)
-                for i, j in pairs]
+        return [
+            paired_test(columns[:, i], columns[:, j], n_resamples, confidence, seed, n_permutations)
+            for i, j in pairs
+        ]
     d = np.stack([columns[:, i] - columns[:, j] for i, j in pairs], axis=1)  # [n, pairs]
     rng, step = _rng(seed), _chunk_rows(n)  # bootstrap_mean's draws, as item counts per resample
-    counts = [np.bincount(row, minlength=n) for i in range(0, n_resamples, step)
-              for row in rng.integers(0, n, (min(step, n_resamples - i), n))]
+    counts = [
+        np.bincount(row, minlength=n)
+        for i in range(0, n_resamples, step)
+        for row in rng.integers(0, n, (min(step, n_resamples - i), n))
+    ]
     means = np.array(counts, dtype=np.float64).reshape(n_resamples, n) @ d / n
     observed = np.abs(d.mean(0))
     tol = 1e-12 * np.maximum(1.0, np.abs(d).max(0))
@@ -170,8 +199,13 @@ def paired_tests(columns: np.ndarray, pairs: Sequence[tuple[int, int]], n_resamp
     return out
 
 
-def seeds_by_items_bootstrap(a: np.ndarray, b: np.ndarray | None = None, n_resamples: int = 2000,
-                             confidence: float = CONFIDENCE, seed: int | Sequence[int] = 0) -> PairedTest:
+def seeds_by_items_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray | None = None,
+    n_resamples: int = 2000,
+    confidence: float = CONFIDENCE,
+    seed: int | Sequence[int] = 0,
+) -> PairedTest:
     """Mean of ``a`` (or of ``a - b``) over a ``[seeds, items]`` grid, with a two-way bootstrap CI.
 
     For training runs evaluated on shared items: each resample draws training seeds and items independently
@@ -192,8 +226,9 @@ def seeds_by_items_bootstrap(a: np.ndarray, b: np.ndarray | None = None, n_resam
     return PairedTest(float(d.mean()), lo, hi, p, int(s))
 
 
-def seeds_by_items_t_interval(a: np.ndarray, b: np.ndarray | None = None,
-                              confidence: float = CONFIDENCE) -> PairedTest:
+def seeds_by_items_t_interval(
+    a: np.ndarray, b: np.ndarray | None = None, confidence: float = CONFIDENCE
+) -> PairedTest:
     """Mean of ``a`` (or of ``a - b``) over a ``[seeds, items]`` grid, with an interval that holds at few seeds.
 
     The crossed random-effects model ``d[s, i] = mu + seed_s + item_i + e_si`` (every training seed scored on the
@@ -211,7 +246,11 @@ def seeds_by_items_t_interval(a: np.ndarray, b: np.ndarray | None = None,
     the interval then covers evaluation variance only). ``p_value`` (with ``b``): the smallest ``1 - confidence``
     whose interval excludes 0; ``n`` counts seeds.
     """
-    d = np.asarray(a, dtype=np.float64) if b is None else np.asarray(a, dtype=np.float64) - np.asarray(b, np.float64)
+    d = (
+        np.asarray(a, dtype=np.float64)
+        if b is None
+        else np.asarray(a, dtype=np.float64) - np.asarray(b, np.float64)
+    )
     if d.ndim != 2:
         raise ValueError(f"expected a [seeds, items] grid, got shape {d.shape}")
     s, n = d.shape
@@ -224,13 +263,13 @@ def seeds_by_items_t_interval(a: np.ndarray, b: np.ndarray | None = None,
     if s > 1:
         ms_seed = n * float(((rows - mean) ** 2).sum()) / (s - 1)
         resid = d - rows[:, None] - cols[None, :] + mean
-        ms_resid = float((resid ** 2).sum()) / ((s - 1) * (n - 1))
+        ms_resid = float((resid**2).sum()) / ((s - 1) * (n - 1))
         part_seeds, part_items = ms_seed / (s * n), max(ms_item - ms_resid, 0.0) / (s * n)
 
     def half_width(level: float) -> float:
         q = 0.5 + level / 2
         seeds_q = float(st.t.ppf(q, s - 1)) if s > 1 else 0.0
-        return float(np.sqrt(seeds_q ** 2 * part_seeds + float(st.t.ppf(q, n - 1)) ** 2 * part_items))
+        return float(np.sqrt(seeds_q**2 * part_seeds + float(st.t.ppf(q, n - 1)) ** 2 * part_items))
 
     half = half_width(confidence)
     if b is None:
@@ -250,9 +289,19 @@ def seeds_by_items_t_interval(a: np.ndarray, b: np.ndarray | None = None,
 SEED_INTERVALS = {"bootstrap": seeds_by_items_bootstrap, "t": seeds_by_items_t_interval}
 
 
-def coverage_simulation(method: str | Callable[[np.ndarray], PairedTest], seeds: int, items: int, seed_sd: float,
-                        item_sd: float = 0.3, noise_sd: float = 0.3, reps: int = 200, confidence: float = CONFIDENCE,
-                        kind: str = "gaussian", seed: int = 0, n_resamples: int = 2000) -> dict:
+def coverage_simulation(
+    method: str | Callable[[np.ndarray], PairedTest],
+    seeds: int,
+    items: int,
+    seed_sd: float,
+    item_sd: float = 0.3,
+    noise_sd: float = 0.3,
+    reps: int = 200,
+    confidence: float = CONFIDENCE,
+    kind: str = "gaussian",
+    seed: int = 0,
+    n_resamples: int = 2000,
+) -> dict:
     """How often an interval over a ``[seeds, items]`` grid contains the true mean, by simulation.
 
     ``gaussian``: ``d[s, i] = mu + seed_s + item_i + e_si`` with the three standard deviations (a paired
@@ -273,7 +322,7 @@ def coverage_simulation(method: str | Callable[[np.ndarray], PairedTest], seeds:
             grid = truth + a_s + b_i + rng.normal(0, noise_sd, (seeds, items))
         elif kind == "binary":
             truth = 0.7
-            alpha = st.norm.ppf(truth) * np.sqrt(1 + item_sd ** 2 + seed_sd ** 2)
+            alpha = st.norm.ppf(truth) * np.sqrt(1 + item_sd**2 + seed_sd**2)
             grid = (rng.normal(0, 1, (seeds, items)) < alpha + a_s + b_i).astype(np.float64)
         else:
             raise ValueError(f"kind={kind!r}: expected gaussian or binary")
@@ -288,7 +337,9 @@ def coverage_simulation(method: str | Callable[[np.ndarray], PairedTest], seeds:
     return {"coverage": hits / reps, "mean_width": float(np.mean(widths)), "reps": reps}
 
 
-def sign_flip_p_value(d: np.ndarray, n_permutations: int = N_PERMUTATIONS, seed: int | Sequence[int] = 0) -> float:
+def sign_flip_p_value(
+    d: np.ndarray, n_permutations: int = N_PERMUTATIONS, seed: int | Sequence[int] = 0
+) -> float:
     """Two-sided paired permutation test of ``mean(d) = 0``: each pair's two values are swapped at random (the
     sign of its difference flipped). Exact over all ``2^n`` flips when that is at most ``n_permutations``;
     otherwise ``(1 + #{|mean of flipped d| >= |mean d|}) / (1 + n_permutations)`` (never 0)."""
@@ -329,12 +380,12 @@ def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape[0])
     step = max(1, 4_000_000 // (n * n))
     for i in range(0, x.shape[0], step):
-        sx = np.sign(x[i:i + step, :, None] - x[i:i + step, None, :])
-        sy = np.sign(y[i:i + step, :, None] - y[i:i + step, None, :])
+        sx = np.sign(x[i : i + step, :, None] - x[i : i + step, None, :])
+        sy = np.sign(y[i : i + step, :, None] - y[i : i + step, None, :])
         num = (sx * sy).sum((1, 2))
         den = np.sqrt(np.abs(sx).sum((1, 2)) * np.abs(sy).sum((1, 2)))
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[i:i + step] = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+            out[i : i + step] = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
     return out
 
 
@@ -362,8 +413,14 @@ class Correlation(_Result):
     n: int
 
 
-def correlation(x: Sequence[float], y: Sequence[float], method: str = "spearman", n_resamples: int = N_RESAMPLES,
-                confidence: float = CONFIDENCE, seed: int | Sequence[int] = 0) -> Correlation:
+def correlation(
+    x: Sequence[float],
+    y: Sequence[float],
+    method: str = "spearman",
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int | Sequence[int] = 0,
+) -> Correlation:
     """Spearman or Kendall correlation of paired values (pairs with a non-finite value are dropped)."""
     rows = _rows(method)
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -380,8 +437,14 @@ def correlation(x: Sequence[float], y: Sequence[float], method: str = "spearman"
     return Correlation(method, float(test.statistic), float(test.pvalue), lo, hi, int(x.size))
 
 
-def system_correlation(x: np.ndarray, y: np.ndarray, method: str = "spearman", n_resamples: int = N_RESAMPLES,
-                       confidence: float = CONFIDENCE, seed: int | Sequence[int] = 0) -> Correlation:
+def system_correlation(
+    x: np.ndarray,
+    y: np.ndarray,
+    method: str = "spearman",
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int | Sequence[int] = 0,
+) -> Correlation:
     """Correlation of system means: ``x``, ``y`` are ``[systems, images]`` scores on the same images.
 
     The CI resamples images (columns), recomputing every system's mean, so it reflects how stable the ranking

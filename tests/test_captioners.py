@@ -49,15 +49,25 @@ def bare_captions(model, processor, images, prompt, n, **settings):
         assert all(torch.equal(row[:n_prompt], prompt_ids) for row in ids)  # the prompt is the decoder prefix
         ids = ids[:, n_prompt:]
     texts = [" ".join(t.split()) for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    return [texts[i * n:(i + 1) * n] for i in range(len(images))]
+    return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
 
 @pytest.mark.parametrize("method,n,beams", [("greedy", 1, 1), ("beam", 3, 3), ("beam", 4, 2)])
 def test_captions_equal_bare_generate(blip, images, method, n, beams):
     decoding = DecodingConfig(method=method, num_beams=beams, min_new_tokens=2, max_new_tokens=6)
     ours = blip.caption(images, num_candidates=n, decoding=decoding)
-    bare = bare_captions(blip.model, blip.processor, images, PROMPT, n, do_sample=False, num_beams=max(beams, n),
-                         min_new_tokens=2, max_new_tokens=6, repetition_penalty=1.0)
+    bare = bare_captions(
+        blip.model,
+        blip.processor,
+        images,
+        PROMPT,
+        n,
+        do_sample=False,
+        num_beams=max(beams, n),
+        min_new_tokens=2,
+        max_new_tokens=6,
+        repetition_penalty=1.0,
+    )
     assert ours == bare
     assert all(len(c) == n and all(s and not s.startswith("a picture of") for s in c) for c in ours)
     assert blip.caption(images[1:2], num_candidates=n, decoding=decoding) == ours[1:2]
@@ -93,7 +103,7 @@ def test_log_likelihood_is_the_models_own(blip, images):
     with torch.no_grad():
         logits = blip.model(pixel_values=pixels, input_ids=ids).logits[0]
     logp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
-    expected = logp[n_prompt - 1:].sum()  # the caption's tokens and [SEP]
+    expected = logp[n_prompt - 1 :].sum()  # the caption's tokens and [SEP]
     got = blip.log_likelihood(images[:1], [text])
     assert got.shape == (1,) and torch.allclose(got[0], expected, atol=1e-4)
 
@@ -122,22 +132,61 @@ def _save_tiny_blip2(out, language_model: str):
     from recon.tokenizers import make_blip_tokenizer
 
     tok = make_blip_tokenizer()
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
-                               num_query_tokens=4)  # adds the <image> token to the tokenizer
-    small = dict(num_attention_heads=4, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                 eos_token_id=tok.sep_token_id)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        num_query_tokens=4,
+    )  # adds the <image> token to the tokenizer
+    small = dict(
+        num_attention_heads=4,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
     if language_model == "opt":
-        text = dict(model_type="opt", hidden_size=32, word_embed_proj_dim=32, ffn_dim=37, num_hidden_layers=1,
-                    max_position_embeddings=64, bos_token_id=tok.cls_token_id, **small)
+        text = dict(
+            model_type="opt",
+            hidden_size=32,
+            word_embed_proj_dim=32,
+            ffn_dim=37,
+            num_hidden_layers=1,
+            max_position_embeddings=64,
+            bos_token_id=tok.cls_token_id,
+            **small,
+        )
     else:
-        text = dict(model_type="t5", d_model=32, d_kv=8, d_ff=37, num_layers=1, num_decoder_layers=1,
-                    decoder_start_token_id=tok.pad_token_id, **small)
+        text = dict(
+            model_type="t5",
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_decoder_layers=1,
+            decoder_start_token_id=tok.pad_token_id,
+            **small,
+        )
     cfg = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                            intermediate_size=37, encoder_hidden_size=32, max_position_embeddings=32),
-        text_config=text, num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        qformer_config=dict(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=37,
+            encoder_hidden_size=32,
+            max_position_embeddings=32,
+        ),
+        text_config=text,
+        num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
     torch.manual_seed(0)
     Blip2ForConditionalGeneration(cfg).eval().save_pretrained(out)
     processor.save_pretrained(out)
@@ -151,8 +200,18 @@ def test_blip2_captions_through_the_hub(tmp_path, images, language_model):
     assert isinstance(cap, BlipCaptioner) and cap.is_blip2
     decoding = DecodingConfig(method="beam", num_beams=2, min_new_tokens=2, max_new_tokens=5)
     ours = cap.caption(images, num_candidates=2, decoding=decoding)
-    assert ours == bare_captions(cap.model, cap.processor, images, PROMPT, 2, do_sample=False, num_beams=2,
-                                 min_new_tokens=2, max_new_tokens=5, repetition_penalty=1.0)
+    assert ours == bare_captions(
+        cap.model,
+        cap.processor,
+        images,
+        PROMPT,
+        2,
+        do_sample=False,
+        num_beams=2,
+        min_new_tokens=2,
+        max_new_tokens=5,
+        repetition_penalty=1.0,
+    )
     sampled = cap.caption(images[:1], decoding=DecodingConfig(method="nucleus", max_new_tokens=5), seeds=[3])
     assert len(sampled) == 1 and isinstance(sampled[0][0], str)
     ll = cap.log_likelihood(images[:2], ["a dog", "a cat on a mat"])
@@ -164,11 +223,18 @@ def test_original_blip_checkpoint_round_trip(tmp_path, blip_dir, blip, images):
 
     source = blip.model
     original = to_original_blip_state_dict(source.state_dict())
-    for key in ["visual_encoder.cls_token", "visual_encoder.pos_embed", "visual_encoder.patch_embed.proj.weight",
-                "visual_encoder.blocks.0.attn.qkv.weight", "visual_encoder.blocks.1.attn.proj.bias",
-                "visual_encoder.norm.weight", "text_decoder.bert.embeddings.word_embeddings.weight",
-                "text_decoder.bert.encoder.layer.1.crossattention.self.key.weight",
-                "text_decoder.cls.predictions.transform.dense.weight", "text_decoder.bert.embeddings.position_ids"]:
+    for key in [
+        "visual_encoder.cls_token",
+        "visual_encoder.pos_embed",
+        "visual_encoder.patch_embed.proj.weight",
+        "visual_encoder.blocks.0.attn.qkv.weight",
+        "visual_encoder.blocks.1.attn.proj.bias",
+        "visual_encoder.norm.weight",
+        "text_decoder.bert.embeddings.word_embeddings.weight",
+        "text_decoder.bert.encoder.layer.1.crossattention.self.key.weight",
+        "text_decoder.cls.predictions.transform.dense.weight",
+        "text_decoder.bert.embeddings.position_ids",
+    ]:
         assert key in original
     assert not any(k.startswith("vision_model.") for k in original)
     assert convert_blip_state_dict(original).keys() == source.state_dict().keys()
@@ -205,7 +271,8 @@ def test_original_blip_checkpoint_names_missing_and_unexpected_keys(tmp_path, bl
         load_original_blip_checkpoint(target, path)
 
     original["visual_encoder.blocks.0.attn.qkv.weight"] = blip.model.state_dict()[
-        "vision_model.encoder.layers.0.self_attn.qkv.weight"]
+        "vision_model.encoder.layers.0.self_attn.qkv.weight"
+    ]
     torch.save({"model": original}, path)
     report = load_original_blip_checkpoint(target, path)  # BLIP's own loader ignores unused keys too
     assert report.unexpected == ["text_encoder.bert.pooler.dense.weight"]
@@ -227,8 +294,9 @@ def test_peft_adapter_from_config(tmp_path, blip_dir, blip, images):
     base = BlipForConditionalGeneration.from_pretrained(blip_dir)
     lora = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
-    cap = load_captioner(CaptionerConfig(model=str(blip_dir), adapter=str(tmp_path / "adapter"), prompt=PROMPT),
-                         "cpu")
+    cap = load_captioner(
+        CaptionerConfig(model=str(blip_dir), adapter=str(tmp_path / "adapter"), prompt=PROMPT), "cpu"
+    )
     assert "adapter" in cap.model_id
     texts = ["a dog"]
     with_adapter, without = cap.log_likelihood(images[:1], texts), blip.log_likelihood(images[:1], texts)
@@ -258,5 +326,8 @@ def test_an_adapter_trained_on_another_captioner_is_warned_about(tmp_path, caplo
     warn_if_other_base(adapter(hub.resolve("builtin:shapes/captioner_weak")), "builtin:shapes/captioner_weak")
     assert "was trained on" not in caplog.text  # the same base, by id or by its resolved path
     warn_if_other_base(adapter("builtin:shapes/captioner_weak"), "builtin:shapes/captioner")
-    assert ("was trained on builtin:shapes/captioner_weak, but captioner.model is builtin:shapes/captioner" in
-            caplog.text and "--set captioner.model=builtin:shapes/captioner_weak" in caplog.text)
+    assert (
+        "was trained on builtin:shapes/captioner_weak, but captioner.model is builtin:shapes/captioner"
+        in caplog.text
+        and "--set captioner.model=builtin:shapes/captioner_weak" in caplog.text
+    )

@@ -21,8 +21,14 @@ def _env(cache):
 
 
 def _recon(args, cache, **kw):
-    return subprocess.run([sys.executable, "-m", "recon", *args], env=_env(cache), capture_output=True, text=True,
-                          timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "recon", *args],
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def _images(folder, n):
@@ -36,10 +42,26 @@ def _images(folder, n):
 def test_sigkill_midway_then_resume_gives_every_item_once(tmp_path, recon_cache, tiny_models):
     src = _images(tmp_path / "src", 8)
     out = tmp_path / "run"
-    args = ["reconstruct", str(src), "--preset", "tiny-random", "--out", str(out), "--batch-size", "1",
-            "--no-cache", "--no-progress", "--set", "generator.num_inference_steps=20"]
-    proc = subprocess.Popen([sys.executable, "-m", "recon", *args], env=_env(recon_cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "reconstruct",
+        str(src),
+        "--preset",
+        "tiny-random",
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--no-cache",
+        "--no-progress",
+        "--set",
+        "generator.num_inference_steps=20",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recon", *args],
+        env=_env(recon_cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     results = out / "results.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -63,9 +85,30 @@ def test_accelerate_two_processes_shard_and_merge(tmp_path, recon_cache, tiny_mo
     pytest.importorskip("accelerate")
     src = _images(tmp_path / "src", 5)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "recon", "reconstruct", str(src),
-           "--preset", "tiny-random", "--out", str(out), "--no-progress", "--no-cache"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "recon",
+        "reconstruct",
+        str(src),
+        "--preset",
+        "tiny-random",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-cache",
+    ]
     r = subprocess.run(cmd, env=_env(recon_cache), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = read_jsonl(out / "results.jsonl")[0]
@@ -76,8 +119,9 @@ def test_accelerate_two_processes_shard_and_merge(tmp_path, recon_cache, tiny_mo
 
 def test_uncached_hub_id_offline_fails_before_work_with_clear_message(tmp_path, recon_cache):
     src = _images(tmp_path / "src", 1)
-    r = _recon(["reconstruct", str(src), "--preset", "blip-sd14-paper", "--out", str(tmp_path / "run")],
-               recon_cache)
+    r = _recon(
+        ["reconstruct", str(src), "--preset", "blip-sd14-paper", "--out", str(tmp_path / "run")], recon_cache
+    )
     assert r.returncode == 2
     assert "Salesforce/blip-image-captioning-base" in r.stderr and "captioner.model" in r.stderr
     assert "Traceback" not in r.stderr
@@ -87,11 +131,15 @@ def test_uncached_hub_id_offline_fails_before_work_with_clear_message(tmp_path, 
 def test_malformed_inputs_are_one_line_errors(tmp_path, recon_cache):
     bad = tmp_path / "texts.json"
     bad.write_text('["a", "b",\n  oops]')
-    r = _recon(["reconstruct-text", str(bad), "--preset", "tiny-random", "--out", str(tmp_path / "r")], recon_cache)
+    r = _recon(
+        ["reconstruct-text", str(bad), "--preset", "tiny-random", "--out", str(tmp_path / "r")], recon_cache
+    )
     assert r.returncode == 2 and "texts.json" in r.stderr and "Traceback" not in r.stderr
     r = _recon(["reconstruct", str(tmp_path / "nope"), "--preset", "tiny-random"], recon_cache)
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
-    r = _recon(["reconstruct", str(tmp_path), "--preset", "tiny-random", "--set", "generator.steps=3"], recon_cache)
+    r = _recon(
+        ["reconstruct", str(tmp_path), "--preset", "tiny-random", "--set", "generator.steps=3"], recon_cache
+    )
     assert r.returncode == 2 and "generator" in r.stderr and "steps" in r.stderr
 
 
@@ -99,7 +147,9 @@ def test_default_preset_renders_and_reconstructs_four_shapes_images(tmp_path, re
     r = _recon(["shapes", "render", "--n", "4", "--out", str(tmp_path / "data")], recon_cache)
     assert r.returncode == 0, r.stderr
     assert len(json.loads((tmp_path / "data" / "refs.json").read_text())) == 4
-    r = _recon(["reconstruct", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--no-progress"], recon_cache)
+    r = _recon(
+        ["reconstruct", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--no-progress"], recon_cache
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["items"] == 4 and summary["ok"] == 4 and 0 < summary["mean_clip_similarity"] <= 1
@@ -120,9 +170,11 @@ def test_help_presets_and_report_import_no_model_library(tmp_path):
         f"{['score', '--help']!r}, {['finetune', '--help']!r}, {['shapes', 'train', '--help']!r}):\n"
         "    try:\n        rc = main(argv)\n    except SystemExit as e:\n        rc = e.code\n"
         "    assert rc == 0, (argv, rc)\n"
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       env=_env(tmp_path))
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=_env(tmp_path)
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
     assert (run / "report.html").is_file()
@@ -133,10 +185,29 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path, recon_cache, tiny_models, de
     """SIGINT ``delay`` seconds after recon's CLI module is loaded (-X importtime reports it), so a loaded machine
     does not move the signal into the interpreter's own start-up, where no program can catch it."""
     src = _images(tmp_path / "src", 4)
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "recon", "reconstruct", str(src), "--preset",
-                             "tiny-random", "--out", str(tmp_path / "run"), "--batch-size", "1", "--no-cache",
-                             "--no-progress"], env=_env(recon_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "recon",
+            "reconstruct",
+            str(src),
+            "--preset",
+            "tiny-random",
+            "--out",
+            str(tmp_path / "run"),
+            "--batch-size",
+            "1",
+            "--no-cache",
+            "--no-progress",
+        ],
+        env=_env(recon_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     head = []
     for line in proc.stderr:  # the import log, up to recon.cli
         head.append(line)
@@ -156,13 +227,22 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path, recon_cache, tiny_models, de
 def test_a_cached_rerun_imports_no_model_library(tmp_path, recon_cache, tiny_models):
     src = _images(tmp_path / "src", 3)
     env = dict(_env(recon_cache), RECON_CACHE=str(recon_cache))
-    args = ["reconstruct", str(src), "--preset", "tiny-random", "--no-progress", "--set",
-            f"run.cache_dir={tmp_path / 'cache'}"]
+    args = [
+        "reconstruct",
+        str(src),
+        "--preset",
+        "tiny-random",
+        "--no-progress",
+        "--set",
+        f"run.cache_dir={tmp_path / 'cache'}",
+    ]
     assert _recon([*args, "--out", str(tmp_path / "a")], recon_cache).returncode == 0
-    script = ("import sys, json\nfrom recon.cli import main\n"
-              f"for out in ({str(tmp_path / 'b')!r}, {str(tmp_path / 'b')!r}):\n"  # a new --out, then its resume
-              f"    assert main({args!r} + ['--out', out]) == 0\n"
-              f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n")
+    script = (
+        "import sys, json\nfrom recon.cli import main\n"
+        f"for out in ({str(tmp_path / 'b')!r}, {str(tmp_path / 'b')!r}):\n"  # a new --out, then its resume
+        f"    assert main({args!r} + ['--out', out]) == 0\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
@@ -170,11 +250,28 @@ def test_a_cached_rerun_imports_no_model_library(tmp_path, recon_cache, tiny_mod
     assert [x["scores"] for x in a] == [x["scores"] for x in b] and len(b) == 3
 
 
-def test_failures_are_explained_on_the_terminal_and_help_lists_every_command(tmp_path, recon_cache, tiny_models):
+def test_failures_are_explained_on_the_terminal_and_help_lists_every_command(
+    tmp_path, recon_cache, tiny_models
+):
     src = _images(tmp_path / "src", 2)
-    r = subprocess.run([sys.executable, "-m", "recon", "reconstruct", str(src), "--preset", "tiny-random", "--out",
-                        str(tmp_path / "run"), "--no-progress"], env={**_env(recon_cache), "RECON_MAX_PIXELS": "1"},
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recon",
+            "reconstruct",
+            str(src),
+            "--preset",
+            "tiny-random",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        env={**_env(recon_cache), "RECON_MAX_PIXELS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["failed"] == 2
     assert "recon: 2 item(s) failed; the first, 00.png: " in r.stderr and "pixel budget" in r.stderr
     r = _recon(["--help"], recon_cache)

@@ -24,9 +24,17 @@ def test_paper_preset_settings():
 
 
 def test_dotted_overrides_parse_yaml_scalars_and_list_indices():
-    c = load_config("tiny-random", ["generator.guidance_scale=5", "similarity.image.0.kind=lpips",
-                                    "similarity.select_by=lpips_distance",  # the clip metric it selected by is gone
-                                    "captioner.prompt=", "run.threads=null", "generator.negative_prompt=ugly, blurry"])
+    c = load_config(
+        "tiny-random",
+        [
+            "generator.guidance_scale=5",
+            "similarity.image.0.kind=lpips",
+            "similarity.select_by=lpips_distance",  # the clip metric it selected by is gone
+            "captioner.prompt=",
+            "run.threads=null",
+            "generator.negative_prompt=ugly, blurry",
+        ],
+    )
     assert c.generator.guidance_scale == 5.0 and isinstance(c.generator.guidance_scale, float)
     assert c.similarity.image[0].kind == "lpips"
     assert c.captioner.prompt == "" and c.run.threads is None
@@ -41,13 +49,16 @@ def test_float_fields_accept_exponents_without_a_dot():
         load_config("tiny-random", ["generator.guidance_scale=high"])
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("generator.guidance_scle=5", "guidance_scle"),
-    ("run.seed=abc", "run.seed"),
-    ("similarity.image.7.kind=x", "similarity.image.7"),
-    ("nonsense", "dotted.key=value"),
-    ("run.save_images=3", "run.save_images"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("generator.guidance_scle=5", "guidance_scle"),
+        ("run.seed=abc", "run.seed"),
+        ("similarity.image.7.kind=x", "similarity.image.7"),
+        ("nonsense", "dotted.key=value"),
+        ("run.save_images=3", "run.save_images"),
+    ],
+)
 def test_bad_overrides_name_the_field(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config("tiny-random", [override])
@@ -72,17 +83,20 @@ def test_apply_override_appends_to_list():
     assert d == {"a": [1, 2]}
 
 
-@pytest.mark.parametrize("override,field", [
-    ("generator.num_inference_steps=-3", "generator.num_inference_steps"),
-    ("generator.num_inference_steps=0", "generator.num_inference_steps"),
-    ("generator.images_per_caption=0", "generator.images_per_caption"),
-    ("generator.height=7", "generator.height"),
-    ("generator.guidance_scale=.nan", "generator.guidance_scale"),
-    ("captioner.decoding.num_beams=0", "captioner.decoding.num_beams"),
-    ("captioner.decoding.method=sample", "captioner.decoding.method"),
-    ("captioner.num_candidates=0", "captioner.num_candidates"),
-    ("run.batch_size=0", "run.batch_size"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("generator.num_inference_steps=-3", "generator.num_inference_steps"),
+        ("generator.num_inference_steps=0", "generator.num_inference_steps"),
+        ("generator.images_per_caption=0", "generator.images_per_caption"),
+        ("generator.height=7", "generator.height"),
+        ("generator.guidance_scale=.nan", "generator.guidance_scale"),
+        ("captioner.decoding.num_beams=0", "captioner.decoding.num_beams"),
+        ("captioner.decoding.method=sample", "captioner.decoding.method"),
+        ("captioner.num_candidates=0", "captioner.num_candidates"),
+        ("run.batch_size=0", "run.batch_size"),
+    ],
+)
 def test_out_of_range_values_stop_before_any_work(override, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config("shapes", [override])
@@ -95,8 +109,9 @@ def test_base_cycle_is_a_config_error(tmp_path):
         load_config(str(tmp_path / "a.yaml"))
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--limit", "-1"),
-                                        ("--threads", "0")])
+@pytest.mark.parametrize(
+    "flag,value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--limit", "-1"), ("--threads", "0")]
+)
 def test_run_flags_out_of_range_are_usage_errors(flag, value, capsys):
     import argparse
 
@@ -119,20 +134,29 @@ def test_metric_kinds_and_select_by_are_checked_at_load():
     from recon.config import SIMILARITY_KINDS
 
     checks = [row[2] for rows in SIMILARITY_KINDS.values() for row in rows.values() if row[2] is not None]
-    assert checks and all(callable(getattr(hub, name, None)) for name in checks)  # each row's preflight exists
+    assert checks and all(
+        callable(getattr(hub, name, None)) for name in checks
+    )  # each row's preflight exists
     with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind='dino2'"):
         load_config("shapes", ["similarity.image.0.kind=dino2"])
-    with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind='sbert'.*list it under similarity\.text"):
+    with pytest.raises(
+        ConfigError, match=r"similarity\.image\.0\.kind='sbert'.*list it under similarity\.text"
+    ):
         load_config("shapes", ["similarity.image.0.kind=sbert"])
     with pytest.raises(ConfigError, match=r"similarity\.select_by='lpips_distance'"):
         load_config("shapes", ["similarity.select_by=lpips_distance"])
-    assert load_config("shapes", ["similarity.select_by=clip_similarity"]).similarity.select_by == "clip_similarity"
+    assert (
+        load_config("shapes", ["similarity.select_by=clip_similarity"]).similarity.select_by
+        == "clip_similarity"
+    )
 
 
 def test_set_errors_name_the_override_not_a_sound_preset():
     with pytest.raises(ConfigError) as e:
         load_config("tiny-random", ["generator.height=7"])
-    assert str(e.value).startswith("--set generator.height=7: generator.height=7") and "tiny-random.yaml" not in str(e.value)
+    assert str(e.value).startswith(
+        "--set generator.height=7: generator.height=7"
+    ) and "tiny-random.yaml" not in str(e.value)
 
 
 def test_nan_config_values_compare_equal(tmp_path):

@@ -88,7 +88,9 @@ def _claim_size(png: bytes, width: int, height: int) -> bytes:
 def test_pixel_budget(tmp_path, monkeypatch):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_claim_size(_png_bytes(Image.new("RGB", (1, 1))), 9000, 9000))
-    with pytest.raises(DataError, match=r"bomb\.png: 9000x9000 = 81\.0 MP is over the pixel budget of 67\.1 MP"):
+    with pytest.raises(
+        DataError, match=r"bomb\.png: 9000x9000 = 81\.0 MP is over the pixel budget of 67\.1 MP"
+    ):
         load_image(bomb)
     bomb.write_bytes(_claim_size(_png_bytes(Image.new("RGB", (1, 1))), 20000, 20000))
     with pytest.raises(DataError, match=r"bomb\.png: .*exceeds limit"):  # Pillow's hard limit, as a DataError
@@ -176,7 +178,9 @@ def test_palette_with_transparency(tmp_path, fmt):
     path = tmp_path / f"pal.{fmt}"
     img.save(path, transparency=0)
     out = load_image(path)
-    assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (0, 200, 0)
+    assert (
+        out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (0, 200, 0)
+    )
 
 
 @pytest.mark.parametrize("mode,color", [("L", 77), ("LA", (77, 255)), ("1", 1)])
@@ -256,13 +260,20 @@ UNICODE = "a cat 🐱 on a mat — مرحبا بالعالم שלום"
 def test_load_texts_txt(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text(f"\ufefffirst\n\n   \n{LONG}\r\n  {UNICODE}  \n", encoding="utf-8")
-    assert load_texts(path) == [TextItem("line-1", "first"), TextItem("line-4", LONG), TextItem("line-5", UNICODE)]
+    assert load_texts(path) == [
+        TextItem("line-1", "first"),
+        TextItem("line-4", LONG),
+        TextItem("line-5", UNICODE),
+    ]
 
 
 def test_load_texts_json_shapes(tmp_path):
     cases = {
         "strings.json": (["a", "", None, UNICODE], [("0", "a"), ("1", ""), ("2", None), ("3", UNICODE)]),
-        "objects.json": ([{"id": 7, "text": "x"}, {"image_id": "im", "caption": LONG}], [("7", "x"), ("im", LONG)]),
+        "objects.json": (
+            [{"id": 7, "text": "x"}, {"image_id": "im", "caption": LONG}],
+            [("7", "x"), ("im", LONG)],
+        ),
         "mapping.json": ({"b": "x", "a": UNICODE}, [("b", "x"), ("a", UNICODE)]),
     }
     for name, (data, expected) in cases.items():
@@ -271,7 +282,10 @@ def test_load_texts_json_shapes(tmp_path):
     lines = ['"plain"', "", json.dumps({"id": "k", "text": UNICODE}, ensure_ascii=False), '{"m": "mapped"}']
     (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert [(t.id, t.text) for t in load_texts(tmp_path / "t.jsonl")] == [
-        ("line-1", "plain"), ("k", UNICODE), ("m", "mapped")]
+        ("line-1", "plain"),
+        ("k", UNICODE),
+        ("m", "mapped"),
+    ]
 
 
 def test_validate_text():
@@ -311,11 +325,20 @@ def test_load_texts_errors(tmp_path):
 
 
 def test_coco_captions(tmp_path):
-    data = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": "2", "file_name": "b.jpg"},
-                       {"id": 1, "file_name": "dup.jpg"}],
-            "annotations": [{"image_id": 1, "caption": " A dog. "}, {"image_id": 1, "caption": "A puppy"},
-                            {"image_id": 2, "caption": UNICODE}, {"image_id": "007", "caption": "stray"},
-                            {"image_id": 2, "caption": None}]}
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg"},
+            {"id": "2", "file_name": "b.jpg"},
+            {"id": 1, "file_name": "dup.jpg"},
+        ],
+        "annotations": [
+            {"image_id": 1, "caption": " A dog. "},
+            {"image_id": 1, "caption": "A puppy"},
+            {"image_id": 2, "caption": UNICODE},
+            {"image_id": "007", "caption": "stray"},
+            {"image_id": 2, "caption": None},
+        ],
+    }
     path = tmp_path / "captions_val.json"
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     refs = captions_io.read_coco_captions(path)
@@ -339,9 +362,20 @@ def test_karpathy(tmp_path):
         if cocoid is not None:
             e.update(cocoid=cocoid, filepath="val2014")
         return e
+
     path = tmp_path / "dataset_coco.json"
-    path.write_text(json.dumps({"images": [entry("x.jpg", "test", 5), entry("y.jpg", "train", 6),
-                                           entry("123.jpg", "test"), entry("z.jpg", "test", 5)]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [
+                    entry("x.jpg", "test", 5),
+                    entry("y.jpg", "train", 6),
+                    entry("123.jpg", "test"),
+                    entry("z.jpg", "test", 5),
+                ]
+            }
+        )
+    )
     refs = captions_io.read_karpathy(path, split="test")
     assert refs.refs == {5: ["a", "b"], 123: ["a", "b"]}
     assert refs.file_names == {5: "val2014/x.jpg", 123: "123.jpg"}
@@ -350,7 +384,9 @@ def test_karpathy(tmp_path):
     assert set(captions_io.read_karpathy(path).refs) == {5, 6, 123}
     with pytest.raises(DataError, match=r"no images in split \['val'\]; the file has \['test', 'train'\]"):
         captions_io.read_karpathy(path, "val")
-    path.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "test", "sentences": [{"tokens": []}]}]}))
+    path.write_text(
+        json.dumps({"images": [{"filename": "a.jpg", "split": "test", "sentences": [{"tokens": []}]}]})
+    )
     with pytest.raises(DataError, match=r"images\[0\]\.sentences\[0\]: missing key 'raw'"):
         captions_io.read_karpathy(path)
 
@@ -363,8 +399,15 @@ def test_caption_files_and_results(tmp_path):
     path = tmp_path / "candidates.json"
     path.write_text('{"img1": "a cat", "img2": "x", "img1": "later", "003": null}')
     entries = read_caption_set(path, "s").entries
-    assert [(e.key, e.caption) for e in entries] == [("img1", "a cat"), ("img2", "x"), ("img1", "later"), ("003", None)]
-    assert [e.error is None for e in entries] == [True, True, True, False] and "text is null" in entries[3].error
+    assert [(e.key, e.caption) for e in entries] == [
+        ("img1", "a cat"),
+        ("img2", "x"),
+        ("img1", "later"),
+        ("003", None),
+    ]
+    assert [e.error is None for e in entries] == [True, True, True, False] and "text is null" in entries[
+        3
+    ].error
     refs_path = tmp_path / "refs.json"
     refs_path.write_text(json.dumps({"img1": ["a", "b"], "img2": "c"}))
     assert captions_io.read_clipscore_references(refs_path).refs == {"img1": ["a", "b"], "img2": ["c"]}
@@ -375,7 +418,11 @@ def test_caption_files_and_results(tmp_path):
     write_coco_results(out, [(42, UNICODE), ("43", "b"), ("im_7", "c")])
     assert os.listdir(out.parent) == ["results.json"]
     assert json.loads(out.read_text(encoding="utf-8"))[0] == {"image_id": 42, "caption": UNICODE}
-    assert {e.key: e.caption for e in read_caption_set(out, "s").entries} == {"42": UNICODE, "43": "b", "im_7": "c"}
+    assert {e.key: e.caption for e in read_caption_set(out, "s").entries} == {
+        "42": UNICODE,
+        "43": "b",
+        "im_7": "c",
+    }
     with pytest.raises(ValueError, match="duplicate image_id 42"):
         write_coco_results(out, [(42, "a"), ("42", "b")])
     out.write_text(json.dumps([{"image_id": 1, "caption": "a"}, {"caption": "c"}]))

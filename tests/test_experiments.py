@@ -14,8 +14,18 @@ from recon.pipeline import Reconstructor
 from recon.scoring.selection import CandidateReconstructor, candidate_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny-random", "--no-cache", "--no-progress", "--resamples", "50",
-        "--set", "generator.num_inference_steps=1", "--set", "generator.batch_across_items=true"]
+TINY = [
+    "--preset",
+    "tiny-random",
+    "--no-cache",
+    "--no-progress",
+    "--resamples",
+    "50",
+    "--set",
+    "generator.num_inference_steps=1",
+    "--set",
+    "generator.batch_across_items=true",
+]
 
 
 def _script(name):
@@ -53,9 +63,28 @@ def test_caption_selection_applies_every_rule(tmp_path, tiny_models):
     refs = tmp_path / "refs.json"
     refs.write_text(json.dumps({"im0": ["a red circle"], "im1": ["a blue square", "a square"]}))
     out = tmp_path / "run"
-    assert _script("caption_selection").main(
-        ["--images", str(images), "--refs", str(refs), "--n", "2", "--candidates", "3", "--k", "1",
-         "--ref-metrics", "bleu", "--out", str(out), *TINY]) == 0
+    assert (
+        _script("caption_selection").main(
+            [
+                "--images",
+                str(images),
+                "--refs",
+                str(refs),
+                "--n",
+                "2",
+                "--candidates",
+                "3",
+                "--k",
+                "1",
+                "--ref-metrics",
+                "bleu",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     details = json.loads((out / "selection.json").read_text())
     assert len(details) == 2
     for d in details:
@@ -64,11 +93,24 @@ def test_caption_selection_applies_every_rule(tmp_path, tiny_models):
         assert ch["likelihood"] == int(np.argmax(d["log_likelihood"]))
         assert ch["clipscore"] == int(np.argmax(d["clipscore"])) and 0 <= ch["random"] < 3
     table = (out / "table.md").read_text()
-    for rule in ("**reconstruction**", "first_beam", "random", "likelihood", "clipscore", "bleu_4",
-                 "reconstruction − random"):
+    for rule in (
+        "**reconstruction**",
+        "first_beam",
+        "random",
+        "likelihood",
+        "clipscore",
+        "bleu_4",
+        "reconstruction − random",
+    ):
         assert rule in table
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["table"]["rules"]) == {"reconstruction", "first_beam", "random", "likelihood", "clipscore"}
+    assert set(summary["table"]["rules"]) == {
+        "reconstruction",
+        "first_beam",
+        "random",
+        "likelihood",
+        "clipscore",
+    }
     assert (out / "report.html").is_file() and (out / "results.jsonl").is_file()
 
 
@@ -77,8 +119,12 @@ def test_image_selection_and_text_reconstruction_scripts(tmp_path, tiny_models):
     texts = tmp_path / "texts.json"
     texts.write_text(json.dumps(["a red circle", "a <i>blue</i> square"]))
     out = tmp_path / "imsel"
-    assert _script("image_selection").main(["--texts", str(texts), "--n", "2", "--k", "2", "--out", str(out),
-                                            *TINY]) == 0
+    assert (
+        _script("image_selection").main(
+            ["--texts", str(texts), "--n", "2", "--k", "2", "--out", str(out), *TINY]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert {"by_sbert_similarity", "by_clip_text_similarity", "random"} <= set(summary["table"]["rules"])
     details = json.loads((out / "selection.json").read_text())
@@ -87,8 +133,24 @@ def test_image_selection_and_text_reconstruction_scripts(tmp_path, tiny_models):
         per = recs[d["id"]]["scores_per_image"]["sbert_similarity"]
         assert d["choices"]["by_sbert_similarity"] == int(np.argmax(per))
     out = tmp_path / "t2i2t"
-    assert _script("text_reconstruction").main(["--texts", str(texts), "--n", "2", "--k", "2", "--out", str(out),
-                                                "--ref-metrics", "bleu,cider", *TINY]) == 0
+    assert (
+        _script("text_reconstruction").main(
+            [
+                "--texts",
+                str(texts),
+                "--n",
+                "2",
+                "--k",
+                "2",
+                "--out",
+                str(out),
+                "--ref-metrics",
+                "bleu,cider",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert {"clip_text_similarity", "sbert_similarity", "bleu_4", "cider"} <= set(summary["metrics"])
     assert summary["metrics"]["cider"]["pairs"] == 4 and (out / "plots" / "cider.png").is_file()
@@ -105,7 +167,9 @@ def test_shapes_data_and_attribute_scores(tmp_path):
     for key, t in truth.items():
         assert texts[key] in refs[key] and len(refs[key]) == 4
         assert attribute_scores(texts[key], t) == {"exact": 1.0, "attributes": 1.0}
-    wrong = texts["00000"].replace(truth["00000"]["shape"], "cross" if truth["00000"]["shape"] != "cross" else "square")
+    wrong = texts["00000"].replace(
+        truth["00000"]["shape"], "cross" if truth["00000"]["shape"] != "cross" else "square"
+    )
     assert attribute_scores(wrong, truth["00000"]) == {"exact": 0.0, "attributes": 0.8}
 
 
@@ -128,8 +192,18 @@ def test_scenes_data_and_exact_scene_scores(tmp_path):
 
 
 # ------------------------------------------------- each script on its default data path (shapes), small
-SHAPES = ["--no-cache", "--no-progress", "--resamples", "20", "--n", "3", "--threads", "1",
-          "--set", "generator.num_inference_steps=4"]
+SHAPES = [
+    "--no-cache",
+    "--no-progress",
+    "--resamples",
+    "20",
+    "--n",
+    "3",
+    "--threads",
+    "1",
+    "--set",
+    "generator.num_inference_steps=4",
+]
 
 
 def _numbers(table_md: str) -> list[float]:
@@ -144,8 +218,24 @@ def test_caption_selection_on_its_rendered_scenes_measures_every_image(tmp_path)
     """The shapes path renders its scenes into OUT/data and runs in OUT: those inputs are read, not dropped as
     run outputs (the regression: "0 images (0 failed)" and a table of empty cells, exit 0)."""
     out = tmp_path / "sel"
-    assert _script("caption_selection").main(["--out", str(out), "--ref-metrics", "", "--candidates", "2", "--k", "1",
-                                              "--stream", "77", *SHAPES]) == 0
+    assert (
+        _script("caption_selection").main(
+            [
+                "--out",
+                str(out),
+                "--ref-metrics",
+                "",
+                "--candidates",
+                "2",
+                "--k",
+                "1",
+                "--stream",
+                "77",
+                *SHAPES,
+            ]
+        )
+        == 0
+    )
     table = (out / "table.md").read_text()
     assert "3 images (0 failed)" in table and len(_numbers(table)) >= 6 * 4
     assert json.loads((out / "summary.json").read_text())["n"] == 3
@@ -169,17 +259,36 @@ def test_a_job_over_zero_inputs_is_an_error_naming_the_folder(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path / "run")):  # only the run's own outputs: no input
         input_images(tmp_path / "run", tmp_path / "run")
     (tmp_path / "run" / "data").mkdir()
-    Image.new("RGB", (4, 4)).save(tmp_path / "run" / "data" / "a.png")  # an input kept inside the run dir is read
+    Image.new("RGB", (4, 4)).save(
+        tmp_path / "run" / "data" / "a.png"
+    )  # an input kept inside the run dir is read
     assert [it.id for it in input_images(tmp_path / "run", tmp_path / "run")] == ["data/a.png"]
 
 
-def test_an_experiment_whose_every_item_failed_is_an_error_not_an_empty_table(tmp_path, tiny_models, monkeypatch):
+def test_an_experiment_whose_every_item_failed_is_an_error_not_an_empty_table(
+    tmp_path, tiny_models, monkeypatch
+):
     images = _images(tmp_path / "imgs")
     monkeypatch.setenv("RECON_MAX_PIXELS", "1")  # every image fails to load, as an item
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"no item was measured \(2 item\(s\) failed; the first, im0.png: "):
-        _script("caption_selection").main(["--images", str(images), "--n", "2", "--candidates", "2", "--k", "1",
-                                           "--ref-metrics", "", "--out", str(out), *TINY])
+        _script("caption_selection").main(
+            [
+                "--images",
+                str(images),
+                "--n",
+                "2",
+                "--candidates",
+                "2",
+                "--k",
+                "1",
+                "--ref-metrics",
+                "",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
     assert not (out / "table.md").exists()
 
 
@@ -188,8 +297,28 @@ def test_metaeval_breakdown_on_a_shapes_metaeval_run(tmp_path, capsys):
     from recon.cli import main
 
     out = tmp_path / "me"
-    assert main(["metaeval", "--shapes", "2", "--out", str(out), "--no-progress", "--no-cache", "--resamples", "20",
-                 "--metrics", "recon,clipscore", "--threads", "1", "--set", "generator.num_inference_steps=4"]) == 0
+    assert (
+        main(
+            [
+                "metaeval",
+                "--shapes",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-cache",
+                "--resamples",
+                "20",
+                "--metrics",
+                "recon,clipscore",
+                "--threads",
+                "1",
+                "--set",
+                "generator.num_inference_steps=4",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     _script("metaeval_breakdown").breakdown(out)
     printed = capsys.readouterr().out
@@ -202,8 +331,29 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
     """One arm, one step, four scenes per split: the table has the arm's accuracies (its default data path: scenes
     rendered from the bundle's world, arms run as worker processes)."""
     out = tmp_path / "semi"
-    assert _script("semi_supervised").main(["--out", str(out), "--experiment", "e1", "--labelled", "8", "--seeds",
-                                            "0", "--arms", "task", "--steps", "1", "--n", "4", "--jobs", "1"]) == 0
+    assert (
+        _script("semi_supervised").main(
+            [
+                "--out",
+                str(out),
+                "--experiment",
+                "e1",
+                "--labelled",
+                "8",
+                "--seeds",
+                "0",
+                "--arms",
+                "task",
+                "--steps",
+                "1",
+                "--n",
+                "4",
+                "--jobs",
+                "1",
+            ]
+        )
+        == 0
+    )
     md = (out / "results.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| task |"))
     assert len(_numbers(row)) >= 5
@@ -213,12 +363,21 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
 
 def test_scenes_metaeval_pools_seeds_per_category_on_the_shipped_bundle(tmp_path):
     out = tmp_path / "sme"
-    assert _script("scenes_metaeval").main(["--out", str(out), "--n", "2", "--seeds", "0,1", "--jobs", "1",
-                                            "--resamples", "20"]) == 0
+    assert (
+        _script("scenes_metaeval").main(
+            ["--out", str(out), "--n", "2", "--seeds", "0,1", "--jobs", "1", "--resamples", "20"]
+        )
+        == 0
+    )
     res = json.loads((out / "summary.json").read_text())
     rows = res["table"]["rows"]
-    assert {"clipscore", "recon_clip_similarity", "recon_ssim_similarity", "recon_judge_similarity",
-            "judge_ceiling"} <= set(rows)
+    assert {
+        "clipscore",
+        "recon_clip_similarity",
+        "recon_ssim_similarity",
+        "recon_judge_similarity",
+        "judge_ceiling",
+    } <= set(rows)
     assert res["n_scenes"] == 4 and set(res["per_seed"]) == {"0", "1"}
     assert all(0.0 <= rows[m]["all"]["value"] <= 1.0 for m in rows)
     assert "Reconstruction minus clipscore" in (out / "summary.md").read_text()

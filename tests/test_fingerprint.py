@@ -19,8 +19,15 @@ def test_a_run_records_versions_and_the_hash_of_every_models_weights(tmp_path, t
 
     (tmp_path / "src").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "src" / "a.png")
-    cfg = load_config("tiny-random", ["run.cache_dir=''", "generator.num_inference_steps=1",
-                                      "generator.images_per_caption=1", "captioner.num_candidates=1"])
+    cfg = load_config(
+        "tiny-random",
+        [
+            "run.cache_dir=''",
+            "generator.num_inference_steps=1",
+            "generator.images_per_caption=1",
+            "captioner.num_candidates=1",
+        ],
+    )
     run = reconstruct_images(cfg, tmp_path / "src", tmp_path / "run", progress=False)
     fp = json.loads((run.path / fingerprint.FILE).read_text())
     assert fp["environment"]["packages"]["torch"] == metadata.version("torch")
@@ -39,9 +46,14 @@ def test_a_run_records_versions_and_the_hash_of_every_models_weights(tmp_path, t
 def test_differences_between_compared_runs_are_named(tmp_path):
     for name, torch_version in (("a", "2.14.1"), ("b", "2.13.0"), ("c", "2.14.1")):
         (tmp_path / name).mkdir()
-        (tmp_path / name / fingerprint.FILE).write_text(json.dumps(
-            {"environment": {"packages": {"torch": torch_version, "Pillow": "13.0.0"}, "java": "17"},
-             "models": {"captioner.model": {"id": "m", "weights_sha256": "x"}}}))
+        (tmp_path / name / fingerprint.FILE).write_text(
+            json.dumps(
+                {
+                    "environment": {"packages": {"torch": torch_version, "Pillow": "13.0.0"}, "java": "17"},
+                    "models": {"captioner.model": {"id": "m", "weights_sha256": "x"}},
+                }
+            )
+        )
     note = fingerprint.differences_note([tmp_path / n for n in "abc"])
     assert note.endswith("torch 2.14.1 / 2.13.0 / 2.14.1") and "Pillow" not in note
     assert fingerprint.differences_note([tmp_path / "a", tmp_path / "c"]) is None
@@ -49,7 +61,9 @@ def test_differences_between_compared_runs_are_named(tmp_path):
 
 
 def test_recon_env_prints_the_versions_for_a_bug_report():
-    r = subprocess.run([sys.executable, "-m", "recon", "env", "--json"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "recon", "env", "--json"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     env = json.loads(r.stdout)
     assert env["packages"]["transformers"] == metadata.version("transformers") and "cuda" in env

@@ -9,7 +9,9 @@ from recon.pipeline import png_bytes
 
 
 def _gen(tiny_models, batch_size=1, **kw):
-    cfg = GeneratorConfig(model=str(tiny_models / "generator"), num_inference_steps=3, guidance_scale=5.0, **kw)
+    cfg = GeneratorConfig(
+        model=str(tiny_models / "generator"), num_inference_steps=3, guidance_scale=5.0, **kw
+    )
     return load_generator(cfg, torch.device("cpu"), batch_size=batch_size)
 
 
@@ -18,8 +20,14 @@ def test_image_equals_bare_pipeline_call_exactly(tiny_models):
     out = gen.generate(["a red circle", "a blue square"], [7, 8])
     assert out.images.shape == (2, 3, 64, 64) and out.images.min() >= 0 and out.images.max() <= 1
     for i, (p, s) in enumerate([("a red circle", 7), ("a blue square", 8)]):
-        bare = gen.pipe(p, negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0,
-                        generator=torch.Generator().manual_seed(s), output_type="pt").images[0]
+        bare = gen.pipe(
+            p,
+            negative_prompt="blurry",
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(s),
+            output_type="pt",
+        ).images[0]
         assert torch.equal(bare, out.images[i])
 
 
@@ -63,7 +71,9 @@ def _chunked(gen, **kw):
     """The same pipeline in another mode (loading is the slow part of these tests)."""
     from dataclasses import replace
 
-    return DiffusionGenerator(gen.pipe, replace(gen.cfg, long_prompts="chunk", **kw), batch_size=gen.batch_size)
+    return DiffusionGenerator(
+        gen.pipe, replace(gen.cfg, long_prompts="chunk", **kw), batch_size=gen.batch_size
+    )
 
 
 def test_chunk_mode_equals_truncate_mode_bit_for_bit_when_prompts_fit(tiny_models):
@@ -79,18 +89,32 @@ def test_one_chunk_of_the_encoder_equals_the_pipelines_own_prompt_encoding(tiny_
     gen = _gen(tiny_models)
     pipe = gen.pipe
     ids, mask = chunk_token_ids(pipe.tokenizer, "a red circle above a blue square")
-    assert ids == [pipe.tokenizer("a red circle above a blue square", padding="max_length",
-                                  max_length=77).input_ids] and sum(mask[0]) == 9
+    assert (
+        ids
+        == [pipe.tokenizer("a red circle above a blue square", padding="max_length", max_length=77).input_ids]
+        and sum(mask[0]) == 9
+    )
     ours = encode_long_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle", "x"], 1, "cpu")
     theirs, _ = pipe.encode_prompt(["a red circle", "x"], "cpu", 1, False)
     assert torch.equal(ours, theirs)
     # through the pipeline: our embeddings give the bare call's image bit for bit
     with torch.inference_mode():
         empty = encode_long_prompts(pipe.tokenizer, pipe.text_encoder, [""], 1, "cpu")
-        via_embeds = pipe(prompt_embeds=ours[:1], negative_prompt_embeds=empty, num_inference_steps=3,
-                          guidance_scale=5.0, generator=torch.Generator().manual_seed(1), output_type="pt").images
-    bare = pipe("a red circle", num_inference_steps=3, guidance_scale=5.0,
-                generator=torch.Generator().manual_seed(1), output_type="pt").images
+        via_embeds = pipe(
+            prompt_embeds=ours[:1],
+            negative_prompt_embeds=empty,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(1),
+            output_type="pt",
+        ).images
+    bare = pipe(
+        "a red circle",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(1),
+        output_type="pt",
+    ).images
     assert torch.equal(via_embeds, bare)
 
 
@@ -101,12 +125,18 @@ def test_a_150_token_prompt_is_chunked_and_changes_the_image_versus_truncation(t
     chunked = _chunked(truncated)
     prompt = _long_prompt(chunked, 150)
     ids, _ = chunk_token_ids(chunked.pipe.tokenizer, prompt)
-    assert len(ids) == 2 and all(len(r) == 77 for r in ids) and ids[1][0] == chunked.pipe.tokenizer.bos_token_id
+    assert (
+        len(ids) == 2 and all(len(r) == 77 for r in ids) and ids[1][0] == chunked.pipe.tokenizer.bos_token_id
+    )
     a, b = chunked.generate([prompt], [0]), truncated.generate([prompt], [0])
     assert not torch.equal(a.images, b.images)
-    assert a.warnings == [["caption of 150 tokens encoded in 2 chunks of 77 tokens (generator.long_prompts=chunk)"]]
-    assert b.warnings[0][0].startswith("caption truncated from 150 to 77 tokens") and "long_prompts=truncate" in \
-        b.warnings[0][0]
+    assert a.warnings == [
+        ["caption of 150 tokens encoded in 2 chunks of 77 tokens (generator.long_prompts=chunk)"]
+    ]
+    assert (
+        b.warnings[0][0].startswith("caption truncated from 150 to 77 tokens")
+        and "long_prompts=truncate" in b.warnings[0][0]
+    )
     # the tokens past the first chunk matter: a different second half gives a different image
     other = prompt.rsplit(" ", 10)[0] + " green" * 10
     assert not torch.equal(chunked.generate([other], [0]).images, a.images)

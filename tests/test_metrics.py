@@ -39,15 +39,26 @@ def test_equals_recon_score_and_works_in_a_plain_loop(tmp_path, tiny_models):
     images = _images(tmp_path / "imgs")
     (tmp_path / "caps.json").write_text(json.dumps(CAPTIONS))
     cfg = load_config("tiny-random", OVER)
-    run = score_caption_sets(cfg, [tmp_path / "caps.json"], images, tmp_path / "run", metrics="recon",
-                             progress=False, n_resamples=10)
-    expected = {m: np.mean([r["scores"][f"recon_{m}"] for r in run.records]) for m in
-                ("clip_similarity", "clip_pooler_similarity", "ssim_similarity")}
+    run = score_caption_sets(
+        cfg,
+        [tmp_path / "caps.json"],
+        images,
+        tmp_path / "run",
+        metrics="recon",
+        progress=False,
+        n_resamples=10,
+    )
+    expected = {
+        m: np.mean([r["scores"][f"recon_{m}"] for r in run.records])
+        for m in ("clip_similarity", "clip_pooler_similarity", "ssim_similarity")
+    }
 
     metric = ReconstructionScore("tiny-random", OVER, all_metrics=True)
     tensors = _loaded(images)
-    loader = [(torch.stack(tensors[:3]), list(CAPTIONS.values())[:3], list(CAPTIONS)[:3]),
-              ([tensors[3]], [CAPTIONS["im3"]], ["im3"])]  # batches of different sizes, a list of tensors too
+    loader = [
+        (torch.stack(tensors[:3]), list(CAPTIONS.values())[:3], list(CAPTIONS)[:3]),
+        ([tensors[3]], [CAPTIONS["im3"]], ["im3"]),
+    ]  # batches of different sizes, a list of tensors too
     for batch, captions, ids in loader:
         metric.update(batch, captions, ids=ids)
     got = metric.compute()
@@ -56,7 +67,9 @@ def test_equals_recon_score_and_works_in_a_plain_loop(tmp_path, tiny_models):
         assert float(got[f"recon_{m}"]) == pytest.approx(value, abs=1e-6)
     single = ReconstructionScore("tiny-random", OVER)  # the select_by similarity as a scalar
     single.update(torch.stack(tensors), list(CAPTIONS.values()), ids=list(CAPTIONS))
-    assert single.compute().ndim == 0 and float(single.compute()) == pytest.approx(expected["clip_similarity"], abs=1e-6)
+    assert single.compute().ndim == 0 and float(single.compute()) == pytest.approx(
+        expected["clip_similarity"], abs=1e-6
+    )
     metric.reset()
     assert torch.isnan(metric.compute()["recon_clip_similarity"])
     with pytest.raises(ValueError, match="2 images, 1 captions"):
@@ -96,7 +109,9 @@ def test_two_processes_sync_to_the_single_process_value(tmp_path, tiny_models, r
     from recon.metrics import ReconstructionScore
 
     images = _images(tmp_path / "imgs")
-    mp.spawn(_worker, args=(2, _free_port(), str(images), str(recon_cache), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        _worker, args=(2, _free_port(), str(images), str(recon_cache), str(tmp_path)), nprocs=2, join=True
+    )
     alone = ReconstructionScore("tiny-random", OVER)
     alone.update(torch.stack(_loaded(images)), list(CAPTIONS.values()), ids=list(CAPTIONS))
     values = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -121,11 +136,15 @@ def test_uint8_and_numpy_images_score_as_their_floats_and_out_of_range_images_ar
     assert score(u8.numpy()[None]) == want and score([floats.numpy()]) == want  # numpy: a batch or a list
     inf, nan = floats.clone(), floats.clone()
     inf[0, 0, 0], nan[1, 2, 3] = float("inf"), float("nan")
-    for bad, message in [(floats * 255, r"image 0: values in \[0, 255\], expected floats in \[0, 1\]"),
-                         (floats - 0.5, r"values in \[-0\.5, 0\.5\]"),
-                         (inf, "non-finite"), (nan, "non-finite"),
-                         (floats.permute(1, 2, 0).numpy(), r"shape \(32, 32, 3\).*channels last"),
-                         (u8.int(), "dtype torch.int32"), (np.array([["a"]], dtype=object), "dtype object")]:
+    for bad, message in [
+        (floats * 255, r"image 0: values in \[0, 255\], expected floats in \[0, 1\]"),
+        (floats - 0.5, r"values in \[-0\.5, 0\.5\]"),
+        (inf, "non-finite"),
+        (nan, "non-finite"),
+        (floats.permute(1, 2, 0).numpy(), r"shape \(32, 32, 3\).*channels last"),
+        (u8.int(), "dtype torch.int32"),
+        (np.array([["a"]], dtype=object), "dtype object"),
+    ]:
         with pytest.raises(ValueError, match=message):
             metric.update([bad], ["a red circle"])
     with pytest.raises(TypeError, match="got str"):
@@ -145,7 +164,16 @@ def test_a_nan_image_is_refused_before_it_can_poison_the_cache_of_recon_score(tm
     assert not list((tmp_path / "cache").glob("scores/*/*.json"))
     save_png(torch.zeros(3, 32, 32), tmp_path / "imgs" / "black.png")
     (tmp_path / "caps.json").write_text(json.dumps({"black": "a black square"}))
-    run = score_caption_sets(load_config("tiny-random", over), [tmp_path / "caps.json"], tmp_path / "imgs",
-                             tmp_path / "run", metrics="recon", progress=False, n_resamples=10)
+    run = score_caption_sets(
+        load_config("tiny-random", over),
+        [tmp_path / "caps.json"],
+        tmp_path / "imgs",
+        tmp_path / "run",
+        metrics="recon",
+        progress=False,
+        n_resamples=10,
+    )
     (rec,) = run.records
-    assert rec["status"] == "ok" and len(rec["scores"]) == 3 and all(np.isfinite(list(rec["scores"].values())))
+    assert (
+        rec["status"] == "ok" and len(rec["scores"]) == 3 and all(np.isfinite(list(rec["scores"].values())))
+    )

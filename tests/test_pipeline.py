@@ -17,7 +17,9 @@ def _images(folder, n=3, size=40):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size + 8 * i, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size + 8 * i, 3), dtype=np.uint8)).save(
+            folder / f"img{i}.png"
+        )
     return folder
 
 
@@ -50,7 +52,9 @@ def test_records_candidates_seeds_and_choice(first_run):
         assert r["chosen"] == best and r["caption"] == r["candidates"][best]["caption"]
         for c in r["candidates"]:
             assert all((run.path / p).is_file() for p in c["images"])
-            assert c["scores"]["ssim_similarity"] == pytest.approx(np.mean(c["scores_per_image"]["ssim_similarity"]))
+            assert c["scores"]["ssim_similarity"] == pytest.approx(
+                np.mean(c["scores_per_image"]["ssim_similarity"])
+            )
     assert (run.path / "report.html").is_file() and (run.path / "config.yaml").is_file()
 
 
@@ -78,8 +82,9 @@ def test_rerun_with_cache_loads_no_model_and_matches(tmp_path, tiny_models):
     assert fresh._captioner is None and fresh._generator is None and fresh._image_metrics is None
     ra, rb = read_jsonl(a.path / "results.jsonl")[0], read_jsonl(b.path / "results.jsonl")[0]
     assert [r["scores"] for r in ra] == [r["scores"] for r in rb]
-    assert (a.path / ra[0]["candidates"][0]["images"][0]).read_bytes() == \
-        (b.path / rb[0]["candidates"][0]["images"][0]).read_bytes()
+    assert (a.path / ra[0]["candidates"][0]["images"][0]).read_bytes() == (
+        b.path / rb[0]["candidates"][0]["images"][0]
+    ).read_bytes()
 
 
 def test_resume_skips_finished_items(first_run):
@@ -107,8 +112,12 @@ def test_bad_inputs_are_recorded_and_the_run_finishes(tmp_path, tiny_models):
     frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
     frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
     Image.new("RGB", (1, 1)).save(src / "pixel.png")
-    run = reconstruct_images(_cfg("generator.images_per_caption=1", "captioner.num_candidates=1"), src,
-                             tmp_path / "run", progress=False)
+    run = reconstruct_images(
+        _cfg("generator.images_per_caption=1", "captioner.num_candidates=1"),
+        src,
+        tmp_path / "run",
+        progress=False,
+    )
     recs = {r["id"]: r for r in read_jsonl(run.path / "results.jsonl")[0]}
     assert len(recs) == 11
     failed = {i for i, r in recs.items() if r["status"] == "failed"}
@@ -138,7 +147,10 @@ def test_resume_redoes_an_input_whose_content_changed(tmp_path, tiny_models, cap
     cfg = _cfg("generator.images_per_caption=1", "captioner.num_candidates=1")
     run = reconstruct_images(cfg, src, tmp_path / "run", progress=False)
     first = {r["id"]: r for r in run.records()}
-    assert first["img0.png"]["input_sha256"] and first["img0.png"]["input_sha256"] != first["img1.png"]["input_sha256"]
+    assert (
+        first["img0.png"]["input_sha256"]
+        and first["img0.png"]["input_sha256"] != first["img1.png"]["input_sha256"]
+    )
     Image.new("RGB", (40, 40), "blue").save(src / "img1.png")  # same name, other picture
     recon = Reconstructor(cfg)
     run = reconstruct_images(cfg, src, run.path, progress=False, reconstructor=recon)
@@ -164,8 +176,9 @@ def test_an_empty_image_metric_list_stops_before_any_work(tmp_path):
 
     src = _images(tmp_path / "src", n=1)
     with pytest.raises(ConfigError, match="similarity.image is empty"):
-        reconstruct_images(_cfg("similarity.image=[]", "similarity.select_by=null"), src, tmp_path / "run",
-                           progress=False)
+        reconstruct_images(
+            _cfg("similarity.image=[]", "similarity.select_by=null"), src, tmp_path / "run", progress=False
+        )
     assert not (tmp_path / "run").exists()  # nothing written that would lock the --out
 
 
@@ -230,10 +243,16 @@ class _GreyDistance(__import__("torch").nn.Module):
 
 
 def test_a_distance_selects_the_lowest_candidate_with_flagged_images_left_out():
-    cfg = _cfg("similarity.image=[{kind: lpips, random_backbone: true}]", "similarity.select_by=lpips_distance",
-               "captioner.num_candidates=3", "generator.images_per_caption=2", "generator.common_random_numbers=true")
-    recon = Reconstructor(cfg, captioner=_Captioner(), generator=_Generator(),
-                          image_metrics={"lpips_distance": _GreyDistance()})
+    cfg = _cfg(
+        "similarity.image=[{kind: lpips, random_backbone: true}]",
+        "similarity.select_by=lpips_distance",
+        "captioner.num_candidates=3",
+        "generator.images_per_caption=2",
+        "generator.common_random_numbers=true",
+    )
+    recon = Reconstructor(
+        cfg, captioner=_Captioner(), generator=_Generator(), image_metrics={"lpips_distance": _GreyDistance()}
+    )
     (rec,) = recon.image_to_text_to_image([Image.new("RGB", (8, 8))], ["a.png"])
     means = [c["scores"]["lpips_distance"] for c in rec["candidates"]]
     # cap one averages 0.28 over both images but 0.56 over the unflagged one: cap two (0.3) is the least distant
@@ -254,7 +273,8 @@ def test_a_changed_model_file_invalidates_the_cached_captions(tmp_path):
     def caption_once():
         hub.fingerprint.cache_clear()  # a new process: fingerprints are memoised per process
         return Reconstructor(cfg, cache=Cache(tmp_path / "cache"), captioner=_Captioner()).caption(
-            [image], ["a.png"], ["sha-of-a"])
+            [image], ["a.png"], ["sha-of-a"]
+        )
 
     _Captioner.calls = 0
     caption_once()
@@ -292,15 +312,24 @@ class _NanForTheDarkest(__import__("torch").nn.Module):
 
 
 def _cached_reconstructor(tmp_path, **roles):
-    cfg = _cfg(f"run.cache_dir={tmp_path / 'cache'}", "similarity.image=[{kind: lpips, random_backbone: true}]",
-               "similarity.select_by=lpips_distance", "captioner.num_candidates=2", "generator.images_per_caption=2")
+    cfg = _cfg(
+        f"run.cache_dir={tmp_path / 'cache'}",
+        "similarity.image=[{kind: lpips, random_backbone: true}]",
+        "similarity.select_by=lpips_distance",
+        "captioner.num_candidates=2",
+        "generator.images_per_caption=2",
+    )
     return Reconstructor(cfg, cache=Cache(tmp_path / "cache"), **roles)
 
 
 def test_damaged_cache_entries_are_rebuilt_with_a_warning_naming_the_file(tmp_path, caplog):
     def run():
-        recon = _cached_reconstructor(tmp_path, captioner=_Captioner(), generator=_SeededGenerator(),
-                                      image_metrics={"lpips_distance": _GreyDistance()})
+        recon = _cached_reconstructor(
+            tmp_path,
+            captioner=_Captioner(),
+            generator=_SeededGenerator(),
+            image_metrics={"lpips_distance": _GreyDistance()},
+        )
         return recon.image_to_text_to_image([Image.new("RGB", (8, 8))], ["a.png"], ["sha-of-a"])[0]
 
     first = run()
@@ -338,8 +367,9 @@ def test_an_oversized_png_in_the_cache_is_a_miss_like_an_oversized_input(tmp_pat
 
 
 def test_a_non_finite_score_is_never_cached_and_left_out_of_the_mean(tmp_path, caplog):
-    recon = _cached_reconstructor(tmp_path, generator=_SeededGenerator(),
-                                  image_metrics={"lpips_distance": _NanForTheDarkest()})
+    recon = _cached_reconstructor(
+        tmp_path, generator=_SeededGenerator(), image_metrics={"lpips_distance": _NanForTheDarkest()}
+    )
     rendered = recon.render(["a cat", "a cat"], [3, 200])
     scored = recon.score_reconstructions(Image.new("RGB", (8, 8)), "sha-of-a", rendered)
     assert scored["per_image"]["lpips_distance"][0] is None  # the darkest, seed 3

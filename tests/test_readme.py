@@ -18,5 +18,7 @@ def test_the_bundle_model_card_names_no_machine_path():
 
     card = (hub.SHAPES_BUNDLE / "MODEL_CARD.md").read_text()
     assert "/tmp/" not in card and "/work/" not in card and "/root/" not in card
-    assert portable_command("recon shapes train --component vae --out /tmp/b/out --work=/tmp/b/w --threads 1") == \
-        "recon shapes train --component vae --out BUNDLE --work WORK --threads 1"
+    assert (
+        portable_command("recon shapes train --component vae --out /tmp/b/out --work=/tmp/b/w --threads 1")
+        == "recon shapes train --component vae --out BUNDLE --work WORK --threads 1"
+    )

@@ -37,20 +37,47 @@ def _iti_record(run_dir, item_id="cat.png", caption=XSS):
     candidates = []
     for c, text in enumerate([caption, "a red square"]):
         images = [_image(run_dir, f"images/{item_id}/c{c}_k{k}.png", (10 * c, 100, 20 * k)) for k in range(2)]
-        candidates.append({"caption": text, "scores": {"clip": 0.5 + c / 10, "lpips_distance": 0.4 - c / 10},
-                           "scores_per_image": {"clip": [0.5, 0.5 + c / 5], "lpips_distance": [0.4, 0.4 - c / 5]},
-                           "seeds": [11, 12], "images": images, "flagged": [False, c == 1],
-                           "log_likelihood": -3.25 - c})
-    return {"id": item_id, "status": "ok", "direction": "image-text-image", "source": f"/data/{item_id}",
-            "original": original, "candidates": candidates, "chosen": 1, "caption": "a red square",
-            "scores": candidates[1]["scores"], "seeds": [11, 12], "warnings": [f"prompt truncated {XSS}"]}
+        candidates.append(
+            {
+                "caption": text,
+                "scores": {"clip": 0.5 + c / 10, "lpips_distance": 0.4 - c / 10},
+                "scores_per_image": {"clip": [0.5, 0.5 + c / 5], "lpips_distance": [0.4, 0.4 - c / 5]},
+                "seeds": [11, 12],
+                "images": images,
+                "flagged": [False, c == 1],
+                "log_likelihood": -3.25 - c,
+            }
+        )
+    return {
+        "id": item_id,
+        "status": "ok",
+        "direction": "image-text-image",
+        "source": f"/data/{item_id}",
+        "original": original,
+        "candidates": candidates,
+        "chosen": 1,
+        "caption": "a red square",
+        "scores": candidates[1]["scores"],
+        "seeds": [11, 12],
+        "warnings": [f"prompt truncated {XSS}"],
+    }
 
 
 def _tit_record(run_dir, item_id="line-1", text=XSS):
     images = [_image(run_dir, f"images/{item_id}/k{k}.png", (0, 0, 100 + 50 * k)) for k in range(2)]
-    return {"id": item_id, "status": "ok", "direction": "text-image-text", "text": text, "images": images,
-            "seeds": [0, 1], "captions": [f"blue {XSS}", "navy"], "scores_per_image": {"sbert": [0.25, 0.75]},
-            "scores": {"sbert": 0.5}, "chosen": 1, "warnings": []}
+    return {
+        "id": item_id,
+        "status": "ok",
+        "direction": "text-image-text",
+        "text": text,
+        "images": images,
+        "seeds": [0, 1],
+        "captions": [f"blue {XSS}", "navy"],
+        "scores_per_image": {"sbert": [0.25, 0.75]},
+        "scores": {"sbert": 0.5},
+        "chosen": 1,
+        "warnings": [],
+    }
 
 
 def _failed(item_id, direction="image-text-image", error=f"bad file {XSS}"):
@@ -67,8 +94,11 @@ def _no_injected_script(page: str) -> None:
 
 def _gallery_rows(page: str) -> dict:
     """The gallery rows embedded as data (JSON) in ``page``."""
-    return json.loads(re.search(r'<script type="application/json" id="gallery-rows">(.*?)</script>', page,
-                                flags=re.S).group(1))
+    return json.loads(
+        re.search(
+            r'<script type="application/json" id="gallery-rows">(.*?)</script>', page, flags=re.S
+        ).group(1)
+    )
 
 
 def _embedded_images(page: str) -> dict[str, Image.Image]:
@@ -79,8 +109,12 @@ def _embedded_images(page: str) -> dict[str, Image.Image]:
 
 
 def test_report_both_kinds_escaped_and_self_contained(run_dir):
-    records = [_iti_record(run_dir), _tit_record(run_dir), _failed(f"broken{XSS}.png"),
-               _failed("line-2", "text-image-text", error="text is empty")]
+    records = [
+        _iti_record(run_dir),
+        _tit_record(run_dir),
+        _failed(f"broken{XSS}.png"),
+        _failed("line-2", "text-image-text", error="text is empty"),
+    ]
     config = {"name": XSS, "run": {"seed": 0}, "path": run_dir}  # a Path is not YAML: shown as JSON
     path = write_report(run_dir, records, config, title=f"run {XSS}")
     assert path == run_dir / "report.html"
@@ -93,11 +127,14 @@ def test_report_both_kinds_escaped_and_self_contained(run_dir):
     images = _embedded_images(page)
     assert len(images) == 1 + 4 + 2
     assert re.findall(r"<svg [^>]*><title>histogram of ([^<]*)</title>", page) == [
-        "clip (image-text-image)", "lpips_distance (image-text-image)", "sbert (text-image-text)"]
+        "clip (image-text-image)",
+        "lpips_distance (image-text-image)",
+        "sbert (text-image-text)",
+    ]
     original = images["images/cat.png/original.png"]
     assert original.size == (16, 16) and original.getpixel((0, 0)) == (200, 10, 10)
     assert images["images/line-1/k1.png"].getpixel((0, 0)) == (0, 0, 150)
-    assert "src=\"images/" not in page and "file://" not in page
+    assert 'src="images/' not in page and "file://" not in page
     assert "lower (distance)" in page and "higher (similarity)" in page
     assert "flagged by the safety checker" in page and "-4.2500" in page
     assert "<details><summary>config</summary>" in page
@@ -109,7 +146,9 @@ def test_report_statistics_and_caps(run_dir):
     for i, r in enumerate(records):
         r["scores"] = {"sbert": float(i)}
     records.append({**_failed("line-0", "text-image-text")})  # a retry of line-0 failed: the last one counts
-    records.append({"id": "nan", "status": "ok", "direction": "text-image-text", "scores": {"sbert": float("nan")}})
+    records.append(
+        {"id": "nan", "status": "ok", "direction": "text-image-text", "scores": {"sbert": float("nan")}}
+    )
     page = write_report(run_dir, records, max_items=2).read_text(encoding="utf-8")
     stats = re.search(r"<td>text-image-text</td><td>sbert</td>.*?</tr>", page).group(0)
     cells = re.findall(r'<td class="num">([^<]*)</td>', stats)
@@ -119,8 +158,14 @@ def test_report_statistics_and_caps(run_dir):
     rows = re.findall(r'<tr id="item-[^"]*".*?</tr>', page)
     assert len(rows) == 2 and [len(re.findall("<img ", r)) for r in rows] == [2, 2]  # HTML rows: with images
     data = _gallery_rows(page)  # the other four: data the page's script renders, unscored last
-    assert [d[1] for d in data["rows"]] == ["line-3", "line-4", "line-0", "nan"] and data["metrics"] == ["sbert"]
-    assert [d[8] for d in data["rows"]] == [3.0, 4.0, None, "nan"] and data["rows"][2][5:8] == ["", f"bad file {XSS}", 1]
+    assert [d[1] for d in data["rows"]] == ["line-3", "line-4", "line-0", "nan"] and data["metrics"] == [
+        "sbert"
+    ]
+    assert [d[8] for d in data["rows"]] == [3.0, 4.0, None, "nan"] and data["rows"][2][5:8] == [
+        "",
+        f"bad file {XSS}",
+        1,
+    ]
     assert "bad file \\u003cscript>" in page  # as data, a "<" is never markup
 
 
@@ -169,8 +214,14 @@ def test_read_records(tmp_path):
 
 
 def test_report_other_directions(run_dir):
-    gen = {"id": "t", "status": "ok", "direction": "generate", "text": XSS, "seeds": [3],
-           "images": [_image(run_dir, "images/t/k0.png", (1, 2, 3))]}
+    gen = {
+        "id": "t",
+        "status": "ok",
+        "direction": "generate",
+        "text": XSS,
+        "seeds": [3],
+        "images": [_image(run_dir, "images/t/k0.png", (1, 2, 3))],
+    }
     cap = {"id": "c", "status": "ok", "direction": "caption", "source": "/x/c.png", "captions": [XSS, "b"]}
     page = write_report(run_dir, [gen, cap]).read_text(encoding="utf-8")
     _no_injected_script(page)
@@ -186,17 +237,39 @@ def test_recon_report_on_odd_score_types_and_huge_values_is_a_report_not_a_trace
     run = tmp_path / "run"
     run.mkdir()
     odd = ["0.5", [0.1], True, None, {"a": 1}]
-    records = [{"id": f"odd{i}", "status": "ok", "direction": "image-text-image", "scores": {"clip_similarity": v},
-                "candidates": [{"caption": "c", "scores": {"clip_similarity": v},
-                                "scores_per_image": {"clip_similarity": [v]}}]} for i, v in enumerate(odd)]
-    records += [{"id": f"huge{i}", "status": "ok", "direction": "image-text-image",
-                 "scores": {"clip_similarity": v}} for i, v in enumerate([1e308, -1e308, 1e308, 7.0])]
-    records += [{"id": f"shape{i}", "status": "ok", "direction": "score", "scores": s}
-                for i, s in enumerate(["x", [1, 2], None, 3.5, True])]
+    records = [
+        {
+            "id": f"odd{i}",
+            "status": "ok",
+            "direction": "image-text-image",
+            "scores": {"clip_similarity": v},
+            "candidates": [
+                {
+                    "caption": "c",
+                    "scores": {"clip_similarity": v},
+                    "scores_per_image": {"clip_similarity": [v]},
+                }
+            ],
+        }
+        for i, v in enumerate(odd)
+    ]
+    records += [
+        {"id": f"huge{i}", "status": "ok", "direction": "image-text-image", "scores": {"clip_similarity": v}}
+        for i, v in enumerate([1e308, -1e308, 1e308, 7.0])
+    ]
+    records += [
+        {"id": f"shape{i}", "status": "ok", "direction": "score", "scores": s}
+        for i, s in enumerate(["x", [1, 2], None, 3.5, True])
+    ]
     (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     env = dict(os.environ, PYTHONWARNINGS="error::RuntimeWarning")  # an overflow warning is a failure too
-    r = subprocess.run([sys.executable, "-m", "recon", "report", str(run)], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "recon", "report", str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0 and "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "14 records, 14 ok, 0 failed" in page

@@ -16,9 +16,18 @@ from recon.data import save_png
 from recon.report import write_report
 
 PWN = "<img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
 
 
 def chromium() -> str:
@@ -30,8 +39,19 @@ def chromium() -> str:
 
 def browse(page, fragment: str, tmp_path, *extra: str) -> tuple[str, str]:
     """(DOM after the page's script ran, browser log) of ``page`` opened at ``#fragment``."""
-    r = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *extra, "--dump-dom",
-                        f"{page.resolve().as_uri()}#{fragment}"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            chromium(),
+            *FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            *extra,
+            "--dump-dom",
+            f"{page.resolve().as_uri()}#{fragment}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout, r.stderr
 
@@ -40,19 +60,37 @@ def browse(page, fragment: str, tmp_path, *extra: str) -> tuple[str, str]:
 def report(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     records = []
-    for i, (score, caption) in enumerate([(0.9, "a red circle"), (0.2, PWN), (0.5, "a blue square"),
-                                          (0.7, "two green stars")]):
+    for i, (score, caption) in enumerate(
+        [(0.9, "a red circle"), (0.2, PWN), (0.5, "a blue square"), (0.7, "two green stars")]
+    ):
         rels = []
         for name, color in (("original.png", (200, 20 * i, 0)), ("c0_k0.png", (0, 20 * i, 200))):
             save_png(Image.new("RGB", (16, 16), color), run / f"images/it{i}/{name}")
             rels.append(f"images/it{i}/{name}")
-        records.append({"id": f"it{i}.png", "status": "ok", "direction": "image-text-image", "original": rels[0],
-                        "caption": caption, "chosen": 0, "select_by": "clip_similarity",
+        records.append(
+            {
+                "id": f"it{i}.png",
+                "status": "ok",
+                "direction": "image-text-image",
+                "original": rels[0],
+                "caption": caption,
+                "chosen": 0,
+                "select_by": "clip_similarity",
+                "scores": {"clip_similarity": score, "lpips_distance": 1 - score},
+                "candidates": [
+                    {
+                        "caption": caption,
+                        "images": [rels[1]],
+                        "flagged": [i == 3],
                         "scores": {"clip_similarity": score, "lpips_distance": 1 - score},
-                        "candidates": [{"caption": caption, "images": [rels[1]], "flagged": [i == 3],
-                                        "scores": {"clip_similarity": score, "lpips_distance": 1 - score}}],
-                        "warnings": ["prompt truncated"] if i == 2 else []})
-    records.append({"id": "broken.png", "status": "failed", "direction": "image-text-image", "error": "not an image"})
+                    }
+                ],
+                "warnings": ["prompt truncated"] if i == 2 else [],
+            }
+        )
+    records.append(
+        {"id": "broken.png", "status": "failed", "direction": "image-text-image", "error": "not an image"}
+    )
     return write_report(run, records, {"name": "browser"})
 
 
@@ -71,13 +109,23 @@ def test_default_view_is_worst_first_by_the_selection_metric(report, tmp_path):
 
 def test_the_fragment_sorts_and_filters(report, tmp_path):
     dom, _ = browse(report, "sort=clip_similarity&dir=desc", tmp_path)
-    assert [i for i, _ in rows(dom)] == ["it0.png", "it3.png", "it2.png", "it1.png", "broken.png"]  # missing last
+    assert [i for i, _ in rows(dom)] == [
+        "it0.png",
+        "it3.png",
+        "it2.png",
+        "it1.png",
+        "broken.png",
+    ]  # missing last
     assert 'aria-sort="descending"' in dom
     dom, _ = browse(report, "sort=lpips_distance&dir=asc&show=flagged", tmp_path)
     assert rows(dom) == [("it3.png", True)]  # a filter lists the matching rows only
     dom, _ = browse(report, "show=failed", tmp_path)
     assert [i for i, shown in rows(dom) if shown] == ["broken.png"]
-    dom, _ = browse(report, "show=warnings&item=" + re.search(r'data-item="(it2[^"]*)"', report.read_text()).group(1), tmp_path)
+    dom, _ = browse(
+        report,
+        "show=warnings&item=" + re.search(r'data-item="(it2[^"]*)"', report.read_text()).group(1),
+        tmp_path,
+    )
     assert [i for i, shown in rows(dom) if shown] == ["it2.png"] and 'class="ok target"' in dom
 
 
@@ -90,8 +138,9 @@ def test_a_hostile_caption_is_shown_as_text_and_never_runs(report, tmp_path):
 
 def test_screenshot_renders(report, tmp_path):
     shot = tmp_path / "report.png"
-    _, log = browse(report, "sort=clip_similarity&dir=asc", tmp_path, "--window-size=1200,900",
-                    f"--screenshot={shot}")
+    _, log = browse(
+        report, "sort=clip_similarity&dir=asc", tmp_path, "--window-size=1200,900", f"--screenshot={shot}"
+    )
     with Image.open(shot) as im:
         assert im.size == (1200, 900) and len(set(im.convert("RGB").getdata())) > 10  # not a blank page
 
@@ -103,9 +152,16 @@ def test_a_malformed_fragment_shows_the_default_view_and_clicks_still_sort(repor
     assert ":CONSOLE" not in log
     # a click on a column header, from that same address: it must set a sorting fragment, not throw
     clicking = report.with_name("clicking.html")
-    clicking.write_text(report.read_text(encoding="utf-8").replace("</body>", (
-        "<script>document.querySelector('th[data-key=lpips_distance]').click();"
-        "document.body.dataset.after = location.hash;</script></body>")), encoding="utf-8")
+    clicking.write_text(
+        report.read_text(encoding="utf-8").replace(
+            "</body>",
+            (
+                "<script>document.querySelector('th[data-key=lpips_distance]').click();"
+                "document.body.dataset.after = location.hash;</script></body>"
+            ),
+        ),
+        encoding="utf-8",
+    )
     dom, log = browse(clicking, "sort=%", tmp_path)
     assert 'data-after="#sort=lpips_distance&amp;dir=asc&amp;show=all"' in dom and ":CONSOLE" not in log
 
@@ -122,26 +178,38 @@ def score_records(n: int) -> list[dict]:
     records = []
     for i in range(n):
         if i % 37 == 5:
-            records.append({"id": f"s/{i}", "status": "failed", "direction": "score", "system": "s",
-                            "error": "no image"})
+            records.append(
+                {"id": f"s/{i}", "status": "failed", "direction": "score", "system": "s", "error": "no image"}
+            )
             continue
         value = round(rng.random(), 2)  # ties, so the order among equal scores is checked too
         if i == n - 2:  # the hostile caption: on the first page, past the HTML rows (a data row)
             value = 0.015
-        records.append({"id": f"s/{i}", "status": "ok", "direction": "score", "system": "s",
-                        "caption": PWN if i == n - 2 else f"caption {i}", "select_by": "clip_similarity",
-                        "scores": {"clip_similarity": value, "lpips_distance": rng.random()},
-                        "warnings": ["truncated"] if i % 11 == 0 else []})
+        records.append(
+            {
+                "id": f"s/{i}",
+                "status": "ok",
+                "direction": "score",
+                "system": "s",
+                "caption": PWN if i == n - 2 else f"caption {i}",
+                "select_by": "clip_similarity",
+                "scores": {"clip_similarity": value, "lpips_distance": rng.random()},
+                "warnings": ["truncated"] if i % 11 == 0 else [],
+            }
+        )
     return records
 
 
 def expected(records: list[dict], key: str, desc: bool) -> list[str]:
     """Item ids as the page sorts them: the default order (worst first by clip_similarity, stable) as the tie-break,
     items without the score last."""
+
     def score(r, m):
         return r["scores"][m] if r["status"] == "ok" else None
 
-    default = sorted(records, key=lambda r: (score(r, "clip_similarity") is None, score(r, "clip_similarity") or 0))
+    default = sorted(
+        records, key=lambda r: (score(r, "clip_similarity") is None, score(r, "clip_similarity") or 0)
+    )
     with_score = [r for r in default if score(r, key) is not None]
     without = [r for r in default if score(r, key) is None]
     return [r["id"] for r in sorted(with_score, key=lambda r: score(r, key), reverse=desc) + without]
@@ -171,8 +239,12 @@ def test_a_large_run_sorts_filters_and_pages_across_every_row(large, tmp_path):
     assert (page.parent / "report-rows.js").is_file() and "s/2999" not in page.read_text(encoding="utf-8")
     dom, log = browse(page, "", tmp_path)
     assert visible(dom) == expected(records, "clip_similarity", False)[:100]
-    assert "Showing 3000 of 3000 items" in dom and "page 1 of 30 (items 1–100)" in dom and ":CONSOLE" not in log
-    hostile = expected(records, "clip_similarity", False).index("s/2998")  # its caption is PWN: text, never run
+    assert (
+        "Showing 3000 of 3000 items" in dom and "page 1 of 30 (items 1–100)" in dom and ":CONSOLE" not in log
+    )
+    hostile = expected(records, "clip_similarity", False).index(
+        "s/2998"
+    )  # its caption is PWN: text, never run
     assert 20 <= hostile < 100 and "&lt;img src=x onerror=" in dom
     assert "data-pwned" not in dom.split("<body", 1)[1].split(">", 1)[0]
     dom, _ = browse(page, "sort=lpips_distance&dir=desc&page=7", tmp_path)
@@ -199,7 +271,9 @@ def test_a_page_without_its_rows_file_says_so_and_lists_its_own_rows(large, tmp_
 def test_rows_inline_below_the_limit(tmp_path):
     records = score_records(300)
     page = write_report(tmp_path, records, {"name": "inline"}, max_items=10)
-    assert not (tmp_path / "report-rows.js").exists() and 'id="gallery-rows"' in page.read_text(encoding="utf-8")
+    assert not (tmp_path / "report-rows.js").exists() and 'id="gallery-rows"' in page.read_text(
+        encoding="utf-8"
+    )
     dom, log = browse(page, "sort=lpips_distance&dir=asc&page=3", tmp_path)
     assert visible(dom) == expected(records, "lpips_distance", False)[200:300] and ":CONSOLE" not in log
 

@@ -127,7 +127,16 @@ def test_finetune_out_checks(tmp_path):
 
 def test_item_folders_never_collide(tmp_path):
     run = RunDir(tmp_path, load_config("tiny-random"))
-    ids = ["a..b.png", "a__b.png", ".", "", "../etc/passwd", "sub/dir/x.png", "sub_dir_x.png", "<img src=x>.png"]
+    ids = [
+        "a..b.png",
+        "a__b.png",
+        ".",
+        "",
+        "../etc/passwd",
+        "sub/dir/x.png",
+        "sub_dir_x.png",
+        "<img src=x>.png",
+    ]
     folders = [run.image_path(i, "original.png").parent for i in ids]
     assert len(set(folders)) == len(ids)
     for f in folders:  # one flat folder under images/, never outside it
@@ -152,7 +161,9 @@ def test_one_command_per_run_directory(tmp_path):
     run = RunDir(tmp_path, cfg)
     run.claim("caption")
     run.claim("caption")  # the same command resumes
-    with pytest.raises(RunError, match="holds a `recon caption` run; `recon reconstruct` needs its own --out"):
+    with pytest.raises(
+        RunError, match="holds a `recon caption` run; `recon reconstruct` needs its own --out"
+    ):
         run.claim("reconstruct")
 
 
@@ -173,13 +184,22 @@ def _tiny_images(folder, n):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-            folder / f"im{i}.png")
+            folder / f"im{i}.png"
+        )
     return folder
 
 
 def _tiny_cfg():
-    return load_config("tiny-random", ["run.cache_dir=''", "run.batch_size=2", "generator.num_inference_steps=1",
-                                       "generator.images_per_caption=1", "captioner.num_candidates=1"])
+    return load_config(
+        "tiny-random",
+        [
+            "run.cache_dir=''",
+            "run.batch_size=2",
+            "generator.num_inference_steps=1",
+            "generator.images_per_caption=1",
+            "captioner.num_candidates=1",
+        ],
+    )
 
 
 def test_a_full_or_read_only_disk_stops_the_run_and_fails_no_item(tmp_path, tiny_models, monkeypatch):
@@ -190,7 +210,9 @@ def test_a_full_or_read_only_disk_stops_the_run_and_fails_no_item(tmp_path, tiny
         wrapped = ValueError("while saving")
         wrapped.__cause__ = OSError(other, os.strerror(other))
         assert jobs.environment_error(wrapped).errno == other
-    assert jobs.environment_error(OSError(errno.ENOENT, "gone")) is None  # an item's own missing file fails it
+    assert (
+        jobs.environment_error(OSError(errno.ENOENT, "gone")) is None
+    )  # an item's own missing file fails it
 
     src = _tiny_images(tmp_path / "src", 3)
     real, calls = jobs.atomic_write_bytes, []
@@ -205,7 +227,10 @@ def test_a_full_or_read_only_disk_stops_the_run_and_fails_no_item(tmp_path, tiny
     with pytest.raises(RunError, match=rf"stopped: {os.strerror(code)} writing .*records so far are kept"):
         jobs.reconstruct_images(_tiny_cfg(), src, tmp_path / "run", progress=False)
     kept = read_jsonl(tmp_path / "run" / "results.jsonl")[0]
-    assert [r["status"] for r in kept] == ["ok", "ok"]  # the finished batch is kept; no item is recorded failed
+    assert [r["status"] for r in kept] == [
+        "ok",
+        "ok",
+    ]  # the finished batch is kept; no item is recorded failed
     monkeypatch.setattr(jobs, "atomic_write_bytes", real)  # space freed: a plain rerun finishes every item
     run = jobs.reconstruct_images(_tiny_cfg(), src, tmp_path / "run", progress=False)
     assert [r["status"] for r in run.records()] == ["ok"] * 3
@@ -241,7 +266,11 @@ def test_a_resumed_run_counts_only_its_current_inputs(tmp_path, tiny_models):
     run = reconstruct_images(_tiny_cfg(), src, tmp_path / "run", progress=False)
     assert sorted(r["id"] for r in run.records()) == ["im2.png", "im3.png", "renamed.png"]
     assert len(read_jsonl(run.path / "results.jsonl")[0]) == 5  # the old records stay on disk
-    assert sorted(r["id"] for r in read_records(run.path / "results.jsonl")) == ["im2.png", "im3.png", "renamed.png"]
+    assert sorted(r["id"] for r in read_records(run.path / "results.jsonl")) == [
+        "im2.png",
+        "im3.png",
+        "renamed.png",
+    ]
     assert ": 3 records," in (run.path / "report.html").read_text()
 
 
@@ -258,7 +287,15 @@ def test_the_progress_bar_moves_per_item_inside_a_batch(tmp_path, tiny_models, m
 
     monkeypatch.setattr(jobs, "tqdm", Bar)
     src = _tiny_images(tmp_path / "src", 4)
-    cfg = load_config("tiny-random", ["run.cache_dir=''", "run.batch_size=4", "generator.num_inference_steps=2",
-                                      "generator.images_per_caption=2", "captioner.num_candidates=1"])
+    cfg = load_config(
+        "tiny-random",
+        [
+            "run.cache_dir=''",
+            "run.batch_size=4",
+            "generator.num_inference_steps=2",
+            "generator.images_per_caption=2",
+            "captioner.num_candidates=1",
+        ],
+    )
     jobs.reconstruct_images(cfg, src, tmp_path / "run", progress=True)
     assert [n for n in seen if 0 < n < 4] == [1, 2, 3] and seen[-1] == 4  # counted while the batch generates

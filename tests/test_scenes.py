@@ -14,13 +14,16 @@ Obj = S.SceneObject
 
 def scene(background: str, *objects: tuple[str, str, str, str], template: int = 0) -> S.Scene:
     """``objects`` as (size, colour, shape, cell), in any order; stored sorted by cell as sampling stores them."""
-    objs = sorted((Obj(shape, color, size, cell) for size, color, shape, cell in objects),
-                  key=lambda o: S.CELLS.index(o.cell))
+    objs = sorted(
+        (Obj(shape, color, size, cell) for size, color, shape, cell in objects),
+        key=lambda o: S.CELLS.index(o.cell),
+    )
     return S.Scene(background, tuple(objs), template)
 
 
-RED_CIRCLE_LEFT_OF_BLUE_SQUARE = scene("white", ("small", "red", "circle", "top left"),
-                                       ("small", "blue", "square", "top right"))
+RED_CIRCLE_LEFT_OF_BLUE_SQUARE = scene(
+    "white", ("small", "red", "circle", "top left"), ("small", "blue", "square", "top right")
+)
 
 
 # ----------------------------------------------------------------------------------------------- world
@@ -77,11 +80,14 @@ def test_every_caption_word_is_one_bert_wordpiece_and_at_most_two_clip_bpe_token
     bpe = Path(importlib.util.find_spec("open_clip").origin).parent / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = {"".join(m.split()) for m in merges} | set(letters) | {c + "</w>" for c in letters}  # + byte tokens
+    tokens = (
+        {"".join(m.split()) for m in merges} | set(letters) | {c + "</w>" for c in letters}
+    )  # + byte tokens
     for word in S.caption_vocabulary():
         assert bert.tokenize(word) == [word]
-        assert word + "</w>" in tokens or any(word[:k] in tokens and word[k:] + "</w>" in tokens
-                                              for k in range(1, len(word))), word
+        assert word + "</w>" in tokens or any(
+            word[:k] in tokens and word[k:] + "</w>" in tokens for k in range(1, len(word))
+        ), word
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -99,15 +105,26 @@ def test_parser_round_trips_every_template(template):
 
 def test_templates_read_as_intended():
     s = RED_CIRCLE_LEFT_OF_BLUE_SQUARE
-    assert S.caption_for(s, "relational") == "a small red circle left of a small blue square on a white background"
+    assert (
+        S.caption_for(s, "relational")
+        == "a small red circle left of a small blue square on a white background"
+    )
     assert S.caption_for(s, "count") == "a small red circle and a small blue square on a white background"
-    assert S.caption_for(s, "detailed") == ("in the top left a small red circle and in the top right a small blue "
-                                            "square on a white background")
-    two = scene("gray", ("large", "green", "triangle", "top left"), ("large", "green", "triangle", "bottom right"),
-                ("small", "red", "cross", "top right"))
-    assert S.caption_for(two, "count") == "two large green triangles and a small red cross on a gray background"
-    assert S.parse_caption("Two large green triangles, and a small red cross; gray background.") == S.claims_of(
-        two, "count")
+    assert S.caption_for(s, "detailed") == (
+        "in the top left a small red circle and in the top right a small blue square on a white background"
+    )
+    two = scene(
+        "gray",
+        ("large", "green", "triangle", "top left"),
+        ("large", "green", "triangle", "bottom right"),
+        ("small", "red", "cross", "top right"),
+    )
+    assert (
+        S.caption_for(two, "count") == "two large green triangles and a small red cross on a gray background"
+    )
+    assert S.parse_caption(
+        "Two large green triangles, and a small red cross; gray background."
+    ) == S.claims_of(two, "count")
 
 
 def test_parser_is_tolerant_of_model_output():
@@ -119,13 +136,24 @@ def test_parser_is_tolerant_of_model_output():
     # A cell names the object it follows, or else the next one.
     after = S.parse_caption("a red circle in the top left and two blue squares")
     before = S.parse_caption("in the top left a red circle and two blue squares")
-    assert after.objects == before.objects == (S.Claim(None, "red", "circle", "top left"),
-                                               S.Claim(None, "blue", "square"), S.Claim(None, "blue", "square"))
+    assert (
+        after.objects
+        == before.objects
+        == (
+            S.Claim(None, "red", "circle", "top left"),
+            S.Claim(None, "blue", "square"),
+            S.Claim(None, "blue", "square"),
+        )
+    )
 
 
 def test_templates_can_be_chosen_and_weighted():
-    assert {s.template for s in S.sample_scenes(60, 0, templates=("detailed",))} == {S.TEMPLATES.index("detailed")}
-    mixed = [S.TEMPLATES[s.template] for s in S.sample_scenes(600, 0, templates=("detailed", "detailed", "count"))]
+    assert {s.template for s in S.sample_scenes(60, 0, templates=("detailed",))} == {
+        S.TEMPLATES.index("detailed")
+    }
+    mixed = [
+        S.TEMPLATES[s.template] for s in S.sample_scenes(600, 0, templates=("detailed", "detailed", "count"))
+    ]
     assert set(mixed) == {"detailed", "count"} and 0.6 < mixed.count("detailed") / 600 < 0.73
     with pytest.raises(ValueError, match="templates"):
         S.sample_scenes(1, 0, templates=("poem",))
@@ -136,18 +164,29 @@ def test_binding_swap_keeps_the_bag_of_words_and_fails_binding():
     s = RED_CIRCLE_LEFT_OF_BLUE_SQUARE
     swapped = S.parse_caption("a small blue circle left of a small red square on a white background")
     assert sorted(S.caption_for(s, 0).split()) == sorted(
-        "a small blue circle left of a small red square on a white background".split())
+        "a small blue circle left of a small red square on a white background".split()
+    )
     scores = S.score_claims(swapped, s)
     assert scores["attribute_f1"] == 1.0 and scores["count"] == 0.0
-    assert scores["object_f1"] == 0.0 and scores["binding"] == pytest.approx(4 / 6)  # colour-shape pairs wrong
+    assert scores["object_f1"] == 0.0 and scores["binding"] == pytest.approx(
+        4 / 6
+    )  # colour-shape pairs wrong
     assert scores["relation"] == 0.0 and scores["exact"] == 0.0
 
 
 def test_relation_swap_fails_only_the_relation():
     s = RED_CIRCLE_LEFT_OF_BLUE_SQUARE
-    scores = S.score_claims(S.parse_caption("a small blue square left of a small red circle on a white background"), s)
-    assert scores == {"exact": 0.0, "object_f1": 1.0, "attribute_f1": 1.0, "binding": 1.0, "relation": 0.0,
-                      "count": 1.0}
+    scores = S.score_claims(
+        S.parse_caption("a small blue square left of a small red circle on a white background"), s
+    )
+    assert scores == {
+        "exact": 0.0,
+        "object_f1": 1.0,
+        "attribute_f1": 1.0,
+        "binding": 1.0,
+        "relation": 0.0,
+        "count": 1.0,
+    }
     right = S.parse_caption("a small blue square right of a small red circle on a white background")
     assert S.score_claims(right, s)["exact"] == 1.0
 
@@ -160,10 +199,14 @@ def test_count_omission_hallucination_and_single_errors():
     omitted = S.parse_caption("a white background with a small red circle in the top left")
     assert S.object_f1(omitted, s) == pytest.approx(2 / 3) and S.relation_accuracy(omitted, s) == 1.0
     assert not S.exact_match(omitted, s)
-    extra = S.parse_caption("a small red circle, a small blue square and a large green cross on a white background")
+    extra = S.parse_caption(
+        "a small red circle, a small blue square and a large green cross on a white background"
+    )
     assert S.object_f1(extra, s) == pytest.approx(0.8) and S.count_accuracy(extra, s) == pytest.approx(2 / 3)
-    wrong_cell = S.parse_caption("a white background with a small red circle in the top left and a small blue "
-                                 "square in the bottom right")
+    wrong_cell = S.parse_caption(
+        "a white background with a small red circle in the top left and a small blue "
+        "square in the bottom right"
+    )
     assert S.relation_accuracy(wrong_cell, s) == 0.5 and S.object_f1(wrong_cell, s) == 1.0
     wrong_bg = S.parse_caption("a small red circle left of a small blue square on a black background")
     assert S.score_claims(wrong_bg, s) == {**S.score_claims(S.claims_of(s, 0), s), "exact": 0.0}
@@ -173,14 +216,22 @@ def test_count_omission_hallucination_and_single_errors():
 
 
 def test_exact_match_with_identical_objects_needs_a_consistent_assignment():
-    s = scene("white", ("small", "red", "circle", "top left"), ("small", "red", "circle", "bottom right"),
-              ("large", "blue", "cross", "top right"))
-    ok = S.parse_caption("a small red circle above left of a small red circle, which is below a large blue cross "
-                         "on a white background")
+    s = scene(
+        "white",
+        ("small", "red", "circle", "top left"),
+        ("small", "red", "circle", "bottom right"),
+        ("large", "blue", "cross", "top right"),
+    )
+    ok = S.parse_caption(
+        "a small red circle above left of a small red circle, which is below a large blue cross "
+        "on a white background"
+    )
     assert S.exact_match(ok, s)
     # Each relation holds for some pair of objects (relation accuracy 1), but no one assignment makes both hold.
-    bad = S.parse_caption("a small red circle above left of a small red circle, which is left of a large blue cross "
-                          "on a white background")
+    bad = S.parse_caption(
+        "a small red circle above left of a small red circle, which is left of a large blue cross "
+        "on a white background"
+    )
     assert S.relation_accuracy(bad, s) == 1.0 and not S.exact_match(bad, s)
 
 
@@ -200,7 +251,7 @@ def test_judge_report_and_targets_agree_with_the_truth():
     report = scenes_train.judge_report(batch, batch)
     assert all(v in (None, 1.0) for v in report.values())
     y = scenes_train.judge_targets(batch)
-    assert ((y["shape"] > 0).sum(1).tolist() == [len(s.objects) for s in batch])
+    assert (y["shape"] > 0).sum(1).tolist() == [len(s.objects) for s in batch]
     wrong = [S.Scene(s.background, s.objects[1:]) if s.objects else s for s in batch]
     assert scenes_train.judge_report(wrong, batch)["exact_scene"] < 1.0
 
@@ -212,7 +263,9 @@ def test_captioner_token_set_covers_every_scenes_caption_word():
 
     tok = make_blip_tokenizer()
     used = set(models.captioner_token_ids(tok, scenes_train.captioner_texts()))
-    batch = [s for t in S.TEMPLATES for s in S.sample_scenes(200, 0, n_objects=(0, 1, 2, 3, 4), templates=(t,))]
+    batch = [
+        s for t in S.TEMPLATES for s in S.sample_scenes(200, 0, n_objects=(0, 1, 2, 3, 4), templates=(t,))
+    ]
     for s in batch:
         assert set(tok(s.caption, add_special_tokens=False).input_ids) <= used, s.caption
         # [DEC] + caption + [SEP] fits the captioner's position embeddings
@@ -229,8 +282,29 @@ def test_scenes_captioner_trains_and_loads(tmp_path):
     out, work = tmp_path / "bundle", tmp_path / "work"
     from recon.cli import main
 
-    assert main(["scenes", "train", "--component", "captioner", "--out", str(out), "--work", str(work),
-                 "--objects", "1,2", "--templates", "detailed", "--steps", "2", "--batch", "4"]) == 0
+    assert (
+        main(
+            [
+                "scenes",
+                "train",
+                "--component",
+                "captioner",
+                "--out",
+                str(out),
+                "--work",
+                str(work),
+                "--objects",
+                "1,2",
+                "--templates",
+                "detailed",
+                "--steps",
+                "2",
+                "--batch",
+                "4",
+            ]
+        )
+        == 0
+    )
     model = BlipForConditionalGeneration.from_pretrained(out / "captioner")
     processor = BlipProcessor.from_pretrained(out / "captioner")
     assert model.config.text_config.max_position_embeddings == scenes_train.CAPTIONER_POSITIONS

@@ -81,15 +81,36 @@ def test_metaeval_scenes_end_to_end_on_tiny_models(tmp_path, tiny_models):
     from recon.cli import main
 
     out = tmp_path / "me"
-    args = ["metaeval", "--scenes", "2", "--preset", "tiny-random", "--out", str(out), "--no-progress",
-            "--resamples", "50", "--set", "generator.num_inference_steps=2", "--set", "run.batch_size=16",
-            "--set", "generator.images_per_caption=1", "--set", "generator.height=32", "--set", "generator.width=32"]
+    args = [
+        "metaeval",
+        "--scenes",
+        "2",
+        "--preset",
+        "tiny-random",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--resamples",
+        "50",
+        "--set",
+        "generator.num_inference_steps=2",
+        "--set",
+        "run.batch_size=16",
+        "--set",
+        "generator.images_per_caption=1",
+        "--set",
+        "generator.height=32",
+        "--set",
+        "generator.width=32",
+    ]
     assert main([*args, "--metrics", "recon,clipscore"]) == 0
     res = json.loads((out / "metaeval.json").read_text())
     assert list(res["sets"]) == ["expert", "pascal50s", "foil"]
     pascal = res["sets"]["pascal50s"]
     assert pascal["categories"] == list(J.CATEGORIES)
-    judged = {c for c in J.CATEGORIES if c in pascal["rows"]["clipscore"]}  # two scenes need not allow all six
+    judged = {
+        c for c in J.CATEGORIES if c in pascal["rows"]["clipscore"]
+    }  # two scenes need not allow all six
     assert len(judged) >= 3 and set(pascal["paired_by_category"]) == judged
     assert "reconstruction minus text-side score" in (out / "metaeval.md").read_text()
     with pytest.raises(SystemExit):  # one built-in set at a time
@@ -114,8 +135,14 @@ def test_scenes_eval_command_reports_every_number(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     for split in ("test", "heldout"):
         r = result[split]
-        for key in ("captioner_exact", "generator_exact", "clip_single_attribute", "clip_binding_swap",
-                    "judge_exact_on_renders", "weak_captioner_exact"):
+        for key in (
+            "captioner_exact",
+            "generator_exact",
+            "clip_single_attribute",
+            "clip_binding_swap",
+            "judge_exact_on_renders",
+            "weak_captioner_exact",
+        ):
             assert 0.0 <= r[key] <= 1.0, (split, key)
     assert set(result["bars"]) <= set(result["test"])
 

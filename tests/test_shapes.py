@@ -40,7 +40,9 @@ def test_parser_reports_missing_and_ambiguous():
     p = world.parse_caption("a red circle on a white background")
     assert p["size"] is None and p["position"] is None and not world.is_parseable(p)
     assert world.parse_caption("a small red blue circle at the center on a white background")["color"] is None
-    assert world.parse_caption("A Small RED circle at the top left , white background")["position"] == "top left"
+    assert (
+        world.parse_caption("A Small RED circle at the top left , white background")["position"] == "top left"
+    )
 
 
 def test_heldout_combinations_never_in_training_splits():
@@ -66,8 +68,12 @@ def test_blip_tokenizer_special_ids_as_real_blip():
     from recon.tokenizers import make_blip_tokenizer
 
     tok = make_blip_tokenizer()
-    assert (tok.bos_token_id, tok.convert_tokens_to_ids("[ENC]"), tok.pad_token_id, tok.sep_token_id) == \
-        (30522, 30523, 0, 102)
+    assert (tok.bos_token_id, tok.convert_tokens_to_ids("[ENC]"), tok.pad_token_id, tok.sep_token_id) == (
+        30522,
+        30523,
+        0,
+        102,
+    )
     assert len(tok) == 30524
 
 
@@ -78,7 +84,9 @@ def test_clip_tokenizer_ids_equal_open_clip(tmp_path):
     from recon.tokenizers import write_clip_tokenizer
 
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "tok"))
-    texts = [world.caption_for(dict(zip(world.ATTRIBUTES, c)), t) for c in world.ALL_COMBOS[::37] for t in range(4)]
+    texts = [
+        world.caption_for(dict(zip(world.ATTRIBUTES, c)), t) for c in world.ALL_COMBOS[::37] for t in range(4)
+    ]
     ours = tok(texts, padding="max_length", max_length=77).input_ids
     theirs = open_clip.tokenize(texts).tolist()
     assert ours == theirs
@@ -94,8 +102,12 @@ def test_bundle_layout_and_size():
     assert (BUNDLE / "MODEL_CARD.md").is_file()
     cfg = json.loads((BUNDLE / "clip" / "open_clip_config.json").read_text())
     assert set(cfg) == {"model_cfg", "preprocess_cfg"}
-    assert json.loads((BUNDLE / "generator" / "scheduler" / "scheduler_config.json").read_text())[
-        "prediction_type"] == "v_prediction"
+    assert (
+        json.loads((BUNDLE / "generator" / "scheduler" / "scheduler_config.json").read_text())[
+            "prediction_type"
+        ]
+        == "v_prediction"
+    )
 
 
 @needs_bundle
@@ -107,7 +119,9 @@ def test_bundle_loads_through_hub_and_captions():
     pix = processor(images=list(world.render_batch(scenes)), return_tensors="pt").pixel_values
     out = model.generate(pixel_values=pix, num_beams=3, max_new_tokens=20)
     captions = processor.batch_decode(out, skip_special_tokens=True)
-    assert all(world.is_parseable(world.parse_caption(c)) for c in captions), captions  # quality: the slow test
+    assert all(world.is_parseable(world.parse_caption(c)) for c in captions), (
+        captions
+    )  # quality: the slow test
 
     clip, pre, tokenizer = hub.load_open_clip("builtin:shapes/clip", None, dev)
     assert pre["size"] in (32, (32, 32), [32, 32])
@@ -116,8 +130,13 @@ def test_bundle_loads_through_hub_and_captions():
     assert t.shape == (4, clip.text_projection.shape[1])
 
     pipe = hub.load_diffusion_pipeline("builtin:shapes/generator", dev, torch.float32)
-    images = pipe(["a large red circle at the center on a white background"], num_inference_steps=2,
-                  guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        ["a large red circle at the center on a white background"],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (1, 32, 32, 3)
 
 
@@ -237,8 +256,13 @@ def test_training_resume_refuses_a_planted_pickle(tmp_path):
         return float(loss)
 
     run_loop(args, "judge", {"m": layer}, list(layer.parameters()), step)
-    run_loop(TrainArgs(component="judge", out=tmp_path, work=tmp_path, steps=3), "judge", {"m": layer},
-             list(layer.parameters()), step)  # a real checkpoint resumes
+    run_loop(
+        TrainArgs(component="judge", out=tmp_path, work=tmp_path, steps=3),
+        "judge",
+        {"m": layer},
+        list(layer.parameters()),
+        step,
+    )  # a real checkpoint resumes
     (tmp_path / "judge.ckpt.pt").write_bytes(pickle.dumps(Planted()))
     with pytest.raises(ValueError, match="judge.ckpt.pt: cannot resume"):
         run_loop(args, "judge", {"m": layer}, list(layer.parameters()), step)

@@ -31,13 +31,15 @@ def images(seed: int, n: int = 3, h: int = 40, w: int = 48) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def image_metrics(tiny_models):
-    cfg = SimilarityConfig(image=[
-        MetricConfig(kind="clip", model=str(tiny_models / "clip")),
-        MetricConfig(kind="clip_pooler", model=str(tiny_models / "clip_vision")),
-        MetricConfig(kind="lpips", random_backbone=True),
-        MetricConfig(kind="ssim"),
-        MetricConfig(kind="psnr"),
-    ])
+    cfg = SimilarityConfig(
+        image=[
+            MetricConfig(kind="clip", model=str(tiny_models / "clip")),
+            MetricConfig(kind="clip_pooler", model=str(tiny_models / "clip_vision")),
+            MetricConfig(kind="lpips", random_backbone=True),
+            MetricConfig(kind="ssim"),
+            MetricConfig(kind="psnr"),
+        ]
+    )
     return load_image_metrics(cfg, CPU)
 
 
@@ -47,8 +49,13 @@ def sbert():
 
 
 def test_keys_names_and_direction(image_metrics):
-    assert list(image_metrics) == ["clip_similarity", "clip_pooler_similarity", "lpips_distance",
-                                   "ssim_similarity", "psnr_similarity"]
+    assert list(image_metrics) == [
+        "clip_similarity",
+        "clip_pooler_similarity",
+        "lpips_distance",
+        "ssim_similarity",
+        "psnr_similarity",
+    ]
     for name, metric in image_metrics.items():
         assert metric.name == name
         assert metric.higher_is_better == name.endswith("_similarity")
@@ -58,28 +65,37 @@ def test_keys_names_and_direction(image_metrics):
     assert set(TEXT_METRICS) == {"clip_text", "clip_text_pooler", "sbert"}
 
 
-@pytest.mark.parametrize("key", ["clip_similarity", "clip_pooler_similarity", "lpips_distance", "ssim_similarity",
-                                 "psnr_similarity"])
+@pytest.mark.parametrize(
+    "key",
+    ["clip_similarity", "clip_pooler_similarity", "lpips_distance", "ssim_similarity", "psnr_similarity"],
+)
 def test_identity_is_the_best_score(image_metrics, key):
     metric = image_metrics[key]
     x = images(0)
     with torch.no_grad():
         same, other = metric(x, x), metric(x, images(1))
     assert same.shape == (3,) and same.dtype == torch.float32
-    best = {"clip_similarity": 1.0, "clip_pooler_similarity": 1.0, "lpips_distance": 0.0, "ssim_similarity": 1.0,
-            "psnr_similarity": PSNR_CAP_DB}[key]
+    best = {
+        "clip_similarity": 1.0,
+        "clip_pooler_similarity": 1.0,
+        "lpips_distance": 0.0,
+        "ssim_similarity": 1.0,
+        "psnr_similarity": PSNR_CAP_DB,
+    }[key]
     torch.testing.assert_close(same, torch.full((3,), best), atol=1e-5, rtol=0)
     assert bool(((other < same) if metric.higher_is_better else (other > same)).all())
 
 
-@pytest.mark.parametrize("key", ["clip_similarity", "clip_pooler_similarity", "lpips_distance", "ssim_similarity",
-                                 "psnr_similarity"])
+@pytest.mark.parametrize(
+    "key",
+    ["clip_similarity", "clip_pooler_similarity", "lpips_distance", "ssim_similarity", "psnr_similarity"],
+)
 def test_batched_equals_per_sample_and_sizes_may_differ(image_metrics, key):
     metric = image_metrics[key]
     x, y = images(2), images(3, h=64, w=64)  # a non-square original against square reconstructions
     with torch.no_grad():
         batched = metric(x, y)
-        looped = torch.cat([metric(x[i:i + 1], y[i:i + 1]) for i in range(3)])
+        looped = torch.cat([metric(x[i : i + 1], y[i : i + 1]) for i in range(3)])
         one_vs_many = metric(x[:1], y)  # a batch of 1 is broadcast
         expanded = metric(x[:1].expand(3, -1, -1, -1), y)
         swapped = metric(y, x)
@@ -89,8 +105,10 @@ def test_batched_equals_per_sample_and_sizes_may_differ(image_metrics, key):
     torch.testing.assert_close(swapped, batched, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("key", ["clip_similarity", "clip_pooler_similarity", "lpips_distance", "ssim_similarity",
-                                 "psnr_similarity"])
+@pytest.mark.parametrize(
+    "key",
+    ["clip_similarity", "clip_pooler_similarity", "lpips_distance", "ssim_similarity", "psnr_similarity"],
+)
 def test_gradients_reach_the_input_images(image_metrics, key):
     x = images(4).requires_grad_(True)
     image_metrics[key](x, images(5, h=64, w=64)).sum().backward()
@@ -109,9 +127,14 @@ def test_clip_matches_bare_open_clip(tiny_models):
 
     clip, preprocess_cfg, _ = hub.load_open_clip(str(tiny_models / "clip"), None, CPU)
     metric = ClipImageSimilarity(clip, preprocess_cfg)
-    transform = open_clip.image_transform(preprocess_cfg["size"], is_train=False, mean=preprocess_cfg["mean"],
-                                          std=preprocess_cfg["std"], resize_mode=preprocess_cfg["resize_mode"],
-                                          interpolation=preprocess_cfg["interpolation"])
+    transform = open_clip.image_transform(
+        preprocess_cfg["size"],
+        is_train=False,
+        mean=preprocess_cfg["mean"],
+        std=preprocess_cfg["std"],
+        resize_mode=preprocess_cfg["resize_mode"],
+        interpolation=preprocess_cfg["interpolation"],
+    )
     x, y = images(6), images(7, h=64, w=64)
     with torch.no_grad():
         ex = clip.encode_image(torch.stack([transform(i) for i in x]), normalize=True)
@@ -133,7 +156,9 @@ def test_clip_pooler_matches_hf_processor_and_model(tiny_models, image_metrics):
 
     with torch.no_grad():
         expected = (embed(x) * embed(y)).sum(-1)
-        torch.testing.assert_close(image_metrics["clip_pooler_similarity"](x, y), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            image_metrics["clip_pooler_similarity"](x, y), expected, atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
@@ -141,10 +166,16 @@ def test_clip_pooler_matches_hf_processor_and_model(tiny_models, image_metrics):
 def test_preprocess_matches_open_clip_transform(resize_mode, hw):
     import open_clip
 
-    cfg = {"size": (32, 32), "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25], "interpolation": "bicubic",
-           "resize_mode": resize_mode}
-    transform = open_clip.image_transform(32, is_train=False, mean=cfg["mean"], std=cfg["std"],
-                                          resize_mode=resize_mode, interpolation="bicubic")
+    cfg = {
+        "size": (32, 32),
+        "mean": [0.4, 0.5, 0.6],
+        "std": [0.2, 0.3, 0.25],
+        "interpolation": "bicubic",
+        "resize_mode": resize_mode,
+    }
+    transform = open_clip.image_transform(
+        32, is_train=False, mean=cfg["mean"], std=cfg["std"], resize_mode=resize_mode, interpolation="bicubic"
+    )
     x = images(10, n=2, h=hw[0], w=hw[1])
     ours = ImagePreprocess.from_open_clip(cfg)(x)
     torch.testing.assert_close(ours, torch.stack([transform(i) for i in x]), atol=1e-5, rtol=1e-5)
@@ -171,7 +202,9 @@ def _ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_ssim_and_psnr_match_a_numpy_reference():
     x = images(11, n=2, h=24, w=30).double()
-    noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(12), dtype=x.dtype)).clamp(0, 1)
+    noisy = (
+        x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(12), dtype=x.dtype)
+    ).clamp(0, 1)
     expected_ssim = [_ssim_reference(a.numpy(), b.numpy()) for a, b in zip(x, noisy)]
     torch.testing.assert_close(ssim(x, noisy), torch.tensor(expected_ssim, dtype=x.dtype), atol=1e-10, rtol=0)
     mse = ((x - noisy) ** 2).mean(dim=(1, 2, 3)).numpy()
@@ -225,8 +258,10 @@ def test_lpips_rejects_images_too_small_for_the_backbone(image_metrics):
 def test_sbert_real_minilm_offline(sbert):
     assert sbert.name == "sbert_similarity" and sbert.higher_is_better
     with torch.no_grad():
-        s = sbert(["a red circle", "a red circle", "a red circle"],
-                  ["a red circle", "a crimson round shape", "stock market report"])
+        s = sbert(
+            ["a red circle", "a red circle", "a red circle"],
+            ["a red circle", "a crimson round shape", "stock market report"],
+        )
     assert s.shape == (3,)
     assert abs(float(s[0]) - 1.0) < 1e-5
     assert float(s[1]) > float(s[2])
@@ -252,12 +287,16 @@ def test_clip_text_on_tiny_clip_is_symmetric(tiny_models):
 # ----------------------------------------------------------------------------------------------- configs
 def test_unknown_kind_names_the_field_and_the_valid_kinds():
     cfg = SimilarityConfig(image=[MetricConfig(kind="ssim"), MetricConfig(kind="bogus")])
-    with pytest.raises(ConfigError,
-                       match=r"similarity\.image\.1\.kind.*'bogus'.*clip, clip_pooler, lpips, ssim, psnr, dino"):
+    with pytest.raises(
+        ConfigError, match=r"similarity\.image\.1\.kind.*'bogus'.*clip, clip_pooler, lpips, ssim, psnr, dino"
+    ):
         load_image_metrics(cfg, CPU)
     with pytest.raises(ConfigError, match=r"similarity\.image\.0\.kind.*text similarity"):
         load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="sbert")]), CPU)
-    with pytest.raises(ConfigError, match=r"similarity\.text\.0\.kind.*'psnr' is an image similarity.*clip_text, clip_text_pooler, sbert"):
+    with pytest.raises(
+        ConfigError,
+        match=r"similarity\.text\.0\.kind.*'psnr' is an image similarity.*clip_text, clip_text_pooler, sbert",
+    ):
         load_text_metrics(SimilarityConfig(text=[MetricConfig(kind="psnr")]), CPU)
 
 
@@ -266,7 +305,9 @@ def test_name_overrides_the_result_key_and_duplicates_are_refused():
     metrics = load_image_metrics(cfg, CPU)
     assert list(metrics) == ["ssim_similarity", "ssim_again"] and metrics["ssim_again"].name == "ssim_again"
     with pytest.raises(ConfigError, match=r"similarity\.image\.1\.name.*similarity\.image\.0"):
-        load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="psnr"), MetricConfig(kind="psnr")]), CPU)
+        load_image_metrics(
+            SimilarityConfig(image=[MetricConfig(kind="psnr"), MetricConfig(kind="psnr")]), CPU
+        )
 
 
 def test_config_errors_before_loading_anything():
@@ -292,12 +333,19 @@ def tiny_dino(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dino")
     torch.manual_seed(0)
-    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+    small = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=8
+    )
     ViTModel(ViTConfig(image_size=32, **small), add_pooling_layer=False).save_pretrained(root / "dino")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
     Dinov2Model(Dinov2Config(image_size=32, **small)).save_pretrained(root / "dinov2")
-    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True,
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(root / "dinov2")
+    BitImageProcessor(
+        size={"shortest_edge": 36},
+        crop_size={"height": 32, "width": 32},
+        do_convert_rgb=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(root / "dinov2")
     return root
 
 
@@ -310,8 +358,10 @@ def test_dino_is_the_cls_token_cosine_of_the_hf_model(tiny_dino, variant):
     assert metric.name == "dino_similarity" and metric.higher_is_better
     x, y = images(1, 2), images(2, 2)
     assert torch.allclose(metric(x, x), torch.ones(2), atol=1e-5)
-    model, processor = AutoModel.from_pretrained(tiny_dino / variant).eval(), \
-        AutoImageProcessor.from_pretrained(tiny_dino / variant)
+    model, processor = (
+        AutoModel.from_pretrained(tiny_dino / variant).eval(),
+        AutoImageProcessor.from_pretrained(tiny_dino / variant),
+    )
 
     def cls(batch):  # PIL path: uint8 images through the model's own processor
         pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in batch]
@@ -329,8 +379,9 @@ def test_dino_offline_names_the_id_and_a_wrong_model_type(tiny_models, monkeypat
     with pytest.raises(hub.ModelNotAvailableError, match="facebook/dino-vitb16.*similarity.image.0.model"):
         load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="dino")]), CPU)
     with pytest.raises(ValueError, match="clip_vision_model.*dino metric takes a DINO ViT"):
-        load_image_metrics(SimilarityConfig(image=[MetricConfig(kind="dino", model=str(tiny_models / "clip_vision"))]),
-                           CPU)
+        load_image_metrics(
+            SimilarityConfig(image=[MetricConfig(kind="dino", model=str(tiny_models / "clip_vision"))]), CPU
+        )
 
 
 def test_clip_text_pooler_is_the_pooler_cosine_of_hf_clip_text(tiny_models):
@@ -344,7 +395,9 @@ def test_clip_text_pooler_is_the_pooler_cosine_of_hf_clip_text(tiny_models):
 
     def pooled(texts):
         with torch.no_grad():
-            out = model(**tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")).pooler_output
+            out = model(
+                **tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+            ).pooler_output
         return torch.nn.functional.normalize(out, dim=-1)
 
     got = metric(a, b)
@@ -358,8 +411,11 @@ LONG_TEXT = " ".join(["a small red circle above a large blue square on the left"
 
 @pytest.mark.parametrize("kind", ["clip_text", "clip_text_pooler", "sbert"])
 def test_long_text_policy_truncate_records_and_chunk_mean_uses_the_whole_text(tiny_models, kind):
-    model = {"clip_text": str(tiny_models / "clip"), "clip_text_pooler": str(tiny_models / "generator"),
-             "sbert": None}[kind]
+    model = {
+        "clip_text": str(tiny_models / "clip"),
+        "clip_text_pooler": str(tiny_models / "generator"),
+        "sbert": None,
+    }[kind]
     truncate = load_similarity(MetricConfig(kind=kind, model=model), CPU, role="text")
     chunked = load_similarity(MetricConfig(kind=kind, model=model, long_text="chunk_mean"), CPU, role="text")
     assert truncate.long_text == "truncate" and chunked.long_text == "chunk_mean"
@@ -407,13 +463,17 @@ def test_clipscore_records_truncation_and_follows_the_clip_metric_policy(tiny_mo
 
     def scorer(policy):
         cfg = Config()
-        cfg.similarity = SimilarityConfig(image=[MetricConfig(kind="clip", model=str(tiny_models / "clip"),
-                                                              long_text=policy)])
+        cfg.similarity = SimilarityConfig(
+            image=[MetricConfig(kind="clip", model=str(tiny_models / "clip"), long_text=policy)]
+        )
         return cm.ClipScore.from_config(cfg, "cpu")
 
     image = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))] * 2
     caps = [LONG_TEXT, LONG_TEXT + " and a green star"]
-    t, c = scorer("truncate").scores(image, caps, [["a red circle"]] * 2), scorer("chunk_mean").scores(image, caps)
+    t, c = (
+        scorer("truncate").scores(image, caps, [["a red circle"]] * 2),
+        scorer("chunk_mean").scores(image, caps),
+    )
     assert t["truncated"] == [True, True] and c["truncated"] == [False, False]
     assert t["clipscore"][0] == pytest.approx(t["clipscore"][1], abs=1e-6)  # the tails are cut off
     assert c["clipscore"][0] != pytest.approx(c["clipscore"][1], abs=1e-6)
@@ -439,12 +499,15 @@ class _EmbedStandIn(torch.nn.Module):
 def _check_dreamsim_contract(metric):
     from recon.config import IMAGE_METRIC_NAMES
 
-    assert metric.name == "dreamsim_distance" == IMAGE_METRIC_NAMES["dreamsim"] and metric.higher_is_better is False
+    assert (
+        metric.name == "dreamsim_distance" == IMAGE_METRIC_NAMES["dreamsim"]
+        and metric.higher_is_better is False
+    )
     x, y = images(10), images(11, h=64, w=64)
     with torch.no_grad():
         same, other = metric(x, x), metric(x, y)
         one_vs_many = metric(x[:1], y)
-        per_sample = torch.cat([metric(x[i:i + 1], y[i:i + 1]) for i in range(3)])
+        per_sample = torch.cat([metric(x[i : i + 1], y[i : i + 1]) for i in range(3)])
         reused = metric.distance_to(metric.encode(x[:1]), y)
     assert same.shape == (3,) and same.dtype == torch.float32
     torch.testing.assert_close(same, torch.zeros(3), atol=1e-5, rtol=0)
@@ -480,19 +543,34 @@ def tiny_dreamsim(tmp_path_factory):
         assert model_type == "dino_vitb16"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return VisionTransformer(patch_size=16, embed_dim=24, depth=12, num_heads=2, mlp_ratio=2, qkv_bias=True)
+            return VisionTransformer(
+                patch_size=16, embed_dim=24, depth=12, num_heads=2, mlp_ratio=2, qkv_bias=True
+            )
 
     root = tmp_path_factory.mktemp("dreamsim")
     patch = pytest.MonkeyPatch()
     patch.setattr(ViTExtractor, "create_model", staticmethod(tiny_vit))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        base = PerceptualModel(model_type="dino_vitb16", feat_type="cls", stride="16", lora=True, device="cpu")
-        peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, bias="none",
-                                                     target_modules=["qkv"], init_lora_weights=False))
+        base = PerceptualModel(
+            model_type="dino_vitb16", feat_type="cls", stride="16", lora=True, device="cpu"
+        )
+        peft_model = get_peft_model(
+            base,
+            LoraConfig(
+                r=2,
+                lora_alpha=4,
+                lora_dropout=0.0,
+                bias="none",
+                target_modules=["qkv"],
+                init_lora_weights=False,
+            ),
+        )
         peft_model.save_pretrained(str(root / "dino_vitb16_single_lora"))
     patch.undo()
-    for placeholder in hub.DREAMSIM_FILES["dino_vitb16"]:  # read only by the DINO loader the stand-in replaces
+    for placeholder in hub.DREAMSIM_FILES[
+        "dino_vitb16"
+    ]:  # read only by the DINO loader the stand-in replaces
         if not (root / placeholder).exists():
             (root / placeholder).parent.mkdir(parents=True, exist_ok=True)
             (root / placeholder).write_bytes(b"")
@@ -522,7 +600,9 @@ def test_dreamsim_is_a_distance_term_of_the_finetune_loss(tiny_dreamsim):
     root, _ = tiny_dreamsim
     cfg = FinetuneConfig()
     cfg.loss.image_sim, cfg.loss.image_sim_terms.clip, cfg.loss.image_sim_terms.lpips = 1.0, 0.0, 1.0
-    cfg.loss.image_sim_terms.lpips_metric = MetricConfig(kind="dreamsim", model=str(root), pretrained="dino_vitb16")
+    cfg.loss.image_sim_terms.lpips_metric = MetricConfig(
+        kind="dreamsim", model=str(root), pretrained="dino_vitb16"
+    )
     metrics = image_sim_metrics(cfg, CPU)
     assert metrics["lpips"].name == "dreamsim_distance"
 
@@ -534,17 +614,24 @@ def test_dreamsim_without_weights_fails_before_work_naming_what_to_supply(tmp_pa
     from recon.pipeline import Reconstructor
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dreamsim" else
-                        real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "dreamsim" else real_find_spec(name, *a)
+    )
     with pytest.raises(hub.ModelNotAvailableError, match=r"pip install 'recon\[dreamsim\]'"):
         hub.check_dreamsim(str(tmp_path), None, "similarity.image.0.model")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "dreamsim" else
-                        real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "dreamsim" else real_find_spec(name, *a),
+    )
     (tmp_path / "ensemble_lora").mkdir()
     with pytest.raises(hub.ModelNotAvailableError) as err:
         hub.check_dreamsim(str(tmp_path), None, "similarity.image.1.model")
     msg = str(err.value)
-    assert f"DreamSim 'ensemble' weights are not in {tmp_path}" in msg and "ensemble_lora/adapter_config.json" in msg
+    assert (
+        f"DreamSim 'ensemble' weights are not in {tmp_path}" in msg
+        and "ensemble_lora/adapter_config.json" in msg
+    )
     assert "--set similarity.image.1.model=" in msg and "dreamsim_type='ensemble'" in msg
     with pytest.raises(ConfigError, match=r"similarity.image.0.pretrained='vit'.*ensemble, dino_vitb16"):
         hub.check_dreamsim(str(tmp_path), "vit", "similarity.image.0.model")
@@ -569,22 +656,30 @@ def _dreamsim_weights_missing() -> str | None:
 def test_dreamsim_real_weights_rank_a_perturbed_image_closer_than_another_image():
     import os
 
-    cfg = MetricConfig(kind="dreamsim", model=os.environ.get("RECON_DREAMSIM_DIR"),
-                       pretrained=os.environ.get("RECON_DREAMSIM_VARIANT"))
+    cfg = MetricConfig(
+        kind="dreamsim",
+        model=os.environ.get("RECON_DREAMSIM_DIR"),
+        pretrained=os.environ.get("RECON_DREAMSIM_VARIANT"),
+    )
     metric = load_similarity(cfg, CPU, role="image")
     x = images(20, n=1, h=224, w=224)
     smooth = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2)  # a blurred copy of the same image
     with torch.no_grad():
         near, far, same = metric(x, smooth), metric(x, images(21, n=1, h=224, w=224)), metric(x, x)
     assert float(same) == pytest.approx(0.0, abs=1e-5) and float(near) < float(far)
-    model, _ = __import__("dreamsim").dreamsim(pretrained=True, device="cpu", cache_dir=str(hub.check_dreamsim(
-        cfg.model, cfg.pretrained)[0]), dreamsim_type=cfg.pretrained or "ensemble")
+    model, _ = __import__("dreamsim").dreamsim(
+        pretrained=True,
+        device="cpu",
+        cache_dir=str(hub.check_dreamsim(cfg.model, cfg.pretrained)[0]),
+        dreamsim_type=cfg.pretrained or "ensemble",
+    )
     with torch.no_grad():
         torch.testing.assert_close(metric(x, smooth), model(x, smooth).float(), atol=1e-5, rtol=1e-4)
 
 
-def test_a_150_token_caption_is_reconstructed_and_scored_and_truncation_shows_in_the_leaderboard(tmp_path,
-                                                                                                 tiny_models):
+def test_a_150_token_caption_is_reconstructed_and_scored_and_truncation_shows_in_the_leaderboard(
+    tmp_path, tiny_models
+):
     import json
 
     from PIL import Image
@@ -595,7 +690,8 @@ def test_a_150_token_caption_is_reconstructed_and_scored_and_truncation_shows_in
     (tmp_path / "imgs").mkdir()
     for i in range(2):
         Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)).save(
-            tmp_path / "imgs" / f"im{i}.png")
+            tmp_path / "imgs" / f"im{i}.png"
+        )
     long = " ".join(["red circle above blue square"] * 30)  # 150 words: past 77 CLIP tokens
     (tmp_path / "detailed.json").write_text(json.dumps({"im0": long, "im1": "a red circle"}))
     (tmp_path / "short.json").write_text(json.dumps({"im0": "a circle", "im1": "a square"}))
@@ -607,18 +703,35 @@ def test_a_150_token_caption_is_reconstructed_and_scored_and_truncation_shows_in
     shared = {}  # one pipeline and CLIP for both runs: only the policies differ
 
     def run(name, *over):
-        config = load_config("tiny-random", ["run.cache_dir=''", "generator.num_inference_steps=2",
-                                             "generator.images_per_caption=1", "generator.height=32",
-                                             "generator.width=32", *over])
+        config = load_config(
+            "tiny-random",
+            [
+                "run.cache_dir=''",
+                "generator.num_inference_steps=2",
+                "generator.images_per_caption=1",
+                "generator.height=32",
+                "generator.width=32",
+                *over,
+            ],
+        )
         recon = Reconstructor(config, **shared)
         if not shared:
             shared.update(image_metrics=recon.image_metrics, generator=recon.generator)
         else:
-            recon._generator = DiffusionGenerator(shared["generator"].pipe, config.generator,
-                                                  batch_size=config.run.batch_size)
-        return score_caption_sets(config, [tmp_path / "detailed.json", tmp_path / "short.json"], tmp_path / "imgs",
-                                  tmp_path / name, refs=tmp_path / "refs.json", metrics="recon,clipscore,sbert",
-                                  progress=False, n_resamples=50, reconstructor=recon)
+            recon._generator = DiffusionGenerator(
+                shared["generator"].pipe, config.generator, batch_size=config.run.batch_size
+            )
+        return score_caption_sets(
+            config,
+            [tmp_path / "detailed.json", tmp_path / "short.json"],
+            tmp_path / "imgs",
+            tmp_path / name,
+            refs=tmp_path / "refs.json",
+            metrics="recon,clipscore,sbert",
+            progress=False,
+            n_resamples=50,
+            reconstructor=recon,
+        )
 
     default = run("truncate")
     rec = {r["id"]: r for r in default.records}
@@ -635,20 +748,28 @@ def test_a_150_token_caption_is_reconstructed_and_scored_and_truncation_shows_in
     assert "truncated" not in rec["detailed/im0"]
     assert any("generator.long_prompts=chunk" in w for w in rec["detailed/im0"]["warnings"])
     assert "| 0 | 0 |" in (chunked.path / "leaderboard.md").read_text()
-    assert {r["id"]: r["scores"] for r in chunked.records}["short/im0"] == \
-        {r["id"]: r["scores"] for r in default.records}["short/im0"]  # captions that fit score the same
+    assert {r["id"]: r["scores"] for r in chunked.records}["short/im0"] == {
+        r["id"]: r["scores"] for r in default.records
+    }["short/im0"]  # captions that fit score the same
 
 
 def test_text_direction_records_which_text_metrics_truncated_the_text(tiny_models):
     from recon.config import load_config
     from recon.pipeline import Reconstructor
 
-    over = ["run.cache_dir=''", "generator.num_inference_steps=1", "generator.images_per_caption=1",
-            "generator.height=32", "generator.width=32"]
+    over = [
+        "run.cache_dir=''",
+        "generator.num_inference_steps=1",
+        "generator.images_per_caption=1",
+        "generator.height=32",
+        "generator.width=32",
+    ]
     recon = Reconstructor(load_config("tiny-random", over))
     long, short = recon.text_to_image_to_text([LONG_TEXT, "a red circle"], ["long", "short"])
     assert long["truncated"] == ["clip_text_similarity"] and "truncated" not in short
     assert any(w.startswith("caption truncated from") for w in long["warnings"])
-    chunked = Reconstructor(load_config("tiny-random", [*over, "similarity.text.0.long_text=chunk_mean"]),
-                            generator=recon.generator)
+    chunked = Reconstructor(
+        load_config("tiny-random", [*over, "similarity.text.0.long_text=chunk_mean"]),
+        generator=recon.generator,
+    )
     assert "truncated" not in chunked.text_to_image_to_text([LONG_TEXT], ["long"])[0]

@@ -38,8 +38,13 @@ def test_sign_flip_p_value_equals_scipy_permutation_test_when_exact():
     rng = np.random.default_rng(7)
     for n in (5, 9, 12):
         a, b = rng.normal(0.3, 1, n), rng.normal(0, 1, n)
-        ref = st.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), vectorized=True,
-                                  permutation_type="samples", n_resamples=9999).pvalue
+        ref = st.permutation_test(
+            (a, b),
+            lambda x, y, axis: np.mean(x - y, axis=axis),
+            vectorized=True,
+            permutation_type="samples",
+            n_resamples=9999,
+        ).pvalue
         assert stats.sign_flip_p_value(a - b) == pytest.approx(ref)
 
 
@@ -54,8 +59,9 @@ def test_correlations_equal_scipy_and_vectorised_bootstrap_matches_loops():
     idx = rng.integers(0, 60, (20, 60))
     for rows, fn in ((stats._spearman_rows, st.spearmanr), (stats._kendall_rows, st.kendalltau)):
         assert rows(x[idx], y[idx]) == pytest.approx([fn(x[i], y[i]).statistic for i in idx], abs=1e-12)
-    assert stats.correlation([1, 1, 1, 1], [1, 2, 3, 4]).r is None or np.isnan(stats.correlation([1, 1, 1, 1],
-                                                                                                [1, 2, 3, 4]).r)
+    assert stats.correlation([1, 1, 1, 1], [1, 2, 3, 4]).r is None or np.isnan(
+        stats.correlation([1, 1, 1, 1], [1, 2, 3, 4]).r
+    )
 
 
 def test_system_correlation_uses_system_means():
@@ -77,9 +83,19 @@ def _records(rng, systems=("weak", "good", "best"), n=40):
     for s, q in zip(systems, (0.0, 0.5, 1.0)):
         for i in range(n):
             r = rng.normal(q, 0.3)
-            recs.append({"id": f"{s}/{i}", "status": "ok", "system": s, "image_id": str(i),
-                         "scores": {"cider": r + rng.normal(0, 0.3), "recon_clip_similarity": r,
-                                    "recon_lpips_distance": -r}})
+            recs.append(
+                {
+                    "id": f"{s}/{i}",
+                    "status": "ok",
+                    "system": s,
+                    "image_id": str(i),
+                    "scores": {
+                        "cider": r + rng.normal(0, 0.3),
+                        "recon_clip_similarity": r,
+                        "recon_lpips_distance": -r,
+                    },
+                }
+            )
     recs.append({"id": "weak/x", "status": "failed", "error": "boom"})
     return recs
 
@@ -111,10 +127,13 @@ def test_compare_rules_tests_the_reference_against_each_rule():
     rng = np.random.default_rng(6)
     good = (rng.random(80) < 0.6).astype(float)
     rand = (rng.random(80) < 0.2).astype(float)
-    table = compare_rules({"reconstruction": {"acc": good}, "random": {"acc": rand}}, "reconstruction",
-                          n_resamples=300)
+    table = compare_rules(
+        {"reconstruction": {"acc": good}, "random": {"acc": rand}}, "reconstruction", n_resamples=300
+    )
     (p,) = table["paired"]
-    assert p["b"] == "random" and p["diff"] == pytest.approx(good.mean() - rand.mean()) and p["p_value"] < 0.01
+    assert (
+        p["b"] == "random" and p["diff"] == pytest.approx(good.mean() - rand.mean()) and p["p_value"] < 0.01
+    )
     md = rules_markdown(table, "t")
     assert "**reconstruction**" in md and "reconstruction − random" in md
 
@@ -148,19 +167,23 @@ def test_seeds_by_items_t_interval_reduces_to_the_textbook_intervals():
     rng = np.random.default_rng(0)
     items = rng.normal(0.1, 1, 200)
     one = seeds_by_items_t_interval(items[None])  # one seed: the items' t interval (evaluation variance only)
-    assert (one.low, one.high) == pytest.approx(st.t.interval(0.95, 199, loc=items.mean(), scale=st.sem(items)))
+    assert (one.low, one.high) == pytest.approx(
+        st.t.interval(0.95, 199, loc=items.mean(), scale=st.sem(items))
+    )
     seed_means = np.array([0.2, 0.5, 0.35, 0.9])  # every item alike within a seed: the seeds' t interval
     by_seed = seeds_by_items_t_interval(np.repeat(seed_means[:, None], 50, axis=1))
     assert (by_seed.low, by_seed.high) == pytest.approx(
-        st.t.interval(0.95, 3, loc=seed_means.mean(), scale=st.sem(seed_means)))
+        st.t.interval(0.95, 3, loc=seed_means.mean(), scale=st.sem(seed_means))
+    )
     loose = np.stack([items - 1, items, items + 1])
     t = seeds_by_items_t_interval(loose + 0.5, loose)  # a constant improvement is certain
     assert (t.diff, t.low, t.high, t.p_value) == pytest.approx((0.5, 0.5, 0.5, 0.0))
     assert seeds_by_items_t_interval(loose, loose).p_value == 1.0
     noisy = loose + rng.normal(0.05, 0.5, loose.shape)
     test = seeds_by_items_t_interval(noisy, loose)  # its p is where the interval reaches 0
-    assert 0 < test.p_value < 1 and seeds_by_items_t_interval(noisy, loose, 1 - test.p_value).low == pytest.approx(
-        0, abs=1e-8)
+    assert 0 < test.p_value < 1 and seeds_by_items_t_interval(
+        noisy, loose, 1 - test.p_value
+    ).low == pytest.approx(0, abs=1e-8)
     with pytest.raises(ValueError, match="seeds, items"):
         seeds_by_items_t_interval(items)
 
@@ -187,8 +210,10 @@ def _cluster_draws(clusters: np.ndarray, n_resamples: int, seed) -> list[np.ndar
     codes = np.unique(clusters, return_inverse=True)[1]
     members = [np.flatnonzero(codes == c) for c in range(codes.max() + 1)]
     rng = np.random.default_rng(seed)
-    return [np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
-            for _ in range(n_resamples)]
+    return [
+        np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
+        for _ in range(n_resamples)
+    ]
 
 
 def _scipy_taus(x, y, draws, variant):
@@ -205,10 +230,14 @@ def test_kendall_tau_resampled_is_scipys_bit_for_bit_on_every_resample(variant):
     n = 240
     human = rng.integers(1, 5, n).astype(float)  # a 1-4 scale: ties galore
     clusters = np.sort(rng.integers(0, 60, n))
-    xs = np.stack([human + rng.normal(0, 1.5, n),           # continuous
-                   np.round(rng.normal(0, 1, n), 1),         # ties in x too
-                   -human,                                   # x coarser than y's complement: the roles swap
-                   np.full(n, 0.5)])                         # constant: NaN, as scipy
+    xs = np.stack(
+        [
+            human + rng.normal(0, 1.5, n),  # continuous
+            np.round(rng.normal(0, 1, n), 1),  # ties in x too
+            -human,  # x coarser than y's complement: the roles swap
+            np.full(n, 0.5),
+        ]
+    )  # constant: NaN, as scipy
     draws = _cluster_draws(clusters, 15, [3, 15])
     codes = np.unique(clusters, return_inverse=True)[1]
     c, rng = codes.max() + 1, np.random.default_rng([3, 15])
@@ -220,8 +249,10 @@ def test_kendall_tau_resampled_is_scipys_bit_for_bit_on_every_resample(variant):
     # rows as their own groups, some drawn twice or never
     counts = np.random.default_rng(1).integers(0, 3, (5, n))
     draws = [np.repeat(np.arange(n), c) for c in counts]
-    assert np.array_equal(kendall_tau_resampled(xs[0], human, counts, variant=variant)[0],
-                          _scipy_taus(xs[0], human, draws, variant))
+    assert np.array_equal(
+        kendall_tau_resampled(xs[0], human, counts, variant=variant)[0],
+        _scipy_taus(xs[0], human, draws, variant),
+    )
 
 
 def test_rating_table_takes_its_intervals_from_the_same_resamples_as_before():
@@ -236,8 +267,9 @@ def test_rating_table_takes_its_intervals_from_the_same_resamples_as_before():
     reps = {m: _scipy_taus(x, human, draws, "c") for m, x in values.items()}
     for m in values:
         assert (table["rows"][m]["low"], table["rows"][m]["high"]) == _interval(reps[m], stats.CONFIDENCE)
-    assert (table["paired"][0]["low"], table["paired"][0]["high"]) == _interval(reps["a"] - reps["b"],
-                                                                                stats.CONFIDENCE)
+    assert (table["paired"][0]["low"], table["paired"][0]["high"]) == _interval(
+        reps["a"] - reps["b"], stats.CONFIDENCE
+    )
 
 
 def test_paired_tests_equal_a_paired_test_per_pair_and_bootstrap_mean_its_one_shot_draw():
@@ -249,6 +281,9 @@ def test_paired_tests_equal_a_paired_test_per_pair_and_bootstrap_mean_its_one_sh
         assert t.p_value == ref.p_value and t.n == ref.n and t.diff == ref.diff
         assert (t.low, t.high) == pytest.approx((ref.low, ref.high), abs=1e-12)
     x = rng.normal(0, 1, 3000)
-    idx = np.random.default_rng(9).integers(0, 3000, (700, 3000))  # bootstrap_mean draws in chunks: same numbers
-    assert stats.bootstrap_mean(x, 700, seed=9) == stats.Estimate(float(x.mean()),
-                                                                  *stats._percentiles(x[idx].mean(1), 0.95), 3000)
+    idx = np.random.default_rng(9).integers(
+        0, 3000, (700, 3000)
+    )  # bootstrap_mean draws in chunks: same numbers
+    assert stats.bootstrap_mean(x, 700, seed=9) == stats.Estimate(
+        float(x.mean()), *stats._percentiles(x[idx].mean(1), 0.95), 3000
+    )

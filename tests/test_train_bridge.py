@@ -63,8 +63,12 @@ def test_index_maps_same_words_and_reports_coverage(bert_index, bert_tokenizer, 
     assert index[clip_vocab["<|startoftext|>"]] == UNMAPPED and index[clip_vocab["<|endoftext|>"]] == UNMAPPED
     cov = bert_index.coverage
     assert cov["target_vocab"] == 49408 and 0.3 < cov["target_unmapped_fraction"] < 0.7
-    assert cov["target_mapped"] + round(cov["target_unmapped_fraction"] * 49408) == pytest.approx(49408, abs=2)
-    ids = bert_tokenizer(["a small red circle at the top left on a white background"], add_special_tokens=False)
+    assert cov["target_mapped"] + round(cov["target_unmapped_fraction"] * 49408) == pytest.approx(
+        49408, abs=2
+    )
+    ids = bert_tokenizer(
+        ["a small red circle at the top left on a white background"], add_special_tokens=False
+    )
     assert token_coverage(bert_index, ids.input_ids) == 1.0
 
 
@@ -87,15 +91,20 @@ def test_index_is_one_to_one(bert_index, bert_tokenizer, clip_tokenizer):
     assert index[clip_vocab["circle"]] == UNMAPPED  # the word-start piece: "circle" took "circle</w>"
     # a continuation piece ends its word ("##ing" -> "ing</w>") unless a word-initial piece holds that form
     assert index[clip_vocab["ly</w>"]] == bert_vocab["##ly"] and index[clip_vocab["ly"]] == UNMAPPED
-    assert index[clip_vocab["ing</w>"]] == bert_vocab["ing"] and index[clip_vocab["ing"]] == bert_vocab["##ing"]
+    assert (
+        index[clip_vocab["ing</w>"]] == bert_vocab["ing"] and index[clip_vocab["ing"]] == bert_vocab["##ing"]
+    )
     assert index[clip_vocab["s</w>"]] == bert_vocab["s"] and index[clip_vocab["s"]] == bert_vocab["##s"]
 
 
 # Words that are one token in both vocabularies: inside the shapes world and well beyond it.
-SINGLE_TOKEN_CAPTIONS = ["a small red circle at the top left on a white background",
-                         "a large blue square in the center on a black background",
-                         "two dogs on a couch in the living room", "a man riding a horse on the beach",
-                         "the old train station at night, with people waiting"]
+SINGLE_TOKEN_CAPTIONS = [
+    "a small red circle at the top left on a white background",
+    "a large blue square in the center on a black background",
+    "two dogs on a couch in the living room",
+    "a man riding a horse on the beach",
+    "the old train station at night, with people waiting",
+]
 
 
 @pytest.mark.parametrize("variant", ["prob", "logit"])
@@ -120,21 +129,29 @@ def test_index_is_cached_on_disk(bert_tokenizer, clip_tokenizer, tmp_path, monke
 
     first = vocab_index(bert_tokenizer, clip_tokenizer, tmp_path)
     assert list(tmp_path.glob("bridge/*/*.safetensors"))
-    monkeypatch.setattr(bridge_module, "build_index", lambda *a, **k: pytest.fail("rebuilt despite the cache"))
+    monkeypatch.setattr(
+        bridge_module, "build_index", lambda *a, **k: pytest.fail("rebuilt despite the cache")
+    )
     again = vocab_index(bert_tokenizer, clip_tokenizer, tmp_path)
     assert torch.equal(first.index, again.index) and first.coverage == again.coverage
 
 
-def test_a_damaged_index_file_is_rebuilt_with_a_warning_naming_it(bert_tokenizer, clip_tokenizer, tmp_path, caplog):
+def test_a_damaged_index_file_is_rebuilt_with_a_warning_naming_it(
+    bert_tokenizer, clip_tokenizer, tmp_path, caplog
+):
     from safetensors.torch import save as st_save
 
     first = vocab_index(bert_tokenizer, clip_tokenizer, tmp_path)
     (path,) = tmp_path.glob("bridge/*/*.safetensors")
     good = path.read_bytes()
-    tampered = {"not safetensors": b"garbage", "torn": good[:len(good) // 2],
-                "short": st_save({"index": first.index[:10].clone()}),
-                "out of range": st_save({"index": first.index + 10 ** 6}),
-                "float": st_save({"index": first.index.float()}), "renamed": st_save({"other": first.index})}
+    tampered = {
+        "not safetensors": b"garbage",
+        "torn": good[: len(good) // 2],
+        "short": st_save({"index": first.index[:10].clone()}),
+        "out of range": st_save({"index": first.index + 10**6}),
+        "float": st_save({"index": first.index.float()}),
+        "renamed": st_save({"other": first.index}),
+    }
     for why, data in tampered.items():
         path.write_bytes(data)
         caplog.clear()
@@ -158,7 +175,9 @@ def test_one_hot_bridge_equals_text_encoder_exactly(variant, clip_tokenizer, tex
     bridge = SoftTokenBridge(index, text_encoder, clip_tokenizer, BridgeConfig(variant=variant))
     captions = ["a red circle", "two dogs on a couch in the living room", ""]
     logits, mask = one_hot_logits(clip_tokenizer, captions)
-    ids = clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = clip_tokenizer(
+        captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         last, pooled = bridge(logits, mask, torch.Generator().manual_seed(0))
         ref = text_encoder(ids)
@@ -168,7 +187,9 @@ def test_one_hot_bridge_equals_text_encoder_exactly(variant, clip_tokenizer, tex
 
 def test_wrapper_pools_where_clip_does(clip_tokenizer, text_encoder):
     wrapper = TextEncoderFromEmbeddings(text_encoder)
-    ids = clip_tokenizer(["a photo of a cat", "a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = clip_tokenizer(
+        ["a photo of a cat", "a dog"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         last, pooled = wrapper(wrapper.token_embedding()(ids), wrapper.pooled_positions(ids))
         ref = text_encoder(ids)
@@ -195,7 +216,9 @@ def test_prob_logit_and_unk_variants(bert_index, bert_tokenizer, clip_tokenizer,
     logits = torch.randn(5, len(bert_tokenizer))
     prob = SoftTokenBridge(bert_index, text_encoder, clip_tokenizer, BridgeConfig(variant="prob"))
     logit = SoftTokenBridge(bert_index, text_encoder, clip_tokenizer, BridgeConfig(variant="logit"))
-    unk = SoftTokenBridge(bert_index, text_encoder, clip_tokenizer, BridgeConfig(variant="prob", unmapped="unk"))
+    unk = SoftTokenBridge(
+        bert_index, text_encoder, clip_tokenizer, BridgeConfig(variant="prob", unmapped="unk")
+    )
     q_prob, q_logit, q_unk = (b.clip_distribution(logits) for b in (prob, logit, unk))
     mapped = bert_index.mapped
     assert (q_prob[:, ~mapped] == 0).all() and (q_logit[:, ~mapped] == 0).all()
@@ -220,11 +243,18 @@ def test_caption_positions_excludes_end_token():
     assert caption_positions(labels, 102).tolist() == [[False, False, True, True, False, False]]
 
 
-@pytest.mark.parametrize("variant,unmapped", [("prob", "drop"), ("logit", "drop"), ("prob", "unk"), ("logit", "unk")])
-def test_per_token_evaluation_equals_the_clip_vocabulary_definition(variant, unmapped, bert_index, bert_tokenizer,
-                                                                     clip_tokenizer, text_encoder):
-    bridge = SoftTokenBridge(bert_index, text_encoder, clip_tokenizer, BridgeConfig(variant=variant, unmapped=unmapped,
-                                                                                   temperature=0.7))
+@pytest.mark.parametrize(
+    "variant,unmapped", [("prob", "drop"), ("logit", "drop"), ("prob", "unk"), ("logit", "unk")]
+)
+def test_per_token_evaluation_equals_the_clip_vocabulary_definition(
+    variant, unmapped, bert_index, bert_tokenizer, clip_tokenizer, text_encoder
+):
+    bridge = SoftTokenBridge(
+        bert_index,
+        text_encoder,
+        clip_tokenizer,
+        BridgeConfig(variant=variant, unmapped=unmapped, temperature=0.7),
+    )
     torch.manual_seed(0)
     logits = torch.randn(6, len(bert_tokenizer)) * 3
     explicit = bridge.clip_distribution(logits) @ text_encoder.get_input_embeddings().weight

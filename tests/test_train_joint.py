@@ -12,8 +12,16 @@ from recon.config import ConfigError
 from recon.train.config import FinetuneConfig, changed_keys, load_finetune_config
 
 # Fast settings of the smoke config: one pair per step, alternating directions, no sampled image loss.
-FAST = ["train.steps=3", "train.batch_size=1", "train.grad_accum=2", "train.checkpoint_every=1",
-        "train.report_to=none", "loss.schedule=alternate", "loss.image_sim=0", "validation.final=false"]
+FAST = [
+    "train.steps=3",
+    "train.batch_size=1",
+    "train.grad_accum=2",
+    "train.checkpoint_every=1",
+    "train.report_to=none",
+    "loss.schedule=alternate",
+    "loss.image_sim=0",
+    "validation.final=false",
+]
 
 
 def metrics(out) -> list[dict]:
@@ -42,8 +50,12 @@ def test_config_loads_presets_and_overrides():
         load_finetune_config("finetune-shapes-smoke", ["bridge.variant=dense"])
     with pytest.raises(ConfigError, match="grad_steps"):
         load_finetune_config("finetune-shapes-smoke", ["sampler.grad_steps=9"])
-    for bad, field in [("train.checkpoint_every=0", "train.checkpoint_every"), ("data.val_items=0", "data.val_items"),
-                       ("captioner_optim.lr=nan", "captioner_optim.lr"), ("train.max_grad_norm=0", "max_grad_norm")]:
+    for bad, field in [
+        ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("data.val_items=0", "data.val_items"),
+        ("captioner_optim.lr=nan", "captioner_optim.lr"),
+        ("train.max_grad_norm=0", "max_grad_norm"),
+    ]:
         with pytest.raises(ConfigError, match=field):
             load_finetune_config("finetune-shapes-smoke", [bad])
 
@@ -69,7 +81,9 @@ def test_register_adds_the_finetune_command():
 
     parser = argparse.ArgumentParser(prog="recon")
     commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["finetune", "finetune-shapes-smoke", "--out", "x", "--set", "a.b=1", "--set", "c=2"])
+    args = parser.parse_args(
+        ["finetune", "finetune-shapes-smoke", "--out", "x", "--set", "a.b=1", "--set", "c=2"]
+    )
     assert args.handler is commands.run_finetune and args.overrides == ["a.b=1", "c=2"] and args.out == "x"
 
 
@@ -78,7 +92,9 @@ def test_a_run_directory_refuses_another_config(tmp_path):
 
     cfg = load_finetune_config("finetune-shapes-smoke")
     write_or_check_config(tmp_path, cfg)
-    write_or_check_config(tmp_path, load_finetune_config("finetune-shapes-smoke", ["train.steps=10"]))  # resumable
+    write_or_check_config(
+        tmp_path, load_finetune_config("finetune-shapes-smoke", ["train.steps=10"])
+    )  # resumable
     with pytest.raises(ValueError, match="loss.i2t2i"):
         write_or_check_config(tmp_path, load_finetune_config("finetune-shapes-smoke", ["loss.i2t2i=0"]))
 
@@ -141,8 +157,11 @@ def trained(tmp_path_factory, recon_cache):
     from recon.train.joint import finetune
 
     out = tmp_path_factory.mktemp("trained")
-    cfg = load_finetune_config("finetune-shapes-smoke", FAST + [
-        "train.steps=2", "captioner_optim.lr=0.05", "generator_optim.lr=0.05", "validation.final=true"])
+    cfg = load_finetune_config(
+        "finetune-shapes-smoke",
+        FAST
+        + ["train.steps=2", "captioner_optim.lr=0.05", "generator_optim.lr=0.05", "validation.final=true"],
+    )
     summary = finetune(cfg, out)
     return cfg, out, summary
 
@@ -153,7 +172,9 @@ def ours(cfg, out):
     from recon.train.joint import load_roles
 
     captioner, pipe = load_roles(cfg, torch.device("cpu"), torch.float32)
-    TrainState({"captioner": captioner.model, "unet": pipe.unet}).load_state_dict({"step": 0, **lora_state(out)})
+    TrainState({"captioner": captioner.model, "unet": pipe.unet}).load_state_dict(
+        {"step": 0, **lora_state(out)}
+    )
     return captioner, pipe
 
 
@@ -204,12 +225,22 @@ def check_captioner_adapter(cfg, out, captioner, tiny_models, must_differ: bool)
     with torch.no_grad():
         ref = captioner.teacher_forced_logits(pixels, texts)[0]
         base = BlipForConditionalGeneration.from_pretrained(tiny_models / "captioner").eval()
-        before = BlipCaptioner(base, captioner.processor, cfg.captioner).teacher_forced_logits(pixels, texts)[0]
-        plain = BlipCaptioner(PeftModel.from_pretrained(base, out / "captioner_adapter").eval(), captioner.processor,
-                              cfg.captioner)
-        preset = BlipCaptioner.from_config(CaptionerConfig(model=str(tiny_models / "captioner"),
-                                                           prompt=cfg.captioner.prompt,
-                                                           adapter=str(out / "captioner_adapter")), "cpu")
+        before = BlipCaptioner(base, captioner.processor, cfg.captioner).teacher_forced_logits(pixels, texts)[
+            0
+        ]
+        plain = BlipCaptioner(
+            PeftModel.from_pretrained(base, out / "captioner_adapter").eval(),
+            captioner.processor,
+            cfg.captioner,
+        )
+        preset = BlipCaptioner.from_config(
+            CaptionerConfig(
+                model=str(tiny_models / "captioner"),
+                prompt=cfg.captioner.prompt,
+                adapter=str(out / "captioner_adapter"),
+            ),
+            "cpu",
+        )
         if must_differ:
             assert (ref - before).abs().max() > 1e-2  # the adapter matters
         torch.testing.assert_close(plain.teacher_forced_logits(pixels, texts)[0], ref, rtol=0, atol=1e-5)
@@ -225,15 +256,21 @@ def check_sd_lora(out, pipe, tiny_models) -> None:
     latents, t, states = unet_inputs(pipe)
     with torch.no_grad():
         ref = pipe.unet(latents, t, encoder_hidden_states=states).sample
-        plain = StableDiffusionPipeline.from_pretrained(tiny_models / "generator", safety_checker=None,
-                                                        requires_safety_checker=False)
+        plain = StableDiffusionPipeline.from_pretrained(
+            tiny_models / "generator", safety_checker=None, requires_safety_checker=False
+        )
         before = plain.unet(latents, t, encoder_hidden_states=states).sample
         plain.load_lora_weights(out / "sd_lora")
-        preset = hub.load_diffusion_pipeline("builtin:tiny-random/generator", torch.device("cpu"), torch.float32,
-                                             lora=str(out / "sd_lora"))
+        preset = hub.load_diffusion_pipeline(
+            "builtin:tiny-random/generator", torch.device("cpu"), torch.float32, lora=str(out / "sd_lora")
+        )
         assert (ref - before).abs().max() > 1e-2
-        torch.testing.assert_close(plain.unet(latents, t, encoder_hidden_states=states).sample, ref, rtol=0, atol=1e-5)
-        torch.testing.assert_close(preset.unet(latents, t, encoder_hidden_states=states).sample, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            plain.unet(latents, t, encoder_hidden_states=states).sample, ref, rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(
+            preset.unet(latents, t, encoder_hidden_states=states).sample, ref, rtol=0, atol=1e-5
+        )
 
 
 def test_exports_load_in_plain_peft_diffusers_and_recon(randomised, tiny_models):
@@ -253,9 +290,17 @@ def test_trained_run_exports_reproduce_its_checkpoint(trained, tiny_models):
 def test_run_writes_its_directory(trained):
     cfg, out, summary = trained
     assert summary["finished"]
-    for name in ("finetune.yaml", "bridge.json", "metrics.jsonl", "validation.jsonl", "summary.json",
-                 "captioner_adapter/adapter_config.json", "captioner_adapter/adapter_model.safetensors",
-                 "sd_lora/pytorch_lora_weights.safetensors", "samples/step-00000002.png"):
+    for name in (
+        "finetune.yaml",
+        "bridge.json",
+        "metrics.jsonl",
+        "validation.jsonl",
+        "summary.json",
+        "captioner_adapter/adapter_config.json",
+        "captioner_adapter/adapter_model.safetensors",
+        "sd_lora/pytorch_lora_weights.safetensors",
+        "samples/step-00000002.png",
+    ):
         assert (out / name).is_file(), name
     val = json.loads((out / "validation.jsonl").read_text().splitlines()[-1])
     assert {"val/ref_log_likelihood", "val/recon_clip_similarity", "val/caption_tuple_acc"} <= set(val)
@@ -274,11 +319,22 @@ def test_caption_file_pairs_are_a_function_of_the_step(tmp_path):
     for i in range(5):
         Image.fromarray(np.full((40, 60, 3), 40 * i, np.uint8)).save(tmp_path / f"im{i}.png")
         split = "val" if i == 4 else "train"
-        images.append({"filename": f"im{i}.png", "split": split, "cocoid": i,
-                       "sentences": [{"raw": f"image {i} caption {j}"} for j in range(2)]})
+        images.append(
+            {
+                "filename": f"im{i}.png",
+                "split": split,
+                "cocoid": i,
+                "sentences": [{"raw": f"image {i} caption {j}"} for j in range(2)],
+            }
+        )
     (tmp_path / "karpathy.json").write_text(json.dumps({"images": images}))
-    cfg = DataConfig(kind="karpathy", annotations=str(tmp_path / "karpathy.json"), images=str(tmp_path),
-                     train_split=["train"], val_split=["val"])
+    cfg = DataConfig(
+        kind="karpathy",
+        annotations=str(tmp_path / "karpathy.json"),
+        images=str(tmp_path),
+        train_split=["train"],
+        val_split=["val"],
+    )
     pairs = CaptionFilePairs(cfg, resolution=16, seed=0)
     b = pairs.train_batch(3, rank=1, world_size=2, n=2)
     assert b.images.shape == (2, 3, 16, 16) and 0 <= b.images.min() and b.images.max() <= 1
@@ -286,7 +342,9 @@ def test_caption_file_pairs_are_a_function_of_the_step(tmp_path):
     assert b.captions == again.captions and torch.equal(b.images, again.images)
     other_rank = pairs.train_batch(3, rank=0, world_size=2, n=2)
     seen = {c.split()[1] for s in range(2) for c in pairs.train_batch(s, n=2).captions}
-    assert seen == {"0", "1", "2", "3"} and b.captions != other_rank.captions  # one epoch covers every item once
+    assert (
+        seen == {"0", "1", "2", "3"} and b.captions != other_rank.captions
+    )  # one epoch covers every item once
     assert pairs.val_batch(8).captions == ["image 4 caption 0"]
     shapes = ShapesPairs(resolution=64, seed=0)
     s0, s1 = shapes.train_batch(0, 0, 2, 3), shapes.train_batch(0, 1, 2, 3)
@@ -294,9 +352,20 @@ def test_caption_file_pairs_are_a_function_of_the_step(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- semi-supervised
-SEMI = ["data.labelled_pairs=3", "data.unlabelled_images=shapes", "data.unpaired_texts=shapes",
-        "loss.t2i2t_form=sampler", "loss.image_sim=0", "train.steps=2", "train.batch_size=1", "train.grad_accum=2",
-        "loss.schedule=alternate", "train.report_to=none", "validation.final=false", "train.checkpoint_every=2"]
+SEMI = [
+    "data.labelled_pairs=3",
+    "data.unlabelled_images=shapes",
+    "data.unpaired_texts=shapes",
+    "loss.t2i2t_form=sampler",
+    "loss.image_sim=0",
+    "train.steps=2",
+    "train.batch_size=1",
+    "train.grad_accum=2",
+    "loss.schedule=alternate",
+    "train.report_to=none",
+    "validation.final=false",
+    "train.checkpoint_every=2",
+]
 
 
 def test_config_rejects_terms_that_cannot_carry_a_gradient():
@@ -307,8 +376,9 @@ def test_config_rejects_terms_that_cannot_carry_a_gradient():
     with pytest.raises(ConfigError, match=r"loss\.denoise"):
         load_finetune_config("finetune-shapes-smoke", ["unet_lora.targets=none"])
     # the synthetic-pairs control: no gradient through the sampler, but the captioner still reads the sample
-    cfg = load_finetune_config("finetune-shapes-smoke", ["sampler.grad_steps=0", "loss.image_sim=0",
-                                                         "loss.t2i2t_form=sampler"])
+    cfg = load_finetune_config(
+        "finetune-shapes-smoke", ["sampler.grad_steps=0", "loss.image_sim=0", "loss.t2i2t_form=sampler"]
+    )
     assert cfg.sampler.grad_steps == 0 and cfg.loss.t2i2t == 1.0
     with pytest.raises(ConfigError, match=r"train\.grad_accum=3.*alternate"):
         load_finetune_config("finetune-shapes-smoke", ["loss.schedule=alternate", "train.grad_accum=3"])
@@ -328,8 +398,11 @@ def test_semi_supervised_run_trains_every_term_on_its_own_data(tmp_path):
     records = metrics(tmp_path)
     assert len(records) == 2
     for r in records:  # every optimizer step saw both directions
-        assert {"caption_nll", "i2t2i", "denoise", "t2i2t"} <= set(r) and r["grad_norm_captioner"] > 0 \
+        assert (
+            {"caption_nll", "i2t2i", "denoise", "t2i2t"} <= set(r)
+            and r["grad_norm_captioner"] > 0
             and r["grad_norm_unet"] > 0
+        )
 
 
 def test_labelled_pool_and_unpaired_streams_stay_out_of_evaluation():
@@ -344,8 +417,11 @@ def test_labelled_pool_and_unpaired_streams_stay_out_of_evaluation():
         assert set(b.meta) <= train_scenes and b.unlabelled.shape == (4, 3, 32, 32) and len(b.texts) == 4
         train_scenes |= set(pairs.unpaired._scenes(UNLABELLED_STREAM, step, slice(0, 4), 4))
         train_scenes |= set(pairs.unpaired._scenes(UNPAIRED_TEXT_STREAM, step, slice(0, 4), 4))
-    evaluated = set(pairs.val_batch(64).meta) | set(world.sample_scenes(256, 0, "test", 2_000_003)) \
+    evaluated = (
+        set(pairs.val_batch(64).meta)
+        | set(world.sample_scenes(256, 0, "test", 2_000_003))
         | set(world.sample_scenes(256, 0, "heldout", 2_000_003))
+    )
     assert not train_scenes & evaluated
     assert len(pairs.pool) == 50
     b2 = ShapesPairs(32, 0, None, cfg).train_batch(7, 0, 1, 4)  # a pure function of the step
@@ -358,9 +434,15 @@ def test_heldout_halves_restrict_unpaired_data():
 
     cfg = load_finetune_config("finetune-shapes-smoke", SEMI + ["data.unpaired_combos=heldout_a"]).data
     b = ShapesPairs(32, 0, None, cfg).train_batch(3, 0, 1, 8)
-    assert all(world.parse_caption(t) and tuple(world.parse_caption(t)[a] for a in world.ATTRIBUTES)
-               in world.HELDOUT_A for t in b.texts)
-    assert set(world.HELDOUT_A).isdisjoint(world.HELDOUT_B) and len(world.HELDOUT_A) == len(world.HELDOUT_B) == 30
+    assert all(
+        world.parse_caption(t)
+        and tuple(world.parse_caption(t)[a] for a in world.ATTRIBUTES) in world.HELDOUT_A
+        for t in b.texts
+    )
+    assert (
+        set(world.HELDOUT_A).isdisjoint(world.HELDOUT_B)
+        and len(world.HELDOUT_A) == len(world.HELDOUT_B) == 30
+    )
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -373,15 +455,36 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, recon_cach
 
     from safetensors.torch import load_file
 
-    sets = ["train.steps=2", "train.grad_accum=1", "loss.schedule=sum", "loss.denoise=0", "loss.i2t2i=0",
-            "loss.t2i2t=0", "loss.image_sim=0", "data.labelled_pairs=1", "train.report_to=none",
-            "validation.final=false", "train.checkpoint_every=2"]
+    sets = [
+        "train.steps=2",
+        "train.grad_accum=1",
+        "loss.schedule=sum",
+        "loss.denoise=0",
+        "loss.i2t2i=0",
+        "loss.t2i2t=0",
+        "loss.image_sim=0",
+        "data.labelled_pairs=1",
+        "train.report_to=none",
+        "validation.final=false",
+        "train.checkpoint_every=2",
+    ]
     env = dict(os.environ, RECON_CACHE=str(recon_cache), CUDA_VISIBLE_DEVICES="")
     outs = {}
     for procs, batch in ((1, 2), (2, 1)):
         out = tmp_path / f"p{procs}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               "-m", "recon", "finetune", "finetune-shapes-smoke", "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "recon",
+            "finetune",
+            "finetune-shapes-smoke",
+            "--out",
+            str(out),
+        ]
         cmd += [x for s in sets + [f"train.batch_size={batch}"] for x in ("--set", s)]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -402,11 +505,14 @@ def test_flamingo_finetune_runs_and_its_adapter_loads(tmp_path):
     from recon.shapes import world
     from recon.train.joint import finetune
 
-    cfg = load_finetune_config("finetune-flamingo-shapes-smoke", ["train.report_to=none", "validation.final=false"])
+    cfg = load_finetune_config(
+        "finetune-flamingo-shapes-smoke", ["train.report_to=none", "validation.final=false"]
+    )
     summary = finetune(cfg, tmp_path)
     assert summary["finished"] and {"caption_nll", "i2t2i", "denoise", "t2i2t"} <= set(metrics(tmp_path)[-1])
-    adapted = FlamingoCaptioner.from_config(dataclasses.replace(cfg.captioner, adapter=summary["captioner_adapter"]),
-                                            "cpu")
+    adapted = FlamingoCaptioner.from_config(
+        dataclasses.replace(cfg.captioner, adapter=summary["captioner_adapter"]), "cpu"
+    )
     assert any("lora_A" in n for n, _ in adapted.model.named_parameters())
     caption = adapted.caption([world.render_pil(world.sample_scenes(1, 0, "test", 3)[0])])[0][0]
     assert world.is_parseable(world.parse_caption(caption))
@@ -464,7 +570,13 @@ def test_resuming_never_unpickles_a_planted_file(tmp_path):
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     marker = tmp_path / "pwned"
     outcomes = {}
-    for name in ("custom_checkpoint_0.pkl", "scheduler.bin", "scaler.pt", "random_states_0.pkl", "optimizer.bin"):
+    for name in (
+        "custom_checkpoint_0.pkl",
+        "scheduler.bin",
+        "scaler.pt",
+        "random_states_0.pkl",
+        "optimizer.bin",
+    ):
         original = (ckpt / name).read_bytes() if (ckpt / name).exists() else None
         (ckpt / name).write_bytes(pickle.dumps(_Planted(marker)))
         try:
@@ -478,8 +590,13 @@ def test_resuming_never_unpickles_a_planted_file(tmp_path):
             (ckpt / name).unlink()
         else:
             (ckpt / name).write_bytes(original)
-    assert outcomes == {"custom_checkpoint_0.pkl": "refused", "scheduler.bin": 1, "scaler.pt": 1,
-                        "random_states_0.pkl": 1, "optimizer.bin": "refused"}  # accelerate skips bad RNG states
+    assert outcomes == {
+        "custom_checkpoint_0.pkl": "refused",
+        "scheduler.bin": 1,
+        "scaler.pt": 1,
+        "random_states_0.pkl": 1,
+        "optimizer.bin": "refused",
+    }  # accelerate skips bad RNG states
     assert finetune(cfg, tmp_path)["finished"] and not marker.exists()
 
 
@@ -520,8 +637,10 @@ def test_a_resume_over_changed_data_files_is_refused_naming_the_field(tmp_path):
     texts.write_text("a red circle at the center on a white background\n")
     images.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "a.png")
-    cfg = load_finetune_config("finetune-shapes-smoke", [*SEMI[:1], f"data.unlabelled_images={images}",
-                                                         f"data.unpaired_texts={texts}", *SEMI[3:]])
+    cfg = load_finetune_config(
+        "finetune-shapes-smoke",
+        [*SEMI[:1], f"data.unlabelled_images={images}", f"data.unpaired_texts={texts}", *SEMI[3:]],
+    )
     write_or_check_config(tmp_path / "ft", cfg).close()
     write_or_check_config(tmp_path / "ft", cfg).close()  # unchanged: resumes
     texts.write_text("a blue square at the center on a white background\n")
@@ -532,7 +651,9 @@ def test_a_resume_over_changed_data_files_is_refused_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"the data of data\.unlabelled_images changed"):
         write_or_check_config(tmp_path / "ft", cfg)
     (images / "b.png").unlink()
-    write_or_check_config(tmp_path / "ft", cfg).close()  # restored: resumes (and the lock was released each time)
+    write_or_check_config(
+        tmp_path / "ft", cfg
+    ).close()  # restored: resumes (and the lock was released each time)
 
 
 def test_a_truncated_unlabelled_image_is_left_out_before_training(tmp_path, caplog):
@@ -546,8 +667,9 @@ def test_a_truncated_unlabelled_image_is_left_out_before_training(tmp_path, capl
     for name in ("a.png", "b.png"):
         Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(images / name)
     (images / "c.png").write_bytes((images / "a.png").read_bytes()[:60])
-    cfg = load_finetune_config("finetune-shapes-smoke", [*SEMI[:1], f"data.unlabelled_images={images}",
-                                                         *SEMI[2:]]).data
+    cfg = load_finetune_config(
+        "finetune-shapes-smoke", [*SEMI[:1], f"data.unlabelled_images={images}", *SEMI[2:]]
+    ).data
     unpaired = Unpaired(cfg, 32, 0)
     assert [p.name for p in unpaired.images] == ["a.png", "b.png"]
     assert "1 of 3 images cannot be read and are left out" in caplog.text and "c.png" in caplog.text
@@ -564,11 +686,15 @@ def test_finetune_and_job_directories_refuse_each_other(tmp_path):
 
     cfg = load_finetune_config("finetune-shapes-smoke", FAST)
     write_or_check_config(tmp_path / "ft", cfg).close()
-    with pytest.raises(RunError, match=r"holds a `recon finetune` run; `recon reconstruct` needs its own --out"):
+    with pytest.raises(
+        RunError, match=r"holds a `recon finetune` run; `recon reconstruct` needs its own --out"
+    ):
         RunDir(tmp_path / "ft", load_config("tiny-random"), command="reconstruct")
     assert not (tmp_path / "ft" / "config.yaml").exists()  # refused before anything was written
     RunDir(tmp_path / "job", load_config("tiny-random"), command="reconstruct").close()
-    with pytest.raises(RunError, match=r"holds a `recon reconstruct` run; `recon finetune` needs its own --out"):
+    with pytest.raises(
+        RunError, match=r"holds a `recon reconstruct` run; `recon finetune` needs its own --out"
+    ):
         write_or_check_config(tmp_path / "job", cfg)
     assert not (tmp_path / "job" / "finetune.yaml").exists()
 
@@ -604,8 +730,10 @@ def test_a_stopped_finetune_leaves_usable_adapters_and_a_true_summary(tmp_path, 
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["step"] == 1 and written["seconds"] >= written["loop_seconds"] > 0
     caplog.set_level(logging.WARNING)
-    more = load_finetune_config("finetune-shapes-smoke", [*FAST[:0], *[o for o in FAST if not o.startswith(
-        "train.steps")], "train.steps=4"])
+    more = load_finetune_config(
+        "finetune-shapes-smoke",
+        [*FAST[:0], *[o for o in FAST if not o.startswith("train.steps")], "train.steps=4"],
+    )
     assert finetune(more, tmp_path, stop_after=2)["step"] == 2
     assert "with train.steps 3 -> 4 (allowed" in caplog.text
 
@@ -615,5 +743,7 @@ def test_the_exported_adapter_names_its_base_by_the_config_id(tmp_path):
 
     cfg = load_finetune_config("finetune-shapes-smoke", FAST)
     finetune(cfg, tmp_path, stop_after=1)
-    base = json.loads((tmp_path / "captioner_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = json.loads((tmp_path / "captioner_adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
     assert base == cfg.captioner.model == "builtin:tiny-random/captioner"

@@ -9,8 +9,17 @@ import torch
 
 from recon.train.config import LossConfig, SamplerConfig, load_finetune_config
 
-ALL_OFF = dict(caption_nll=0.0, denoise=0.0, i2t2i=0.0, t2i2t=0.0, image_sim=0.0, pseudo_label=0.0,
-               best_of_n_recon=0.0, dpo_recon=0.0, diffusion_dpo=0.0)
+ALL_OFF = dict(
+    caption_nll=0.0,
+    denoise=0.0,
+    i2t2i=0.0,
+    t2i2t=0.0,
+    image_sim=0.0,
+    pseudo_label=0.0,
+    best_of_n_recon=0.0,
+    dpo_recon=0.0,
+    diffusion_dpo=0.0,
+)
 
 
 def build_parts(config: str) -> dict:
@@ -27,10 +36,20 @@ def build_parts(config: str) -> dict:
             for name, p in module.named_parameters():
                 if p.requires_grad and "lora_B" in name:
                     p.normal_(0, 0.02)
-    bridge = SoftTokenBridge(vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root()), pipe.text_encoder,
-                             pipe.tokenizer, cfg.bridge)
-    return dict(cfg=cfg, captioner=captioner, pipe=pipe, bridge=bridge, diffusion=Diffusion(pipe),
-                metrics=image_sim_metrics(cfg, torch.device("cpu")))
+    bridge = SoftTokenBridge(
+        vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root()),
+        pipe.text_encoder,
+        pipe.tokenizer,
+        cfg.bridge,
+    )
+    return dict(
+        cfg=cfg,
+        captioner=captioner,
+        pipe=pipe,
+        bridge=bridge,
+        diffusion=Diffusion(pipe),
+        metrics=image_sim_metrics(cfg, torch.device("cpu")),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +63,14 @@ def objective(parts, checkpointing=False, sampler=None, **weights):
 
     parts["diffusion"].checkpointing = checkpointing
     loss = dataclasses.replace(parts["cfg"].loss, **{**ALL_OFF, **weights})
-    return JointObjective(parts["captioner"], parts["diffusion"], parts["bridge"], loss,
-                          sampler or parts["cfg"].sampler, parts["metrics"])
+    return JointObjective(
+        parts["captioner"],
+        parts["diffusion"],
+        parts["bridge"],
+        loss,
+        sampler or parts["cfg"].sampler,
+        parts["metrics"],
+    )
 
 
 def batch(n=2, seed=0):
@@ -84,7 +109,9 @@ def test_predicted_original_inverts_the_noising(parts, prediction_type):
         latents = torch.randn(4, 4, 8, 8)
         noisy, target, t = d.noised(latents, torch.Generator().manual_seed(0))
         torch.testing.assert_close(d.predicted_original(noisy, target, t), latents, atol=2e-3, rtol=1e-3)
-        _, _, t_low = d.noised(latents.repeat(50, 1, 1, 1), torch.Generator().manual_seed(1), max_timestep=100)
+        _, _, t_low = d.noised(
+            latents.repeat(50, 1, 1, 1), torch.Generator().manual_seed(1), max_timestep=100
+        )
         assert t_low.max() < 100
     finally:
         d.noise_scheduler, d.prediction_type = saved
@@ -197,8 +224,13 @@ def test_sum_schedule_computes_every_term(parts):
 
 def test_loss_config_defaults_are_the_original():
     loss = LossConfig()
-    assert (loss.schedule, loss.label_smoothing, loss.i2t2i, loss.t2i2t, loss.t2i2t_form) == \
-        ("alternate", 0.1, 1.0, 1.0, "one_step")
+    assert (loss.schedule, loss.label_smoothing, loss.i2t2i, loss.t2i2t, loss.t2i2t_form) == (
+        "alternate",
+        0.1,
+        1.0,
+        1.0,
+        "one_step",
+    )
 
 
 def test_unlabelled_images_train_both_models_on_the_captioners_own_caption(parts, monkeypatch):
@@ -226,7 +258,9 @@ def test_unpaired_texts_go_through_a_sampled_image(parts, grad_steps):
     obj.loss.t2i2t_form = "sampler"
     images, captions = batch()
     zero(parts)
-    terms = obj(images, captions, "text", torch.Generator().manual_seed(0), texts=["a red circle", "a blue square"])
+    terms = obj(
+        images, captions, "text", torch.Generator().manual_seed(0), texts=["a red circle", "a blue square"]
+    )
     assert set(terms.values) == {"t2i2t"}
     terms.total.backward()
     assert nonzero(lora_grads(parts["captioner"].model))
@@ -251,7 +285,9 @@ def test_flamingo_trains_jointly_through_a_reconstruction_term(flamingo_parts, t
     obj = objective(parts, **{term: 1.0})
     images, captions = batch(n=2)
     zero(parts)
-    terms = obj(images[:, :, ::2, ::2], captions, "both", torch.Generator().manual_seed(0))  # 32 px: the shapes UNet
+    terms = obj(
+        images[:, :, ::2, ::2], captions, "both", torch.Generator().manual_seed(0)
+    )  # 32 px: the shapes UNet
     assert set(terms.values) == {term}
     terms.total.backward()
     grads = lora_grads(parts["captioner"].model)
@@ -272,8 +308,9 @@ def test_flamingo_bridge_is_exact_for_its_words(flamingo_parts):
     logits[0, range(len(ids)), ids] = 1e4
     with torch.no_grad():
         last, _ = parts["bridge"](logits, torch.ones(1, len(ids), dtype=torch.bool))
-        ref = pipe.text_encoder(pipe.tokenizer([text], padding="max_length", max_length=77,
-                                               return_tensors="pt").input_ids).last_hidden_state
+        ref = pipe.text_encoder(
+            pipe.tokenizer([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ).last_hidden_state
     assert float((last - ref).norm() / ref.norm()) <= 1e-3
 
 
@@ -283,9 +320,13 @@ def offer_true_and_wrong_captions(parts, monkeypatch):
     from recon.shapes import world
 
     scenes = world.sample_scenes(6, 0, "test", 11)
-    wrong = [s.with_attribute("shape", next(x for x in world.SHAPES if x != s.attributes["shape"])) for s in scenes]
-    offered = [[w.caption, s.caption] if i % 2 else [s.caption, w.caption]
-               for i, (s, w) in enumerate(zip(scenes, wrong))]
+    wrong = [
+        s.with_attribute("shape", next(x for x in world.SHAPES if x != s.attributes["shape"])) for s in scenes
+    ]
+    offered = [
+        [w.caption, s.caption] if i % 2 else [s.caption, w.caption]
+        for i, (s, w) in enumerate(zip(scenes, wrong))
+    ]
     monkeypatch.setattr(parts["captioner"], "caption", lambda images, k, decoding, seeds: offered)
     return scenes, torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float() / 255
 
@@ -299,7 +340,9 @@ def test_pseudo_labels_pick_the_caption_the_generator_denoises_best(flamingo_par
     scenes, images = offer_true_and_wrong_captions(parts, monkeypatch)
     chosen = obj.pseudo_labels(images, torch.Generator().manual_seed(0))
     assert sum(c == s.caption for c, s in zip(chosen, scenes)) >= 5
-    terms = obj(images, [s.caption for s in scenes], "image", torch.Generator().manual_seed(0), unlabelled=images)
+    terms = obj(
+        images, [s.caption for s in scenes], "image", torch.Generator().manual_seed(0), unlabelled=images
+    )
     assert set(terms.values) == {"pseudo_label"}
     zero(parts)
     terms.total.backward()
@@ -318,10 +361,13 @@ def test_preference_losses_equal_the_papers_formulas_on_hand_computed_numbers():
     assert float(dpo.detach()) == pytest.approx(0.386871, abs=1e-6)  # -log sigmoid(0.75) = log(1 + e^-0.75)
     dpo.sum().backward()
     assert float(pw.grad) == pytest.approx(-0.160411, abs=1e-6)  # -beta * sigmoid(-beta h) = -0.5 * 0.320821
-    assert float(preference_loss(*args, beta=0.5, form="ipo").detach()) == pytest.approx(0.25)  # (1.5 - 1 / (2 * 0.5))^2
+    assert float(preference_loss(*args, beta=0.5, form="ipo").detach()) == pytest.approx(
+        0.25
+    )  # (1.5 - 1 / (2 * 0.5))^2
     # Diffusion-DPO: (err_w - ref_w) - (err_l - ref_l) = (0.10 - 0.12) - (0.20 - 0.15) = -0.07; -beta * it = 0.7
-    loss = diffusion_preference_loss(torch.tensor([0.10]), torch.tensor([0.12]), torch.tensor([0.20]),
-                                     torch.tensor([0.15]), beta=10.0)
+    loss = diffusion_preference_loss(
+        torch.tensor([0.10]), torch.tensor([0.12]), torch.tensor([0.20]), torch.tensor([0.15]), beta=10.0
+    )
     assert float(loss) == pytest.approx(0.403186, abs=1e-6)  # -log sigmoid(0.7)
     with pytest.raises(ValueError, match="ipo"):
         preference_loss(*args, beta=0.5, form="kto")
@@ -349,12 +395,16 @@ def restore(module, saved):
                 p.copy_(saved[n])
 
 
-def test_dpo_recon_starts_at_log_2_against_the_disabled_lora_and_trains_the_captioner_only(parts, monkeypatch):
+def test_dpo_recon_starts_at_log_2_against_the_disabled_lora_and_trains_the_captioner_only(
+    parts, monkeypatch
+):
     """At LoRA B = 0 the policy is its reference (peft's disable_adapter), so DPO = log 2 whatever the pair; its
     gradient reaches the captioner's LoRA, never the UNet; best_of_n_recon rides on the same policy pass."""
     cap = parts["captioner"].model
     offered = [["a red circle", "a blue square", "a green triangle"]]
-    monkeypatch.setattr(parts["captioner"], "caption", lambda images, k, decoding, seeds: offered * len(images))
+    monkeypatch.setattr(
+        parts["captioner"], "caption", lambda images, k, decoding, seeds: offered * len(images)
+    )
     saved = zero_lora_b(cap)
     try:
         obj = with_reward_metric(objective(parts, dpo_recon=1.0, best_of_n_recon=1.0), parts)
@@ -380,8 +430,11 @@ def test_reconstruction_ranking_renders_each_distinct_caption_once_from_shared_n
     d = parts["diffusion"]
     rendered = []
     real = d.sample
-    monkeypatch.setattr(d, "sample", lambda states, g, cfg, noise=None: rendered.append(noise) or
-                        real(states, g, cfg, noise=noise))
+    monkeypatch.setattr(
+        d,
+        "sample",
+        lambda states, g, cfg, noise=None: rendered.append(noise) or real(states, g, cfg, noise=noise),
+    )
     images, _ = batch(n=2)
     candidates = [["a red circle", "a red circle", "a blue square"], ["a blue square"] * 3]
     scores = obj.reconstruction_scores(images, candidates, torch.Generator().manual_seed(0))
@@ -409,7 +462,9 @@ def test_diffusion_dpo_starts_at_log_2_and_swaps_with_the_captioners_ranking(par
         restore(unet, saved)
     first, second = loss_with([1.0, 0.0]), loss_with([0.0, 1.0])
     assert first.values["diffusion_dpo"] != pytest.approx(0.693147, abs=1e-4)
-    assert float(torch.exp(-first.total.detach()) + torch.exp(-second.total.detach())) == pytest.approx(1.0, abs=1e-4)
+    assert float(torch.exp(-first.total.detach()) + torch.exp(-second.total.detach())) == pytest.approx(
+        1.0, abs=1e-4
+    )
     assert loss_with([0.5, 0.5]).values["diffusion_dpo"] == 0.0  # a tie: nothing to prefer
     zero(parts)
     first = loss_with([1.0, 0.0])
@@ -419,7 +474,9 @@ def test_diffusion_dpo_starts_at_log_2_and_swaps_with_the_captioners_ranking(par
     zero(parts)
 
 
-def test_best_of_n_recon_picks_the_caption_whose_reconstruction_looks_like_the_image(flamingo_parts, monkeypatch):
+def test_best_of_n_recon_picks_the_caption_whose_reconstruction_looks_like_the_image(
+    flamingo_parts, monkeypatch
+):
     """The shapes generator renders each candidate; the bundle's CLIP prefers the true caption's render over a
     wrong shape's (the best-of-N target), and the NLL on it trains the captioner only."""
     from recon.config import MetricConfig
@@ -433,7 +490,9 @@ def test_best_of_n_recon_picks_the_caption_whose_reconstruction_looks_like_the_i
     best, worst = obj.recon_ranked(images, torch.Generator().manual_seed(0))
     assert sum(b == s.caption for b, s in zip(best, scenes)) >= 5
     assert all(b != w for b, w in zip(best, worst))
-    terms = obj(images, [s.caption for s in scenes], "image", torch.Generator().manual_seed(0), unlabelled=images)
+    terms = obj(
+        images, [s.caption for s in scenes], "image", torch.Generator().manual_seed(0), unlabelled=images
+    )
     assert set(terms.values) == {"best_of_n_recon"} and terms.captioner_examples == len(scenes)
     zero(parts)
     terms.total.backward()
@@ -441,31 +500,57 @@ def test_best_of_n_recon_picks_the_caption_whose_reconstruction_looks_like_the_i
     zero(parts)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["loss.dpo_recon=1"], "data.unlabelled_images"),
-    (["loss.best_of_n_recon=1"], "data.unlabelled_images"),
-    (["loss.dpo_recon=1", "data.unlabelled_images=shapes", "loss.recon_reward_candidates=1"],
-     "recon_reward_candidates"),
-    (["loss.preference_loss=kto"], "loss.preference_loss"),
-    (["loss.preference_beta=0"], "loss.preference_beta"),
-    (["loss.diffusion_dpo=-1"], "loss.diffusion_dpo"),
-    (["loss.diffusion_dpo=1", "loss.denoise=0", "unet_lora.targets=none"], "loss.diffusion_dpo"),
-    (["loss.dpo_recon=1", "loss.caption_nll=0", "data.unlabelled_images=shapes", "captioner_lora.targets=none"],
-     "loss.dpo_recon"),
-    (["loss.best_of_n_recon=1", "data.unlabelled_images=shapes", "loss.recon_reward_decoding.method=greedy"],
-     "recon_reward_decoding"),
-    (["data.selection_pairs=4"], "data.selection_pairs"),
-    (["data.labelled_pairs=4", "data.selection_pairs=4"], "data.selection_pairs"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["loss.dpo_recon=1"], "data.unlabelled_images"),
+        (["loss.best_of_n_recon=1"], "data.unlabelled_images"),
+        (
+            ["loss.dpo_recon=1", "data.unlabelled_images=shapes", "loss.recon_reward_candidates=1"],
+            "recon_reward_candidates",
+        ),
+        (["loss.preference_loss=kto"], "loss.preference_loss"),
+        (["loss.preference_beta=0"], "loss.preference_beta"),
+        (["loss.diffusion_dpo=-1"], "loss.diffusion_dpo"),
+        (["loss.diffusion_dpo=1", "loss.denoise=0", "unet_lora.targets=none"], "loss.diffusion_dpo"),
+        (
+            [
+                "loss.dpo_recon=1",
+                "loss.caption_nll=0",
+                "data.unlabelled_images=shapes",
+                "captioner_lora.targets=none",
+            ],
+            "loss.dpo_recon",
+        ),
+        (
+            [
+                "loss.best_of_n_recon=1",
+                "data.unlabelled_images=shapes",
+                "loss.recon_reward_decoding.method=greedy",
+            ],
+            "recon_reward_decoding",
+        ),
+        (["data.selection_pairs=4"], "data.selection_pairs"),
+        (["data.labelled_pairs=4", "data.selection_pairs=4"], "data.selection_pairs"),
+    ],
+)
 def test_reward_and_selection_settings_are_validated(overrides, field):
     from recon.config import ConfigError
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_finetune_config("finetune-shapes-smoke", overrides)
-    load_finetune_config("finetune-shapes-smoke", ["loss.dpo_recon=1", "loss.best_of_n_recon=0.5",
-                                                   "data.unlabelled_images=shapes", "loss.diffusion_dpo=1",
-                                                   "loss.preference_loss=ipo", "data.labelled_pairs=8",
-                                                   "data.selection_pairs=2"])
+    load_finetune_config(
+        "finetune-shapes-smoke",
+        [
+            "loss.dpo_recon=1",
+            "loss.best_of_n_recon=0.5",
+            "data.unlabelled_images=shapes",
+            "loss.diffusion_dpo=1",
+            "loss.preference_loss=ipo",
+            "data.labelled_pairs=8",
+            "data.selection_pairs=2",
+        ],
+    )
 
 
 def test_model_selection_holds_out_the_pool_and_keeps_the_best_checkpoint(tmp_path):
@@ -477,9 +562,19 @@ def test_model_selection_holds_out_the_pool_and_keeps_the_best_checkpoint(tmp_pa
     from recon.train.joint import finetune
     from recon.train.selection import SELECTED_DIR, select_checkpoint
 
-    cfg = load_finetune_config("finetune-shapes-smoke", [
-        "train.steps=2", "train.checkpoint_every=1", "train.checkpoints_total_limit=10", "train.report_to=none",
-        "validation.final=false", "loss.image_sim=0", "data.labelled_pairs=6", "data.selection_pairs=2"])
+    cfg = load_finetune_config(
+        "finetune-shapes-smoke",
+        [
+            "train.steps=2",
+            "train.checkpoint_every=1",
+            "train.checkpoints_total_limit=10",
+            "train.report_to=none",
+            "validation.final=false",
+            "loss.image_sim=0",
+            "data.labelled_pairs=6",
+            "data.selection_pairs=2",
+        ],
+    )
     pairs = ShapesPairs(32, 0, cfg=cfg.data)
     held = {s.caption for s in pairs.selection}
     assert len(pairs.selection) == 2 and len(pairs.pool) == 4 and not held & {s.caption for s in pairs.pool}
@@ -490,7 +585,9 @@ def test_model_selection_holds_out_the_pool_and_keeps_the_best_checkpoint(tmp_pa
     record = select_checkpoint(cfg, tmp_path, "caption_nll")
     assert set(record["losses"]) == {"0", "1", "2"} and record["best_step"] in (0, 1, 2)
     assert record["losses"][str(record["best_step"])] == min(record["losses"].values())
-    assert (tmp_path / SELECTED_DIR / "captioner_adapter").is_dir() and (tmp_path / SELECTED_DIR / "sd_lora").is_dir()
+    assert (tmp_path / SELECTED_DIR / "captioner_adapter").is_dir() and (
+        tmp_path / SELECTED_DIR / "sd_lora"
+    ).is_dir()
     assert select_checkpoint(cfg, tmp_path, "caption_nll") == record  # done once
     (tmp_path / "selection.json").unlink()
     by_denoising = select_checkpoint(cfg, tmp_path, "denoise")

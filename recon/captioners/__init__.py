@@ -12,7 +12,9 @@ from recon.config import CaptionerConfig, ConfigError
 BACKENDS = {"blip": BlipCaptioner, "flamingo": FlamingoCaptioner}  # "blip": BLIP and BLIP-2 alike
 
 
-def load_captioner(cfg: CaptionerConfig, device: torch.device | str = "auto", batch_size: int = 8) -> Captioner:
+def load_captioner(
+    cfg: CaptionerConfig, device: torch.device | str = "auto", batch_size: int = 8
+) -> Captioner:
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"captioner.backend={cfg.backend!r} is unknown; choose one of {sorted(BACKENDS)}")
     return BACKENDS[cfg.backend].from_config(cfg, device, batch_size=batch_size)

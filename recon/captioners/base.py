@@ -28,20 +28,34 @@ def generation_kwargs(decoding: DecodingConfig, num_candidates: int) -> dict:
     if n < 1:
         raise ValueError(f"num_candidates must be >= 1, got {n}")
     if decoding.min_new_tokens > decoding.max_new_tokens:
-        raise ValueError(f"decoding.min_new_tokens={decoding.min_new_tokens} exceeds "
-                         f"decoding.max_new_tokens={decoding.max_new_tokens}")
-    common = dict(min_new_tokens=decoding.min_new_tokens, max_new_tokens=decoding.max_new_tokens,
-                  repetition_penalty=decoding.repetition_penalty, num_return_sequences=n)
+        raise ValueError(
+            f"decoding.min_new_tokens={decoding.min_new_tokens} exceeds "
+            f"decoding.max_new_tokens={decoding.max_new_tokens}"
+        )
+    common = dict(
+        min_new_tokens=decoding.min_new_tokens,
+        max_new_tokens=decoding.max_new_tokens,
+        repetition_penalty=decoding.repetition_penalty,
+        num_return_sequences=n,
+    )
     if decoding.method == "greedy":
         if n > 1:
-            raise ValueError(f"decoding.method=greedy yields one caption per image, but num_candidates={n}; "
-                             "use decoding.method=beam or nucleus for several candidates")
+            raise ValueError(
+                f"decoding.method=greedy yields one caption per image, but num_candidates={n}; "
+                "use decoding.method=beam or nucleus for several candidates"
+            )
         return dict(common, do_sample=False, num_beams=1)
     if decoding.method == "beam":
         return dict(common, do_sample=False, num_beams=max(decoding.num_beams, n))
     if decoding.method == "nucleus":
-        return dict(common, do_sample=True, num_beams=1, top_p=decoding.top_p, top_k=decoding.top_k,
-                    temperature=decoding.temperature)
+        return dict(
+            common,
+            do_sample=True,
+            num_beams=1,
+            top_p=decoding.top_p,
+            top_k=decoding.top_k,
+            temperature=decoding.temperature,
+        )
     raise ValueError(f"decoding.method={decoding.method!r}: expected greedy, beam or nucleus")
 
 
@@ -96,8 +110,13 @@ class Captioner(Protocol):
 
     model_id: str
 
-    def caption(self, images: Sequence[Image.Image], num_candidates: int = 1,
-                decoding: DecodingConfig | None = None, seeds: Sequence[int] | None = None) -> list[list[str]]: ...
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        num_candidates: int = 1,
+        decoding: DecodingConfig | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[str]]: ...
 
     def log_likelihood(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor: ...
 
@@ -121,15 +140,18 @@ class TrainableCaptioner(Captioner, Protocol):
 
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor: ...
 
-    def teacher_forced_logits(self, pixel_values: torch.Tensor, texts: Sequence[str]
-                              ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def teacher_forced_logits(
+        self, pixel_values: torch.Tensor, texts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def warn_if_other_base(adapter_dir: str, model_id: str) -> None:
     """Warn when a peft adapter records another base model (``base_model_name_or_path``) than ``captioner.model``:
     LoRA weights of one captioner load onto another of the same shapes without an error, and caption badly."""
     try:
-        base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
     except (OSError, ValueError, AttributeError):
         return
     if not base or base == model_id:
@@ -139,6 +161,11 @@ def warn_if_other_base(adapter_dir: str, model_id: str) -> None:
     except Exception:  # noqa: BLE001 - a base that cannot be resolved here is simply another one
         same = False
     if not same:
-        log.warning("captioner.adapter %s was trained on %s, but captioner.model is %s: its weights may not fit "
-                    "this captioner; pass --set captioner.model=%s to use it as trained", adapter_dir, base, model_id,
-                    base)
+        log.warning(
+            "captioner.adapter %s was trained on %s, but captioner.model is %s: its weights may not fit "
+            "this captioner; pass --set captioner.model=%s to use it as trained",
+            adapter_dir,
+            base,
+            model_id,
+            base,
+        )

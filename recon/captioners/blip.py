@@ -29,7 +29,6 @@ from recon.config import CaptionerConfig, DecodingConfig
 log = logging.getLogger(__name__)
 
 
-
 class BlipCaptioner:
     """BLIP (``BlipForConditionalGeneration``) or BLIP-2 (``Blip2ForConditionalGeneration``) captioner.
 
@@ -45,8 +44,9 @@ class BlipCaptioner:
       and ``teacher_forced_logits`` (pixel values + texts -> ``logits [B, T, V]``, ``labels [B, T]``).
     """
 
-    def __init__(self, model, processor, cfg: CaptionerConfig | None = None, model_id: str = "",
-                 batch_size: int = 8):
+    def __init__(
+        self, model, processor, cfg: CaptionerConfig | None = None, model_id: str = "", batch_size: int = 8
+    ):
         from transformers import Blip2ForConditionalGeneration
 
         self.model = model
@@ -71,12 +71,19 @@ class BlipCaptioner:
         token = getattr(self.processor, "image_token", None)
         token_id = self.tokenizer.convert_tokens_to_ids(str(token)) if token is not None else None
         if token_id is None or token_id != self._image_token_id():
-            raise ValueError(f"{self.model_id}: the processor's image token {token!s} has id {token_id}, but the "
-                             f"model expects image_token_index={self._image_token_id()}")
+            raise ValueError(
+                f"{self.model_id}: the processor's image token {token!s} has id {token_id}, but the "
+                f"model expects image_token_index={self._image_token_id()}"
+            )
 
     @classmethod
-    def from_config(cls, cfg: CaptionerConfig, device: torch.device | str = "auto", dtype: torch.dtype | None = None,
-                    batch_size: int = 8) -> BlipCaptioner:
+    def from_config(
+        cls,
+        cfg: CaptionerConfig,
+        device: torch.device | str = "auto",
+        dtype: torch.dtype | None = None,
+        batch_size: int = 8,
+    ) -> BlipCaptioner:
         """Load ``cfg.model`` through the hub, then the original-BLIP ``cfg.checkpoint`` and the peft ``cfg.adapter``."""
         device = hub.resolve_device(device) if isinstance(device, str) else device
         dtype = dtype or hub.resolve_dtype(cfg.dtype, device)
@@ -86,10 +93,13 @@ class BlipCaptioner:
             from recon.captioners.lavis import load_original_blip_checkpoint
 
             if model.config.model_type != "blip":
-                raise ValueError(f"captioner.checkpoint converts original BLIP weights onto a BLIP model, but "
-                                 f"captioner.model={cfg.model!r} is {model.config.model_type!r}")
-            load_original_blip_checkpoint(model, hub.resolve(cfg.checkpoint, "captioner checkpoint",
-                                                              "captioner.checkpoint"))
+                raise ValueError(
+                    f"captioner.checkpoint converts original BLIP weights onto a BLIP model, but "
+                    f"captioner.model={cfg.model!r} is {model.config.model_type!r}"
+                )
+            load_original_blip_checkpoint(
+                model, hub.resolve(cfg.checkpoint, "captioner checkpoint", "captioner.checkpoint")
+            )
             model_id += f"+checkpoint:{cfg.checkpoint}"
         if cfg.adapter:
             from peft import PeftModel
@@ -115,9 +125,14 @@ class BlipCaptioner:
         return self._vision_weight.dtype
 
     # ------------------------------------------------------------------------------------------- captioning
-    def caption(self, images: Sequence[Image.Image], num_candidates: int | None = None,
-                decoding: DecodingConfig | None = None, seeds: Sequence[int] | None = None,
-                batch_size: int | None = None) -> list[list[str]]:
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        num_candidates: int | None = None,
+        decoding: DecodingConfig | None = None,
+        seeds: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[str]]:
         """Per image, ``num_candidates`` captions (default: ``cfg.num_candidates``, ``cfg.decoding``).
 
         ``seeds`` (one per image; default 0 for every image) seed nucleus sampling; greedy and beam ignore them.
@@ -140,19 +155,21 @@ class BlipCaptioner:
         size = max(1, int(batch_size or self.batch_size))
         out = []
         for start in range(0, len(images), size):
-            chunk = images[start:start + size]
+            chunk = images[start : start + size]
             out += self._generate(chunk + chunk[-1:] * (size - len(chunk)), kwargs, n)[: len(chunk)]
         return out
 
     @torch.no_grad()
     def _generate(self, images: list[Image.Image], kwargs: dict, n: int) -> list[list[str]]:
-        inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt").to(self.device)
+        inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt").to(
+            self.device
+        )
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         prompt_ids = inputs["input_ids"].clone()  # BLIP's generate rewrites input_ids[:, 0] in place
         ids = self.model.generate(**inputs, **kwargs)
-        new = ids[:, self._generated_prefix_len(prompt_ids, ids):]
+        new = ids[:, self._generated_prefix_len(prompt_ids, ids) :]
         texts = [" ".join(t.split()) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-        return [texts[i * n:(i + 1) * n] for i in range(len(images))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
     def _generated_prefix_len(self, prompt_ids: torch.Tensor, ids: torch.Tensor) -> int:
         """How many leading tokens of ``generate``'s output are the prompt (to be cut off)."""
@@ -166,8 +183,9 @@ class BlipCaptioner:
         return 0  # encoder-decoder language models return only the decoder's tokens
 
     # ------------------------------------------------------------------------------------------- likelihood
-    def log_likelihood(self, images: Sequence[Image.Image], texts: Sequence[str],
-                       batch_size: int | None = None) -> torch.Tensor:
+    def log_likelihood(
+        self, images: Sequence[Image.Image], texts: Sequence[str], batch_size: int | None = None
+    ) -> torch.Tensor:
         """``log p(text | image, prompt)`` summed over the text's tokens: float32 ``[B]`` on the CPU."""
         images, texts = list(images), list(texts)
         if len(images) != len(texts):
@@ -176,9 +194,9 @@ class BlipCaptioner:
         out = [torch.zeros(0)]
         with torch.no_grad():
             for start in range(0, len(images), size):
-                pixels = self.processor.image_processor(images[start:start + size], return_tensors="pt")
+                pixels = self.processor.image_processor(images[start : start + size], return_tensors="pt")
                 pixel_values = pixels["pixel_values"].to(self.device, self.dtype)
-                logits, labels = self.teacher_forced_logits(pixel_values, texts[start:start + size])
+                logits, labels = self.teacher_forced_logits(pixel_values, texts[start : start + size])
                 out.append(sequence_log_prob(logits, labels).float().cpu())
         return torch.cat(out)
 
@@ -198,8 +216,9 @@ class BlipCaptioner:
         std = torch.tensor(ip.image_std, device=x.device).view(1, -1, 1, 1)
         return ((x - mean) / std).to(self.dtype)
 
-    def teacher_forced_logits(self, pixel_values: torch.Tensor, texts: Sequence[str]
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_forced_logits(
+        self, pixel_values: torch.Tensor, texts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits of ``prompt + text`` given the image, aligned with their targets.
 
         ``pixel_values [B, 3, h, w]`` (from the processor or :meth:`preprocess_tensor`) -> ``logits [B, T, V]`` and
@@ -249,11 +268,15 @@ class BlipCaptioner:
     def _image_token_id(self) -> int:
         token_id = getattr(self.config, "image_token_id", None)
         if token_id is None:
-            raise ValueError(f"{self.model_id}: this BLIP-2 config has no image_token_index; re-save it with a "
-                             "transformers version that places image tokens in the prompt")
+            raise ValueError(
+                f"{self.model_id}: this BLIP-2 config has no image_token_index; re-save it with a "
+                "transformers version that places image tokens in the prompt"
+            )
         return int(token_id)
 
-    def _seq2seq_logits(self, pixel_values: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _seq2seq_logits(
+        self, pixel_values: torch.Tensor, texts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """BLIP-2 with an encoder-decoder LM (Flan-T5): the prompt goes to the encoder, the text is the target."""
         prompt = self.tokenizer(self.prompt).input_ids
         image = [self._image_token_id()] * self.config.num_query_tokens

@@ -38,8 +38,10 @@ KEY_PAIRS = [
 POSITION_IDS = "text_decoder.bert.embeddings.position_ids"  # a persistent buffer in BLIP's med.py, not in HF
 POS_EMBED = "vision_model.embeddings.position_embedding"
 # Tied in both implementations; a checkpoint may store only one side of each pair.
-TIED = {"text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
-        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias"}
+TIED = {
+    "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+    "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+}
 
 
 class CheckpointMismatchError(ValueError):
@@ -112,8 +114,10 @@ def resize_pos_embed(pos_embed: torch.Tensor, num_positions: int) -> torch.Tenso
     """``[1, 1 + g*g, D]`` -> ``[1, num_positions, D]``: the class token kept, the patch grid resized bicubically."""
     old, new = int(round((pos_embed.shape[1] - 1) ** 0.5)), int(round((num_positions - 1) ** 0.5))
     if old * old + 1 != pos_embed.shape[1] or new * new + 1 != num_positions:
-        raise CheckpointMismatchError(f"{POS_EMBED}: cannot resize a non-square grid "
-                                      f"({pos_embed.shape[1]} -> {num_positions} positions)")
+        raise CheckpointMismatchError(
+            f"{POS_EMBED}: cannot resize a non-square grid "
+            f"({pos_embed.shape[1]} -> {num_positions} positions)"
+        )
     grid = pos_embed[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pos_embed.dtype)
@@ -138,8 +142,12 @@ def load_original_blip_checkpoint(model, path: str | Path, strict: bool = False)
     sd = convert_blip_state_dict(original)
     expected = model.state_dict()
     report = LoadReport(loaded=0)
-    if POS_EMBED in sd and POS_EMBED in expected and sd[POS_EMBED].shape != expected[POS_EMBED].shape \
-            and sd[POS_EMBED].shape[-1] == expected[POS_EMBED].shape[-1]:
+    if (
+        POS_EMBED in sd
+        and POS_EMBED in expected
+        and sd[POS_EMBED].shape != expected[POS_EMBED].shape
+        and sd[POS_EMBED].shape[-1] == expected[POS_EMBED].shape[-1]
+    ):
         sd[POS_EMBED] = resize_pos_embed(sd[POS_EMBED], expected[POS_EMBED].shape[1])
         report.resized.append(original_key(POS_EMBED))
 
@@ -147,8 +155,11 @@ def load_original_blip_checkpoint(model, path: str | Path, strict: bool = False)
         return f"{original_key(k)} (transformers: {k})"
 
     missing = [both(k) for k in expected if k not in sd]
-    mismatched = [f"{both(k)}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    mismatched = [
+        f"{both(k)}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in sd and sd[k].shape != expected[k].shape
+    ]
     report.unexpected = sorted(original_key(k) for k in sd if k not in expected)
     problems = []
     if missing:
@@ -160,8 +171,12 @@ def load_original_blip_checkpoint(model, path: str | Path, strict: bool = False)
     if problems:
         raise CheckpointMismatchError(f"{path}: " + "; ".join(problems))
     if report.unexpected:
-        log.warning("%s: ignoring %d key(s) the captioner does not use: %s", path, len(report.unexpected),
-                    ", ".join(report.unexpected[:20]) + (" ..." if len(report.unexpected) > 20 else ""))
+        log.warning(
+            "%s: ignoring %d key(s) the captioner does not use: %s",
+            path,
+            len(report.unexpected),
+            ", ".join(report.unexpected[:20]) + (" ..." if len(report.unexpected) > 20 else ""),
+        )
     model.load_state_dict({k: sd[k] for k in expected}, strict=True)
     report.loaded = len(expected)
     return report

@@ -24,8 +24,9 @@ class Generation:
 class Generator(Protocol):
     model_id: str
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int],
-                 on_progress: Callable[[float], None] | None = None) -> Generation:
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], on_progress: Callable[[float], None] | None = None
+    ) -> Generation:
         """Image i is generated from ``prompts[i]`` with a ``torch.Generator`` seeded with ``seeds[i]``;
         ``on_progress(n)``: n more images' worth of work is done (fractions while sampling), for progress bars."""
         ...

@@ -36,10 +36,19 @@ class DiffusionGenerator:
         self.batch_size = max(1, int(batch_size))
 
     @classmethod
-    def from_config(cls, cfg: GeneratorConfig, device: torch.device, batch_size: int = 1) -> DiffusionGenerator:
+    def from_config(
+        cls, cfg: GeneratorConfig, device: torch.device, batch_size: int = 1
+    ) -> DiffusionGenerator:
         dtype = hub.resolve_dtype(cfg.dtype, device)
-        pipe = hub.load_diffusion_pipeline(cfg.model, device, dtype, scheduler=cfg.scheduler,
-                                           safety_checker=cfg.safety_checker, lora=cfg.lora, field="generator.model")
+        pipe = hub.load_diffusion_pipeline(
+            cfg.model,
+            device,
+            dtype,
+            scheduler=cfg.scheduler,
+            safety_checker=cfg.safety_checker,
+            lora=cfg.lora,
+            field="generator.model",
+        )
         return cls(pipe, cfg, batch_size=batch_size)
 
     @property
@@ -60,12 +69,15 @@ class DiffusionGenerator:
         if n <= limit:
             return []
         if self.cfg.long_prompts == "chunk":
-            return [f"caption of {n} tokens encoded in {chunk_count(n, limit)} chunks of {limit} tokens "
-                    "(generator.long_prompts=chunk)"]
+            return [
+                f"caption of {n} tokens encoded in {chunk_count(n, limit)} chunks of {limit} tokens "
+                "(generator.long_prompts=chunk)"
+            ]
         return [truncation_warning(n, limit, "text encoder limit; generator.long_prompts=truncate")]
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int],
-                 on_progress: Callable[[float], None] | None = None) -> Generation:
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], on_progress: Callable[[float], None] | None = None
+    ) -> Generation:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         images: list[torch.Tensor | None] = [None] * len(prompts)
@@ -75,8 +87,11 @@ class DiffusionGenerator:
                 out = self._call([prompts[i] for i in group], [seeds[i] for i in group], on_progress)
                 for j, i in enumerate(group):
                     images[i], flagged[i] = out.images[j], out.flagged[j]
-        return Generation(images=torch.stack(images) if images else torch.zeros(0, 3, 0, 0), flagged=flagged,
-                          warnings=[self.prompt_warnings(p) for p in prompts])
+        return Generation(
+            images=torch.stack(images) if images else torch.zeros(0, 3, 0, 0),
+            flagged=flagged,
+            warnings=[self.prompt_warnings(p) for p in prompts],
+        )
 
     def _groups(self, indices: range, prompts: Sequence[str]) -> list[list[int]]:
         """One group (the whole batch) unless chunk mode meets a long prompt: then one group per chunk count."""
@@ -89,11 +104,14 @@ class DiffusionGenerator:
         return list(by_chunks.values())
 
     @torch.inference_mode()
-    def _call(self, prompts: list[str], seeds: list[int],
-              on_progress: Callable[[float], None] | None = None) -> Generation:
+    def _call(
+        self, prompts: list[str], seeds: list[int], on_progress: Callable[[float], None] | None = None
+    ) -> Generation:
         cfg = self.cfg
         step_callback = {}
-        if on_progress is not None:  # the batch's images, a denoising step's share at a time (latents untouched)
+        if (
+            on_progress is not None
+        ):  # the batch's images, a denoising step's share at a time (latents untouched)
             share = len(prompts) / cfg.num_inference_steps
 
             def on_step_end(pipe, step, timestep, kwargs):
@@ -103,13 +121,24 @@ class DiffusionGenerator:
             step_callback = {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": []}
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         negative = [cfg.negative_prompt] * len(prompts) if cfg.negative_prompt else None
-        chunks = max(self.prompt_chunks(p) for p in prompts + (negative or [])) if cfg.long_prompts == "chunk" else 1
+        chunks = (
+            max(self.prompt_chunks(p) for p in prompts + (negative or []))
+            if cfg.long_prompts == "chunk"
+            else 1
+        )
         if chunks > 1:
             pipe, device = self.pipe, self.pipe._execution_device
-            text = {"prompt_embeds": encode_long_prompts(pipe.tokenizer, pipe.text_encoder, prompts, chunks, device)}
-            if cfg.guidance_scale > 1:  # the pipeline would encode "" at our sequence length in one pass: it can't
+            text = {
+                "prompt_embeds": encode_long_prompts(
+                    pipe.tokenizer, pipe.text_encoder, prompts, chunks, device
+                )
+            }
+            if (
+                cfg.guidance_scale > 1
+            ):  # the pipeline would encode "" at our sequence length in one pass: it can't
                 text["negative_prompt_embeds"] = encode_long_prompts(
-                    pipe.tokenizer, pipe.text_encoder, negative or [""] * len(prompts), chunks, device)
+                    pipe.tokenizer, pipe.text_encoder, negative or [""] * len(prompts), chunks, device
+                )
         else:
             text = {"prompt": list(prompts), "negative_prompt": negative}
         out = self.pipe(
@@ -132,14 +161,16 @@ def chunk_count(n_tokens: int, context: int) -> int:
     return max(1, math.ceil((n_tokens - 2) / (context - 2)))
 
 
-def chunk_token_ids(tokenizer, text: str, chunks: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+def chunk_token_ids(
+    tokenizer, text: str, chunks: int | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
     """``text`` as context-sized rows of token ids and their attention masks: its tokens split every
     ``context - 2`` at token boundaries, each row ``[BOS, tokens..., EOS, pad...]`` of the tokenizer's
     ``model_max_length``. The first row of a text that fits equals the tokenizer's own ``padding="max_length"``
     output. ``chunks``: pad with empty rows (``[BOS, EOS, pad...]``, the encoding of "") up to that many."""
     context = int(tokenizer.model_max_length)
     body = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    pieces = [body[i:i + context - 2] for i in range(0, len(body), context - 2)] or [[]]
+    pieces = [body[i : i + context - 2] for i in range(0, len(body), context - 2)] or [[]]
     if chunks is not None:
         if len(pieces) > chunks:
             raise ValueError(f"text of {len(body)} tokens needs {len(pieces)} chunks, more than {chunks}")
@@ -153,8 +184,9 @@ def chunk_token_ids(tokenizer, text: str, chunks: int | None = None) -> tuple[li
     return rows, masks
 
 
-def encode_long_prompts(tokenizer, text_encoder, prompts: Sequence[str], chunks: int,
-                        device: torch.device | str) -> torch.Tensor:
+def encode_long_prompts(
+    tokenizer, text_encoder, prompts: Sequence[str], chunks: int, device: torch.device | str
+) -> torch.Tensor:
     """``[B, chunks * context, D]``: each prompt's chunks (:func:`chunk_token_ids`, padded to ``chunks`` with the
     encoding of "") through the text encoder separately, last hidden states concatenated along the sequence axis,
     as the known long-prompt methods for Stable Diffusion do. One chunk equals the pipeline's own ``encode_prompt``."""

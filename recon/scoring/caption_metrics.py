@@ -54,8 +54,9 @@ class ReferenceScores:
     corpus_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def bleu_statistics(gts: Mapping[Hashable, list[str]], res: Mapping[Hashable, list[str]], ids: Sequence[Hashable]
-                    ) -> dict[Hashable, list[float]]:
+def bleu_statistics(
+    gts: Mapping[Hashable, list[str]], res: Mapping[Hashable, list[str]], ids: Sequence[Hashable]
+) -> dict[Hashable, list[float]]:
     """Per item ``[testlen, reflen, guess_1..4, correct_1..4]`` as pycocoevalcap's BleuScorer counts them
     (tokenized text; ``reflen`` the closest reference length, its ``option='closest'``)."""
     from pycocoevalcap.bleu.bleu_scorer import BleuScorer
@@ -66,7 +67,12 @@ def bleu_statistics(gts: Mapping[Hashable, list[str]], res: Mapping[Hashable, li
         scorer += (res[i][0], gts[i])
         comps = scorer.ctest[0]
         reflen = scorer._single_reflen(comps["reflen"], "closest", comps["testlen"])
-        out[i] = [float(comps["testlen"]), float(reflen), *map(float, comps["guess"]), *map(float, comps["correct"])]
+        out[i] = [
+            float(comps["testlen"]),
+            float(reflen),
+            *map(float, comps["guess"]),
+            *map(float, comps["correct"]),
+        ]
     return out
 
 
@@ -92,17 +98,23 @@ def spice_missing() -> str | None:
     import pycocoevalcap.spice as spice_pkg
 
     lib = Path(spice_pkg.__file__).resolve().parent / "lib"
-    missing = [f"{SPICE_CORENLP}{s}.jar" for s in ("", "-models") if not (lib / f"{SPICE_CORENLP}{s}.jar").is_file()]
+    missing = [
+        f"{SPICE_CORENLP}{s}.jar" for s in ("", "-models") if not (lib / f"{SPICE_CORENLP}{s}.jar").is_file()
+    ]
     if not missing:
         return None
-    return (f"spice skipped: it needs Stanford CoreNLP 3.6.0 ({' and '.join(missing)}, from "
-            f"stanford-corenlp-full-2015-12-09.zip) in {lib}; place them there to enable it")
+    return (
+        f"spice skipped: it needs Stanford CoreNLP 3.6.0 ({' and '.join(missing)}, from "
+        f"stanford-corenlp-full-2015-12-09.zip) in {lib}; place them there to enable it"
+    )
 
 
 def check_java() -> None:
     if shutil.which("java") is None:
-        raise RuntimeError("BLEU, METEOR, ROUGE, CIDEr and SPICE need Java (pycocoevalcap's PTB tokenizer); "
-                           "install a Java runtime, or leave them out with --metrics recon,clipscore")
+        raise RuntimeError(
+            "BLEU, METEOR, ROUGE, CIDEr and SPICE need Java (pycocoevalcap's PTB tokenizer); "
+            "install a Java runtime, or leave them out with --metrics recon,clipscore"
+        )
 
 
 @contextlib.contextmanager
@@ -137,17 +149,25 @@ def ptb_tokenize(texts: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list
     if not expected:
         return {}
     with _quiet_fd2():
-        out = PTBTokenizer().tokenize({k: [{"caption": _one_line(s)} for s in v] for k, v in texts.items() if len(v)})
+        out = PTBTokenizer().tokenize(
+            {k: [{"caption": _one_line(s)} for s in v] for k, v in texts.items() if len(v)}
+        )
     if {k: len(v) for k, v in out.items()} != expected:
-        raise RuntimeError("pycocoevalcap's PTB tokenizer returned a different number of sentences than it was "
-                           "given (is Java working? try `java -version`)")
+        raise RuntimeError(
+            "pycocoevalcap's PTB tokenizer returned a different number of sentences than it was "
+            "given (is Java working? try `java -version`)"
+        )
     return out
 
 
-def reference_metrics(sets: Mapping[str, Mapping[Hashable, str]], references: Mapping[Hashable, Sequence[str]],
-                      metrics: Sequence[str] = ("bleu", "meteor", "rouge", "cider"),
-                      tokenized: bool = False, meteor_resamples: int = 0, seed: int = 0
-                      ) -> dict[str, ReferenceScores]:
+def reference_metrics(
+    sets: Mapping[str, Mapping[Hashable, str]],
+    references: Mapping[Hashable, Sequence[str]],
+    metrics: Sequence[str] = ("bleu", "meteor", "rouge", "cider"),
+    tokenized: bool = False,
+    meteor_resamples: int = 0,
+    seed: int = 0,
+) -> dict[str, ReferenceScores]:
     """Reference metrics of each caption set: ``sets = {name: {key: caption}}``, ``references = {key: [refs]}``.
 
     Keys without references (or without a caption) are left out of that set. One PTB tokenizer run and one METEOR
@@ -159,8 +179,10 @@ def reference_metrics(sets: Mapping[str, Mapping[Hashable, str]], references: Ma
     unknown = [m for m in metrics if m not in REFERENCE_METRICS]
     if unknown:
         raise ValueError(f"unknown reference metric(s) {unknown}; known: {list(REFERENCE_METRICS)}")
-    usable = {name: {k: c for k, c in cands.items() if c is not None and references.get(k)}
-              for name, cands in sets.items()}
+    usable = {
+        name: {k: c for k, c in cands.items() if c is not None and references.get(k)}
+        for name, cands in sets.items()
+    }
     out = {name: ReferenceScores() for name in sets}
     if not metrics or not any(usable.values()):
         return out
@@ -226,8 +248,9 @@ def _score_into(out: ReferenceScores, metric: str, scorer, gts: dict, res: dict,
         out.bleu_stats.update(bleu_statistics(gts, res, ids))
     elif metric == "spice":
         with _quiet_fd2():
-            corpus, per = scorer.compute_score({str(i): v for i, v in gts.items()},
-                                               {str(i): v for i, v in res.items()})
+            corpus, per = scorer.compute_score(
+                {str(i): v for i, v in gts.items()}, {str(i): v for i, v in res.items()}
+            )
         order = sorted(str(i) for i in ids)  # Spice returns scores in sorted-key order
         by_key = dict(zip(order, (s["All"]["f"] for s in per)))
         per = [by_key[str(i)] for i in ids]
@@ -252,8 +275,9 @@ def _meteor_eval(scorer, stats: Sequence[str]) -> tuple[float, list[float]]:
     return float(proc.stdout.readline().strip()), per
 
 
-def _meteor_with_ci(out: ReferenceScores, scorer, gts: dict, res: dict, ids: list, n_resamples: int,
-                    seed: int) -> None:
+def _meteor_with_ci(
+    out: ReferenceScores, scorer, gts: dict, res: dict, ids: list, n_resamples: int, seed: int
+) -> None:
     """Meteor.compute_score's protocol (one SCORE line per segment, then one EVAL of all), keeping the segment
     statistics, then one EVAL per bootstrap resample of the segments: the jar aggregates statistics into the
     corpus score, so the interval is of the score pycocoevalcap reports."""
@@ -265,7 +289,9 @@ def _meteor_with_ci(out: ReferenceScores, scorer, gts: dict, res: dict, ids: lis
         rng, samples = np.random.default_rng([seed, 77]), []
         if len(stats) > 1:
             for _ in range(n_resamples):
-                samples.append(_meteor_eval(scorer, [stats[j] for j in rng.integers(0, len(stats), len(stats))])[0])
+                samples.append(
+                    _meteor_eval(scorer, [stats[j] for j in rng.integers(0, len(stats), len(stats))])[0]
+                )
     out.corpus["meteor"] = corpus
     for i, v in zip(ids, per):
         out.per_item.setdefault(i, {})["meteor"] = v
@@ -289,11 +315,15 @@ def clip_metric_config(config: Config) -> tuple[str, MetricConfig]:
     for i, m in enumerate(config.similarity.image):
         if m.kind == "clip":
             return f"similarity.image.{i}", m
-    raise ValueError("clipscore and refclipscore use the preset's CLIP, but the preset lists no image metric of "
-                     "kind 'clip' under similarity.image; add one, e.g. --set similarity.image.0.kind=clip")
+    raise ValueError(
+        "clipscore and refclipscore use the preset's CLIP, but the preset lists no image metric of "
+        "kind 'clip' under similarity.image; add one, e.g. --set similarity.image.0.kind=clip"
+    )
 
 
-def max_similarity_to_refs(metric, captions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+def max_similarity_to_refs(
+    metric, captions: Sequence[str], references: Sequence[Sequence[str]]
+) -> list[float]:
     """Per caption, the highest ``metric`` cosine to any of its references (an ``EmbeddingSimilarity``).
 
     Captions and references are embedded in one batch each. A caption without references gets NaN.
@@ -306,7 +336,7 @@ def max_similarity_to_refs(metric, captions: Sequence[str], references: Sequence
         ref = metric.encode(flat).float().cpu() if flat else cap[:0]
     out, pos = [], 0
     for i, refs in enumerate(references):
-        sims = ref[pos:pos + len(refs)] @ cap[i]
+        sims = ref[pos : pos + len(refs)] @ cap[i]
         pos += len(refs)
         out.append(float(sims.max()) if len(refs) else float("nan"))
     return out
@@ -333,8 +363,14 @@ class ClipScore:
         self.image_metric, self.text_metric, self.w, self.prefix = image_metric, text_metric, w, prefix
 
     @classmethod
-    def from_config(cls, config: Config, device: torch.device | str = "cpu", image_metric=None,
-                    w: float = CLIPSCORE_W, prefix: str = "") -> ClipScore:
+    def from_config(
+        cls,
+        config: Config,
+        device: torch.device | str = "cpu",
+        image_metric=None,
+        w: float = CLIPSCORE_W,
+        prefix: str = "",
+    ) -> ClipScore:
         """Build on the preset's first ``clip`` image metric; pass its loaded module to share the weights."""
         import open_clip
 
@@ -345,7 +381,9 @@ class ClipScore:
         if image_metric is None:
             image_metric = load_similarity(cfg, device, where=where, role="image")
         name, _ = hub.open_clip_name(*open_clip_source(cfg, where), f"{where}.model")
-        text_metric = ClipTextSimilarity(image_metric.clip, open_clip.get_tokenizer(name), long_text=cfg.long_text)
+        text_metric = ClipTextSimilarity(
+            image_metric.clip, open_clip.get_tokenizer(name), long_text=cfg.long_text
+        )
         return cls(image_metric, text_metric, w=w, prefix=prefix)
 
     @torch.inference_mode()
@@ -359,26 +397,39 @@ class ClipScore:
         with torch.inference_mode():
             for idx in by_shape.values():
                 for start in range(0, len(idx), IMAGE_BATCH):
-                    part = idx[start:start + IMAGE_BATCH]
+                    part = idx[start : start + IMAGE_BATCH]
                     emb = self.image_metric.encode(torch.stack([images[i] for i in part])).float().cpu()
                     for j, i in enumerate(part):
                         out[i] = emb[j]
         return torch.stack(out) if out else torch.zeros(0, 0)
 
-    def scores(self, images: Sequence[torch.Tensor], captions: Sequence[str],
-               references: Sequence[Sequence[str]] | None = None) -> dict[str, list[float]]:
+    def scores(
+        self,
+        images: Sequence[torch.Tensor],
+        captions: Sequence[str],
+        references: Sequence[Sequence[str]] | None = None,
+    ) -> dict[str, list[float]]:
         """``{"clipscore": [B], "truncated": [B] bools}`` and, with references, ``{"refclipscore": [B]}``.
         ``truncated[i]``: caption i (with the prefix) was scored on its first 77 tokens only."""
         if not captions:
-            return {"clipscore": [], "truncated": []} | ({"refclipscore": []} if references is not None else {})
+            return {"clipscore": [], "truncated": []} | (
+                {"refclipscore": []} if references is not None else {}
+            )
         img = self.image_embeddings(images)
         with torch.inference_mode():
             txt = self.text_metric.encode([self.prefix + c for c in captions]).float().cpu()
         clip = [self.w * max(float(c), 0.0) for c in (img * txt).sum(-1)]
-        out = {"clipscore": clip, "truncated": self.text_metric.truncated([self.prefix + c for c in captions])}
+        out = {
+            "clipscore": clip,
+            "truncated": self.text_metric.truncated([self.prefix + c for c in captions]),
+        }
         if references is not None:
-            refs = max_similarity_to_refs(self.text_metric, [self.prefix + c for c in captions],
-                                          [[self.prefix + r for r in rs] for rs in references])
-            out["refclipscore"] = [harmonic_mean(c, max(r, 0.0)) if r == r else float("nan")
-                                   for c, r in zip(clip, refs)]
+            refs = max_similarity_to_refs(
+                self.text_metric,
+                [self.prefix + c for c in captions],
+                [[self.prefix + r for r in rs] for rs in references],
+            )
+            out["refclipscore"] = [
+                harmonic_mean(c, max(r, 0.0)) if r == r else float("nan") for c, r in zip(clip, refs)
+            ]
         return out

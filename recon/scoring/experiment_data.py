@@ -54,8 +54,12 @@ def write_scenes_data(out: str | Path, n: int, seed: int = 0, stream: int = TEST
         save_png(Image.fromarray(scenes.render(scene)), out / "images" / f"{key}.png")
         refs[key] = [scenes.caption_for(scene, t) for t in scenes.TEMPLATES]
         texts[key] = scenes.caption_for(scene, "detailed")
-        truth[key] = {"background": scene.background,
-                      "objects": [{a: getattr(o, a) for a in ("shape", "color", "size", "cell")} for o in scene.objects]}
+        truth[key] = {
+            "background": scene.background,
+            "objects": [
+                {a: getattr(o, a) for a in ("shape", "color", "size", "cell")} for o in scene.objects
+            ],
+        }
     for name, value in (("refs.json", refs), ("texts.json", texts), ("truth.json", truth)):
         atomic_write_text(out / name, json.dumps(value, indent=1) + "\n")
     return out
@@ -84,7 +88,10 @@ def attribute_scores(caption: str, truth: dict) -> dict[str, float]:
 
         scene = scenes.Scene(truth["background"], tuple(scenes.SceneObject(**o) for o in truth["objects"]))
         claims = scenes.parse_caption(caption)
-        return {"exact": float(scenes.exact_match(claims, scene)), "attributes": scenes.object_f1(claims, scene)}
+        return {
+            "exact": float(scenes.exact_match(claims, scene)),
+            "attributes": scenes.object_f1(claims, scene),
+        }
     from recon.shapes import world
 
     return attribute_agreement(world.parse_caption(caption), truth)
@@ -126,8 +133,12 @@ def experiment_parser(doc: str, items: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_run_args(p, default_preset="shapes")
     p.add_argument("--n", type=int, default=50, help=items)
-    p.add_argument("--stream", type=int, default=TEST_STREAM,
-                   help=f"shapes scene stream ({DEV_STREAM}: dev, for choosing settings; {TEST_STREAM}: test)")
+    p.add_argument(
+        "--stream",
+        type=int,
+        default=TEST_STREAM,
+        help=f"shapes scene stream ({DEV_STREAM}: dev, for choosing settings; {TEST_STREAM}: test)",
+    )
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap / permutation resamples")
     return p
 
@@ -142,8 +153,9 @@ class Inputs:
     truth: dict[str, dict[str, str]] | None = None
 
 
-def experiment_inputs(config, out: Path, n: int, stream: int, images=None, refs=None, texts=None,
-                      need: str = "images") -> Inputs:
+def experiment_inputs(
+    config, out: Path, n: int, stream: int, images=None, refs=None, texts=None, need: str = "images"
+) -> Inputs:
     """The user's ``images`` / ``texts`` (+ ``refs``), or on the shapes / scenes preset ``n`` rendered scenes."""
     from recon.captions_io import read_references
 
@@ -154,10 +166,17 @@ def experiment_inputs(config, out: Path, n: int, stream: int, images=None, refs=
             raise ValueError(f"--{need} is needed outside the shapes and scenes presets")
         write = write_shapes_data if world == "shapes" else write_scenes_data
         data = write(Path(out) / "data", n, config.run.seed, stream)
-        return Inputs(data / "images", data / "texts.json", refs_by_stem(read_references(data / "refs.json")),
-                      load_json(data / "truth.json"))
-    return Inputs(Path(images) if images else None, Path(texts) if texts else None,
-                  refs_by_stem(read_references(refs)) if refs else None)
+        return Inputs(
+            data / "images",
+            data / "texts.json",
+            refs_by_stem(read_references(data / "refs.json")),
+            load_json(data / "truth.json"),
+        )
+    return Inputs(
+        Path(images) if images else None,
+        Path(texts) if texts else None,
+        refs_by_stem(read_references(refs)) if refs else None,
+    )
 
 
 def text_metric_configs(config) -> list:
@@ -166,7 +185,10 @@ def text_metric_configs(config) -> list:
     from recon.scoring.caption_metrics import clip_metric_config
 
     _, clip = clip_metric_config(config)
-    return [MetricConfig(kind="clip_text", model=clip.model, pretrained=clip.pretrained), MetricConfig(kind="sbert")]
+    return [
+        MetricConfig(kind="clip_text", model=clip.model, pretrained=clip.pretrained),
+        MetricConfig(kind="sbert"),
+    ]
 
 
 def write_outputs(out: Path, table_md: str, summary: dict, details: list | None = None) -> None:

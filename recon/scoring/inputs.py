@@ -54,11 +54,15 @@ def _key(value) -> str | None:
 def _entry(key_value, caption, where: str, path: Path, has_caption: bool = True) -> Entry:
     key = _key(key_value)
     if key is None:
-        return Entry(None, None, where, f"{path}: {where}: image_id must be an integer or a string, got {key_value!r}")
+        return Entry(
+            None, None, where, f"{path}: {where}: image_id must be an integer or a string, got {key_value!r}"
+        )
     if not has_caption:
         return Entry(key, None, where, f"{path}: {where}: missing key 'caption'")
     err = validate_text(caption)
-    return Entry(key, None if err else caption.strip(), where, f"{path}: {where}: caption: {err}" if err else None)
+    return Entry(
+        key, None if err else caption.strip(), where, f"{path}: {where}: caption: {err}" if err else None
+    )
 
 
 def read_caption_set(path: str | Path, name: str) -> CaptionSet:
@@ -74,8 +78,15 @@ def read_caption_set(path: str | Path, name: str) -> CaptionSet:
         for i, e in enumerate(data):
             where = f"entry {i}"
             if not isinstance(e, dict):
-                entries.append(Entry(None, None, where, f"{path}: {where}: expected an object with 'image_id' and "
-                                                        f"'caption', got {type(e).__name__}"))
+                entries.append(
+                    Entry(
+                        None,
+                        None,
+                        where,
+                        f"{path}: {where}: expected an object with 'image_id' and "
+                        f"'caption', got {type(e).__name__}",
+                    )
+                )
             elif "image_id" not in e:
                 entries.append(Entry(None, None, where, f"{path}: {where}: missing key 'image_id'"))
             else:
@@ -83,12 +94,16 @@ def read_caption_set(path: str | Path, name: str) -> CaptionSet:
     elif isinstance(data, dict):
         for key, value in data.pairs:
             if isinstance(value, list):
-                raise DataError(f"{path}: key {key!r} holds a list: this looks like a references file; pass it "
-                                "with --refs, and captions as {image_id: caption} or [{image_id, caption}]")
+                raise DataError(
+                    f"{path}: key {key!r} holds a list: this looks like a references file; pass it "
+                    "with --refs, and captions as {image_id: caption} or [{image_id, caption}]"
+                )
             entries.append(_entry(key, value, f"key {key!r}", path))
     else:
-        raise DataError(f"{path}: expected a COCO results list [{{'image_id', 'caption'}}] or an object "
-                        f"{{image_id: caption}}, got {type(data).__name__}")
+        raise DataError(
+            f"{path}: expected a COCO results list [{{'image_id', 'caption'}}] or an object "
+            f"{{image_id: caption}}, got {type(data).__name__}"
+        )
     return CaptionSet(name, path, entries)
 
 
@@ -106,8 +121,10 @@ def system_names(paths: Sequence[str | Path], names: Sequence[str] | None = None
         out = [n if out.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(out)]
     for n in out:
         if not n or "/" in n or "\\" in n or n.startswith((".", "@")) or len(set(out)) < len(out):
-            raise ValueError(f"caption set name {n!r}: names must be unique, non-empty, without '/', and not "
-                             "start with '.' or '@'")
+            raise ValueError(
+                f"caption set name {n!r}: names must be unique, non-empty, without '/', and not "
+                "start with '.' or '@'"
+            )
     return out
 
 
@@ -121,8 +138,9 @@ class ScoreItem:
     error: str | None = None
 
 
-def build_items(sets: Sequence[CaptionSet], images: str | Path, refs: References | None = None,
-                limit: int | None = None) -> list[ScoreItem]:
+def build_items(
+    sets: Sequence[CaptionSet], images: str | Path, refs: References | None = None, limit: int | None = None
+) -> list[ScoreItem]:
     """Items image by image (all systems of one image together), in the image folder's order.
 
     An id is found as a file's path relative to ``images`` without extension (its stem at the top level), with
@@ -140,9 +158,11 @@ def build_items(sets: Sequence[CaptionSet], images: str | Path, refs: References
         for tier in tiers:
             hits = tier.get(key)
             if hits and len(hits) > 1:
-                raise DataError(f"image_id {key!r} matches several files in {images}: "
-                                f"{', '.join(str(p) for _, p in hits)}; rename one of them, or use ids with "
-                                "extensions")
+                raise DataError(
+                    f"image_id {key!r} matches several files in {images}: "
+                    f"{', '.join(str(p) for _, p in hits)}; rename one of them, or use ids with "
+                    "extensions"
+                )
             if hits:
                 return hits[0]
         return None
@@ -172,15 +192,28 @@ def build_items(sets: Sequence[CaptionSet], images: str | Path, refs: References
                 continue
             if (s.name, e.key) in first:
                 kept = first[(s.name, e.key)][0]
-                extra.append(ScoreItem(f"{s.name}/{e.key}#{e.where.replace(' ', '-')}", s.name, e.key, e.caption,
-                                       error=f"{s.path}: {e.where}: duplicate image_id {e.key!r}; the first "
-                                             f"caption ({kept.where}) is kept"))
+                extra.append(
+                    ScoreItem(
+                        f"{s.name}/{e.key}#{e.where.replace(' ', '-')}",
+                        s.name,
+                        e.key,
+                        e.caption,
+                        error=f"{s.path}: {e.where}: duplicate image_id {e.key!r}; the first "
+                        f"caption ({kept.where}) is kept",
+                    )
+                )
                 continue
             path = lookup.get(e.key, (0, None))[1]
-            error = e.error or (None if path is not None else
-                                f"{s.path}: {e.where}: image_id {e.key!r} matches no image in {images} (ids are "
-                                "file paths relative to the folder without extension, or COCO file_names)")
-            first[(s.name, e.key)] = (e, ScoreItem(f"{s.name}/{e.key}", s.name, e.key, e.caption, path, error))
+            error = e.error or (
+                None
+                if path is not None
+                else f"{s.path}: {e.where}: image_id {e.key!r} matches no image in {images} (ids are "
+                "file paths relative to the folder without extension, or COCO file_names)"
+            )
+            first[(s.name, e.key)] = (
+                e,
+                ScoreItem(f"{s.name}/{e.key}", s.name, e.key, e.caption, path, error),
+            )
     items = [first[(s.name, k)][1] for k in order for s in sets if (s.name, k) in first]
     taken = {it.id for it in items}
     for n, it in enumerate(extra):
@@ -202,8 +235,10 @@ def check_inputs(out: Path, inputs: dict) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
         diff = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
         if diff:
-            raise RunError(f"{out} holds a score run of different inputs ({', '.join(diff)}); pass a new --out "
-                           "to start a new run, or the same inputs to resume it")
+            raise RunError(
+                f"{out} holds a score run of different inputs ({', '.join(diff)}); pass a new --out "
+                "to start a new run, or the same inputs to resume it"
+            )
     elif (Path(out) / "results.jsonl").exists():
         raise RunError(f"{out} holds a run that is not a score run; pass a new --out")
     atomic_write_text(path, json.dumps(inputs, indent=1, ensure_ascii=False) + "\n")

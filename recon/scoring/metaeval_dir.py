@@ -38,9 +38,13 @@ def judged_inputs(sources: list[Source]) -> dict:
     def file(p: Path) -> dict:
         return {"file": str(p), "sha256": sha256_file(p)}
 
-    return {"judgments": [{"format": s.format, "files": [file(p) for p in _files_of(s)]} for s in sources],
-            "images": [str(s.images.resolve()) for s in sources],
-            "refs": [None if s.refs is None or FORMAT[s.format].own_references else file(s.refs) for s in sources]}
+    return {
+        "judgments": [{"format": s.format, "files": [file(p) for p in _files_of(s)]} for s in sources],
+        "images": [str(s.images.resolve()) for s in sources],
+        "refs": [
+            None if s.refs is None or FORMAT[s.format].own_references else file(s.refs) for s in sources
+        ],
+    }
 
 
 def input_differences(old: dict, new: dict) -> list[str]:
@@ -49,16 +53,27 @@ def input_differences(old: dict, new: dict) -> list[str]:
     def contents(entries: list) -> list:
         return [[f["sha256"] for f in e["files"]] for e in entries]
 
-    def changed(old_files: list[dict], new_files: list[dict]) -> list[str]:  # a file at the same place, other bytes
+    def changed(
+        old_files: list[dict], new_files: list[dict]
+    ) -> list[str]:  # a file at the same place, other bytes
         before = {Path(f["file"]).resolve(): f["sha256"] for f in old_files}
-        return [f"{f['file']} has changed since it was evaluated there" for f in new_files
-                if before.get(Path(f["file"]).resolve(), f["sha256"]) != f["sha256"]]
+        return [
+            f"{f['file']} has changed since it was evaluated there"
+            for f in new_files
+            if before.get(Path(f["file"]).resolve(), f["sha256"]) != f["sha256"]
+        ]
 
     def names(entries: list) -> str:
         return ", ".join(f["file"] for e in entries for f in e["files"][:1])
 
     def option(name: str, value) -> str:
-        return f"no {name}" if value is None else f"{name} {value!r}" if name == "--clip-prefix" else f"{name} {value}"
+        return (
+            f"no {name}"
+            if value is None
+            else f"{name} {value!r}"
+            if name == "--clip-prefix"
+            else f"{name} {value}"
+        )
 
     def judged(d: dict) -> str:
         built_in = [option(f"--{k}", d[k]) for k in ("shapes", "scenes") if d.get(k)]
@@ -70,15 +85,23 @@ def input_differences(old: dict, new: dict) -> list[str]:
     old_j, new_j = old.get("judgments", []), new.get("judgments", [])
     if [e["format"] for e in old_j] != [e["format"] for e in new_j] or contents(old_j) != contents(new_j):
         out += changed([f for e in old_j for f in e["files"]], [f for e in new_j for f in e["files"]]) or [
-            f"other judgment files: {names(new_j)} (it holds the results of {names(old_j)})"]
+            f"other judgment files: {names(new_j)} (it holds the results of {names(old_j)})"
+        ]
     if old.get("images") != new.get("images"):
-        out.append(f"--images {', '.join(new.get('images') or [])} (it holds {', '.join(old.get('images') or [])})")
+        out.append(
+            f"--images {', '.join(new.get('images') or [])} (it holds {', '.join(old.get('images') or [])})"
+        )
     old_r, new_r = old.get("refs", []), new.get("refs", [])
     if [r and r["sha256"] for r in old_r] != [r and r["sha256"] for r in new_r]:
         files = [", ".join(dict.fromkeys(r["file"] for r in refs if r)) or None for refs in (old_r, new_r)]
         out += changed([r for r in old_r if r], [r for r in new_r if r]) or [
-            f"{option('--refs', files[1])} (it was made with {option('--refs', files[0])})"]
-    for key, name in (("limit", "--limit"), ("pascal_refs", "--pascal-refs"), ("clip_prefix", "--clip-prefix")):
+            f"{option('--refs', files[1])} (it was made with {option('--refs', files[0])})"
+        ]
+    for key, name in (
+        ("limit", "--limit"),
+        ("pascal_refs", "--pascal-refs"),
+        ("clip_prefix", "--clip-prefix"),
+    ):
         if old.get(key) != new.get(key):
             out.append(f"{option(name, new.get(key))} (it was made with {option(name, old.get(key))})")
     return out
@@ -114,21 +137,31 @@ def open_run_dir(out: Path, config, inputs: dict):
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
                 raise RunError(f"{record} is damaged; restore it, or pass a new --out") from None
             if diff := input_differences(old_inputs, inputs):
-                raise RunError(f"{out} holds the metaeval of other inputs: {'; '.join(diff)}. Pass a new --out for "
-                               "these inputs (reconstructions come from the cache), or the same inputs to resume it")
+                raise RunError(
+                    f"{out} holds the metaeval of other inputs: {'; '.join(diff)}. Pass a new --out for "
+                    "these inputs (reconstructions come from the cache), or the same inputs to resume it"
+                )
             scored = any(p.stat().st_size for p in out.glob(f"{RUNS_DIR}/*/*/{RESULTS}"))
-            diff = config_differences(old_config, json.loads(json.dumps(config.to_dict())))  # as stored: lists
+            diff = config_differences(
+                old_config, json.loads(json.dumps(config.to_dict()))
+            )  # as stored: lists
             if scored and diff:
-                raise RunError(f"{out} holds a metaeval with a different config ({', '.join(diff[:6])}"
-                               f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to "
-                               "resume it")
+                raise RunError(
+                    f"{out} holds a metaeval with a different config ({', '.join(diff[:6])}"
+                    f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to "
+                    "resume it"
+                )
         elif (out / "metaeval.json").exists() or (out / INPUTS_DIR).exists():
-            raise RunError(f"{out} holds a metaeval that did not record its inputs ({RECORD}); pass a new --out "
-                           "(reconstructions come from the cache)")
+            raise RunError(
+                f"{out} holds a metaeval that did not record its inputs ({RECORD}); pass a new --out "
+                "(reconstructions come from the cache)"
+            )
         if not (out / "run.json").exists():
             atomic_write_text(out / "run.json", json.dumps({"command": COMMAND}) + "\n")
-        atomic_write_text(record, json.dumps({"inputs": inputs, "config": config.to_dict()}, indent=1,
-                                             ensure_ascii=False) + "\n")
+        atomic_write_text(
+            record,
+            json.dumps({"inputs": inputs, "config": config.to_dict()}, indent=1, ensure_ascii=False) + "\n",
+        )
     except BaseException:
         lock.close()
         raise

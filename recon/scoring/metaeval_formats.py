@@ -45,7 +45,13 @@ import numpy as np
 from recon.captions_io import read_references as read_json_references
 from recon.data import DataError, read_json, read_text_file
 
-FORMATS = ("expert", "crowdflower", "composite", "pascal50s", "foil")  # the keys of FORMAT, in detection order
+FORMATS = (
+    "expert",
+    "crowdflower",
+    "composite",
+    "pascal50s",
+    "foil",
+)  # the keys of FORMAT, in detection order
 PASCAL_CATEGORIES = {1: "HC", 2: "HI", 3: "HM", 4: "MM"}
 EXPERT_SCALE, COMPOSITE_SCALE = (1, 4), (1, 5)
 _IMAGE = re.compile(r"\.(jpe?g|png|bmp|gif|webp)$", re.IGNORECASE)
@@ -73,18 +79,26 @@ class Repeats:
             return True
         old, old_where = self.seen[key]
         if old != value:
-            raise DataError(f"{self.path}: {where}: {self.what} {key!r} again, with other values than at {old_where}; "
-                            "keep one of the two")
+            raise DataError(
+                f"{self.path}: {where}: {self.what} {key!r} again, with other values than at {old_where}; "
+                "keep one of the two"
+            )
         self.count += 1
         return False
 
     def notes(self) -> list[str]:
-        return [f"{self.path.name}: {self.count} exact repeats of an earlier {self.what} read once"] if self.count else []
+        return (
+            [f"{self.path.name}: {self.count} exact repeats of an earlier {self.what} read once"]
+            if self.count
+            else []
+        )
 
 
 def _on_scale(value: float, scale: tuple[int, int], path: Path, lineno: int, what: str) -> float:
     if not scale[0] <= value <= scale[1]:
-        raise DataError(f"{path}: line {lineno}: {what} {value:g} is outside the set's scale {scale[0]}-{scale[1]}")
+        raise DataError(
+            f"{path}: line {lineno}: {what} {value:g} is outside the set's scale {scale[0]}-{scale[1]}"
+        )
     return value
 
 
@@ -134,8 +148,14 @@ class Judgments:
             return self
         keep = list(dict.fromkeys(c.image for c in self.candidates()))[:n_images]
         keep_set = set(keep)
-        return Judgments(self.format, self.path, [r for r in self.ratings if r.candidate.image in keep_set],
-                         [p for p in self.pairs if p.better.image in keep_set], self.categories, self.notes)
+        return Judgments(
+            self.format,
+            self.path,
+            [r for r in self.ratings if r.candidate.image in keep_set],
+            [p for p in self.pairs if p.better.image in keep_set],
+            self.categories,
+            self.notes,
+        )
 
 
 def detect_format(path: str | Path) -> str:
@@ -144,8 +164,9 @@ def detect_format(path: str | Path) -> str:
     for fmt in sorted(FORMAT.values(), key=lambda f: f.detect_order):
         if fmt.named(name):
             return fmt.name
-    raise DataError(f"{path}: cannot tell the judgment format from the file name; pass --format "
-                    f"({', '.join(FORMATS)})")
+    raise DataError(
+        f"{path}: cannot tell the judgment format from the file name; pass --format ({', '.join(FORMATS)})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -185,8 +206,10 @@ def read_references(path: str | Path) -> References:
             continue
         caption_id, tab, caption = line.partition("\t")
         if not tab or "#" not in caption_id or not caption.strip():
-            raise DataError(f"{path}: line {lineno}: expected 'image#n<TAB>caption' (a Flickr token file), "
-                            f"got {line[:80]!r}")
+            raise DataError(
+                f"{path}: line {lineno}: expected 'image#n<TAB>caption' (a Flickr token file), "
+                f"got {line[:80]!r}"
+            )
         caption_id, caption = caption_id.strip(), one_line(caption)
         if repeats.first(caption_id, caption, f"line {lineno}"):
             out.captions[caption_id] = caption
@@ -202,8 +225,9 @@ def _rows(path: Path, n_fields: int, what: str):
             continue
         parts = [p.strip() for p in line.split("\t")]
         if len(parts) != n_fields:
-            raise DataError(f"{path}: line {lineno}: expected {n_fields} tab-separated fields ({what}), "
-                            f"got {len(parts)}")
+            raise DataError(
+                f"{path}: line {lineno}: expected {n_fields} tab-separated fields ({what}), got {len(parts)}"
+            )
         yield lineno, parts
 
 
@@ -219,8 +243,10 @@ def _number(text: str, path: Path, lineno: int, what: str) -> float:
 
 def _caption_text(refs: References | None, caption_id: str, path: Path, lineno: int) -> str:
     if refs is None or not refs.captions:
-        raise DataError(f"{path} names captions by Flickr caption id (image#n): pass the Flickr8k.token.txt that "
-                        "holds their text with --refs")
+        raise DataError(
+            f"{path} names captions by Flickr caption id (image#n): pass the Flickr8k.token.txt that "
+            "holds their text with --refs"
+        )
     if caption_id not in refs.captions:
         raise DataError(f"{path}: line {lineno}: caption id {caption_id!r} is not in {refs.path}")
     return refs.captions[caption_id]
@@ -232,8 +258,10 @@ def read_expert(path: str | Path, refs: References | None) -> Judgments:
     what = "image, caption id, three expert scores"
     for lineno, (image, caption_id, *scores) in _rows(path, 5, what):
         caption = _caption_text(refs, caption_id, path, lineno)
-        values = [_on_scale(_number(s, path, lineno, "expert score"), EXPERT_SCALE, path, lineno, "expert score")
-                  for s in scores]
+        values = [
+            _on_scale(_number(s, path, lineno, "expert score"), EXPERT_SCALE, path, lineno, "expert score")
+            for s in scores
+        ]
         if not repeats.first((image, caption_id), values, f"line {lineno}"):
             continue
         image_refs = refs.of(image)
@@ -243,13 +271,17 @@ def read_expert(path: str | Path, refs: References | None) -> Judgments:
         cand = Candidate(image, caption, tuple(image_refs))
         out.ratings += [Rating(cand, v, image, f"{path}:{lineno}") for v in values]
     if skipped:
-        out.notes.append(f"{path.name}: {skipped} candidates that are references of their image left out "
-                         "(SPICE / CLIPScore protocol)")
+        out.notes.append(
+            f"{path.name}: {skipped} candidates that are references of their image left out "
+            "(SPICE / CLIPScore protocol)"
+        )
     out.notes += repeats.notes()
     return out
 
 
-def _without_candidates(judged: Sequence[tuple[str, str, float, str]], refs: References | None) -> list[Rating]:
+def _without_candidates(
+    judged: Sequence[tuple[str, str, float, str]], refs: References | None
+) -> list[Rating]:
     """Ratings whose references are their image's, minus every caption judged for that image."""
     judged_captions: dict[str, set[str]] = {}
     for image, caption, _, _ in judged:
@@ -264,15 +296,24 @@ def _without_candidates(judged: Sequence[tuple[str, str, float, str]], refs: Ref
 def read_crowdflower(path: str | Path, refs: References | None) -> Judgments:
     path = Path(path)
     judged, repeats = [], Repeats(path, "image and caption id")
-    for lineno, (image, caption_id, frac, n_yes, n_no) in _rows(path, 5, "image, caption id, yes fraction, "
-                                                                           "yeses, noes"):
+    for lineno, (image, caption_id, frac, n_yes, n_no) in _rows(
+        path, 5, "image, caption id, yes fraction, yeses, noes"
+    ):
         caption = _caption_text(refs, caption_id, path, lineno)
         value = _number(frac, path, lineno, "yes fraction")
         yes, no = (_number(x, path, lineno, "vote count") for x in (n_yes, n_no))
-        if yes < 0 or no < 0 or yes + no == 0 or yes != int(yes) or no != int(no) or \
-                abs(value - yes / (yes + no)) > 1e-4:
-            raise DataError(f"{path}: line {lineno}: yes fraction {frac} does not equal yeses / (yeses + noes) "
-                            f"= {n_yes} / ({n_yes} + {n_no})")
+        if (
+            yes < 0
+            or no < 0
+            or yes + no == 0
+            or yes != int(yes)
+            or no != int(no)
+            or abs(value - yes / (yes + no)) > 1e-4
+        ):
+            raise DataError(
+                f"{path}: line {lineno}: yes fraction {frac} does not equal yeses / (yeses + noes) "
+                f"= {n_yes} / ({n_yes} + {n_no})"
+            )
         if repeats.first((image, caption_id), (value, yes, no), f"line {lineno}"):
             judged.append((image, caption, value, f"{path}:{lineno}"))
     return Judgments("crowdflower", path, ratings=_without_candidates(judged, refs), notes=repeats.notes())
@@ -301,21 +342,25 @@ def read_composite(path: str | Path, refs: References | None) -> Judgments:
             if lineno == 1:
                 continue  # the header
             raise DataError(f"{path}: line {lineno}: no image file name or URL (…/name.jpg) in this row")
-        rest = row[at + 1:]
+        rest = row[at + 1 :]
         while rest and not rest[-1]:  # empty trailing columns (AMT's Approve, Reject)
             rest.pop()
         n = len(rest) // 2  # by position: a caption that is a number stays a caption
         if n == 0 or len(rest) % 2 or not all(_is_number(c) for c in rest[n:]):
-            raise DataError(f"{path}: line {lineno}: expected the image, then N candidate captions, then their N "
-                            f"numeric ratings and nothing after them; found {len(rest)} fields after the image, "
-                            f"{sum(map(_is_number, rest[n:]))} of the last {len(rest) - n} numeric")
+            raise DataError(
+                f"{path}: line {lineno}: expected the image, then N candidate captions, then their N "
+                f"numeric ratings and nothing after them; found {len(rest)} fields after the image, "
+                f"{sum(map(_is_number, rest[n:]))} of the last {len(rest) - n} numeric"
+            )
         image = row[at].split("?")[0].rstrip("/").rsplit("/", 1)[-1]
         for caption, rating in zip(rest[:n], rest[n:]):
             if not caption:
                 raise DataError(f"{path}: line {lineno}: an empty candidate caption")
             if _is_number(caption) and COMPOSITE_SCALE[0] <= float(caption) <= COMPOSITE_SCALE[1]:
-                raise DataError(f"{path}: line {lineno}: candidate caption {caption!r} is a rating on the scale "
-                                f"{COMPOSITE_SCALE[0]}-{COMPOSITE_SCALE[1]}: more ratings than captions in this row?")
+                raise DataError(
+                    f"{path}: line {lineno}: candidate caption {caption!r} is a rating on the scale "
+                    f"{COMPOSITE_SCALE[0]}-{COMPOSITE_SCALE[1]}: more ratings than captions in this row?"
+                )
             value = _on_scale(float(rating), COMPOSITE_SCALE, path, lineno, "rating")
             judged.append((image, one_line(caption), value, f"{path}:{lineno}"))
     if not judged:
@@ -359,8 +404,10 @@ def _loadmat(path: Path, keys: Sequence[str]) -> dict:
     try:
         mat = scipy.io.loadmat(str(path))
     except NotImplementedError:  # scipy.io reads MATLAB v4 to v7.2; v7.3 files are HDF5
-        raise DataError(f"{path}: a MATLAB v7.3 (HDF5) file, which scipy.io.loadmat cannot read; re-save it as v7 "
-                        "(MATLAB or Octave: load it, then save(..., '-v7'))") from None
+        raise DataError(
+            f"{path}: a MATLAB v7.3 (HDF5) file, which scipy.io.loadmat cannot read; re-save it as v7 "
+            "(MATLAB or Octave: load it, then save(..., '-v7'))"
+        ) from None
     except (ValueError, TypeError, OSError) as e:
         raise DataError(f"{path}: not a readable MATLAB .mat file ({e})") from None
     if missing := [k for k in keys if k not in mat]:
@@ -379,15 +426,21 @@ def read_pascal50s(path: str | Path, n_refs: int = 5, seed: int = 0) -> Judgment
     triplets = list(vmat["triplets"].reshape(-1))
     names = dict(PASCAL_CATEGORIES)
     if "category_names" in pmat:
-        names = {i + 1: _mat_text(v, pairs_path, f"category_names[{i}]")
-                 for i, v in enumerate(_mat_items(pmat["category_names"]))}
+        names = {
+            i + 1: _mat_text(v, pairs_path, f"category_names[{i}]")
+            for i, v in enumerate(_mat_items(pmat["category_names"]))
+        }
     if len(categories) != len(entries) or not entries:
         raise DataError(f"{pairs_path}: {len(entries)} pairs in new_input but {len(categories)} categories")
     if not triplets:  # no votes: every pair's winner would be a coin flip
-        raise DataError(f"{votes_path}: no triplets (human votes) for the {len(entries)} pairs of {pairs_path.name}")
+        raise DataError(
+            f"{votes_path}: no triplets (human votes) for the {len(entries)} pairs of {pairs_path.name}"
+        )
     if len(triplets) % len(entries):
-        raise DataError(f"{votes_path}: {len(triplets)} triplets do not split evenly over the {len(entries)} pairs "
-                        f"of {pairs_path.name}")
+        raise DataError(
+            f"{votes_path}: {len(triplets)} triplets do not split evenly over the {len(entries)} pairs "
+            f"of {pairs_path.name}"
+        )
     per_pair = len(triplets) // len(entries)
     rng = np.random.default_rng([seed, 50])
     out, ties = Judgments("pascal50s", pairs_path, categories=list(names.values())), 0
@@ -395,26 +448,33 @@ def read_pascal50s(path: str | Path, n_refs: int = 5, seed: int = 0) -> Judgment
         where = f"pair {i}"
         fields = _mat_items(entry)
         if len(fields) != 3:
-            raise DataError(f"{pairs_path}: {where}: expected (image, caption A, caption B), got {len(fields)} "
-                            "fields")
+            raise DataError(
+                f"{pairs_path}: {where}: expected (image, caption A, caption B), got {len(fields)} fields"
+            )
         image, a, b = (_mat_text(f, pairs_path, where) for f in fields)
         cat = _mat_scalar(categories[i])
         if cat not in names:
-            raise DataError(f"{pairs_path}: {where}: category {categories[i]!r} is not one of {sorted(names)}")
+            raise DataError(
+                f"{pairs_path}: {where}: category {categories[i]!r} is not one of {sorted(names)}"
+            )
         votes, pair_refs = {a: 0, b: 0}, []
         for j in range(i * per_pair, (i + 1) * per_pair):
             tw = f"triplet {j}"
             t = _mat_items(triplets[j])
             if len(t) != 4:
-                raise DataError(f"{votes_path}: {tw}: expected (reference, A, B, winner), got {len(t)} fields")
+                raise DataError(
+                    f"{votes_path}: {tw}: expected (reference, A, B, winner), got {len(t)} fields"
+                )
             ref, ta, tb = (_mat_text(x, votes_path, tw) for x in t[:3])
             winner = _mat_scalar(t[3])
             if winner not in (1.0, -1.0):
                 raise DataError(f"{votes_path}: {tw}: winner must be 1 or -1, got {t[3]!r}")
             chosen = ta if winner == 1.0 else tb
             if chosen not in votes:
-                raise DataError(f"{votes_path}: {tw}: its chosen caption {chosen[:60]!r} is neither caption of "
-                                f"{pairs_path.name} {where}")
+                raise DataError(
+                    f"{votes_path}: {tw}: its chosen caption {chosen[:60]!r} is neither caption of "
+                    f"{pairs_path.name} {where}"
+                )
             votes[chosen] += 1
             pair_refs.append(ref)
         if votes[a] == votes[b]:
@@ -428,8 +488,10 @@ def read_pascal50s(path: str | Path, n_refs: int = 5, seed: int = 0) -> Judgment
         better, worse = cands if a_wins else cands[::-1]
         out.pairs.append(Pair(better, worse, names[cat], image, f"{pairs_path}:{where}"))
     if ties:
-        out.notes.append(f"{pairs_path.name}: {ties} pairs with tied human votes; the winner was drawn at random "
-                         f"(seed {seed})")
+        out.notes.append(
+            f"{pairs_path.name}: {ties} pairs with tied human votes; the winner was drawn at random "
+            f"(seed {seed})"
+        )
     return out
 
 
@@ -475,13 +537,18 @@ def read_foil(path: str | Path, seed: int = 0) -> Judgments:
             continue
         true, cid, foil, where = options[int(rng.integers(len(options)))]
         refs = tuple(cap for other, cap in originals[image] if other != cid)
-        out.pairs.append(Pair(Candidate(image, true, refs), Candidate(image, foil, refs), "foil", image, where))
+        out.pairs.append(
+            Pair(Candidate(image, true, refs), Candidate(image, foil, refs), "foil", image, where)
+        )
     if orphans:
-        out.notes.append(f"{path.name}: {orphans} foils without an original caption of the same id and image left "
-                         "out")
+        out.notes.append(
+            f"{path.name}: {orphans} foils without an original caption of the same id and image left out"
+        )
     out.notes += image_repeats.notes() + original_repeats.notes()
     if not out.pairs:
-        raise DataError(f"{path}: no (original, foil) pairs: foils share their 'id' with the original caption")
+        raise DataError(
+            f"{path}: no (original, foil) pairs: foils share their 'id' with the original caption"
+        )
     return out
 
 
@@ -501,23 +568,62 @@ class Format:
 
 
 # Adding a format: a reader above and one row here.
-FORMAT: dict[str, Format] = {f.name: f for f in (
-    Format("expert", "kendall_tau_c", False, False, lambda n: "expert" in n, 1,
-           lambda path, refs, n_refs, seed: read_expert(path, refs)),
-    Format("crowdflower", "kendall_tau_b", False, False, lambda n: "crowdflower" in n, 2,
-           lambda path, refs, n_refs, seed: read_crowdflower(path, refs)),
-    Format("composite", "kendall_tau_c", False, False, lambda n: n.endswith(".csv"), 3,
-           lambda path, refs, n_refs, seed: read_composite(path, refs)),
-    Format("pascal50s", "accuracy", True, True, lambda n: n.endswith(".mat"), 0,
-           lambda path, refs, n_refs, seed: read_pascal50s(path, n_refs, seed)),
-    Format("foil", "accuracy", True, True, lambda n: n.endswith(".json"), 4,
-           lambda path, refs, n_refs, seed: read_foil(path, seed)),
-)}
+FORMAT: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            "expert",
+            "kendall_tau_c",
+            False,
+            False,
+            lambda n: "expert" in n,
+            1,
+            lambda path, refs, n_refs, seed: read_expert(path, refs),
+        ),
+        Format(
+            "crowdflower",
+            "kendall_tau_b",
+            False,
+            False,
+            lambda n: "crowdflower" in n,
+            2,
+            lambda path, refs, n_refs, seed: read_crowdflower(path, refs),
+        ),
+        Format(
+            "composite",
+            "kendall_tau_c",
+            False,
+            False,
+            lambda n: n.endswith(".csv"),
+            3,
+            lambda path, refs, n_refs, seed: read_composite(path, refs),
+        ),
+        Format(
+            "pascal50s",
+            "accuracy",
+            True,
+            True,
+            lambda n: n.endswith(".mat"),
+            0,
+            lambda path, refs, n_refs, seed: read_pascal50s(path, n_refs, seed),
+        ),
+        Format(
+            "foil",
+            "accuracy",
+            True,
+            True,
+            lambda n: n.endswith(".json"),
+            4,
+            lambda path, refs, n_refs, seed: read_foil(path, seed),
+        ),
+    )
+}
 STATISTIC = {name: f.statistic for name, f in FORMAT.items()}
 
 
-def read_judgments(path: str | Path, fmt: str, refs: References | None = None, n_refs: int = 5,
-                   seed: int = 0) -> Judgments:
+def read_judgments(
+    path: str | Path, fmt: str, refs: References | None = None, n_refs: int = 5, seed: int = 0
+) -> Judgments:
     if fmt not in FORMAT:
         raise ValueError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
     return FORMAT[fmt].read(path, refs, n_refs, seed)

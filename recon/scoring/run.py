@@ -56,9 +56,13 @@ def parse_metrics(spec: str | Sequence[str] | None, have_refs: bool) -> list[str
     names = [m.strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
     unknown = [m for m in names if m not in ALL_METRICS]
     if unknown or not names:
-        raise ValueError(f"--metrics: unknown metric(s) {unknown or names}; choose from {', '.join(ALL_METRICS)}")
+        raise ValueError(
+            f"--metrics: unknown metric(s) {unknown or names}; choose from {', '.join(ALL_METRICS)}"
+        )
     if not have_refs and (need := [m for m in names if m in NEEDS_REFS]):
-        raise ValueError(f"--metrics {','.join(need)} compare captions with references: pass --refs REFS.json")
+        raise ValueError(
+            f"--metrics {','.join(need)} compare captions with references: pass --refs REFS.json"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -109,7 +113,9 @@ class _Scorers:
         if self._clip is None:
             with self.timer("model_loading"):
                 shared = shared_clip_metric(self.recon) if "recon" in self.metrics else None
-                self._clip = cm.ClipScore.from_config(self.config, self.recon.device, shared, prefix=self.clip_prefix)
+                self._clip = cm.ClipScore.from_config(
+                    self.config, self.recon.device, shared, prefix=self.clip_prefix
+                )
         return self._clip
 
     @property
@@ -117,8 +123,14 @@ class _Scorers:
         if self._sbert is None:
             from recon.similarity import load_similarity
 
-            where, cfg = next(((f"similarity.text.{i}", m) for i, m in enumerate(self.config.similarity.text)
-                               if m.kind == "sbert"), ("sbert", MetricConfig(kind="sbert")))
+            where, cfg = next(
+                (
+                    (f"similarity.text.{i}", m)
+                    for i, m in enumerate(self.config.similarity.text)
+                    if m.kind == "sbert"
+                ),
+                ("sbert", MetricConfig(kind="sbert")),
+            )
             with self.timer("model_loading"):
                 self._sbert = load_similarity(cfg, self.recon.device, where=where, role="text")
         return self._sbert
@@ -130,17 +142,29 @@ class _Scorers:
             cm.clip_metric_config(self.config)
         if set(cm.JAVA_METRICS) & set(self.metrics):
             cm.check_java()
-        if "sbert" in self.metrics and not any(m.kind == "sbert" and m.model for m in self.config.similarity.text):
+        if "sbert" in self.metrics and not any(
+            m.kind == "sbert" and m.model for m in self.config.similarity.text
+        ):
             from recon import hub
 
             hub.sbert_default_path()
 
 
-def score_caption_sets(config: Config, captions: Sequence[str | Path], images: str | Path, out: str | Path,
-                       refs: str | Path | None = None, metrics: str | Sequence[str] | None = None,
-                       names: Sequence[str] | None = None, limit: int | None = None, retry_failed: bool = False,
-                       progress: bool = True, clip_prefix: str = "", reconstructor=None,
-                       n_resamples: int = 1000) -> ScoreRun:
+def score_caption_sets(
+    config: Config,
+    captions: Sequence[str | Path],
+    images: str | Path,
+    out: str | Path,
+    refs: str | Path | None = None,
+    metrics: str | Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    clip_prefix: str = "",
+    reconstructor=None,
+    n_resamples: int = 1000,
+) -> ScoreRun:
     """Score caption files against an image folder (see the module docstring); returns the finished run."""
     from recon.jobs import failed, make_cache, run_job
     from recon.pipeline import Reconstructor, png_bytes
@@ -155,8 +179,10 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
     metrics = parse_metrics(metrics, references is not None)
     notes = []
     if references is not None and references.problems:
-        notes.append(f"{refs}: {len(references.problems)} reference entries skipped, e.g. "
-                     f"{references.problems[0].message}")
+        notes.append(
+            f"{refs}: {len(references.problems)} reference entries skipped, e.g. "
+            f"{references.problems[0].message}"
+        )
     ref_metrics = [m for m in metrics if m in cm.JAVA_METRICS]
     if "spice" in ref_metrics and (missing := cm.spice_missing()):
         notes.append(missing)
@@ -164,9 +190,17 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
     items = build_items(sets, images, references, limit)
     if not items:
         raise DataError(f"no captions to score: {', '.join(map(str, captions))} hold no entries")
-    check_inputs(Path(out), {"captions": [{"name": s, "sha256": sha256_file(p)} for s, p in zip(systems, captions)],
-                             "refs": sha256_file(refs) if refs else None, "images": str(Path(images).resolve()),
-                             "metrics": metrics, "limit": limit, "clip_prefix": clip_prefix})
+    check_inputs(
+        Path(out),
+        {
+            "captions": [{"name": s, "sha256": sha256_file(p)} for s, p in zip(systems, captions)],
+            "refs": sha256_file(refs) if refs else None,
+            "images": str(Path(images).resolve()),
+            "metrics": metrics,
+            "limit": limit,
+            "clip_prefix": clip_prefix,
+        },
+    )
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
     timer, state = Timer(), {}
     scorers = _Scorers(config, recon, metrics, clip_prefix, timer)
@@ -175,14 +209,31 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
         if "refs" not in state:  # once, over every valid item: CIDEr's statistics are the whole set's
             with timer("reference_metrics"):
                 valid = [it for it in items if it.error is None]
-                state["refs"] = cm.reference_metrics({s: {it.key: it.caption for it in valid if it.system == s}
-                                                      for s in systems}, references.refs, ref_metrics,
-                                                     meteor_resamples=n_resamples, seed=config.run.seed)
-            atomic_write_text(Path(out) / "corpus.json", json.dumps(
-                {s: r.corpus for s, r in state["refs"].items()}, indent=1) + "\n")
-            atomic_write_text(Path(out) / CORPUS_CI, json.dumps(  # corpus METEOR's interval, for the leaderboard
-                {s: {m: {"value": r.corpus[m], "low": lo, "high": hi, "n": len(r.per_item)}
-                     for m, (lo, hi) in r.corpus_ci.items()} for s, r in state["refs"].items()}, indent=1) + "\n")
+                state["refs"] = cm.reference_metrics(
+                    {s: {it.key: it.caption for it in valid if it.system == s} for s in systems},
+                    references.refs,
+                    ref_metrics,
+                    meteor_resamples=n_resamples,
+                    seed=config.run.seed,
+                )
+            atomic_write_text(
+                Path(out) / "corpus.json",
+                json.dumps({s: r.corpus for s, r in state["refs"].items()}, indent=1) + "\n",
+            )
+            atomic_write_text(
+                Path(out) / CORPUS_CI,
+                json.dumps(  # corpus METEOR's interval, for the leaderboard
+                    {
+                        s: {
+                            m: {"value": r.corpus[m], "low": lo, "high": hi, "n": len(r.per_item)}
+                            for m, (lo, hi) in r.corpus_ci.items()
+                        }
+                        for s, r in state["refs"].items()
+                    },
+                    indent=1,
+                )
+                + "\n",
+            )
         return state["refs"]
 
     def process(chunk, run: RunDir) -> list[dict]:
@@ -210,13 +261,17 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
         if good and references is not None:
             for i, it in enumerate(good):
                 if not refs_of[i]:
-                    extra[i]["warnings"].append(f"image_id {it.key!r} has no references in {refs}: "
-                                                "reference metrics not computed")
+                    extra[i]["warnings"].append(
+                        f"image_id {it.key!r} has no references in {refs}: reference metrics not computed"
+                    )
         captions_ = [it.caption for it in good]
         if good and {"clipscore", "refclipscore"} & set(metrics):
             with timer("clipscore"):
-                cs = scorers.clip.scores([originals[it.path][1] for it in good], captions_,
-                                         refs_of if "refclipscore" in metrics else None)
+                cs = scorers.clip.scores(
+                    [originals[it.path][1] for it in good],
+                    captions_,
+                    refs_of if "refclipscore" in metrics else None,
+                )
             for m in ("clipscore", "refclipscore"):
                 if m in metrics:
                     for i, v in enumerate(cs[m]):
@@ -232,11 +287,19 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
                     if cut:
                         extra[i].setdefault("truncated", []).append("sbert_similarity")
         if good and "recon" in metrics:
-            requests = [(it.id, it.key, originals[it.path][1], originals[it.path][2], it.caption) for it in good]
-            for i, (it, r) in enumerate(zip(good, recon.reconstruct_captions(requests, timer, prefix="recon_"))):
+            requests = [
+                (it.id, it.key, originals[it.path][1], originals[it.path][2], it.caption) for it in good
+            ]
+            for i, (it, r) in enumerate(
+                zip(good, recon.reconstruct_captions(requests, timer, prefix="recon_"))
+            ):
                 scores[i] = {**r["scores"], **scores[i]}
-                extra[i].update(recon_std=r["std"], scores_per_image=r["per_image"], seeds=r["seeds"],
-                                flagged=r["flagged"])
+                extra[i].update(
+                    recon_std=r["std"],
+                    scores_per_image=r["per_image"],
+                    seeds=r["seeds"],
+                    flagged=r["flagged"],
+                )
                 extra[i]["warnings"] += r["warnings"]
                 if config.run.save_images:
                     paths = [run.image_path(it.id, f"k{k}.png") for k in range(len(r["png"]))]
@@ -244,8 +307,16 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
                         atomic_write_bytes(p, data)
                     extra[i]["images"] = [p.relative_to(run.path).as_posix() for p in paths]
         for i, it in enumerate(good):
-            rec = {"id": it.id, "status": "ok", "direction": SCORE, "system": it.system, "image_id": it.key,
-                   "caption": it.caption, "source": str(it.path), "scores": finite(scores[i])}
+            rec = {
+                "id": it.id,
+                "status": "ok",
+                "direction": SCORE,
+                "system": it.system,
+                "image_id": it.key,
+                "caption": it.caption,
+                "source": str(it.path),
+                "scores": finite(scores[i]),
+            }
             if config.run.save_images:
                 path = run.image_path(f"@originals/{it.key}", "original.png")
                 if not path.exists():
@@ -254,8 +325,19 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
             records.append({**rec, **extra[i]})
         return records
 
-    run = run_job(config, out, items, process, "score", retry_failed, report=False, progress=progress,
-                  preflight=scorers.preflight, reconstructor=recon, images_per_item=config.generator.images_per_caption)
+    run = run_job(
+        config,
+        out,
+        items,
+        process,
+        "score",
+        retry_failed,
+        report=False,
+        progress=progress,
+        preflight=scorers.preflight,
+        reconstructor=recon,
+        images_per_item=config.generator.images_per_caption,
+    )
     records = run.records()
     aggregate = aggregate_scores(records, systems)
     atomic_write_text(run.path / "aggregate.json", json.dumps(aggregate, indent=1) + "\n")
@@ -265,7 +347,9 @@ def score_caption_sets(config: Config, captions: Sequence[str | Path], images: s
             if s in systems:
                 board["corpus"].setdefault(s, {}).update(rows)
     notes += coverage_notes(board)
-    footer = notes + [n for n in [fingerprint.summary_note(run.path)] if n]  # the tables' footer, not the terminal's
+    footer = notes + [
+        n for n in [fingerprint.summary_note(run.path)] if n
+    ]  # the tables' footer, not the terminal's
     board["notes"] = footer
     atomic_write_text(run.path / "leaderboard.json", json.dumps(board, indent=1) + "\n")
     atomic_write_text(run.path / "leaderboard.md", leaderboard_markdown(board, footer))
@@ -284,8 +368,9 @@ def load_original(path: Path, cache: dict) -> tuple:
     return cache[path]
 
 
-def analyze_run(run_dir: str | Path, recon_metric: str | None = None, seed: int | None = None,
-                n_resamples: int = 1000) -> dict:
+def analyze_run(
+    run_dir: str | Path, recon_metric: str | None = None, seed: int | None = None, n_resamples: int = 1000
+) -> dict:
     """Correlations of a score run (``analysis.json``, ``analysis.md``; report.html gains the analysis)."""
     from recon.config import read_yaml
     from recon.runs import read_records
@@ -295,8 +380,10 @@ def analyze_run(run_dir: str | Path, recon_metric: str | None = None, seed: int 
     run_dir = Path(run_dir)
     if not (run_dir / "results.jsonl").is_file():
         if (run_dir / INPUTS).is_file():
-            raise ValueError(f"{run_dir}: this score run holds no items yet (its `recon score` stopped before the "
-                             "first one); rerun that command to fill it")
+            raise ValueError(
+                f"{run_dir}: this score run holds no items yet (its `recon score` stopped before the "
+                "first one); rerun that command to fill it"
+            )
         raise FileNotFoundError(f"{run_dir}: no results.jsonl (is this a recon score run directory?)")
     records = [r for r in read_records(run_dir / "results.jsonl") if r.get("direction") == SCORE]
     if not records:
@@ -307,8 +394,23 @@ def analyze_run(run_dir: str | Path, recon_metric: str | None = None, seed: int 
     atomic_write_text(run_dir / "analysis.json", json.dumps(res, indent=1) + "\n")
     atomic_write_text(run_dir / "analysis.md", correlations_markdown(res))
     board_path = run_dir / "leaderboard.json"
-    board = json.loads(board_path.read_text()) if board_path.is_file() else leaderboard(
-        records, list(dict.fromkeys(r.get("system") for r in records if r.get("system"))), seed, n_resamples)
-    write_score_report(run_dir, records, config, board, board.get("notes", []), analysis=res,
-                       max_items=int((config.get("run") or {}).get("max_report_items", 200)))
+    board = (
+        json.loads(board_path.read_text())
+        if board_path.is_file()
+        else leaderboard(
+            records,
+            list(dict.fromkeys(r.get("system") for r in records if r.get("system"))),
+            seed,
+            n_resamples,
+        )
+    )
+    write_score_report(
+        run_dir,
+        records,
+        config,
+        board,
+        board.get("notes", []),
+        analysis=res,
+        max_items=int((config.get("run") or {}).get("max_report_items", 200)),
+    )
     return res

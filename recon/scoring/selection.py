@@ -56,7 +56,9 @@ class CandidateReconstructor(Reconstructor):
 
     def caption(self, images, ids, hashes) -> list[list[str]]:
         c = self.config.captioner
-        beam = replace(self.config, captioner=replace(c, num_candidates=1, decoding=replace(c.decoding, method="beam")))
+        beam = replace(
+            self.config, captioner=replace(c, num_candidates=1, decoding=replace(c.decoding, method="beam"))
+        )
         sample = replace(self.config, captioner=replace(c, num_candidates=c.num_candidates - 1))
         out = [[] for _ in ids]
         for cfg in (beam, sample):
@@ -68,11 +70,16 @@ class CandidateReconstructor(Reconstructor):
         return out
 
 
-
-
-def select_captions(run_dir: str | Path, records: Sequence[dict], recon: Reconstructor, clip: cm.ClipScore,
-                    refs: dict | None, truth: dict | None, ref_metrics: Sequence[str], seed: int
-                    ) -> tuple[dict[str, dict[str, list[float]]], list[dict]]:
+def select_captions(
+    run_dir: str | Path,
+    records: Sequence[dict],
+    recon: Reconstructor,
+    clip: cm.ClipScore,
+    refs: dict | None,
+    truth: dict | None,
+    ref_metrics: Sequence[str],
+    seed: int,
+) -> tuple[dict[str, dict[str, list[float]]], list[dict]]:
     """Apply every rule to the ok records of a caption-candidate run.
 
     Returns ``{rule: {metric: [per image]}}`` (aligned over images) and per-image details.
@@ -89,15 +96,31 @@ def select_captions(run_dir: str | Path, records: Sequence[dict], recon: Reconst
         select = r["select_by"]
         recon_scores = [c["scores"].get(select) for c in r["candidates"]]
         rng = np.random.default_rng(derive_seed(seed, r["id"], -2, 0))
-        choices = {"reconstruction": int(r["chosen"]), "first_beam": 0, "random": int(rng.integers(n)),
-                   "likelihood": best_index(ll, "log_likelihood"), "clipscore": best_index(cs, "clipscore")}
+        choices = {
+            "reconstruction": int(r["chosen"]),
+            "first_beam": 0,
+            "random": int(rng.integers(n)),
+            "likelihood": best_index(ll, "log_likelihood"),
+            "clipscore": best_index(cs, "clipscore"),
+        }
         key = stem(r["id"])
         exact = [attribute_scores(c, truth[key])["exact"] for c in caps] if truth else None
         if exact is not None:
             choices["oracle"] = int(np.argmax(exact)) if max(exact) > 0 else choices["reconstruction"]
-        details.append({"id": r["id"], "key": key, "captions": caps, "log_likelihood": ll, "clipscore": cs,
-                        "recon": recon_scores, "select_by": select, "exact": exact, "choices": choices,
-                        "distinct": len(set(caps))})
+        details.append(
+            {
+                "id": r["id"],
+                "key": key,
+                "captions": caps,
+                "log_likelihood": ll,
+                "clipscore": cs,
+                "recon": recon_scores,
+                "select_by": select,
+                "exact": exact,
+                "choices": choices,
+                "distinct": len(set(caps)),
+            }
+        )
     rules = list(details[0]["choices"]) if details else list(CAPTION_RULES)
     values: dict[str, dict[str, list[float]]] = {rule: {} for rule in rules}
     for d in details:
@@ -108,7 +131,9 @@ def select_captions(run_dir: str | Path, records: Sequence[dict], recon: Reconst
                 v.setdefault("exact_attribute_acc", []).append(a["exact"])
                 v.setdefault("attribute_acc", []).append(a["attributes"])
             v.setdefault("clipscore", []).append(d["clipscore"][i])
-            v.setdefault(f"recon_{d['select_by']}", []).append(d["recon"][i] if d["recon"][i] is not None else np.nan)
+            v.setdefault(f"recon_{d['select_by']}", []).append(
+                d["recon"][i] if d["recon"][i] is not None else np.nan
+            )
             v.setdefault("log_likelihood", []).append(d["log_likelihood"][i])
     if refs and ref_metrics and details:
         sets = {rule: {d["key"]: d["captions"][d["choices"][rule]] for d in details} for rule in rules}
@@ -120,8 +145,14 @@ def select_captions(run_dir: str | Path, records: Sequence[dict], recon: Reconst
     return values, details
 
 
-def select_images(run_dir: str | Path, records: Sequence[dict], clip: cm.ClipScore, seed: int,
-                  judge=None, truth: dict | None = None) -> tuple[dict[str, dict[str, list[float]]], list[dict]]:
+def select_images(
+    run_dir: str | Path,
+    records: Sequence[dict],
+    clip: cm.ClipScore,
+    seed: int,
+    judge=None,
+    truth: dict | None = None,
+) -> tuple[dict[str, dict[str, list[float]]], list[dict]]:
     """Image selection: per text-image-text record, the image whose caption is closest to the text by each text
     metric, a random image, and (with a judge and truth) the oracle. Metrics of the chosen image: CLIPScore to the
     text and, on shapes, the judge's exact and per-attribute accuracy."""
@@ -133,7 +164,9 @@ def select_images(run_dir: str | Path, records: Sequence[dict], clip: cm.ClipSco
         tensors = [to_tensor(load_image(run_dir / p)) for p in r["images"]]
         cs = clip.scores(tensors, [r["text"]] * k)["clipscore"]
         rng = np.random.default_rng(derive_seed(seed, r["id"], -2, 0))
-        choices = {f"by_{m}": best_index(vs, m) for m, vs in r["scores_per_image"].items()}  # a distance: argmin
+        choices = {
+            f"by_{m}": best_index(vs, m) for m, vs in r["scores_per_image"].items()
+        }  # a distance: argmin
         choices["random"] = int(rng.integers(k))
         judged = None
         if judge is not None and truth is not None:
@@ -142,8 +175,16 @@ def select_images(run_dir: str | Path, records: Sequence[dict], clip: cm.ClipSco
             judged = [attribute_agreement(p, truth[str(r["id"])]) for p in predicted]
             exact = [j["exact"] for j in judged]
             choices["oracle"] = int(np.argmax(exact))
-        details.append({"id": r["id"], "text": r["text"], "captions": r["captions"], "clipscore": cs,
-                        "judge": judged, "choices": choices})
+        details.append(
+            {
+                "id": r["id"],
+                "text": r["text"],
+                "captions": r["captions"],
+                "clipscore": cs,
+                "judge": judged,
+                "choices": choices,
+            }
+        )
         for rule, i in choices.items():
             v = values.setdefault(rule, {})
             v.setdefault("clipscore", []).append(cs[i])

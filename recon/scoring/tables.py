@@ -31,10 +31,15 @@ def metric_order(records: Sequence[dict]) -> list[str]:
     return sorted(seen, key=rank)
 
 
-def score_matrix(records: Sequence[dict], systems: Sequence[str], metric: str) -> tuple[list[str], np.ndarray]:
+def score_matrix(
+    records: Sequence[dict], systems: Sequence[str], metric: str
+) -> tuple[list[str], np.ndarray]:
     """Image ids (first-seen order) and ``[systems, images]`` scores, NaN where a system has no ok score."""
-    keys = list(dict.fromkeys(str(r.get("image_id")) for r in records
-                              if r.get("status") == "ok" and r.get("system") in systems))
+    keys = list(
+        dict.fromkeys(
+            str(r.get("image_id")) for r in records if r.get("status") == "ok" and r.get("system") in systems
+        )
+    )
     col = {k: j for j, k in enumerate(keys)}
     row = {s: i for i, s in enumerate(systems)}
     out = np.full((len(systems), len(keys)), np.nan)
@@ -95,8 +100,9 @@ def primary_metric(metrics: Sequence[str]) -> str | None:
     return next((m for m in metrics if m.startswith("recon_")), metrics[0] if metrics else None)
 
 
-def leaderboard(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
-                n_resamples: int = stats.N_RESAMPLES) -> dict:
+def leaderboard(
+    records: Sequence[dict], systems: Sequence[str], seed: int = 0, n_resamples: int = stats.N_RESAMPLES
+) -> dict:
     """Per system and metric the mean with a 95% bootstrap CI; paired tests between every two systems.
 
     Systems are ordered best first by the primary metric. Paired tests use the images both systems scored;
@@ -105,10 +111,20 @@ def leaderboard(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
     metrics = metric_order(records)
     systems = list(systems)
     mats = {m: score_matrix(records, systems, m)[1] for m in metrics}
-    rows = {s: {m: stats.bootstrap_mean(mats[m][i], n_resamples, seed=[seed, i, j]).to_dict()
-                for j, m in enumerate(metrics)} for i, s in enumerate(systems)}
-    counts = {s: {"ok": sum(system_of(r) == s and r.get("status") == "ok" for r in records),
-                  "failed": sum(system_of(r) == s and r.get("status") != "ok" for r in records)} for s in systems}
+    rows = {
+        s: {
+            m: stats.bootstrap_mean(mats[m][i], n_resamples, seed=[seed, i, j]).to_dict()
+            for j, m in enumerate(metrics)
+        }
+        for i, s in enumerate(systems)
+    }
+    counts = {
+        s: {
+            "ok": sum(system_of(r) == s and r.get("status") == "ok" for r in records),
+            "failed": sum(system_of(r) == s and r.get("status") != "ok" for r in records),
+        }
+        for s in systems
+    }
     primary = primary_metric(metrics)
     index = {s: i for i, s in enumerate(systems)}  # rows of the score matrices
     if primary is not None:
@@ -125,9 +141,18 @@ def leaderboard(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
             t = stats.paired_test(mats[m][index[a]], mats[m][index[b]], n_resamples, seed=[seed, 1000 + j])
             paired.append({"a": a, "b": b, "metric": m, **t.to_dict()})
     holm_adjust(paired)
-    return {"metrics": metrics, "systems": systems, "primary": primary, "rows": rows, "counts": counts,
-            "truncated": truncation_counts(records, systems), "paired": paired, "confidence": stats.CONFIDENCE, "n_resamples": n_resamples,
-            "corpus": corpus_rows(records, systems, seed, n_resamples)}
+    return {
+        "metrics": metrics,
+        "systems": systems,
+        "primary": primary,
+        "rows": rows,
+        "counts": counts,
+        "truncated": truncation_counts(records, systems),
+        "paired": paired,
+        "confidence": stats.CONFIDENCE,
+        "n_resamples": n_resamples,
+        "corpus": corpus_rows(records, systems, seed, n_resamples),
+    }
 
 
 def holm_adjust(paired: list[dict]) -> None:
@@ -139,8 +164,9 @@ def holm_adjust(paired: list[dict]) -> None:
 CORPUS_BLEU = ("bleu_1", "bleu_2", "bleu_3", "bleu_4")
 
 
-def corpus_rows(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
-                n_resamples: int = stats.N_RESAMPLES) -> dict[str, dict[str, dict]]:
+def corpus_rows(
+    records: Sequence[dict], systems: Sequence[str], seed: int = 0, n_resamples: int = stats.N_RESAMPLES
+) -> dict[str, dict[str, dict]]:
     """``{system: {bleu_n: estimate}}``: corpus BLEU as pycocoevalcap computes it over the system's scored images
     (from each record's ``bleu_stats``), with a bootstrap CI that recomputes the corpus score per resample of
     images. Empty when no record carries the statistics."""
@@ -148,10 +174,18 @@ def corpus_rows(records: Sequence[dict], systems: Sequence[str], seed: int = 0,
 
     out: dict[str, dict[str, dict]] = {}
     for i, s in enumerate(systems):
-        rows = [r["bleu_stats"] for r in records if r.get("system") == s and r.get("status") == "ok"
-                and isinstance(r.get("bleu_stats"), list) and len(r["bleu_stats"]) == 10]
+        rows = [
+            r["bleu_stats"]
+            for r in records
+            if r.get("system") == s
+            and r.get("status") == "ok"
+            and isinstance(r.get("bleu_stats"), list)
+            and len(r["bleu_stats"]) == 10
+        ]
         if rows:
-            ests = stats.bootstrap_statistic(np.asarray(rows), corpus_bleu, n_resamples, seed=[seed, 2000 + i])
+            ests = stats.bootstrap_statistic(
+                np.asarray(rows), corpus_bleu, n_resamples, seed=[seed, 2000 + i]
+            )
             out[s] = {name: e.to_dict() for name, e in zip(CORPUS_BLEU, ests)}
     return out
 
@@ -175,8 +209,10 @@ def paired_cell(p: dict | None, sep: str = " ", holm: str = "") -> str:
     """A paired test as a table cell: ``diff [low, high]{sep}p=... ({holm}p_holm)``, or "–" without one."""
     if p is None or p["diff"] is None:
         return "–"
-    return (f"{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}]{sep}{fmt_pv(p['p_value'])} "
-            f"({holm}{fmt_p(p['p_holm'])})")
+    return (
+        f"{fmt(p['diff'])} [{fmt(p['low'])}, {fmt(p['high'])}]{sep}{fmt_pv(p['p_value'])} "
+        f"({holm}{fmt_p(p['p_holm'])})"
+    )
 
 
 def fmt_pv(p) -> str:
@@ -206,8 +242,11 @@ def coverage_notes(board: dict) -> list[str]:
     images, a metric that failed on some captions): its mean covers those items only."""
     notes = []
     for m in board["metrics"]:
-        short = [f"{s} {board['rows'][s][m]['n']}/{board['counts'][s]['ok']}" for s in board["systems"]
-                 if board["rows"][s][m]["n"] < board["counts"][s]["ok"]]
+        short = [
+            f"{s} {board['rows'][s][m]['n']}/{board['counts'][s]['ok']}"
+            for s in board["systems"]
+            if board["rows"][s][m]["n"] < board["counts"][s]["ok"]
+        ]
         if short:
             notes.append(f"{m} covers only part of the ok items ({', '.join(short)}): its mean is over those")
     return notes
@@ -221,31 +260,52 @@ def estimate_cell(board: dict, system: str, metric: str) -> str:
 
 def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
     systems, metrics = board["systems"], board["metrics"]
-    lines = ["# Leaderboard", "",
-             f"Mean of per-image scores with a {round(100 * board['confidence'])}% percentile bootstrap CI "
-             f"({board['n_resamples']} resamples of the images); systems ordered by `{board['primary']}`. "
-             "**Corpus** BLEU / METEOR rows are pycocoevalcap's corpus scores (the numbers captioning papers table), "
-             "their CI recomputing the corpus score per resample of images.", "",
-             "| metric (better) | " + " | ".join(_md(s) for s in systems) + " |",
-             "|---|" + "---|" * len(systems)]
-    lines.append("| items ok / failed | " + " | ".join(
-        f"{board['counts'][s]['ok']} / {board['counts'][s]['failed']}" for s in systems) + " |")
-    lines.append("| n truncated (captions past a text encoder's context) | " + " | ".join(
-        truncation_cell((board.get("truncated") or {}).get(s)) for s in systems) + " |")
+    lines = [
+        "# Leaderboard",
+        "",
+        f"Mean of per-image scores with a {round(100 * board['confidence'])}% percentile bootstrap CI "
+        f"({board['n_resamples']} resamples of the images); systems ordered by `{board['primary']}`. "
+        "**Corpus** BLEU / METEOR rows are pycocoevalcap's corpus scores (the numbers captioning papers table), "
+        "their CI recomputing the corpus score per resample of images.",
+        "",
+        "| metric (better) | " + " | ".join(_md(s) for s in systems) + " |",
+        "|---|" + "---|" * len(systems),
+    ]
+    lines.append(
+        "| items ok / failed | "
+        + " | ".join(f"{board['counts'][s]['ok']} / {board['counts'][s]['failed']}" for s in systems)
+        + " |"
+    )
+    lines.append(
+        "| n truncated (captions past a text encoder's context) | "
+        + " | ".join(truncation_cell((board.get("truncated") or {}).get(s)) for s in systems)
+        + " |"
+    )
     corpus = board.get("corpus") or {}
     for name in corpus_names(corpus):
-        lines.append(f"| **{name} (corpus)** (higher) | " + " | ".join(
-            fmt_estimate(corpus[s][name]) if name in corpus.get(s, {}) else "–" for s in systems) + " |")
+        lines.append(
+            f"| **{name} (corpus)** (higher) | "
+            + " | ".join(fmt_estimate(corpus[s][name]) if name in corpus.get(s, {}) else "–" for s in systems)
+            + " |"
+        )
     for m in metrics:
-        lines.append(f"| {_md(metric_label(m, corpus))} ({metric_direction(m)}) | "
-                     + " | ".join(estimate_cell(board, s, m) for s in systems) + " |")
+        lines.append(
+            f"| {_md(metric_label(m, corpus))} ({metric_direction(m)}) | "
+            + " | ".join(estimate_cell(board, s, m) for s in systems)
+            + " |"
+        )
     if board["paired"]:
         pairs = list(dict.fromkeys((p["a"], p["b"]) for p in board["paired"]))
-        lines += ["", "## Paired differences (A − B on the images both scored)", "",
-                  "Mean difference [bootstrap CI], two-sided paired permutation p-value (Holm-adjusted over the "
-                  "whole table in parentheses).", "",
-                  "| metric | " + " | ".join(f"{_md(a)} − {_md(b)}" for a, b in pairs) + " |",
-                  "|---|" + "---|" * len(pairs)]
+        lines += [
+            "",
+            "## Paired differences (A − B on the images both scored)",
+            "",
+            "Mean difference [bootstrap CI], two-sided paired permutation p-value (Holm-adjusted over the "
+            "whole table in parentheses).",
+            "",
+            "| metric | " + " | ".join(f"{_md(a)} − {_md(b)}" for a, b in pairs) + " |",
+            "|---|" + "---|" * len(pairs),
+        ]
         cell = {(p["a"], p["b"], p["metric"]): p for p in board["paired"]}
         for m in metrics:
             row = []
@@ -259,8 +319,12 @@ def leaderboard_markdown(board: dict, notes: Sequence[str] = ()) -> str:
 
 
 # ------------------------------------------------------------------------------------------- correlations
-def correlations(records: Sequence[dict], recon_metric: str | None = None, seed: int = 0,
-                 n_resamples: int = stats.N_RESAMPLES) -> dict:
+def correlations(
+    records: Sequence[dict],
+    recon_metric: str | None = None,
+    seed: int = 0,
+    n_resamples: int = stats.N_RESAMPLES,
+) -> dict:
     """Spearman and Kendall correlation of the reconstruction score with every other metric.
 
     * ``item``: over all (system, image) items pooled; ``per_system``: within each system's items;
@@ -271,7 +335,9 @@ def correlations(records: Sequence[dict], recon_metric: str | None = None, seed:
     metrics = metric_order(ok)
     recon_metric = recon_metric or primary_metric([m for m in metrics if m.startswith("recon_")])
     if recon_metric is None or recon_metric not in metrics:
-        raise ValueError(f"no reconstruction score {recon_metric or 'recon_*'} in these records; metrics: {metrics}")
+        raise ValueError(
+            f"no reconstruction score {recon_metric or 'recon_*'} in these records; metrics: {metrics}"
+        )
     others = [m for m in metrics if not m.startswith("recon_")]
     systems = list(dict.fromkeys(r.get("system") for r in ok))
 
@@ -280,20 +346,32 @@ def correlations(records: Sequence[dict], recon_metric: str | None = None, seed:
         return [s[recon_metric] for s in both], [s[m] for s in both]
 
     def both_methods(x, y, s) -> dict:
-        return {meth: stats.correlation(x, y, meth, n_resamples, seed=s).to_dict() for meth in stats.CORRELATIONS}
+        return {
+            meth: stats.correlation(x, y, meth, n_resamples, seed=s).to_dict() for meth in stats.CORRELATIONS
+        }
 
-    out: dict = {"recon_metric": recon_metric, "metrics": others, "systems": systems,
-                 "n_resamples": n_resamples, "confidence": stats.CONFIDENCE, "item": {}, "per_system": {},
-                 "system": {}}
+    out: dict = {
+        "recon_metric": recon_metric,
+        "metrics": others,
+        "systems": systems,
+        "n_resamples": n_resamples,
+        "confidence": stats.CONFIDENCE,
+        "item": {},
+        "per_system": {},
+        "system": {},
+    }
     for j, m in enumerate(others):
         out["item"][m] = both_methods(*pair(ok, m), [seed, j])
         for i, s in enumerate(systems):
-            out["per_system"].setdefault(s, {})[m] = both_methods(*pair([r for r in ok if r.get("system") == s], m),
-                                                                  [seed, j, i + 1])
+            out["per_system"].setdefault(s, {})[m] = both_methods(
+                *pair([r for r in ok if r.get("system") == s], m), [seed, j, i + 1]
+            )
         _, x = score_matrix(ok, systems, recon_metric)
         _, y = score_matrix(ok, systems, m)
-        out["system"][m] = {meth: stats.system_correlation(x, y, meth, n_resamples, seed=[seed, j, 0]).to_dict()
-                            for meth in stats.CORRELATIONS}
+        out["system"][m] = {
+            meth: stats.system_correlation(x, y, meth, n_resamples, seed=[seed, j, 0]).to_dict()
+            for meth in stats.CORRELATIONS
+        }
     return out
 
 
@@ -305,23 +383,36 @@ def fmt_corr(c: dict) -> str:
 
 def correlations_markdown(res: dict) -> str:
     rm = res["recon_metric"]
-    lines = ["# Correlation with the reconstruction score", "",
-             f"Rank correlation of `{rm}` ({metric_direction(rm)} is better) with each metric; "
-             f"{round(100 * res['confidence'])}% bootstrap CI over items ({res['n_resamples']} resamples) in "
-             "brackets.", ""]
+    lines = [
+        "# Correlation with the reconstruction score",
+        "",
+        f"Rank correlation of `{rm}` ({metric_direction(rm)} is better) with each metric; "
+        f"{round(100 * res['confidence'])}% bootstrap CI over items ({res['n_resamples']} resamples) in "
+        "brackets.",
+        "",
+    ]
     sections = [("Per caption (all systems' items pooled)", res["item"])]
     sections += [(f"Per caption, system `{_md(s)}`", res["per_system"][s]) for s in res["systems"]]
-    sections += [(f"Per system (system means, {len(res['systems'])} systems; CI resamples images)", res["system"])]
+    sections += [
+        (f"Per system (system means, {len(res['systems'])} systems; CI resamples images)", res["system"])
+    ]
     for title, table in sections:
         lines += [f"## {title}", "", "| metric | Spearman ρ | Kendall τ |", "|---|---|---|"]
-        lines += [f"| {_md(m)} | {fmt_corr(table[m]['spearman'])} | {fmt_corr(table[m]['kendall'])} |" for m in res["metrics"]]
+        lines += [
+            f"| {_md(m)} | {fmt_corr(table[m]['spearman'])} | {fmt_corr(table[m]['kendall'])} |"
+            for m in res["metrics"]
+        ]
         lines.append("")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ rule tables
-def compare_rules(values: dict[str, dict[str, Sequence[float]]], reference: str, seed: int = 0,
-                  n_resamples: int = stats.N_RESAMPLES) -> dict:
+def compare_rules(
+    values: dict[str, dict[str, Sequence[float]]],
+    reference: str,
+    seed: int = 0,
+    n_resamples: int = stats.N_RESAMPLES,
+) -> dict:
     """Selection rules compared on the same images: ``values = {rule: {metric: [per image]}}`` (aligned lists).
 
     Returns means with bootstrap CIs per rule and metric, and paired tests of ``reference`` against every other
@@ -329,8 +420,13 @@ def compare_rules(values: dict[str, dict[str, Sequence[float]]], reference: str,
     """
     rules = list(values)
     metrics = list(dict.fromkeys(m for v in values.values() for m in v))
-    rows = {r: {m: stats.bootstrap_mean(values[r].get(m, []), n_resamples, seed=[seed, j]).to_dict()
-                for j, m in enumerate(metrics)} for r in rules}
+    rows = {
+        r: {
+            m: stats.bootstrap_mean(values[r].get(m, []), n_resamples, seed=[seed, j]).to_dict()
+            for j, m in enumerate(metrics)
+        }
+        for r in rules
+    }
     paired = []
     for r in rules:
         if r == reference:
@@ -340,8 +436,15 @@ def compare_rules(values: dict[str, dict[str, Sequence[float]]], reference: str,
                 t = stats.paired_test(values[reference][m], values[r][m], n_resamples, seed=[seed, j])
                 paired.append({"a": reference, "b": r, "metric": m, **t.to_dict()})
     holm_adjust(paired)
-    return {"rules": rules, "metrics": metrics, "reference": reference, "rows": rows, "paired": paired,
-            "confidence": stats.CONFIDENCE, "n_resamples": n_resamples}
+    return {
+        "rules": rules,
+        "metrics": metrics,
+        "reference": reference,
+        "rows": rows,
+        "paired": paired,
+        "confidence": stats.CONFIDENCE,
+        "n_resamples": n_resamples,
+    }
 
 
 def rules_markdown(table: dict, title: str, caption: str = "", metrics: Sequence[str] | None = None) -> str:
@@ -356,9 +459,14 @@ def rules_markdown(table: dict, title: str, caption: str = "", metrics: Sequence
     if table["paired"]:
         others = list(dict.fromkeys(p["b"] for p in table["paired"]))
         cell = {(p["b"], p["metric"]): p for p in table["paired"]}
-        lines += ["", f"Paired differences `{_md(ref)}` − rule on the same images: mean [{round(100 * table['confidence'])}"
-                      "% bootstrap CI], permutation p (Holm-adjusted in parentheses).", "",
-                  "| rule | " + " | ".join(_md(m) for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
+        lines += [
+            "",
+            f"Paired differences `{_md(ref)}` − rule on the same images: mean [{round(100 * table['confidence'])}"
+            "% bootstrap CI], permutation p (Holm-adjusted in parentheses).",
+            "",
+            "| rule | " + " | ".join(_md(m) for m in metrics) + " |",
+            "|---|" + "---|" * len(metrics),
+        ]
         for o in others:
             row = []
             for m in metrics:

@@ -22,18 +22,36 @@ def register(subparsers) -> argparse.ArgumentParser:
     sub = shapes.add_subparsers(dest="shapes_command", required=True)
 
     tr = sub.add_parser("train", help="train bundle components on CPU (checkpointed; a rerun resumes)")
-    tr.add_argument("--component", required=True, choices=[*COMPONENTS, "flamingo", "all"],
-                    help="all: every part but weak and flamingo (flamingo needs the trained clip)")
-    tr.add_argument("--out", type=Path, default=SHAPES_BUNDLE, help="bundle directory (default: the shipped one)")
-    tr.add_argument("--work", type=Path, default=None, help="checkpoints (default: $RECON_CACHE/shapes-train/NAME)")
+    tr.add_argument(
+        "--component",
+        required=True,
+        choices=[*COMPONENTS, "flamingo", "all"],
+        help="all: every part but weak and flamingo (flamingo needs the trained clip)",
+    )
+    tr.add_argument(
+        "--out", type=Path, default=SHAPES_BUNDLE, help="bundle directory (default: the shipped one)"
+    )
+    tr.add_argument(
+        "--work", type=Path, default=None, help="checkpoints (default: $RECON_CACHE/shapes-train/NAME)"
+    )
     tr.add_argument("--seed", type=int, default=0)
     budget = tr.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=count(1), default=None, help="optimizer steps (default: the bundle's recipe)")
-    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget; steps set after 20 steps")
-    tr.add_argument("--threads", type=count(1), default=1, help="torch threads per process (oversubscribing is slow)")
+    budget.add_argument(
+        "--steps", type=count(1), default=None, help="optimizer steps (default: the bundle's recipe)"
+    )
+    budget.add_argument(
+        "--minutes", type=float, default=None, help="wall-clock budget; steps set after 20 steps"
+    )
+    tr.add_argument(
+        "--threads", type=count(1), default=1, help="torch threads per process (oversubscribing is slow)"
+    )
     tr.add_argument("--device", default="cpu", help="cpu (the recipe) or cuda")
-    tr.add_argument("--init-from", type=Path, default=None,
-                    help="unet/captioner: continue from this bundle's weights (fresh optimizer and schedule)")
+    tr.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="unet/captioner: continue from this bundle's weights (fresh optimizer and schedule)",
+    )
     tr.add_argument("--batch", type=count(1), default=None, help="batch size (default: the recipe's)")
     tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     tr.set_defaults(handler=run_train)
@@ -44,16 +62,37 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--bundle", type=Path, default=SHAPES_BUNDLE)
     ev.add_argument("--threads", type=count(1), default=None)
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--rerank", type=int, default=0, metavar="N",
-                    help="also rank the weak captioner's 8 sampled captions by reconstruction on N items")
-    ev.add_argument("--n-generate", type=int, default=None, metavar="N",
-                    help="generation metrics on the first N items of each split only (default: all n)")
-    ev.add_argument("--card", action="store_true", help="write MODEL_CARD.md, VERSION and eval.json into the bundle")
-    ev.add_argument("--card-note", type=Path, default=None, metavar="MD",
-                    help="with --card: markdown appended to the card (history, known limits)")
+    ev.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also rank the weak captioner's 8 sampled captions by reconstruction on N items",
+    )
+    ev.add_argument(
+        "--n-generate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generation metrics on the first N items of each split only (default: all n)",
+    )
+    ev.add_argument(
+        "--card", action="store_true", help="write MODEL_CARD.md, VERSION and eval.json into the bundle"
+    )
+    ev.add_argument(
+        "--card-note",
+        type=Path,
+        default=None,
+        metavar="MD",
+        help="with --card: markdown appended to the card (history, known limits)",
+    )
     ev.add_argument("--json", action="store_true", help="print only the json")
-    ev.add_argument("--captioner", default="blip", choices=["blip", "flamingo"],
-                    help="flamingo: few-shot learning of an unseen caption format, keyed by shot count")
+    ev.add_argument(
+        "--captioner",
+        default="blip",
+        choices=["blip", "flamingo"],
+        help="flamingo: few-shot learning of an unseen caption format, keyed by shot count",
+    )
     ev.add_argument("--shots", default="0,1,2,4", help="with --captioner flamingo: in-context example counts")
     ev.set_defaults(handler=run_eval)
 
@@ -87,15 +126,34 @@ def run_train(args: argparse.Namespace) -> int:
     from recon.shapes.train import TrainArgs, train
 
     work = args.work or cache_root() / "shapes-train" / Path(args.out).resolve().name
-    if args.component == "flamingo":  # two stages of its own: the LM on text, then perceiver + cross-attention
+    if (
+        args.component == "flamingo"
+    ):  # two stages of its own: the LM on text, then perceiver + cross-attention
         from recon.shapes.flamingo import train as train_flamingo
 
-        train_flamingo(Path(args.out) / "flamingo", Path(work) / "flamingo", seed=args.seed,
-                       flamingo_steps=args.steps, threads=args.threads)
+        train_flamingo(
+            Path(args.out) / "flamingo",
+            Path(work) / "flamingo",
+            seed=args.seed,
+            flamingo_steps=args.steps,
+            threads=args.threads,
+        )
         return 0
-    train(TrainArgs(component=args.component, out=Path(args.out), work=Path(work), seed=args.seed,
-                    steps=args.steps, minutes=args.minutes, threads=args.threads, device=args.device,
-                    init_from=args.init_from, batch=args.batch, lr=args.lr))
+    train(
+        TrainArgs(
+            component=args.component,
+            out=Path(args.out),
+            work=Path(work),
+            seed=args.seed,
+            steps=args.steps,
+            minutes=args.minutes,
+            threads=args.threads,
+            device=args.device,
+            init_from=args.init_from,
+            batch=args.batch,
+            lr=args.lr,
+        )
+    )
     return 0
 
 
@@ -113,8 +171,15 @@ def run_eval(args: argparse.Namespace) -> int:
         shots = [int(x) for x in args.shots.split(",") if x.strip()]
         print(json.dumps(fewshot_eval(shots, args.n, args.seed, args.bundle, device=args.device), indent=2))
         return 0
-    result = evaluate(args.n, args.seed, args.bundle, device=args.device, rerank=args.rerank,
-                      generate_n=args.n_generate, progress=not args.json)
+    result = evaluate(
+        args.n,
+        args.seed,
+        args.bundle,
+        device=args.device,
+        rerank=args.rerank,
+        generate_n=args.n_generate,
+        progress=not args.json,
+    )
     print(json.dumps(result, indent=2))
     if args.card:
         from recon.shapes.card import write_model_card

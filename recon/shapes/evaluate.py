@@ -35,8 +35,12 @@ from recon.shapes.metrics import (
     to_tensor,
 )
 
-BARS = {"captioner_tuple_acc": 0.95, "generator_judge_tuple_acc": 0.75, "clip_zero_shot_tuple_acc": 0.95,
-        "recon_discrimination": 0.95}
+BARS = {
+    "captioner_tuple_acc": 0.95,
+    "generator_judge_tuple_acc": 0.75,
+    "clip_zero_shot_tuple_acc": 0.95,
+    "recon_discrimination": 0.95,
+}
 EVAL_STREAM = 1  # training validation uses stream 0 of the test split; evaluation never sees those renders
 DECODING = dict(num_beams=3, min_new_tokens=3)
 SAMPLING = dict(num_inference_steps=20, guidance_scale=5.0)
@@ -48,7 +52,9 @@ class Bundle:
     def __init__(self, bundle_dir: str | Path, device: torch.device):
         bundle_dir = Path(bundle_dir)
         self.device = device
-        self.captioner, self.processor = hub.load_captioner_model(str(bundle_dir / "captioner"), device, torch.float32)
+        self.captioner, self.processor = hub.load_captioner_model(
+            str(bundle_dir / "captioner"), device, torch.float32
+        )
         self.pipe = hub.load_diffusion_pipeline(str(bundle_dir / "generator"), device, torch.float32)
         self.clip, clip_pre, self.clip_tokenizer = hub.load_open_clip(str(bundle_dir / "clip"), None, device)
         self.clip_mean, self.clip_std = clip_pre["mean"], clip_pre["std"]
@@ -60,8 +66,9 @@ class Bundle:
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """``(n, 3, 32, 32)`` in [0, 1]; image i from ``seeds[i]`` (same seed: same starting noise)."""
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        latents = torch.stack([torch.randn((4, world.IMAGE_SIZE // 2, world.IMAGE_SIZE // 2), generator=g)
-                               for g in gens]).to(self.device)
+        latents = torch.stack(
+            [torch.randn((4, world.IMAGE_SIZE // 2, world.IMAGE_SIZE // 2), generator=g) for g in gens]
+        ).to(self.device)
         out = self.pipe(prompt=prompts, latents=latents, output_type="np", **SAMPLING).images
         return to_tensor((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)).to(self.device)
 
@@ -75,8 +82,9 @@ def _batches(n: int, size: int):
         yield slice(i, min(n, i + size))
 
 
-def evaluate_split(b: Bundle, scenes: list[world.Scene], seed: int, batch_size: int, generate_n: int | None = None,
-                   log=None) -> dict:
+def evaluate_split(
+    b: Bundle, scenes: list[world.Scene], seed: int, batch_size: int, generate_n: int | None = None, log=None
+) -> dict:
     """All metrics on ``scenes``; the generation metrics on the first ``generate_n`` of them (None: all)."""
     t0 = time.time()
     originals = to_tensor(world.render_batch(scenes)).to(b.device)
@@ -102,16 +110,23 @@ def evaluate_split(b: Bundle, scenes: list[world.Scene], seed: int, batch_size: 
             log(f"  generated {sl.stop}/{n_gen} ({time.time() - t0:.0f}s)")
     truth = [s.attributes for s in scenes[:n_gen]]
     gen_attr = {a: float(np.mean([p[a] == t[a] for p, t in zip(judged, truth)])) for a in world.ATTRIBUTES}
-    by_attr = {a: float(np.mean([w for w, c in zip(wins, changed) if c == a])) for a in world.ATTRIBUTES
-               if a in changed}
+    by_attr = {
+        a: float(np.mean([w for w, c in zip(wins, changed) if c == a]))
+        for a in world.ATTRIBUTES
+        if a in changed
+    }
     return {
-        "n": len(scenes), "n_generated": n_gen,
-        "captioner_tuple_acc": cap["tuple_acc"], "captioner_attr_acc": cap["attr_acc"],
+        "n": len(scenes),
+        "n_generated": n_gen,
+        "captioner_tuple_acc": cap["tuple_acc"],
+        "captioner_attr_acc": cap["attr_acc"],
         "captioner_unparseable": cap["unparseable"],
         "generator_judge_tuple_acc": float(np.mean([p == t for p, t in zip(judged, truth)])),
         "generator_judge_attr_acc": gen_attr,
-        "clip_zero_shot_tuple_acc": clip["tuple_acc"], "clip_zero_shot_attr_acc": clip["attr_acc"],
-        "recon_discrimination": float(np.mean(wins)), "recon_discrimination_by_changed_attr": by_attr,
+        "clip_zero_shot_tuple_acc": clip["tuple_acc"],
+        "clip_zero_shot_attr_acc": clip["attr_acc"],
+        "recon_discrimination": float(np.mean(wins)),
+        "recon_discrimination_by_changed_attr": by_attr,
         "judge_tuple_acc_on_renders": judge_renders["tuple_acc"],
         "seconds": round(time.time() - t0, 1),
     }
@@ -125,7 +140,9 @@ def rerank_weak(b: Bundle, scenes: list[world.Scene], seed: int, k: int = 8) -> 
     for i, scene in enumerate(scenes):
         pix = processor(images=[world.render(scene)], return_tensors="pt").pixel_values.to(b.device)
         torch.manual_seed(seed * 7_919 + i)
-        out = weak.generate(pixel_values=pix, do_sample=True, top_p=0.9, num_return_sequences=k, max_new_tokens=24)
+        out = weak.generate(
+            pixel_values=pix, do_sample=True, top_p=0.9, num_return_sequences=k, max_new_tokens=24
+        )
         captions = processor.batch_decode(out, skip_special_tokens=True)
         images = b.generate(captions, [seed * 1_000_003 + i] * k)
         orig = b.clip_image(to_tensor(world.render(scene)[None]).to(b.device))
@@ -134,16 +151,38 @@ def rerank_weak(b: Bundle, scenes: list[world.Scene], seed: int, k: int = 8) -> 
         chosen.append(right[best])
         first.append(right[0])
         oracle.append(any(right))
-    greedy = score_captions(processor.batch_decode(weak.generate(
-        pixel_values=processor(images=list(world.render_batch(scenes)), return_tensors="pt").pixel_values.to(b.device),
-        max_new_tokens=24), skip_special_tokens=True), scenes)
-    return {"n": len(scenes), "k": k, "weak_greedy_tuple_acc": greedy["tuple_acc"],
-            "random_sample_tuple_acc": float(np.mean(first)), "reranked_tuple_acc": float(np.mean(chosen)),
-            "oracle_tuple_acc": float(np.mean(oracle))}
+    greedy = score_captions(
+        processor.batch_decode(
+            weak.generate(
+                pixel_values=processor(
+                    images=list(world.render_batch(scenes)), return_tensors="pt"
+                ).pixel_values.to(b.device),
+                max_new_tokens=24,
+            ),
+            skip_special_tokens=True,
+        ),
+        scenes,
+    )
+    return {
+        "n": len(scenes),
+        "k": k,
+        "weak_greedy_tuple_acc": greedy["tuple_acc"],
+        "random_sample_tuple_acc": float(np.mean(first)),
+        "reranked_tuple_acc": float(np.mean(chosen)),
+        "oracle_tuple_acc": float(np.mean(oracle)),
+    }
 
 
-def evaluate(n: int = 1000, seed: int = 0, bundle_dir: str | Path = hub.SHAPES_BUNDLE, device: str = "cpu",
-             batch_size: int = 50, rerank: int = 0, generate_n: int | None = None, progress: bool = False) -> dict:
+def evaluate(
+    n: int = 1000,
+    seed: int = 0,
+    bundle_dir: str | Path = hub.SHAPES_BUNDLE,
+    device: str = "cpu",
+    batch_size: int = 50,
+    rerank: int = 0,
+    generate_n: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Evaluate the bundle on ``n`` test and ``n`` held-out-combination items; see the module docstring.
 
     ``generate_n`` limits the generation metrics (2 images per item) to the first items of each split: on a CPU
@@ -153,15 +192,25 @@ def evaluate(n: int = 1000, seed: int = 0, bundle_dir: str | Path = hub.SHAPES_B
     log = (lambda m: print(m, flush=True)) if progress else None
     t0 = time.time()
     b = Bundle(bundle_dir, dev)
-    result: dict = {"seed": seed, "bundle": str(bundle_dir), "bars": BARS, "device": str(dev),
-                    "threads": torch.get_num_threads(), "sampling": SAMPLING, "decoding": DECODING}
+    result: dict = {
+        "seed": seed,
+        "bundle": str(bundle_dir),
+        "bars": BARS,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "sampling": SAMPLING,
+        "decoding": DECODING,
+    }
     for split in ("test", "heldout"):
         if log:
             log(f"{split}: {n} items")
-        result[split] = evaluate_split(b, world.sample_scenes(n, seed, split, EVAL_STREAM), seed, batch_size,
-                                       generate_n, log)
+        result[split] = evaluate_split(
+            b, world.sample_scenes(n, seed, split, EVAL_STREAM), seed, batch_size, generate_n, log
+        )
     if rerank and b.weak_dir:
-        result["weak_rerank"] = rerank_weak(b, world.sample_scenes(rerank, seed, "test", EVAL_STREAM + 1), seed)
+        result["weak_rerank"] = rerank_weak(
+            b, world.sample_scenes(rerank, seed, "test", EVAL_STREAM + 1), seed
+        )
     result["bars_met"] = all(result["test"][k] >= bar for k, bar in BARS.items())
     result["seconds"] = round(time.time() - t0, 1)
     return result

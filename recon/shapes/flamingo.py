@@ -38,8 +38,13 @@ import torch
 from recon.shapes import world
 
 # ----------------------------------------------------------------------------------------------- formats
-KEY_WORDS = {"shape": ("shape", "form", "object"), "color": ("color", "colour", "hue"), "size": ("size", "scale"),
-             "position": ("position", "location", "place"), "background": ("background", "backdrop", "bg")}
+KEY_WORDS = {
+    "shape": ("shape", "form", "object"),
+    "color": ("color", "colour", "hue"),
+    "size": ("size", "scale"),
+    "position": ("position", "location", "place"),
+    "background": ("background", "backdrop", "bg"),
+}
 KV_SEPARATORS = (": ", "=", " - ")
 ITEM_SEPARATORS = ("; ", ", ", " | ", " / ")
 NOVEL_PAIR = (": ", "; ")  # never together in training
@@ -63,13 +68,19 @@ class CaptionFormat:
 
     def pattern(self) -> re.Pattern:
         """Matches a caption in this (kv) format with any valid values."""
-        items = [re.escape(k + self.kv_sep) + "(" + "|".join(map(re.escape, world.VALUES[a])) + ")"
-                 for a, k in zip(self.order, self.keys)]
+        items = [
+            re.escape(k + self.kv_sep) + "(" + "|".join(map(re.escape, world.VALUES[a])) + ")"
+            for a, k in zip(self.order, self.keys)
+        ]
         return re.compile(re.escape(self.item_sep).join(items))
 
 
-NOVEL_FORMAT = CaptionFormat("kv", ("color", "shape", "size", "position", "background"),
-                             ("colour", "shape", "size", "position", "background"), *NOVEL_PAIR)
+NOVEL_FORMAT = CaptionFormat(
+    "kv",
+    ("color", "shape", "size", "position", "background"),
+    ("colour", "shape", "size", "position", "background"),
+    *NOVEL_PAIR,
+)
 
 
 def sample_format(rng: np.random.Generator, sentence_fraction: float = 0.4) -> CaptionFormat:
@@ -113,14 +124,26 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<PAD>", unk_token="<unk>",
-                                   additional_special_tokens=["<|endofchunk|>", "<image>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<PAD>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|endofchunk|>", "<image>"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------- architecture
-LM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-          max_position_embeddings=512, rope_theta=10000.0)
+LM = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+)
 PERCEIVER = dict(depth=2, dim_head=32, heads=4, num_latents=8, ff_mult=1)
 XATTN = dict(dim_head=32, heads=4, ff_mult=2)
 CROSS_ATTN_EVERY = 1
@@ -128,7 +151,10 @@ PROMPT = "Output:"
 MAX_CHUNKS = {"lm": 5, "flamingo": 4}
 BATCH = {"lm": 24, "flamingo": 16}
 LR = {"lm": 2e-3, "flamingo": 1e-3}
-LM_PHASES = [(900, 2e-3), (600, 1e-3)]  # (steps, peak lr): a second, cooler cycle taught the first key to copy
+LM_PHASES = [
+    (900, 2e-3),
+    (600, 1e-3),
+]  # (steps, peak lr): a second, cooler cycle taught the first key to copy
 FLAMINGO_STEPS = 600
 GATE_LR_SCALE = 10
 EVAL_STREAM = 1  # test-split renders the training never draws (training uses the train split)
@@ -138,9 +164,16 @@ def build_lm(tokenizer, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                        tie_word_embeddings=True, **LM))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+            **LM,
+        )
+    )
 
 
 def document(captions: list[str]) -> str:
@@ -155,17 +188,25 @@ def lm_documents(rng: np.random.Generator, n: int) -> list[str]:
     for _ in range(n):
         fmt = sample_format(rng)
         k = int(rng.integers(1, MAX_CHUNKS["lm"] + 1))
-        docs.append(document([fmt.render(random_attributes(rng), int(rng.integers(len(world.TEMPLATES))))
-                              for _ in range(k)]))
+        docs.append(
+            document(
+                [
+                    fmt.render(random_attributes(rng), int(rng.integers(len(world.TEMPLATES))))
+                    for _ in range(k)
+                ]
+            )
+        )
     return docs
 
 
-def flamingo_documents(rng: np.random.Generator, scenes: list[world.Scene]) -> list[tuple[str, list[world.Scene]]]:
+def flamingo_documents(
+    rng: np.random.Generator, scenes: list[world.Scene]
+) -> list[tuple[str, list[world.Scene]]]:
     """Interleaved documents over ``scenes``: 1-4 consecutive scenes each, one format per document."""
     docs, i = [], 0
     while i < len(scenes):
         k = min(int(rng.integers(1, MAX_CHUNKS["flamingo"] + 1)), len(scenes) - i)
-        fmt, group = sample_format(rng), scenes[i:i + k]
+        fmt, group = sample_format(rng), scenes[i : i + k]
         docs.append((document([fmt.render(s.attributes, s.template) for s in group]), group))
         i += k
     return docs
@@ -183,8 +224,13 @@ def tokenize(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train_lm(tokenizer, seed: int = 0, phases: list[tuple[int, float]] | None = None, work: Path | None = None,
-             threads: int = 1) -> tuple[torch.nn.Module, list[dict]]:
+def train_lm(
+    tokenizer,
+    seed: int = 0,
+    phases: list[tuple[int, float]] | None = None,
+    work: Path | None = None,
+    threads: int = 1,
+) -> tuple[torch.nn.Module, list[dict]]:
     """Stage 1: the language model on text only, in ``phases`` of ``(steps, lr)`` (each a fresh AdamW with warmup
     and cosine decay; the data stream continues). With ``work``, the LM is saved there after each phase and a
     rerun resumes after the last finished one (and inside a phase, from its checkpoint)."""
@@ -199,7 +245,7 @@ def train_lm(tokenizer, seed: int = 0, phases: list[tuple[int, float]] | None = 
     else:
         lm = build_lm(tokenizer, seed)
     lm.train()
-    for phase, (steps, lr) in enumerate(phases[len(done):], start=len(done)):
+    for phase, (steps, lr) in enumerate(phases[len(done) :], start=len(done)):
         offset = sum(r["steps"] for r in done)
 
         def step_fn(step: int, offset=offset) -> float:
@@ -209,8 +255,19 @@ def train_lm(tokenizer, seed: int = 0, phases: list[tuple[int, float]] | None = 
             loss.backward()
             return loss.item()
 
-        done.append(_loop(f"lm-phase{phase}", {"lm": lm}, list(lm.parameters()), steps, lr, BATCH["lm"],
-                          step_fn, work, threads))
+        done.append(
+            _loop(
+                f"lm-phase{phase}",
+                {"lm": lm},
+                list(lm.parameters()),
+                steps,
+                lr,
+                BATCH["lm"],
+                step_fn,
+                work,
+                threads,
+            )
+        )
         lm.train()
         if work is not None:
             lm.save_pretrained(work)
@@ -218,8 +275,17 @@ def train_lm(tokenizer, seed: int = 0, phases: list[tuple[int, float]] | None = 
     return lm.eval(), done
 
 
-def _loop(name: str, modules: dict, params: list, steps: int, lr: float, batch: int, step_fn, work: Path | None,
-          threads: int) -> dict:
+def _loop(
+    name: str,
+    modules: dict,
+    params: list,
+    steps: int,
+    lr: float,
+    batch: int,
+    step_fn,
+    work: Path | None,
+    threads: int,
+) -> dict:
     """recon shapes train's checkpointed loop (resume, logging; warmup + cosine as the bundle's recipe), with the
     gradient clipped at 1.0 as this recipe always did."""
     import tempfile
@@ -228,7 +294,9 @@ def _loop(name: str, modules: dict, params: list, steps: int, lr: float, batch: 
 
     work = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix="shapes-flamingo-"))
     work.mkdir(parents=True, exist_ok=True)
-    args = TrainArgs(component="flamingo", out=work, work=work, steps=steps, lr=lr, batch=batch, threads=threads)
+    args = TrainArgs(
+        component="flamingo", out=work, work=work, steps=steps, lr=lr, batch=batch, threads=threads
+    )
     return run_loop(args, name, modules, params, step_fn, clip_norm=1.0)
 
 
@@ -238,8 +306,15 @@ def clip_pixels(images: np.ndarray, preprocess) -> torch.Tensor:
     return preprocess(to_tensor(images))
 
 
-def train_flamingo_stage(model, tokenizer, preprocess, seed: int = 0, steps: int | None = None,
-                         work: Path | None = None, threads: int = 1) -> dict:
+def train_flamingo_stage(
+    model,
+    tokenizer,
+    preprocess,
+    seed: int = 0,
+    steps: int | None = None,
+    work: Path | None = None,
+    threads: int = 1,
+) -> dict:
     """Stage 2: perceiver + gated cross-attention on interleaved rendered scenes; LM and vision frozen."""
     from recon.captioners.flamingo.model import vision_tokens
 
@@ -264,7 +339,7 @@ def train_flamingo_stage(model, tokenizer, preprocess, seed: int = 0, steps: int
         padded = tokens.new_zeros(len(docs), width, *tokens.shape[1:])
         i = 0
         for row, (_, group) in enumerate(docs):
-            padded[row, : len(group)] = tokens[i:i + len(group)]
+            padded[row, : len(group)] = tokens[i : i + len(group)]
             i += len(group)
         media = model.perceiver(padded)
         logits = model(ids, media, attention_mask=(labels != -100).long()).logits
@@ -273,14 +348,30 @@ def train_flamingo_stage(model, tokenizer, preprocess, seed: int = 0, steps: int
         return loss.item()
 
     trained = {"perceiver": model.perceiver, "gated_cross_attn": model.gated_cross_attn}
-    record = _loop("flamingo", trained, params, steps or FLAMINGO_STEPS, LR["flamingo"], BATCH["flamingo"], step_fn,
-                   work, threads)
+    record = _loop(
+        "flamingo",
+        trained,
+        params,
+        steps or FLAMINGO_STEPS,
+        LR["flamingo"],
+        BATCH["flamingo"],
+        step_fn,
+        work,
+        threads,
+    )
     model.eval()
     return record
 
 
-def train(out: Path | None = None, work: Path | None = None, clip: str = "builtin:shapes/clip", seed: int = 0,
-          lm_steps: int | None = None, flamingo_steps: int | None = None, threads: int = 1) -> dict:
+def train(
+    out: Path | None = None,
+    work: Path | None = None,
+    clip: str = "builtin:shapes/clip",
+    seed: int = 0,
+    lm_steps: int | None = None,
+    flamingo_steps: int | None = None,
+    threads: int = 1,
+) -> dict:
     """Both stages; writes ``out`` (default ``bundle/flamingo``: fp16 safetensors + flamingo.json +
     training.json). The LM of stage 1 is kept in ``work/lm`` so a rerun goes straight to stage 2."""
     from recon import hub
@@ -292,19 +383,48 @@ def train(out: Path | None = None, work: Path | None = None, clip: str = "builti
     out = Path(out or hub.SHAPES_BUNDLE / "flamingo")
     work = Path(work or hub.cache_root() / "shapes-train" / "flamingo")
     tokenizer = build_tokenizer()
-    record = {"component": "flamingo", "seed": seed, "torch": torch.__version__, "threads": threads,
-              "lm": LM, "perceiver": PERCEIVER, "xattn": XATTN, "novel_format": NOVEL_FORMAT.render(
-                  dict(shape="circle", color="red", size="small", position="top left", background="white"))}
+    record = {
+        "component": "flamingo",
+        "seed": seed,
+        "torch": torch.__version__,
+        "threads": threads,
+        "lm": LM,
+        "perceiver": PERCEIVER,
+        "xattn": XATTN,
+        "novel_format": NOVEL_FORMAT.render(
+            dict(shape="circle", color="red", size="small", position="top left", background="white")
+        ),
+    }
     phases = [(lm_steps, LR["lm"])] if lm_steps else None
     lm, record["stage1"] = train_lm(tokenizer, seed, phases, work / "lm", threads)
     visual, pre_cfg, _ = hub.load_open_clip(clip, None, torch.device("cpu"))
     torch.manual_seed(seed)
-    model = Flamingo(visual.visual, lm, tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
-                     tokenizer.convert_tokens_to_ids(EOC_TOKEN), CROSS_ATTN_EVERY, PERCEIVER, XATTN)
-    record["stage2"] = train_flamingo_stage(model, tokenizer, ImagePreprocess.from_open_clip(pre_cfg), seed,
-                                            flamingo_steps, work / "stage2", threads)
-    save_flamingo(model, tokenizer, out, vision=clip, half=True,
-                  vision_sha256=vision_weights_sha256(hub.resolve(clip, "shapes CLIP")))
+    model = Flamingo(
+        visual.visual,
+        lm,
+        tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
+        tokenizer.convert_tokens_to_ids(EOC_TOKEN),
+        CROSS_ATTN_EVERY,
+        PERCEIVER,
+        XATTN,
+    )
+    record["stage2"] = train_flamingo_stage(
+        model,
+        tokenizer,
+        ImagePreprocess.from_open_clip(pre_cfg),
+        seed,
+        flamingo_steps,
+        work / "stage2",
+        threads,
+    )
+    save_flamingo(
+        model,
+        tokenizer,
+        out,
+        vision=clip,
+        half=True,
+        vision_sha256=vision_weights_sha256(hub.resolve(clip, "shapes CLIP")),
+    )
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -326,19 +446,32 @@ def closed_gates(model):
                 g.copy_(s)
 
 
-def score_outputs(outputs: list[str], truths: list[dict[str, str]], fmt: CaptionFormat = NOVEL_FORMAT) -> dict:
+def score_outputs(
+    outputs: list[str], truths: list[dict[str, str]], fmt: CaptionFormat = NOVEL_FORMAT
+) -> dict:
     pattern = fmt.pattern()
     parsed = [world.parse_caption(o) for o in outputs]
     attr = [np.mean([p[a] == t[a] for a in world.ATTRIBUTES]) for p, t in zip(parsed, truths)]
-    return {"format_following": float(np.mean([bool(pattern.fullmatch(o)) for o in outputs])),
-            "attr_acc": float(np.mean(attr)), "tuple_acc": float(np.mean([a == 1.0 for a in attr])),
-            "exact": float(np.mean([o == fmt.render(t) for o, t in zip(outputs, truths)])),
-            "per_attribute": {a: float(np.mean([p[a] == t[a] for p, t in zip(parsed, truths)]))
-                              for a in world.ATTRIBUTES}}
+    return {
+        "format_following": float(np.mean([bool(pattern.fullmatch(o)) for o in outputs])),
+        "attr_acc": float(np.mean(attr)),
+        "tuple_acc": float(np.mean([a == 1.0 for a in attr])),
+        "exact": float(np.mean([o == fmt.render(t) for o, t in zip(outputs, truths)])),
+        "per_attribute": {
+            a: float(np.mean([p[a] == t[a] for p, t in zip(parsed, truths)])) for a in world.ATTRIBUTES
+        },
+    }
 
 
-def fewshot_eval(shots: list[int], n: int, seed: int, bundle_dir: str | Path | None = None, pool_size: int = 64,
-                 device: str = "cpu", lm_only: bool = True) -> dict:
+def fewshot_eval(
+    shots: list[int],
+    n: int,
+    seed: int,
+    bundle_dir: str | Path | None = None,
+    pool_size: int = 64,
+    device: str = "cpu",
+    lm_only: bool = True,
+) -> dict:
     """Few-shot learning of :data:`NOVEL_FORMAT`, keyed by shot count.
 
     ``n`` test-split scenes (seen combinations, fresh renders) are captioned after ``k`` demonstrations: scenes of
@@ -357,22 +490,34 @@ def fewshot_eval(shots: list[int], n: int, seed: int, bundle_dir: str | Path | N
     dev = hub.resolve_device(device)
     model, tokenizer, pre = load_flamingo(flamingo_spec(str(root / "flamingo")), dev)
     pool = world.sample_scenes(pool_size, seed, "train", stream=10_000)
-    demos = Demonstrations([world.render_pil(s) for s in pool], [NOVEL_FORMAT.render(s.attributes) for s in pool])
+    demos = Demonstrations(
+        [world.render_pil(s) for s in pool], [NOVEL_FORMAT.render(s.attributes) for s in pool]
+    )
     queries = world.sample_scenes(n, seed, "test", stream=EVAL_STREAM)
     images, truths = [world.render_pil(s) for s in queries], [s.attributes for s in queries]
     decoding = DecodingConfig(method="beam", num_beams=3, min_new_tokens=1, max_new_tokens=32)
     cfg = CaptionerConfig(backend="flamingo", model=str(root / "flamingo"), prompt=PROMPT, decoding=decoding)
     result = {}
     for k in shots:
-        cap = FlamingoCaptioner(model, tokenizer, pre, cfg, demos=demos if k else None, num_shots=k,
-                                text_only_zero_shot=0, batch_size=16)
+        cap = FlamingoCaptioner(
+            model,
+            tokenizer,
+            pre,
+            cfg,
+            demos=demos if k else None,
+            num_shots=k,
+            text_only_zero_shot=0,
+            batch_size=16,
+        )
         seeds = [seed * 100_003 + i for i in range(n)]
         outputs = [c[0] for c in cap.caption(images, seeds=seeds)]
         entry = score_outputs(outputs, truths)
         if lm_only:
             with closed_gates(model):
                 blind = score_outputs([c[0] for c in cap.caption(images, seeds=seeds)], truths)
-            entry.update(lm_only_format_following=blind["format_following"], lm_only_attr_acc=blind["attr_acc"])
+            entry.update(
+                lm_only_format_following=blind["format_following"], lm_only_attr_acc=blind["attr_acc"]
+            )
         entry["example"] = outputs[0]
         result[str(k)] = entry
     return result

@@ -32,8 +32,12 @@ from recon.shapes.world import ATTRIBUTES, TEMPLATES, VALUES, Scene, caption_for
 
 N_WRONG = tuple(range(len(ATTRIBUTES) + 1))  # 0..5 attributes wrong
 EXPERT_SCORE = {0: 4, 1: 3, 2: 2, 3: 2, 4: 1, 5: 1}
-PAIR_CATEGORIES = (("right-vs-1wrong", 0, 1), ("right-vs-5wrong", 0, 5), ("1wrong-vs-2wrong", 1, 2),
-                   ("2wrong-vs-4wrong", 2, 4))
+PAIR_CATEGORIES = (
+    ("right-vs-1wrong", 0, 1),
+    ("right-vs-5wrong", 0, 5),
+    ("1wrong-vs-2wrong", 1, 2),
+    ("2wrong-vs-4wrong", 2, 4),
+)
 MANIFEST = "judgments.json"
 
 
@@ -60,9 +64,19 @@ def build_scenes(n: int, seed: int = 0) -> list[dict]:
         candidates = []
         for n_wrong in N_WRONG:
             wrong, changes = corrupt_attributes(scene, n_wrong, rng)
-            candidates.append({"n_wrong": n_wrong, "caption": caption_for(wrong.attributes, t), "changes": changes})
-        out.append({"image": f"{i:04d}.png", "scene": scene, "attributes": scene.attributes, "template": t,
-                    "refs": refs, "candidates": candidates})
+            candidates.append(
+                {"n_wrong": n_wrong, "caption": caption_for(wrong.attributes, t), "changes": changes}
+            )
+        out.append(
+            {
+                "image": f"{i:04d}.png",
+                "scene": scene,
+                "attributes": scene.attributes,
+                "template": t,
+                "refs": refs,
+                "candidates": candidates,
+            }
+        )
     return out
 
 
@@ -77,9 +91,14 @@ def write_judgment_set(out: str | Path, n: int, seed: int = 0) -> dict[str, Path
     A folder that already holds the set of the same ``n`` and ``seed`` is reused as it is.
     """
     out = Path(out)
-    paths = {"images": out / "images", "refs": out / "Shapes.token.txt", "expert": out / "ExpertAnnotations.txt",
-             "crowdflower": out / "CrowdFlowerAnnotations.txt", "pascal50s": out / "pascal50s" / "pair_pascal.mat",
-             "foil": out / "shapes_foil.json"}
+    paths = {
+        "images": out / "images",
+        "refs": out / "Shapes.token.txt",
+        "expert": out / "ExpertAnnotations.txt",
+        "crowdflower": out / "CrowdFlowerAnnotations.txt",
+        "pascal50s": out / "pascal50s" / "pair_pascal.mat",
+        "foil": out / "shapes_foil.json",
+    }
     if already_written(out, paths, n, seed):
         return paths
     scenes = build_scenes(n, seed)
@@ -97,8 +116,19 @@ def write_judgment_set(out: str | Path, n: int, seed: int = 0) -> dict[str, Path
     atomic_write_text(paths["crowdflower"], "\n".join(crowd) + "\n")
     _write_pascal(paths["pascal50s"].parent, scenes, np.random.default_rng([seed, 5050]))
     _write_foil(paths["foil"], scenes)
-    atomic_write_text(out / MANIFEST, json.dumps({"n": n, "seed": seed, "split": "test", "scenes": [
-        {k: v for k, v in s.items() if k != "scene"} for s in scenes]}, indent=1) + "\n")
+    atomic_write_text(
+        out / MANIFEST,
+        json.dumps(
+            {
+                "n": n,
+                "seed": seed,
+                "split": "test",
+                "scenes": [{k: v for k, v in s.items() if k != "scene"} for s in scenes],
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     return paths
 
 
@@ -119,12 +149,16 @@ def _write_pascal(folder: Path, scenes: list[dict], rng: np.random.Generator) ->
     pairs = []
     for s in scenes:
         by_wrong = {c["n_wrong"]: c["caption"] for c in s["candidates"]}
-        pairs += [(s["image"], by_wrong[better], by_wrong[worse], cat, s["refs"], (better, worse))
-                  for cat, (_, better, worse) in enumerate(PAIR_CATEGORIES, 1)]
+        pairs += [
+            (s["image"], by_wrong[better], by_wrong[worse], cat, s["refs"], (better, worse))
+            for cat, (_, better, worse) in enumerate(PAIR_CATEGORIES, 1)
+        ]
     write_pascal(folder, pairs, [name for name, _, _ in PAIR_CATEGORIES], rng)
 
 
-def write_pascal(folder: Path, pairs: list[tuple], category_names: list[str], rng: np.random.Generator) -> None:
+def write_pascal(
+    folder: Path, pairs: list[tuple], category_names: list[str], rng: np.random.Generator
+) -> None:
     """PASCAL-50S's two files from ``pairs`` = ``(image, better caption, worse caption, category (1-based), refs,
     (better's code, worse's code))``: the better caption is A or B at random (position tells nothing), one
     unanimous consensus triplet per reference; the codes go to ``new_data``."""
@@ -138,20 +172,30 @@ def write_pascal(folder: Path, pairs: list[tuple], category_names: list[str], rn
         triplets += [(ref, a, b, 1.0 if a_better else -1.0) for ref in refs]
         categories.append(cat)
         kinds.append(codes if a_better else codes[::-1])
-    new_input = np.empty((1, len(rows)), dtype=[("image", object), ("caption_a", object), ("caption_b", object)])
+    new_input = np.empty(
+        (1, len(rows)), dtype=[("image", object), ("caption_a", object), ("caption_b", object)]
+    )
     for i, p in enumerate(rows):
         new_input[0, i] = p
-    trip = np.empty((1, len(triplets)), dtype=[("reference", object), ("caption_a", object),
-                                               ("caption_b", object), ("winner", object)])
+    trip = np.empty(
+        (1, len(triplets)),
+        dtype=[("reference", object), ("caption_a", object), ("caption_b", object), ("winner", object)],
+    )
     for i, t in enumerate(triplets):
         trip[0, i] = t
     names = np.empty((1, len(category_names)), dtype=object)
     for i, name in enumerate(category_names):
         names[0, i] = name
     folder.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(str(folder / "pair_pascal.mat"), {
-        "new_input": new_input, "category": np.array([categories], dtype=np.float64),
-        "new_data": np.array(kinds, dtype=np.float64), "category_names": names})
+    scipy.io.savemat(
+        str(folder / "pair_pascal.mat"),
+        {
+            "new_input": new_input,
+            "category": np.array([categories], dtype=np.float64),
+            "new_data": np.array(kinds, dtype=np.float64),
+            "category_names": names,
+        },
+    )
     scipy.io.savemat(str(folder / "consensus_pascal.mat"), {"triplets": trip})
 
 
@@ -160,8 +204,15 @@ def _write_foil(path: Path, scenes: list[dict]) -> None:
     for s in scenes:
         one_wrong = s["candidates"][1]
         change = one_wrong["changes"][0]
-        foils.append((s["image"], [*s["refs"], s["candidates"][0]["caption"]], one_wrong["caption"],
-                      change["true"], change["wrong"]))
+        foils.append(
+            (
+                s["image"],
+                [*s["refs"], s["candidates"][0]["caption"]],
+                one_wrong["caption"],
+                change["true"],
+                change["wrong"],
+            )
+        )
     write_foil(path, foils)
 
 
@@ -172,9 +223,26 @@ def write_foil(path: Path, foils: list[tuple[str, list[str], str, str, str]]) ->
     for i, (image, originals, foil, target, wrong) in enumerate(foils):
         images.append({"id": i, "file_name": image})
         for k, caption in enumerate(originals):
-            annotations.append({"image_id": i, "id": 10 * i + k, "caption": caption, "foil": False,
-                                "target_word": "ORIG", "foil_word": "ORIG", "foil_id": len(annotations)})
-        annotations.append({"image_id": i, "id": 10 * i + len(originals) - 1, "caption": foil,
-                            "foil": True, "target_word": target, "foil_word": wrong,
-                            "foil_id": len(annotations)})
+            annotations.append(
+                {
+                    "image_id": i,
+                    "id": 10 * i + k,
+                    "caption": caption,
+                    "foil": False,
+                    "target_word": "ORIG",
+                    "foil_word": "ORIG",
+                    "foil_id": len(annotations),
+                }
+            )
+        annotations.append(
+            {
+                "image_id": i,
+                "id": 10 * i + len(originals) - 1,
+                "caption": foil,
+                "foil": True,
+                "target_word": target,
+                "foil_word": wrong,
+                "foil_id": len(annotations),
+            }
+        )
     atomic_write_text(path, json.dumps({"images": images, "annotations": annotations}, indent=1) + "\n")

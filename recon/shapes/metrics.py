@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from recon.shapes import world
 
 
-def render_batch(seed: int, split: str, stream: int, n: int, device: str | torch.device = "cpu"
-                 ) -> tuple[list[world.Scene], torch.Tensor]:
+def render_batch(
+    seed: int, split: str, stream: int, n: int, device: str | torch.device = "cpu"
+) -> tuple[list[world.Scene], torch.Tensor]:
     """Scenes and their images as ``(n, 3, 32, 32)`` float in [0, 1]."""
     scenes = world.sample_scenes(n, seed, split, stream)
     return scenes, to_tensor(world.render_batch(scenes)).to(device)
@@ -31,7 +32,9 @@ def vae_round_trip(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(
+        std, device=x.device
+    ).view(1, 3, 1, 1)
 
 
 def captioner_accuracy(model, processor, scenes: list[world.Scene], batch: int = 128, **gen) -> dict:
@@ -39,7 +42,9 @@ def captioner_accuracy(model, processor, scenes: list[world.Scene], batch: int =
     captions = []
     for i in range(0, len(scenes), batch):
         chunk = scenes[i : i + batch]
-        pix = processor(images=list(world.render_batch(chunk)), return_tensors="pt").pixel_values.to(model.device)
+        pix = processor(images=list(world.render_batch(chunk)), return_tensors="pt").pixel_values.to(
+            model.device
+        )
         with torch.no_grad():
             out = model.generate(pixel_values=pix, max_new_tokens=20, **gen)
         captions += processor.batch_decode(out, skip_special_tokens=True)
@@ -50,15 +55,20 @@ def score_captions(captions: list[str], scenes: list[world.Scene]) -> dict:
     parsed = [world.parse_caption(c) for c in captions]
     truth = [s.attributes for s in scenes]
     attr = {a: float(np.mean([p[a] == t[a] for p, t in zip(parsed, truth)])) for a in world.ATTRIBUTES}
-    return {"tuple_acc": float(np.mean([p == t for p, t in zip(parsed, truth)])), "attr_acc": attr,
-            "unparseable": float(np.mean([not world.is_parseable(p) for p in parsed]))}
+    return {
+        "tuple_acc": float(np.mean([p == t for p, t in zip(parsed, truth)])),
+        "attr_acc": attr,
+        "unparseable": float(np.mean([not world.is_parseable(p) for p in parsed])),
+    }
 
 
 def class_prompts() -> tuple[list[tuple[str, ...]], list[list[str]]]:
     """Every combination and its captions under every template (zero-shot classes, prompt-ensembled)."""
     combos = list(world.ALL_COMBOS)
-    return combos, [[world.caption_for(dict(zip(world.ATTRIBUTES, c)), t) for t in range(len(world.TEMPLATES))]
-                    for c in combos]
+    return combos, [
+        [world.caption_for(dict(zip(world.ATTRIBUTES, c)), t) for t in range(len(world.TEMPLATES))]
+        for c in combos
+    ]
 
 
 @torch.no_grad()
@@ -66,7 +76,12 @@ def clip_class_embeddings(model, tokenizer) -> torch.Tensor:
     combos, prompts = class_prompts()
     flat = [p for ps in prompts for p in ps]
     dev = next(model.parameters()).device
-    emb = torch.cat([model.encode_text(tokenizer(flat[i : i + 512]).to(dev), normalize=True) for i in range(0, len(flat), 512)])
+    emb = torch.cat(
+        [
+            model.encode_text(tokenizer(flat[i : i + 512]).to(dev), normalize=True)
+            for i in range(0, len(flat), 512)
+        ]
+    )
     emb = emb.view(len(combos), len(world.TEMPLATES), -1).mean(1)
     return F.normalize(emb, dim=-1)
 
@@ -78,7 +93,9 @@ def clip_zero_shot(model, tokenizer, images: torch.Tensor, scenes: list[world.Sc
         img = model.encode_image(normalize(images, mean, std), normalize=True)
     pred = [combos[i] for i in (img @ classes.T).argmax(-1).tolist()]
     truth = [s.combo for s in scenes]
-    attr = {a: float(np.mean([p[j] == t[j] for p, t in zip(pred, truth)])) for j, a in enumerate(world.ATTRIBUTES)}
+    attr = {
+        a: float(np.mean([p[j] == t[j] for p, t in zip(pred, truth)])) for j, a in enumerate(world.ATTRIBUTES)
+    }
     return {"tuple_acc": float(np.mean([p == t for p, t in zip(pred, truth)])), "attr_acc": attr}
 
 

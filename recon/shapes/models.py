@@ -23,23 +23,59 @@ from recon.shapes import world
 # captioner, trained from 0.02, never learned position in 1000 steps (a ViT of this size with a position head alone:
 # 29% after 200 steps at 0.02, 98% at 0.1). Also sets the position embeddings (BlipVisionConfig's default: 1e-10).
 CAPTIONER_INIT = 0.1
-CAPTIONER_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                        image_size=world.IMAGE_SIZE, patch_size=4, initializer_range=CAPTIONER_INIT)
-CAPTIONER_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      encoder_hidden_size=128, max_position_embeddings=40, initializer_range=CAPTIONER_INIT)
+CAPTIONER_VISION = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=world.IMAGE_SIZE,
+    patch_size=4,
+    initializer_range=CAPTIONER_INIT,
+)
+CAPTIONER_TEXT = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    encoder_hidden_size=128,
+    max_position_embeddings=40,
+    initializer_range=CAPTIONER_INIT,
+)
 # Tokens the world never uses get this output bias, so full-vocabulary decoding equals the restricted softmax the
 # captioner is trained with (see train.py: the 30524-way softmax would more than double a CPU training step).
 UNUSED_TOKEN_BIAS = -30.0
 
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32], layers_per_block=1,
-           down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-           norm_num_groups=8, sample_size=world.IMAGE_SIZE)
-UNET = dict(sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
-            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
-            attention_head_dim=8, norm_num_groups=16)
-TEXT_ENCODER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=77, projection_dim=64)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=[16, 32],
+    layers_per_block=1,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    norm_num_groups=8,
+    sample_size=world.IMAGE_SIZE,
+)
+UNET = dict(
+    sample_size=world.IMAGE_SIZE // 2,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+TEXT_ENCODER = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=64,
+)
 # Zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed") with
 # "trailing" spacing, so sampling starts at t = T from pure noise. SD's scaled_linear schedule leaves
 # sqrt(alpha_bar_T) = 0.068 of the image in x_T, enough on 16x16 latents to read where the object is; the v1 UNet
@@ -47,8 +83,15 @@ TEXT_ENCODER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, 
 # captions). Measured: this schedule alone did not fix that (97.5% again at step ~1350; after the full 2400 steps
 # the position words still moved the x0 prediction at t = T by only 0.004 RMS); with the init scales below,
 # position followed the caption at every seed by step 1055.
-NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+NOISE_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+)
 
 CLIP_CONTEXT = 32
 CLIP_MODEL_CFG = {
@@ -74,9 +117,15 @@ def build_captioner(tokenizer, seed: int = 0, max_position_embeddings: int | Non
         text["max_position_embeddings"] = max_position_embeddings
     cfg = BlipConfig(
         vision_config=CAPTIONER_VISION,
-        text_config=dict(text, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id),
-        projection_dim=128, initializer_range=CAPTIONER_INIT,
+        text_config=dict(
+            text,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+        ),
+        projection_dim=128,
+        initializer_range=CAPTIONER_INIT,
     )
     return BlipForConditionalGeneration(cfg)
 
@@ -153,8 +202,15 @@ def build_text_encoder(tokenizer, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=49406, eos_token_id=49407,
-                                         pad_token_id=tokenizer.pad_token_id, **TEXT_ENCODER))
+    model = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT_ENCODER,
+        )
+    )
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, TEXT_TOKEN_INIT_STD)
     return model
@@ -177,9 +233,16 @@ def save_generator(vae, text_encoder, tokenizer, unet, out: Path) -> Path:
     """A full StableDiffusionPipeline folder (no safety checker)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=inference_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
     te_cfg = out / "text_encoder" / "config.json"
@@ -213,8 +276,13 @@ def clip_tokenizer(context_length: int = CLIP_CONTEXT):
 def clip_preprocess_cfg() -> dict:
     import open_clip
 
-    return {"size": world.IMAGE_SIZE, "mean": list(open_clip.OPENAI_DATASET_MEAN),
-            "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+    return {
+        "size": world.IMAGE_SIZE,
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
 
 
 def save_clip(model, out: Path, context_length: int = CLIP_CONTEXT) -> Path:
@@ -222,8 +290,12 @@ def save_clip(model, out: Path, context_length: int = CLIP_CONTEXT) -> Path:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": clip_model_cfg(context_length), "preprocess_cfg": clip_preprocess_cfg()}, indent=2) + "\n")
+    (out / "open_clip_config.json").write_text(
+        json.dumps(
+            {"model_cfg": clip_model_cfg(context_length), "preprocess_cfg": clip_preprocess_cfg()}, indent=2
+        )
+        + "\n"
+    )
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
     return out
@@ -241,8 +313,14 @@ class AttributeJudge(nn.Module):
         widths = widths or JUDGE["widths"]
         layers, c = [], 3
         for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-                       nn.Conv2d(w, w, 3, padding=1, stride=2), nn.GroupNorm(8, w), nn.SiLU()]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1),
+                nn.GroupNorm(8, w),
+                nn.SiLU(),
+                nn.Conv2d(w, w, 3, padding=1, stride=2),
+                nn.GroupNorm(8, w),
+                nn.SiLU(),
+            ]
             c = w
         self.features = nn.Sequential(*layers, nn.Flatten())
         side = world.IMAGE_SIZE // 2 ** len(widths)
@@ -264,11 +342,22 @@ def save_judge(model: AttributeJudge, out: Path) -> Path:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"class": "recon.shapes.models.AttributeJudge", **JUDGE,
-                                                 "attributes": {a: list(world.VALUES[a]) for a in world.ATTRIBUTES},
-                                                 "input": "RGB float [0, 1], 32x32"}, indent=2) + "\n")
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()},
-              str(out / "model.safetensors"))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "class": "recon.shapes.models.AttributeJudge",
+                **JUDGE,
+                "attributes": {a: list(world.VALUES[a]) for a in world.ATTRIBUTES},
+                "input": "RGB float [0, 1], 32x32",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    save_file(
+        {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()},
+        str(out / "model.safetensors"),
+    )
     return out
 
 

@@ -41,12 +41,22 @@ IMAGE_SIZE = 32
 SUPERSAMPLE = 4
 GRID = 2
 CELL_SIDE = IMAGE_SIZE // GRID
-CELLS = ("top left", "top right", "bottom left", "bottom right")  # reading order; cell i is (row i // 2, col i % 2)
+CELLS = (
+    "top left",
+    "top right",
+    "bottom left",
+    "bottom right",
+)  # reading order; cell i is (row i // 2, col i % 2)
 SIZES = {"small": 0.5, "large": 0.8}  # object extent as a fraction of the cell side
 MAX_OBJECTS = len(CELLS)
 OBJECT_ATTRIBUTES = ("size", "color", "shape")
-VALUES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES),
-                                      "cell": CELLS, "background": tuple(BACKGROUNDS)}
+VALUES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "color": tuple(COLORS),
+    "size": tuple(SIZES),
+    "cell": CELLS,
+    "background": tuple(BACKGROUNDS),
+}
 TEMPLATES = ("relational", "count", "detailed")
 NUMBERS = ("a", "two", "three", "four")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -57,8 +67,11 @@ HELDOUT_FRACTION = 0.1
 _HELDOUT_SEED = 20261203
 _ALL_PAIRS = tuple(itertools.combinations_with_replacement(TYPES, 2))
 HELDOUT_PAIRS: frozenset[tuple[tuple[str, str], tuple[str, str]]] = frozenset(
-    tuple(sorted(_ALL_PAIRS[i])) for i in np.random.default_rng(_HELDOUT_SEED).permutation(len(_ALL_PAIRS))[
-        : round(HELDOUT_FRACTION * len(_ALL_PAIRS))])
+    tuple(sorted(_ALL_PAIRS[i]))
+    for i in np.random.default_rng(_HELDOUT_SEED).permutation(len(_ALL_PAIRS))[
+        : round(HELDOUT_FRACTION * len(_ALL_PAIRS))
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,9 @@ class Scene:
 
 
 def _type_pairs(objects) -> list[tuple[tuple[str, str], tuple[str, str]]]:
-    return [tuple(sorted([(a.color, a.shape), (b.color, b.shape)])) for a, b in itertools.combinations(objects, 2)]
+    return [
+        tuple(sorted([(a.color, a.shape), (b.color, b.shape)])) for a, b in itertools.combinations(objects, 2)
+    ]
 
 
 def relation(a: str, b: str) -> str:
@@ -178,20 +193,32 @@ def _draw_scene(rng: np.random.Generator, n_objects: tuple[int, ...], templates:
     objects = []
     for c in cells:
         jit = rng.uniform(-1, 1, 3)
-        objects.append(SceneObject(
-            shape=SHAPES[int(rng.integers(len(SHAPES)))], color=VALUES["color"][int(rng.integers(len(COLORS)))],
-            size=VALUES["size"][int(rng.integers(len(SIZES)))], cell=CELLS[c], dx=JITTER_PX * float(jit[0]),
-            dy=JITTER_PX * float(jit[1]), scale=1.0 + 0.06 * float(jit[2]),
-            tint=tuple(int(t) for t in rng.integers(-12, 13, 3))))
+        objects.append(
+            SceneObject(
+                shape=SHAPES[int(rng.integers(len(SHAPES)))],
+                color=VALUES["color"][int(rng.integers(len(COLORS)))],
+                size=VALUES["size"][int(rng.integers(len(SIZES)))],
+                cell=CELLS[c],
+                dx=JITTER_PX * float(jit[0]),
+                dy=JITTER_PX * float(jit[1]),
+                scale=1.0 + 0.06 * float(jit[2]),
+                tint=tuple(int(t) for t in rng.integers(-12, 13, 3)),
+            )
+        )
     background = VALUES["background"][int(rng.integers(len(BACKGROUNDS)))]
     template = templates[int(rng.integers(len(templates)))]
     order = tuple(int(i) for i in rng.permutation(k))
     return Scene(background, tuple(objects), template, order)
 
 
-def sample_scenes(n: int, seed: int, split: str = "train", stream: int = 0,
-                  n_objects: int | tuple[int, ...] = (1, 2, 3, 4),
-                  templates: tuple[str, ...] = TEMPLATES) -> list[Scene]:
+def sample_scenes(
+    n: int,
+    seed: int,
+    split: str = "train",
+    stream: int = 0,
+    n_objects: int | tuple[int, ...] = (1, 2, 3, 4),
+    templates: tuple[str, ...] = TEMPLATES,
+) -> list[Scene]:
     """``n`` scenes drawn deterministically from ``(seed, split, stream)``, each with a number of objects drawn
     uniformly from ``n_objects`` and a caption template drawn uniformly from ``templates`` (repeat a name to weight
     it). ``train`` / ``test`` never hold a held-out pair of types; ``heldout`` always does
@@ -235,7 +262,11 @@ def render(scene: Scene) -> np.ndarray:
 
 def render_batch(scenes: list[Scene]) -> np.ndarray:
     """``(n, 32, 32, 3)`` uint8."""
-    return np.stack([render(s) for s in scenes]) if scenes else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    return (
+        np.stack([render(s) for s in scenes])
+        if scenes
+        else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    )
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -356,8 +387,10 @@ def object_f1(claims: Claims, scene: Scene) -> float:
 
 def attribute_f1(claims: Claims, scene: Scene) -> float:
     """F1 of the attribute words alone (the bag of words: which sizes, colours and shapes occur, unbound)."""
+
     def bag(kinds) -> Counter:
         return Counter((a, v) for k in kinds for a, v in zip(OBJECT_ATTRIBUTES, k) if v is not None)
+
     return _f1(bag(c.kind for c in claims.objects), bag(o.kind for o in scene.objects))
 
 
@@ -408,13 +441,20 @@ def exact_match(claims: Claims, scene: Scene) -> bool:
     for perm in itertools.permutations(range(len(scene.objects))):
         objs = [scene.objects[p] for p in perm]
         if all(c.kind == o.kind and c.cell in (None, o.cell) for c, o in zip(claims.objects, objs)) and all(
-                relation(objs[i].cell, objs[j].cell) == rel for i, rel, j in claims.relations):
+            relation(objs[i].cell, objs[j].cell) == rel for i, rel, j in claims.relations
+        ):
             return True
     return False
 
 
-SCORES = {"exact": exact_match, "object_f1": object_f1, "attribute_f1": attribute_f1,
-          "binding": binding_accuracy, "relation": relation_accuracy, "count": count_accuracy}
+SCORES = {
+    "exact": exact_match,
+    "object_f1": object_f1,
+    "attribute_f1": attribute_f1,
+    "binding": binding_accuracy,
+    "relation": relation_accuracy,
+    "count": count_accuracy,
+}
 
 
 def score_claims(claims: Claims, scene: Scene) -> dict[str, float | None]:

@@ -12,41 +12,72 @@ from pathlib import Path
 from recon.hub import SCENES_BUNDLE
 from recon.run_args import count
 
-COMPONENTS = ("vae", "unet", "captioner", "clip", "judge")  # the weak captioner is a snapshot of the captioner run
+COMPONENTS = (
+    "vae",
+    "unet",
+    "captioner",
+    "clip",
+    "judge",
+)  # the weak captioner is a snapshot of the captioner run
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    scenes = subparsers.add_parser("scenes", help="the compositional scenes world (1-4 objects on a 2x2 grid): "
-                                                  "train or evaluate its bundle, render scenes")
+    scenes = subparsers.add_parser(
+        "scenes",
+        help="the compositional scenes world (1-4 objects on a 2x2 grid): "
+        "train or evaluate its bundle, render scenes",
+    )
     sub = scenes.add_subparsers(dest="scenes_command", required=True)
 
     tr = sub.add_parser("train", help="train a bundle component on CPU (checkpointed; a rerun resumes)")
     tr.add_argument("--component", required=True, choices=COMPONENTS)
-    tr.add_argument("--out", type=Path, default=SCENES_BUNDLE, help="bundle directory (default: the shipped one)")
-    tr.add_argument("--work", type=Path, default=None, help="checkpoints (default: $RECON_CACHE/scenes-train/NAME)")
+    tr.add_argument(
+        "--out", type=Path, default=SCENES_BUNDLE, help="bundle directory (default: the shipped one)"
+    )
+    tr.add_argument(
+        "--work", type=Path, default=None, help="checkpoints (default: $RECON_CACHE/scenes-train/NAME)"
+    )
     tr.add_argument("--objects", default="1,2,3,4", help="objects per training scene, e.g. 2 or 1,2,3,4")
-    tr.add_argument("--templates", default="relational,count,detailed",
-                    help="caption templates of the training scenes, e.g. detailed,detailed,count (a repeated name "
-                         "weighs more)")
-    tr.add_argument("--init-from", type=Path, default=None,
-                    help="unet/captioner: continue from this bundle's weights (fresh optimizer and schedule)")
+    tr.add_argument(
+        "--templates",
+        default="relational,count,detailed",
+        help="caption templates of the training scenes, e.g. detailed,detailed,count (a repeated name "
+        "weighs more)",
+    )
+    tr.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="unet/captioner: continue from this bundle's weights (fresh optimizer and schedule)",
+    )
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--steps", type=count(1), default=None, help="optimizer steps (default: the shapes recipe's)")
+    tr.add_argument(
+        "--steps", type=count(1), default=None, help="optimizer steps (default: the shapes recipe's)"
+    )
     tr.add_argument("--batch", type=count(1), default=None, help="batch size (default: the recipe's)")
     tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     tr.add_argument("--threads", type=count(1), default=1, help="torch threads (oversubscribing is slow)")
     tr.set_defaults(handler=run_train)
 
-    ev = sub.add_parser("eval", help="measure the bundle on unseen scenes and unseen type pairs; check its bars")
+    ev = sub.add_parser(
+        "eval", help="measure the bundle on unseen scenes and unseen type pairs; check its bars"
+    )
     ev.add_argument("--n", type=count(1), default=200, help="scenes per split")
     ev.add_argument("--seed", type=int, default=1)
     ev.add_argument("--bundle", type=Path, default=SCENES_BUNDLE)
     ev.add_argument("--threads", type=count(1), default=None)
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--n-generate", type=int, default=None, metavar="N",
-                    help="generation metrics on the first N scenes of each split only (default: all n)")
+    ev.add_argument(
+        "--n-generate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generation metrics on the first N scenes of each split only (default: all n)",
+    )
     ev.add_argument("--card", action="store_true", help="write MODEL_CARD.md and eval.json into the bundle")
-    ev.add_argument("--card-note", type=Path, default=None, metavar="MD", help="with --card: markdown appended")
+    ev.add_argument(
+        "--card-note", type=Path, default=None, metavar="MD", help="with --card: markdown appended"
+    )
     ev.set_defaults(handler=run_eval)
 
     rd = sub.add_parser("render", help="write N rendered scenes as PNGs plus their true captions (refs.json)")
@@ -76,9 +107,18 @@ def run_train(args: argparse.Namespace) -> int:
     if unknown := sorted(set(templates) - set(scenes.TEMPLATES)):
         raise ValueError(f"--templates: unknown {', '.join(unknown)}; expected names from {scenes.TEMPLATES}")
     work = args.work or cache_root() / "scenes-train" / Path(args.out).resolve().name
-    targs = TrainArgs(component=args.component, out=Path(args.out), work=Path(work), seed=args.seed,
-                      steps=args.steps, threads=args.threads, init_from=args.init_from, batch=args.batch, lr=args.lr,
-                      world="scenes")
+    targs = TrainArgs(
+        component=args.component,
+        out=Path(args.out),
+        work=Path(work),
+        seed=args.seed,
+        steps=args.steps,
+        threads=args.threads,
+        init_from=args.init_from,
+        batch=args.batch,
+        lr=args.lr,
+        world="scenes",
+    )
     train(targs, _ints(args.objects, "--objects"), templates)
     return 0
 
@@ -113,8 +153,9 @@ def run_render(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a directory; pass a new or existing directory")
     refs = {}
-    for i, scene in enumerate(scenes.sample_scenes(args.n, args.seed, args.split, 1,
-                                                   _ints(args.objects, "--objects"))):
+    for i, scene in enumerate(
+        scenes.sample_scenes(args.n, args.seed, args.split, 1, _ints(args.objects, "--objects"))
+    ):
         save_png(Image.fromarray(scenes.render(scene)), args.out / f"{i:04d}.png")
         refs[f"{i:04d}"] = [scenes.caption_for(scene, t) for t in scenes.TEMPLATES]
     atomic_write_text(args.out / "refs.json", json.dumps(refs, indent=1))

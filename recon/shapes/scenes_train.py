@@ -25,9 +25,15 @@ CELL_SHAPES = (EMPTY, *scenes.SHAPES)
 CLIP_CONTEXT = 48  # the longest caption (four objects, detailed) is 39 BPE tokens + start and end
 
 
-def render_scenes(seed: int, split: str, stream: int, n: int, device: str | torch.device = "cpu",
-                  n_objects: int | tuple[int, ...] = (1, 2, 3, 4), templates: tuple[str, ...] = scenes.TEMPLATES,
-                  ) -> tuple[list[scenes.Scene], torch.Tensor]:
+def render_scenes(
+    seed: int,
+    split: str,
+    stream: int,
+    n: int,
+    device: str | torch.device = "cpu",
+    n_objects: int | tuple[int, ...] = (1, 2, 3, 4),
+    templates: tuple[str, ...] = scenes.TEMPLATES,
+) -> tuple[list[scenes.Scene], torch.Tensor]:
     """Scenes and their images as ``(n, 3, 32, 32)`` float in [0, 1] (the shapes trainers' ``render``)."""
     batch = scenes.sample_scenes(n, seed, split, stream, n_objects=n_objects, templates=templates)
     return batch, to_tensor(scenes.render_batch(batch)).to(device)
@@ -53,15 +59,25 @@ class CellJudge(nn.Module):
         super().__init__()
         layers, c = [], 3
         for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-                       nn.Conv2d(w, w, 3, padding=1, stride=2), nn.GroupNorm(8, w), nn.SiLU()]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1),
+                nn.GroupNorm(8, w),
+                nn.SiLU(),
+                nn.Conv2d(w, w, 3, padding=1, stride=2),
+                nn.GroupNorm(8, w),
+                nn.SiLU(),
+            ]
             c = w
         side = scenes.CELL_SIDE // 2 ** len(widths)
         self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * side * side, hidden), nn.SiLU())
-        self.heads = nn.ModuleDict({"shape": nn.Linear(hidden, len(CELL_SHAPES)),
-                                    "color": nn.Linear(hidden, len(scenes.COLORS)),
-                                    "size": nn.Linear(hidden, len(scenes.SIZES)),
-                                    "background": nn.Linear(hidden, len(scenes.BACKGROUNDS))})
+        self.heads = nn.ModuleDict(
+            {
+                "shape": nn.Linear(hidden, len(CELL_SHAPES)),
+                "color": nn.Linear(hidden, len(scenes.COLORS)),
+                "size": nn.Linear(hidden, len(scenes.SIZES)),
+                "background": nn.Linear(hidden, len(scenes.BACKGROUNDS)),
+            }
+        )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         b = images.shape[0]
@@ -76,9 +92,16 @@ class CellJudge(nn.Module):
         idx = {k: v.argmax(-1).tolist() for k, v in logits.items()}
         out = []
         for i in range(images.shape[0]):
-            objs = tuple(scenes.SceneObject(CELL_SHAPES[idx["shape"][i][c]], scenes.VALUES["color"][idx["color"][i][c]],
-                                            scenes.VALUES["size"][idx["size"][i][c]], cell)
-                         for c, cell in enumerate(scenes.CELLS) if CELL_SHAPES[idx["shape"][i][c]] != EMPTY)
+            objs = tuple(
+                scenes.SceneObject(
+                    CELL_SHAPES[idx["shape"][i][c]],
+                    scenes.VALUES["color"][idx["color"][i][c]],
+                    scenes.VALUES["size"][idx["size"][i][c]],
+                    cell,
+                )
+                for c, cell in enumerate(scenes.CELLS)
+                if CELL_SHAPES[idx["shape"][i][c]] != EMPTY
+            )
             out.append(scenes.Scene(scenes.VALUES["background"][idx["background"][i]], objs))
         return out
 
@@ -120,11 +143,14 @@ def judge_report(pred: list[scenes.Scene], truth: list[scenes.Scene]) -> dict:
             for j, a in enumerate(scenes.OBJECT_ATTRIBUTES):
                 acc[a].append(got is not None and got[j] == kind[j])
             acc["object"].append(got == kind)
-    return {"exact_scene": float(np.mean([p.layout == t.layout and p.background == t.background
-                                          for p, t in zip(pred, truth)])),
-            "background": float(np.mean([p.background == t.background for p, t in zip(pred, truth)])),
-            "object_count": float(np.mean([len(p.objects) == len(t.objects) for p, t in zip(pred, truth)])),
-            **{k: float(np.mean(v)) if v else None for k, v in acc.items()}}
+    return {
+        "exact_scene": float(
+            np.mean([p.layout == t.layout and p.background == t.background for p, t in zip(pred, truth)])
+        ),
+        "background": float(np.mean([p.background == t.background for p, t in zip(pred, truth)])),
+        "object_count": float(np.mean([len(p.objects) == len(t.objects) for p, t in zip(pred, truth)])),
+        **{k: float(np.mean(v)) if v else None for k, v in acc.items()},
+    }
 
 
 def train_judge(args) -> dict:
@@ -153,9 +179,19 @@ def train_judge(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    (out / "config.json").write_text(json.dumps({"class": "recon.shapes.scenes_train.CellJudge",
-                                                 "widths": list(JUDGE_WIDTHS), "hidden": JUDGE_HIDDEN}, indent=2))
-    save_file({k: v.detach().contiguous() for k, v in judge.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "class": "recon.shapes.scenes_train.CellJudge",
+                "widths": list(JUDGE_WIDTHS),
+                "hidden": JUDGE_HIDDEN,
+            },
+            indent=2,
+        )
+    )
+    save_file(
+        {k: v.detach().contiguous() for k, v in judge.state_dict().items()}, str(out / "model.safetensors")
+    )
     write_record(args, "judge", record)
     return record
 
@@ -173,15 +209,19 @@ def load_judge(path: Path) -> CellJudge:
 # The shapes world's BLIP captioner (recon.shapes.train.train_captioner) with this world's batches. The longest
 # caption (four objects, detailed) is 39 BERT wordpieces + [DEC] and [SEP]: 41 > the shapes captioner's 40 positions.
 CAPTIONER_POSITIONS = 48
-CAPTIONER_MAX_NEW_TOKENS = CAPTIONER_POSITIONS - 4  # generation starts from [DEC]; 40 tokens end the longest caption
+CAPTIONER_MAX_NEW_TOKENS = (
+    CAPTIONER_POSITIONS - 4
+)  # generation starts from [DEC]; 40 tokens end the longest caption
 CAPTIONER_VALIDATION_N = 128
 CAPTIONER_WEAK_EXACT = 0.3
 # Auxiliary heads on the ViT's [CLS] (discarded after training): per cell the shape (or empty), colour and size of its
 # object, and the background; the targets are the judge's (judge_targets).
-CAPTIONER_AUX_HEADS = {"shape": (len(scenes.CELLS), len(CELL_SHAPES)),
-                       "color": (len(scenes.CELLS), len(scenes.COLORS)),
-                       "size": (len(scenes.CELLS), len(scenes.SIZES)),
-                       "background": (1, len(scenes.BACKGROUNDS))}
+CAPTIONER_AUX_HEADS = {
+    "shape": (len(scenes.CELLS), len(CELL_SHAPES)),
+    "color": (len(scenes.CELLS), len(scenes.COLORS)),
+    "size": (len(scenes.CELLS), len(scenes.SIZES)),
+    "background": (1, len(scenes.BACKGROUNDS)),
+}
 
 
 def captioner_texts() -> list[str]:
@@ -196,8 +236,9 @@ def caption_scenes(model, processor, batch: list[scenes.Scene], chunk: int = 128
     gen = {"max_new_tokens": CAPTIONER_MAX_NEW_TOKENS, **gen}
     captions = []
     for i in range(0, len(batch), chunk):
-        pix = processor(images=list(scenes.render_batch(batch[i : i + chunk])),
-                        return_tensors="pt").pixel_values.to(model.device)
+        pix = processor(
+            images=list(scenes.render_batch(batch[i : i + chunk])), return_tensors="pt"
+        ).pixel_values.to(model.device)
         captions += processor.batch_decode(model.generate(pixel_values=pix, **gen), skip_special_tokens=True)
     return captions
 
@@ -206,41 +247,63 @@ def captioner_report(captions: list[str], truth: list[scenes.Scene]) -> dict:
     """Exact-scene accuracy of parsed captions vs. the true scenes, mean object F1, and the fraction of captions
     that name cells (detailed form; the rest are count-like, exact without places)."""
     claims = [scenes.parse_caption(c) for c in captions]
-    return {"exact": float(np.mean([scenes.exact_match(c, t) for c, t in zip(claims, truth)])),
-            "object_f1": float(np.mean([scenes.object_f1(c, t) for c, t in zip(claims, truth)])),
-            "names_cells": float(np.mean([any(o.cell for o in c.objects) for c in claims]))}
+    return {
+        "exact": float(np.mean([scenes.exact_match(c, t) for c, t in zip(claims, truth)])),
+        "object_f1": float(np.mean([scenes.object_f1(c, t) for c, t in zip(claims, truth)])),
+        "names_cells": float(np.mean([any(o.cell for o in c.objects) for c in claims])),
+    }
 
 
 def captioner_validation(n_objects: tuple[int, ...]) -> Callable[..., dict]:
     """``train_captioner``'s ``validation``: greedy captions of 128 ``test`` scenes."""
+
     def validate(model, processor, seed: int) -> dict:
         truth = scenes.sample_scenes(CAPTIONER_VALIDATION_N, seed, "test", n_objects=n_objects)
         return captioner_report(caption_scenes(model, processor, truth), truth)
+
     return validate
 
 
 def train_captioner(args, render, n_objects: tuple[int, ...]) -> dict:
     from recon.shapes.train import train_captioner as train_blip
 
-    return train_blip(args, render=render, aux_heads=CAPTIONER_AUX_HEADS, aux_targets=judge_targets,
-                      texts=captioner_texts(), validation=captioner_validation(n_objects),
-                      weak_rule=("exact", CAPTIONER_WEAK_EXACT, "exact-scene accuracy"),
-                      max_positions=CAPTIONER_POSITIONS)
+    return train_blip(
+        args,
+        render=render,
+        aux_heads=CAPTIONER_AUX_HEADS,
+        aux_targets=judge_targets,
+        texts=captioner_texts(),
+        validation=captioner_validation(n_objects),
+        weak_rule=("exact", CAPTIONER_WEAK_EXACT, "exact-scene accuracy"),
+        max_positions=CAPTIONER_POSITIONS,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0) -> torch.Tensor:
+def generate(
+    pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0
+) -> torch.Tensor:
     """``(n, 3, 32, 32)`` in [0, 1]; image i from ``seeds[i]``'s starting noise (as recon.shapes.evaluate)."""
-    lat = torch.stack([torch.randn((4, scenes.IMAGE_SIZE // 2, scenes.IMAGE_SIZE // 2),
-                                   generator=torch.Generator().manual_seed(s)) for s in seeds])
-    out = pipe(prompt=prompts, latents=lat, output_type="np", num_inference_steps=steps,
-               guidance_scale=guidance).images
+    lat = torch.stack(
+        [
+            torch.randn(
+                (4, scenes.IMAGE_SIZE // 2, scenes.IMAGE_SIZE // 2),
+                generator=torch.Generator().manual_seed(s),
+            )
+            for s in seeds
+        ]
+    )
+    out = pipe(
+        prompt=prompts, latents=lat, output_type="np", num_inference_steps=steps, guidance_scale=guidance
+    ).images
     return to_tensor((np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train(args, n_objects: tuple[int, ...] = (1, 2, 3, 4), templates: tuple[str, ...] = scenes.TEMPLATES) -> dict:
+def train(
+    args, n_objects: tuple[int, ...] = (1, 2, 3, 4), templates: tuple[str, ...] = scenes.TEMPLATES
+) -> dict:
     """Train one component (``args.component``) of the scenes bundle on scenes of ``n_objects`` objects captioned
     with ``templates`` (``recon scenes train``): the shapes world's trainers with this world's batches, the judge
     this world's own. The CLIP's positives are identical captions; every other caption in the batch is a
@@ -257,8 +320,11 @@ def train(args, n_objects: tuple[int, ...] = (1, 2, 3, 4), templates: tuple[str,
     if args.component == "captioner":
         return train_captioner(args, render, n_objects)
     if args.component == "clip":
-        return shapes_train.train_clip(args, render=render, key=lambda s: s.caption, context_length=CLIP_CONTEXT,
-                                       validated=False)
+        return shapes_train.train_clip(
+            args, render=render, key=lambda s: s.caption, context_length=CLIP_CONTEXT, validated=False
+        )
     if args.component in ("vae", "unet"):
-        return {"vae": shapes_train.train_vae, "unet": shapes_train.train_unet}[args.component](args, render=render)
+        return {"vae": shapes_train.train_vae, "unet": shapes_train.train_unet}[args.component](
+            args, render=render
+        )
     raise ValueError(f"component {args.component!r}: expected vae, unet, captioner, clip or judge")

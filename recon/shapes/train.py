@@ -54,7 +54,9 @@ class TrainArgs:
     minutes: float | None = None
     threads: int = 1
     device: str = "cpu"
-    init_from: Path | None = None  # unet / captioner: start from this bundle's weights (continue a finished run)
+    init_from: Path | None = (
+        None  # unet / captioner: start from this bundle's weights (continue a finished run)
+    )
     batch: int | None = None  # None: the recipe's BATCH
     lr: float | None = None  # None: the recipe's LR
     eval_every: int = 250
@@ -73,18 +75,28 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------- the loop
 def lr_lambda(plan: dict) -> Callable[[int], float]:
     """Linear warmup then cosine to 10%; reads ``plan['total']`` late so a minutes budget can set it."""
+
     def f(step: int) -> float:
         warm = min(200, max(1, plan["total"] // 20))
         if step < warm:
             return (step + 1) / warm
         p = min(1.0, (step - warm) / max(1, plan["total"] - warm))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
     return f
 
 
-def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], params: list,
-             step_fn: Callable[[int], float], validate: Callable[[int], dict] | None = None,
-             ema=None, weight_decay: float = 0.01, clip_norm: float | None = None) -> dict:
+def run_loop(
+    args: TrainArgs,
+    name: str,
+    modules: dict[str, torch.nn.Module],
+    params: list,
+    step_fn: Callable[[int], float],
+    validate: Callable[[int], dict] | None = None,
+    ema=None,
+    weight_decay: float = 0.01,
+    clip_norm: float | None = None,
+) -> dict:
     """Optimise ``params`` (tensors or AdamW param groups) with AdamW for the budget; checkpoint ``modules``,
     resume, log progress. ``clip_norm``: clip the gradient norm before each step. Returns a record."""
     plan = {"total": args.steps or DEFAULT_STEPS[name]}
@@ -97,8 +109,10 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
         try:  # tensors, numbers and lists only: a work directory is never unpickled beyond that
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e)[:300]}); delete it to "
-                             "train from the start") from None
+            raise ValueError(
+                f"{ckpt}: cannot resume from it ({type(e).__name__}: {str(e)[:300]}); delete it to "
+                "train from the start"
+            ) from None
         for k, m in modules.items():
             m.load_state_dict(state["modules"][k])
         opt.load_state_dict(state["opt"])
@@ -111,9 +125,19 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
 
     def save_ckpt() -> None:
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"modules": {k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "step": step, "total": plan["total"], "wall": wall_now(), "cpu": cpu_now()}, tmp)
+        torch.save(
+            {
+                "modules": {k: m.state_dict() for k, m in modules.items()},
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "step": step,
+                "total": plan["total"],
+                "wall": wall_now(),
+                "cpu": cpu_now(),
+            },
+            tmp,
+        )
         os.replace(tmp, ckpt)
 
     t_wall, t_cpu = time.time(), time.process_time()
@@ -139,8 +163,10 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
             log(f"{name}: {args.minutes} min budget -> {plan['total']} steps")
         if step % 50 == 0 or step == plan["total"]:
             rate = wall_now() / step if first_step == 0 else (time.time() - t_wall) / (step - first_step)
-            log(f"{name} step {step}/{plan['total']} loss {np.mean(losses):.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"{rate:.2f}s/step eta {rate * (plan['total'] - step) / 60:.1f} min")
+            log(
+                f"{name} step {step}/{plan['total']} loss {np.mean(losses):.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{rate:.2f}s/step eta {rate * (plan['total'] - step) / 60:.1f} min"
+            )
             losses = []
         if validate is not None and (step % args.eval_every == 0 or step == plan["total"]):
             for m in modules.values():
@@ -155,16 +181,29 @@ def run_loop(args: TrainArgs, name: str, modules: dict[str, torch.nn.Module], pa
     save_ckpt()
     for m in modules.values():
         m.eval()
-    return {"steps": step, "batch_size": bs(args, name), "lr": lr, "wall_minutes": round(wall_now() / 60, 2),
-            "cpu_minutes": round(cpu_now() / 60, 2), "threads": args.threads, "validation": metrics}
+    return {
+        "steps": step,
+        "batch_size": bs(args, name),
+        "lr": lr,
+        "wall_minutes": round(wall_now() / 60, 2),
+        "cpu_minutes": round(cpu_now() / 60, 2),
+        "threads": args.threads,
+        "validation": metrics,
+    }
 
 
 def write_record(args: TrainArgs, name: str, record: dict) -> None:
     path = args.out / "training" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    argv = sys.argv[sys.argv.index("train"):] if "train" in sys.argv else sys.argv
-    record = {"component": name, "seed": args.seed, "device": args.device, "command": f"recon {args.world} " + " ".join(argv),
-              "torch": torch.__version__, **record}
+    argv = sys.argv[sys.argv.index("train") :] if "train" in sys.argv else sys.argv
+    record = {
+        "component": name,
+        "seed": args.seed,
+        "device": args.device,
+        "command": f"recon {args.world} " + " ".join(argv),
+        "torch": torch.__version__,
+        **record,
+    }
     path.write_text(json.dumps(record, indent=2) + "\n")
     log(f"{name}: wrote {path}")
 
@@ -218,7 +257,9 @@ def train_unet(args: TrainArgs, render: Render = render_batch) -> dict:
     if not (vae_dir / "config.json").exists():
         raise FileNotFoundError(f"{vae_dir}: train the VAE first (`recon shapes train --component vae`)")
     dev = torch.device(args.device)
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False).to(dev)
+    vae = (
+        AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False).to(dev)
+    )
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(args.work / "clip_tokenizer"))
     if args.init_from:
         from diffusers import UNet2DConditionModel
@@ -238,18 +279,27 @@ def train_unet(args: TrainArgs, render: Render = render_batch) -> dict:
 
     def step_fn(step: int) -> float:
         scenes, x = render(args.seed, "train", step, bs(args, "unet"), dev)
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # CPU streams: same numbers on any device
+        g = torch.Generator().manual_seed(
+            args.seed * 1_000_003 + step
+        )  # CPU streams: same numbers on any device
         with torch.no_grad():
             dist = vae.encode(x * 2 - 1).latent_dist
             latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dev)) * sf
         drop = torch.rand(len(scenes), generator=g) < CAPTION_DROPOUT
         texts = ["" if d else s.caption for s, d in zip(scenes, drop.tolist())]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(dev)
+        ids = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(dev)
         noise = torch.randn(latents.shape, generator=g).to(dev)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(scenes),), generator=g).to(dev)
         noisy = noise_sched.add_noise(latents, noise, t)
-        target = noise_sched.get_velocity(latents, noise, t)  # plain v-prediction, unweighted: learned position
+        target = noise_sched.get_velocity(
+            latents, noise, t
+        )  # plain v-prediction, unweighted: learned position
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, target)
         loss.backward()
@@ -274,20 +324,26 @@ AUX_HEADS: dict[str, tuple[int, int]] = {a: (1, len(world.VALUES[a])) for a in w
 
 
 def shapes_aux_targets(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
-    return {a: torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes]) for a in world.ATTRIBUTES}
+    return {
+        a: torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes]) for a in world.ATTRIBUTES
+    }
 
 
 def shapes_caption_validation(model, processor, seed: int) -> dict:
     return captioner_accuracy(model, processor, world.sample_scenes(256, seed, "test"))
 
 
-def train_captioner(args: TrainArgs, name: str = "captioner", render: Render = render_batch,
-                    aux_heads: dict[str, tuple[int, int]] = AUX_HEADS,
-                    aux_targets: Callable[[list], dict[str, torch.Tensor]] = shapes_aux_targets,
-                    texts: list[str] | None = None,
-                    validation: Callable[..., dict] = shapes_caption_validation,
-                    weak_rule: tuple[str, float, str] = ("tuple_acc", 0.5, "tuple accuracy"),
-                    max_positions: int | None = None) -> dict:
+def train_captioner(
+    args: TrainArgs,
+    name: str = "captioner",
+    render: Render = render_batch,
+    aux_heads: dict[str, tuple[int, int]] = AUX_HEADS,
+    aux_targets: Callable[[list], dict[str, torch.Tensor]] = shapes_aux_targets,
+    texts: list[str] | None = None,
+    validation: Callable[..., dict] = shapes_caption_validation,
+    weak_rule: tuple[str, float, str] = ("tuple_acc", 0.5, "tuple accuracy"),
+    max_positions: int | None = None,
+) -> dict:
     """The BLIP captioner of a world; the defaults are the shapes world's. ``render``: the world's batches;
     ``aux_heads`` / ``aux_targets``: the auxiliary heads (above); ``texts``: the words (or captions) whose tokens the
     softmax is restricted to (None: the shapes world's, :func:`models.captioner_token_ids`);
@@ -301,8 +357,9 @@ def train_captioner(args: TrainArgs, name: str = "captioner", render: Render = r
     if args.init_from:
         from transformers import BlipForConditionalGeneration
 
-        model = BlipForConditionalGeneration.from_pretrained(Path(args.init_from) / "captioner",
-                                                             dtype=torch.float32).to(dev)
+        model = BlipForConditionalGeneration.from_pretrained(
+            Path(args.init_from) / "captioner", dtype=torch.float32
+        ).to(dev)
         log(f"{name}: initialised from {args.init_from}")
     else:
         model = models.build_captioner(tok, args.seed, max_positions).to(dev)
@@ -323,12 +380,18 @@ def train_captioner(args: TrainArgs, name: str = "captioner", render: Render = r
     # colour, size and background but not where the object is or its shape (chance after 1000 steps: the decoder's
     # cross-attention needs object-aware patch features first). Linear attribute heads on the [CLS] token, trained
     # with the captioning loss and then discarded, play the part of that pretraining.
-    aux = torch.nn.ModuleDict({a: torch.nn.Linear(models.CAPTIONER_VISION["hidden_size"], slots * classes)
-                               for a, (slots, classes) in aux_heads.items()}).to(dev)
+    aux = torch.nn.ModuleDict(
+        {
+            a: torch.nn.Linear(models.CAPTIONER_VISION["hidden_size"], slots * classes)
+            for a, (slots, classes) in aux_heads.items()
+        }
+    ).to(dev)
 
     def aux_loss(cls: torch.Tensor, y: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(F.cross_entropy(aux[a](cls).view(-1, classes), y[a].to(dev).reshape(-1))
-                   for a, (_, classes) in aux_heads.items()) / len(aux)
+        return sum(
+            F.cross_entropy(aux[a](cls).view(-1, classes), y[a].to(dev).reshape(-1))
+            for a, (_, classes) in aux_heads.items()
+        ) / len(aux)
 
     def step_fn(step: int) -> float:
         scenes, x = render(args.seed, "train", step, bs(args, name), dev)
@@ -336,8 +399,12 @@ def train_captioner(args: TrainArgs, name: str = "captioner", render: Render = r
         ids = enc.input_ids.clone()
         ids[:, 0] = tok.bos_token_id  # [CLS] -> [DEC], as BLIP's captioning loss does
         image_embeds = model.vision_model(pixel_values=normalize(x, processor_mean, processor_std))[0]
-        hidden = model.text_decoder.bert(input_ids=ids, attention_mask=enc.attention_mask,
-                                         encoder_hidden_states=image_embeds, is_decoder=True).last_hidden_state
+        hidden = model.text_decoder.bert(
+            input_ids=ids,
+            attention_mask=enc.attention_mask,
+            encoder_hidden_states=image_embeds,
+            is_decoder=True,
+        ).last_hidden_state
         # Softmax over the world's tokens only (32 in the shapes world): a fraction of the 30524-way head's cost.
         h = head.transform(hidden[:, :-1])
         logits = h @ head.decoder.weight[used].T + head.decoder.bias[used]
@@ -355,15 +422,24 @@ def train_captioner(args: TrainArgs, name: str = "captioner", render: Render = r
             # A deliberately weak snapshot for the candidate-ranking experiment (prototype: 62% -> 90% ranked).
             models.save_captioner(model.cpu(), tok, args.out / "captioner_weak")
             model.to(dev)
-            write_record(args, "captioner_weak", {"steps": step, "validation": metrics,
-                                                   "note": "snapshot of the captioner run at the first validation "
-                                                           f"with {what} >= {threshold}"})
+            write_record(
+                args,
+                "captioner_weak",
+                {
+                    "steps": step,
+                    "validation": metrics,
+                    "note": "snapshot of the captioner run at the first validation "
+                    f"with {what} >= {threshold}",
+                },
+            )
             weak_saved["done"] = True
         return metrics
 
     params = list(model.parameters()) + list(aux.parameters())
     record = run_loop(args, name, {"model": model, "aux": aux}, params, step_fn, validate)
-    with torch.no_grad():  # AdamW's decay never touches unused rows' bias (no grad), but keep the invariant exact
+    with (
+        torch.no_grad()
+    ):  # AdamW's decay never touches unused rows' bias (no grad), but keep the invariant exact
         head.decoder.bias[unused] = models.UNUSED_TOKEN_BIAS
     if args.init_from:
         record["initialised_from"] = str(args.init_from)
@@ -374,8 +450,13 @@ def train_captioner(args: TrainArgs, name: str = "captioner", render: Render = r
 
 
 # ----------------------------------------------------------------------------------------------- CLIP
-def train_clip(args: TrainArgs, render: Render = render_batch, key: Callable = lambda s: s.combo,
-               context_length: int = models.CLIP_CONTEXT, validated: bool = True) -> dict:
+def train_clip(
+    args: TrainArgs,
+    render: Render = render_batch,
+    key: Callable = lambda s: s.combo,
+    context_length: int = models.CLIP_CONTEXT,
+    validated: bool = True,
+) -> dict:
     """Contrastive, ordinary in-batch negatives (no hard negatives). ``key(scene)``: scenes with equal keys are
     each other's positives (the shapes world: the same combination under any template). ``validated``: the shapes
     world's zero-shot validation (another world validates afterwards)."""
@@ -403,8 +484,9 @@ def train_clip(args: TrainArgs, render: Render = render_batch, key: Callable = l
         scenes, x = render_batch(args.seed, "test", 0, 512, dev)
         return clip_zero_shot(model, tokenizer, x, scenes, pre["mean"], pre["std"])
 
-    record = run_loop(args, "clip", {"clip": model}, list(model.parameters()), step_fn,
-                      validate if validated else None)
+    record = run_loop(
+        args, "clip", {"clip": model}, list(model.parameters()), step_fn, validate if validated else None
+    )
     models.save_clip(model.cpu(), args.out / "clip", context_length)
     write_record(args, "clip", record)
     return record
@@ -434,9 +516,12 @@ def train_judge(args: TrainArgs) -> dict:
         scenes, x = render_batch(args.seed, "train", step, bs(args, "judge"))
         x = augment(x, torch.Generator().manual_seed(args.seed * 7919 + step)).to(dev)
         logits = judge(x)
-        loss = sum(F.cross_entropy(logits[a], torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes],
-                                                           device=dev))
-                   for a in world.ATTRIBUTES)
+        loss = sum(
+            F.cross_entropy(
+                logits[a], torch.tensor([world.VALUES[a].index(s.attributes[a]) for s in scenes], device=dev)
+            )
+            for a in world.ATTRIBUTES
+        )
         loss.backward()
         return loss.item()
 
@@ -451,8 +536,13 @@ def train_judge(args: TrainArgs) -> dict:
 
 
 TRAINERS: dict[str, Callable[[TrainArgs], dict]] = {
-    "vae": train_vae, "unet": train_unet, "captioner": train_captioner,
-    "weak": lambda a: train_captioner(a, "weak"), "clip": train_clip, "judge": train_judge}
+    "vae": train_vae,
+    "unet": train_unet,
+    "captioner": train_captioner,
+    "weak": lambda a: train_captioner(a, "weak"),
+    "clip": train_clip,
+    "judge": train_judge,
+}
 
 
 def train(args: TrainArgs) -> dict:

@@ -24,15 +24,30 @@ IMAGE_SIZE = 32
 SUPERSAMPLE = 4
 
 SHAPES = ("circle", "square", "triangle", "cross")
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (240, 210, 40),
-          "purple": (150, 60, 190)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 190),
+}
 SIZES = {"small": 0.24, "large": 0.42}  # object extent as a fraction of the image side
-POSITIONS = {"center": (0.5, 0.5), "top left": (0.27, 0.27), "top right": (0.73, 0.27),
-             "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
+POSITIONS = {
+    "center": (0.5, 0.5),
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
+}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
-VALUES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES),
-                                      "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS)}
+VALUES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "color": tuple(COLORS),
+    "size": tuple(SIZES),
+    "position": tuple(POSITIONS),
+    "background": tuple(BACKGROUNDS),
+}
 
 TEMPLATES = (
     "a {size} {color} {shape} at the {position} on a {background} background",
@@ -45,16 +60,23 @@ ALL_COMBOS: tuple[tuple[str, ...], ...] = tuple(itertools.product(*(VALUES[a] fo
 HELDOUT_FRACTION = 0.1
 _HELDOUT_SEED = 20240601
 HELDOUT_COMBOS: frozenset[tuple[str, ...]] = frozenset(
-    ALL_COMBOS[i] for i in np.random.default_rng(_HELDOUT_SEED).permutation(len(ALL_COMBOS))[
-        : round(HELDOUT_FRACTION * len(ALL_COMBOS))])
+    ALL_COMBOS[i]
+    for i in np.random.default_rng(_HELDOUT_SEED).permutation(len(ALL_COMBOS))[
+        : round(HELDOUT_FRACTION * len(ALL_COMBOS))
+    ]
+)
 SEEN_COMBOS: tuple[tuple[str, ...], ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
 SPLITS = {"train": 0, "test": 1, "heldout": 2}  # mixed into the seed: splits never share a random stream
 # The held-out combinations in two fixed halves (semi-supervised experiments supply unpaired data of one half and
 # measure the other); "heldout_a" / "heldout_b" draw from one half, under the held-out split's random stream.
 _SORTED_HELDOUT = sorted(HELDOUT_COMBOS)
 _HALVES = np.random.default_rng(_HELDOUT_SEED + 1).permutation(len(_SORTED_HELDOUT))
-HELDOUT_A: tuple[tuple[str, ...], ...] = tuple(_SORTED_HELDOUT[i] for i in sorted(_HALVES[: len(_HALVES) // 2]))
-HELDOUT_B: tuple[tuple[str, ...], ...] = tuple(_SORTED_HELDOUT[i] for i in sorted(_HALVES[len(_HALVES) // 2:]))
+HELDOUT_A: tuple[tuple[str, ...], ...] = tuple(
+    _SORTED_HELDOUT[i] for i in sorted(_HALVES[: len(_HALVES) // 2])
+)
+HELDOUT_B: tuple[tuple[str, ...], ...] = tuple(
+    _SORTED_HELDOUT[i] for i in sorted(_HALVES[len(_HALVES) // 2 :])
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +101,13 @@ class Scene:
     def attributes(self) -> dict[str, str]:
         """Attributes of the (first) object plus the background."""
         o = self.objects[0]
-        return {"shape": o.shape, "color": o.color, "size": o.size, "position": o.position,
-                "background": self.background}
+        return {
+            "shape": o.shape,
+            "color": o.color,
+            "size": o.size,
+            "position": o.position,
+            "background": self.background,
+        }
 
     @property
     def combo(self) -> tuple[str, ...]:
@@ -126,8 +153,16 @@ def sample_scenes(n: int, seed: int, split: str = "train", stream: int = 0) -> l
     scenes = []
     for i in range(n):
         shape, color, size, position, background = combos[idx[i]]
-        obj = ShapeObject(shape, color, size, position, dx=1.5 * float(jit[i, 0]), dy=1.5 * float(jit[i, 1]),
-                          scale=1.0 + 0.08 * float(jit[i, 2]), tint=tuple(int(t) for t in tint[i]))
+        obj = ShapeObject(
+            shape,
+            color,
+            size,
+            position,
+            dx=1.5 * float(jit[i, 0]),
+            dy=1.5 * float(jit[i, 1]),
+            scale=1.0 + 0.08 * float(jit[i, 2]),
+            tint=tuple(int(t) for t in tint[i]),
+        )
         scenes.append(Scene(background, (obj,), int(tmpl[i])))
     return scenes
 
@@ -141,8 +176,9 @@ def corrupt(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
 
 
 # ----------------------------------------------------------------------------------------------- rendering
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-               fill: tuple[int, int, int]) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]
+) -> None:
     """One shape of half-extent ``r`` centred at ``(cx, cy)`` (pixels of the supersampled canvas)."""
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -183,7 +219,11 @@ def render(scene: Scene) -> np.ndarray:
 
 def render_batch(scenes: list[Scene]) -> np.ndarray:
     """``(n, 32, 32, 3)`` uint8."""
-    return np.stack([render(s) for s in scenes]) if scenes else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    return (
+        np.stack([render(s) for s in scenes])
+        if scenes
+        else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    )
 
 
 def render_pil(scene: Scene) -> Image.Image:

@@ -54,12 +54,15 @@ def metric_class(cfg: MetricConfig, where: str = "metric", role: str | None = No
             if other != role and cfg.kind in other_table:
                 hint = f" ('{cfg.kind}' is {'an' if other == 'image' else 'a'} {other} similarity: list it under similarity.{other})"
         what = f"{role} similarity" if role else "similarity"
-        raise ConfigError(f"{where}.kind: unknown {what} kind {cfg.kind!r}{hint}; valid kinds: {', '.join(table)}")
+        raise ConfigError(
+            f"{where}.kind: unknown {what} kind {cfg.kind!r}{hint}; valid kinds: {', '.join(table)}"
+        )
     return cls
 
 
-def load_similarity(cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric",
-                    role: str | None = None) -> nn.Module:
+def load_similarity(
+    cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric", role: str | None = None
+) -> nn.Module:
     """Build one metric from its config; ``role`` ("image" / "text") restricts the valid kinds."""
     return metric_class(cfg, where, role).from_config(cfg, device, where=where)
 
@@ -70,8 +73,10 @@ def _load_all(cfgs: list[MetricConfig], device, role: str) -> dict[str, nn.Modul
     for i, cfg in enumerate(cfgs):
         metric = load_similarity(cfg, device, where=f"similarity.{role}.{i}", role=role)
         if metric.name in metrics:
-            raise ConfigError(f"similarity.{role}.{i}.name: result key {metric.name!r} is already used by "
-                              f"similarity.{role}.{first_at[metric.name]}; give one of them a distinct name")
+            raise ConfigError(
+                f"similarity.{role}.{i}.name: result key {metric.name!r} is already used by "
+                f"similarity.{role}.{first_at[metric.name]}; give one of them a distinct name"
+            )
         metrics[metric.name] = metric
         first_at[metric.name] = i
     return metrics
@@ -88,7 +93,25 @@ def load_text_metrics(cfg: SimilarityConfig, device: torch.device | str = "cpu")
 
 
 __all__ = [
-    "IMAGE_METRICS", "TEXT_METRICS", "PSNR_CAP_DB", "ClipImageSimilarity", "ClipTextPoolerSimilarity", "ClipTextSimilarity",
-    "ClipVisionPoolerSimilarity", "DinoSimilarity", "DreamSimDistance", "EmbeddingSimilarity", "LpipsDistance", "PsnrSimilarity", "SbertSimilarity",
-    "Similarity", "SsimSimilarity", "load_image_metrics", "load_similarity", "load_text_metrics", "metric_class", "psnr", "ssim",
+    "IMAGE_METRICS",
+    "TEXT_METRICS",
+    "PSNR_CAP_DB",
+    "ClipImageSimilarity",
+    "ClipTextPoolerSimilarity",
+    "ClipTextSimilarity",
+    "ClipVisionPoolerSimilarity",
+    "DinoSimilarity",
+    "DreamSimDistance",
+    "EmbeddingSimilarity",
+    "LpipsDistance",
+    "PsnrSimilarity",
+    "SbertSimilarity",
+    "Similarity",
+    "SsimSimilarity",
+    "load_image_metrics",
+    "load_similarity",
+    "load_text_metrics",
+    "metric_class",
+    "psnr",
+    "ssim",
 ]

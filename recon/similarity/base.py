@@ -87,4 +87,6 @@ def check_texts(texts_a: Sequence[str], texts_b: Sequence[str]) -> None:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("text similarities take two lists of strings")
     if len(texts_a) != len(texts_b) and 1 not in (len(texts_a), len(texts_b)):
-        raise ValueError(f"text batches differ in length: {len(texts_a)} vs {len(texts_b)} (or one must be 1)")
+        raise ValueError(
+            f"text batches differ in length: {len(texts_a)} vs {len(texts_b)} (or one must be 1)"
+        )

@@ -37,13 +37,18 @@ class ClipImageSimilarity(EmbeddingSimilarity):
     def __init__(self, clip: nn.Module, preprocess: dict | ImagePreprocess, name: str | None = None):
         super().__init__(name)
         self.clip = clip
-        self.preprocess = preprocess if isinstance(preprocess, ImagePreprocess) else \
-            ImagePreprocess.from_open_clip(preprocess)
+        self.preprocess = (
+            preprocess
+            if isinstance(preprocess, ImagePreprocess)
+            else ImagePreprocess.from_open_clip(preprocess)
+        )
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
         model, pretrained = open_clip_source(cfg, where)
-        clip, preprocess_cfg, _ = hub.load_open_clip(model, pretrained, as_device(device), field=f"{where}.model")
+        clip, preprocess_cfg, _ = hub.load_open_clip(
+            model, pretrained, as_device(device), field=f"{where}.model"
+        )
         return cls(freeze(clip), preprocess_cfg, name=cfg.name)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -65,13 +70,17 @@ class ClipVisionPoolerSimilarity(EmbeddingSimilarity):
     def __init__(self, vision_model: nn.Module, processor, name: str | None = None):
         super().__init__(name)
         self.vision = vision_model
-        self.preprocess = processor if isinstance(processor, ImagePreprocess) else \
-            ImagePreprocess.from_hf_processor(processor)
+        self.preprocess = (
+            processor
+            if isinstance(processor, ImagePreprocess)
+            else ImagePreprocess.from_hf_processor(processor)
+        )
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
-        model, processor = hub.load_hf_clip_vision(cfg.model or DEFAULT_HF_CLIP_VISION, as_device(device),
-                                                   field=f"{where}.model")
+        model, processor = hub.load_hf_clip_vision(
+            cfg.model or DEFAULT_HF_CLIP_VISION, as_device(device), field=f"{where}.model"
+        )
         return cls(freeze(model), processor, name=cfg.name)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -92,8 +101,11 @@ class DinoSimilarity(EmbeddingSimilarity):
     def __init__(self, backbone: nn.Module, processor, name: str | None = None):
         super().__init__(name)
         self.backbone = backbone
-        self.preprocess = processor if isinstance(processor, ImagePreprocess) else \
-            ImagePreprocess.from_hf_processor(processor)
+        self.preprocess = (
+            processor
+            if isinstance(processor, ImagePreprocess)
+            else ImagePreprocess.from_hf_processor(processor)
+        )
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
@@ -136,7 +148,9 @@ class DreamSimDistance(Similarity):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         device, dtype = _model_dtype(self.model)
         x = resize(images.to(device=device, dtype=dtype), (self.image_size, self.image_size)).clamp(0, 1)
-        return F.normalize(self.model.embed(x).float(), dim=-1)  # the package's embed: [B, D], centred per row
+        return F.normalize(
+            self.model.embed(x).float(), dim=-1
+        )  # the package's embed: [B, D], centred per row
 
     def distance_to(self, ref_embeds: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """``1 - cos`` between precomputed ``encode`` output ``[B or 1, D]`` and ``images`` -> ``[B]``."""
@@ -184,8 +198,10 @@ class LpipsDistance(Similarity):
         a, b = broadcast_batch(a, b)
         net = getattr(self.lpips, "pnet_type", "alex")
         if min(a.shape[-2:]) < LPIPS_MIN_SIZE.get(net, 0):
-            raise ValueError(f"LPIPS ({net}) needs images of at least {LPIPS_MIN_SIZE[net]} px per side, got "
-                             f"{tuple(a.shape[-2:])}")
+            raise ValueError(
+                f"LPIPS ({net}) needs images of at least {LPIPS_MIN_SIZE[net]} px per side, got "
+                f"{tuple(a.shape[-2:])}"
+            )
         return self.lpips(a * 2 - 1, b * 2 - 1).reshape(a.shape[0]).float()
 
 
@@ -197,7 +213,9 @@ PSNR_CAP_DB = 100.0  # PSNR of identical images (MSE 0) is reported as this, so 
 
 def _pixel_pair(images_a: torch.Tensor, images_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if images_a.ndim != 4 or images_b.ndim != 4:
-        raise ValueError(f"expected images [B, C, H, W], got {tuple(images_a.shape)} and {tuple(images_b.shape)}")
+        raise ValueError(
+            f"expected images [B, C, H, W], got {tuple(images_a.shape)} and {tuple(images_b.shape)}"
+        )
     dtype = torch.promote_types(torch.promote_types(images_a.dtype, images_b.dtype), torch.float32)
     a, b = match_sizes(images_a.to(dtype), images_b.to(device=images_a.device, dtype=dtype))
     return broadcast_batch(a, b)
@@ -209,8 +227,15 @@ def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32, dev
     return g / g.sum()
 
 
-def ssim(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float = 1.0, window_size: int = 11,
-         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+def ssim(
+    images_a: torch.Tensor,
+    images_b: torch.Tensor,
+    data_range: float = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
     """Mean SSIM per sample ``[B]`` (Wang et al. 2004): gaussian window, 'valid' positions only, channels averaged.
 
     Equals skimage's ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``
@@ -219,7 +244,9 @@ def ssim(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float = 1.0
     """
     a, b = _pixel_pair(images_a, images_b)
     if min(a.shape[-2:]) < window_size:
-        raise ValueError(f"SSIM needs images of at least {window_size} px per side, got {tuple(a.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs images of at least {window_size} px per side, got {tuple(a.shape[-2:])}"
+        )
     channels = a.shape[1]
     g = gaussian_window(window_size, sigma, a.dtype, a.device)
     gh = g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
@@ -233,8 +260,9 @@ def ssim(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float = 1.0
     return ssim_map.mean(dim=(1, 2, 3))
 
 
-def psnr(images_a: torch.Tensor, images_b: torch.Tensor, data_range: float = 1.0,
-         cap_db: float = PSNR_CAP_DB) -> torch.Tensor:
+def psnr(
+    images_a: torch.Tensor, images_b: torch.Tensor, data_range: float = 1.0, cap_db: float = PSNR_CAP_DB
+) -> torch.Tensor:
     """PSNR in dB per sample ``[B]``: ``10 log10(data_range^2 / MSE)``, capped at ``cap_db`` (MSE 0 included)."""
     a, b = _pixel_pair(images_a, images_b)
     mse = (a - b).pow(2).mean(dim=(1, 2, 3))
@@ -272,4 +300,3 @@ class PsnrSimilarity(Similarity):
 
     def forward(self, images_a: torch.Tensor, images_b: torch.Tensor) -> torch.Tensor:
         return psnr(images_a, images_b, cap_db=self.cap_db)
-

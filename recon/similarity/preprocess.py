@@ -28,8 +28,9 @@ def resize(images: torch.Tensor, size: tuple[int, int], interpolation: str = "bi
     return F.interpolate(images, size=tuple(size), mode=interpolation, align_corners=False, antialias=True)
 
 
-def center_crop_or_pad(images: torch.Tensor, size: tuple[int, int], fill: float = 0.0,
-                       offset_rounding: str = "round") -> torch.Tensor:
+def center_crop_or_pad(
+    images: torch.Tensor, size: tuple[int, int], fill: float = 0.0, offset_rounding: str = "round"
+) -> torch.Tensor:
     """Crop the center ``size``; sides smaller than ``size`` are padded with ``fill`` first.
 
     ``offset_rounding``: ``round`` (torchvision / open_clip) or ``floor`` (transformers) for odd margins.
@@ -42,7 +43,7 @@ def center_crop_or_pad(images: torch.Tensor, size: tuple[int, int], fill: float 
         h, w = images.shape[-2:]
     rnd = round if offset_rounding == "round" else int
     top, left = int(rnd((h - th) / 2.0)), int(rnd((w - tw) / 2.0))
-    return images[..., top:top + th, left:left + tw]
+    return images[..., top : top + th, left : left + tw]
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,19 @@ class ImagePreprocess:
         size = cfg.get("size", 224)
         size = (size, size) if isinstance(size, int) else tuple(size)
         interpolation = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
-        return cls(size=size, mean=tuple(cfg.get("mean", OPENAI_MEAN)), std=tuple(cfg.get("std", OPENAI_STD)),
-                   resize_mode=cfg.get("resize_mode") or "shortest", interpolation=interpolation,
-                   fill=float(cfg.get("fill_color", 0)) / 255.0)
+        return cls(
+            size=size,
+            mean=tuple(cfg.get("mean", OPENAI_MEAN)),
+            std=tuple(cfg.get("std", OPENAI_STD)),
+            resize_mode=cfg.get("resize_mode") or "shortest",
+            interpolation=interpolation,
+            fill=float(cfg.get("fill_color", 0)) / 255.0,
+        )
 
     @classmethod
     def from_hf_processor(cls, processor) -> ImagePreprocess:
         """From a transformers image processor (CLIPImageProcessor and alike)."""
+
         def present(sizes) -> dict:  # transformers' SizeDict may carry unset keys as None
             return {k: v for k, v in dict(sizes or {}).items() if v is not None}
 
@@ -99,9 +106,15 @@ class ImagePreprocess:
         mean = tuple(processor.image_mean) if normalize else (0.0, 0.0, 0.0)
         std = tuple(processor.image_std) if normalize else (1.0, 1.0, 1.0)
         resample = getattr(processor, "resample", 3)
-        return cls(size=hw, mean=mean, std=std, resize_mode=mode,
-                   interpolation=PIL_RESAMPLE.get(int(resample), "bicubic"), offset_rounding="floor",
-                   crop=crop_hw)
+        return cls(
+            size=hw,
+            mean=mean,
+            std=std,
+            resize_mode=mode,
+            interpolation=PIL_RESAMPLE.get(int(resample), "bicubic"),
+            offset_rounding="floor",
+            crop=crop_hw,
+        )
 
     def resized_size(self, h: int, w: int) -> tuple[int, int]:
         th, tw = self.size
@@ -125,7 +138,6 @@ class ImagePreprocess:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
-
 
 
 def match_sizes(a: torch.Tensor, b: torch.Tensor, clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,9 @@ def split_to_fit(text: str, count_tokens, limit: int) -> list[str]:
     specials = count_tokens("")
     pieces, current, used = [], [], specials
     for w in words:
-        n = count_tokens(w) - specials  # a word's tokens alone: CLIP's BPE and WordPiece split words separately
+        n = (
+            count_tokens(w) - specials
+        )  # a word's tokens alone: CLIP's BPE and WordPiece split words separately
         if current and used + n > limit:
             pieces.append(" ".join(current))
             current, used = [], specials
@@ -71,8 +73,10 @@ class LongTextSimilarity(EmbeddingSimilarity):
         """Per text: did its embedding see only a prefix of it (``truncate`` policy and too long for the context)?"""
         limit = self.context_tokens
         if self.long_text == "chunk_mean":
-            return [any(self.count_tokens(p) > limit for p in split_to_fit(t, self.count_tokens, limit))
-                    for t in texts]
+            return [
+                any(self.count_tokens(p) > limit for p in split_to_fit(t, self.count_tokens, limit))
+                for t in texts
+            ]
         return [self.count_tokens(t) > limit for t in texts]
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
@@ -85,7 +89,8 @@ class LongTextSimilarity(EmbeddingSimilarity):
         chunk_embeds = self.encode_truncated([c for p in pieces for c in p])
         owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(p) for p in pieces]))
         sums = chunk_embeds.new_zeros(len(texts), chunk_embeds.shape[-1]).index_add(
-            0, owner.to(chunk_embeds.device), chunk_embeds)
+            0, owner.to(chunk_embeds.device), chunk_embeds
+        )
         return F.normalize(sums, dim=-1)  # the mean's direction: the count divides out
 
     def forward(self, texts_a: Sequence[str], texts_b: Sequence[str]) -> torch.Tensor:
@@ -149,7 +154,9 @@ class ClipTextPoolerSimilarity(LongTextSimilarity):
     name = "clip_text_pooler_similarity"
     higher_is_better = True
 
-    def __init__(self, text_model: nn.Module, tokenizer, name: str | None = None, long_text: str | None = None):
+    def __init__(
+        self, text_model: nn.Module, tokenizer, name: str | None = None, long_text: str | None = None
+    ):
         super().__init__(name)
         self.text_model = text_model
         self.tokenizer = tokenizer
@@ -157,8 +164,9 @@ class ClipTextPoolerSimilarity(LongTextSimilarity):
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
-        model, tokenizer = hub.load_hf_clip_text(cfg.model or hub.DEFAULT_HF_CLIP_VISION, as_device(device),
-                                                 field=f"{where}.model")
+        model, tokenizer = hub.load_hf_clip_text(
+            cfg.model or hub.DEFAULT_HF_CLIP_VISION, as_device(device), field=f"{where}.model"
+        )
         return cls(freeze(model), tokenizer, name=cfg.name, long_text=cfg.long_text)
 
     @property
@@ -169,8 +177,13 @@ class ClipTextPoolerSimilarity(LongTextSimilarity):
         return len(self.tokenizer(text, truncation=False, verbose=False).input_ids)
 
     def encode_truncated(self, texts: Sequence[str]) -> torch.Tensor:
-        inputs = self.tokenizer(list(texts), padding=True, truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device_of())
+        inputs = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).to(self.device_of())
         return F.normalize(self.text_model(**inputs).pooler_output, dim=-1)
 
 
@@ -192,8 +205,11 @@ class SbertSimilarity(LongTextSimilarity):
 
     @classmethod
     def from_config(cls, cfg: MetricConfig, device: torch.device | str = "cpu", where: str = "metric"):
-        return cls(freeze(hub.load_sbert(cfg.model, as_device(device), field=f"{where}.model")), name=cfg.name,
-                   long_text=cfg.long_text)
+        return cls(
+            freeze(hub.load_sbert(cfg.model, as_device(device), field=f"{where}.model")),
+            name=cfg.name,
+            long_text=cfg.long_text,
+        )
 
     @property
     def context_tokens(self) -> int:

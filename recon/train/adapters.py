@@ -36,16 +36,23 @@ def target_regex(targets: str, presets: dict[str, str]) -> str | None:
 def _lora_config(cfg: AdapterConfig, regex: str, init="gaussian"):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
-                      lora_dropout=cfg.dropout, target_modules=regex, init_lora_weights=init)
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+        lora_dropout=cfg.dropout,
+        target_modules=regex,
+        init_lora_weights=init,
+    )
 
 
 def _check_matched(model: nn.Module, regex: str, where: str) -> None:
     import re
 
     if not any(re.fullmatch(regex, name) for name, _ in model.named_modules()):
-        raise ConfigError(f"{where}.targets={regex!r} matches no module of the model; name a preset "
-                          f"or a regex over names such as {next(n for n, _ in model.named_modules() if n)!r}")
+        raise ConfigError(
+            f"{where}.targets={regex!r} matches no module of the model; name a preset "
+            f"or a regex over names such as {next(n for n, _ in model.named_modules() if n)!r}"
+        )
 
 
 def add_captioner_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
@@ -97,8 +104,10 @@ class TrainState:
             params = trainable(module)
             missing = [n for n in params if f"{key}/{n}" not in state]
             if missing:
-                raise RuntimeError(f"checkpoint lacks {len(missing)} {key} LoRA weights (e.g. {missing[0]}): "
-                                   "it was written with other LoRA settings; start a new --out")
+                raise RuntimeError(
+                    f"checkpoint lacks {len(missing)} {key} LoRA weights (e.g. {missing[0]}): "
+                    "it was written with other LoRA settings; start a new --out"
+                )
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(state[f"{key}/{n}"])
@@ -127,7 +136,9 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def export_captioner_adapter(peft_model: nn.Module, out_dir: Path, base_model: str | None = None) -> Path | None:
+def export_captioner_adapter(
+    peft_model: nn.Module, out_dir: Path, base_model: str | None = None
+) -> Path | None:
     """``out_dir/captioner_adapter`` in peft's layout; None when the captioner was not adapted. ``base_model``: the
     ``captioner.model`` it was trained on, recorded as ``base_model_name_or_path`` (portable, unlike the resolved
     local path peft would write) so that loading it onto another captioner is warned about."""
@@ -136,8 +147,10 @@ def export_captioner_adapter(peft_model: nn.Module, out_dir: Path, base_model: s
     if base_model is not None:
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = base_model
-    return replace_dir(lambda d: peft_model.save_pretrained(str(d), safe_serialization=True),
-                       Path(out_dir) / CAPTIONER_ADAPTER_DIR)
+    return replace_dir(
+        lambda d: peft_model.save_pretrained(str(d), safe_serialization=True),
+        Path(out_dir) / CAPTIONER_ADAPTER_DIR,
+    )
 
 
 def export_sd_lora(unet: nn.Module, out_dir: Path) -> Path | None:
@@ -153,7 +166,11 @@ def export_sd_lora(unet: nn.Module, out_dir: Path) -> Path | None:
     metadata = unet.peft_config["default"].to_dict()
 
     def write(d: Path) -> None:
-        StableDiffusionPipeline.save_lora_weights(save_directory=str(d), unet_lora_layers=layers,
-                                                  safe_serialization=True, unet_lora_adapter_metadata=metadata)
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=str(d),
+            unet_lora_layers=layers,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
+        )
 
     return replace_dir(write, Path(out_dir) / SD_LORA_DIR)

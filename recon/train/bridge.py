@@ -77,8 +77,9 @@ def _source_pieces(source_vocab: dict[str, int], decoder: dict[str, int]) -> dic
     return out
 
 
-def build_index(source_vocab: dict[str, int], target_vocab: dict[str, int],
-                target_special: set[int] = frozenset()) -> torch.Tensor:
+def build_index(
+    source_vocab: dict[str, int], target_vocab: dict[str, int], target_special: set[int] = frozenset()
+) -> torch.Tensor:
     """``index[target id] = source id`` of the same word, or ``UNMAPPED`` (-1); ``[len(target_vocab)]`` long.
 
     One-to-one: every source token reaches at most one target token, so a captioner certain of a word feeds the
@@ -107,7 +108,9 @@ def build_index(source_vocab: dict[str, int], target_vocab: dict[str, int],
         if text:
             (whole if token.endswith("</w>") else inner).setdefault(text, tid)
     pieces = _source_pieces(source_vocab, decoder)
-    order = sorted(pieces, key=lambda sid: (not pieces[sid][1], sid))  # word-initial pieces own the whole words
+    order = sorted(
+        pieces, key=lambda sid: (not pieces[sid][1], sid)
+    )  # word-initial pieces own the whole words
     claimed: set[int] = set()
     placed: set[int] = set()
     for fold in (False, True):
@@ -140,11 +143,15 @@ class VocabIndex:
 
 def coverage_report(index: torch.Tensor, source_size: int) -> dict:
     mapped = index != UNMAPPED
-    return {"target_vocab": int(index.numel()), "target_mapped": int(mapped.sum()),
-            "target_mapped_fraction": round(float(mapped.float().mean()), 4),
-            "target_unmapped_fraction": round(1 - float(mapped.float().mean()), 4),
-            "source_vocab": int(source_size), "source_reachable": int(index[mapped].unique().numel()),
-            "source_reachable_fraction": round(index[mapped].unique().numel() / max(1, source_size), 4)}
+    return {
+        "target_vocab": int(index.numel()),
+        "target_mapped": int(mapped.sum()),
+        "target_mapped_fraction": round(float(mapped.float().mean()), 4),
+        "target_unmapped_fraction": round(1 - float(mapped.float().mean()), 4),
+        "source_vocab": int(source_size),
+        "source_reachable": int(index[mapped].unique().numel()),
+        "source_reachable_fraction": round(index[mapped].unique().numel() / max(1, source_size), 4),
+    }
 
 
 def token_coverage(vocab_index: VocabIndex, source_ids: list[list[int]]) -> float:
@@ -155,7 +162,9 @@ def token_coverage(vocab_index: VocabIndex, source_ids: list[list[int]]) -> floa
 
 
 def _vocab_key(source_vocab: dict[str, int], target_vocab: dict[str, int], special: set[int]) -> str:
-    blob = json.dumps([INDEX_VERSION, sorted(source_vocab.items()), sorted(target_vocab.items()), sorted(special)])
+    blob = json.dumps(
+        [INDEX_VERSION, sorted(source_vocab.items()), sorted(target_vocab.items()), sorted(special)]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -174,10 +183,15 @@ def vocab_index(source_tokenizer, target_tokenizer, cache_dir: str | Path | None
 
     def read(path: Path) -> torch.Tensor:  # a torn or tampered file raises: Cache.load rebuilds it, naming it
         index = st_load(path.read_bytes())["index"]
-        if index.dtype != torch.long or tuple(index.shape) != (size,) or \
-                bool(((index < UNMAPPED) | (index >= n_source)).any()):
-            raise ValueError(f"holds a {index.dtype} index of shape {tuple(index.shape)}, expected int64 [{size}] "
-                             f"with values in [{UNMAPPED}, {n_source})")
+        if (
+            index.dtype != torch.long
+            or tuple(index.shape) != (size,)
+            or bool(((index < UNMAPPED) | (index >= n_source)).any())
+        ):
+            raise ValueError(
+                f"holds a {index.dtype} index of shape {tuple(index.shape)}, expected int64 [{size}] "
+                f"with values in [{UNMAPPED}, {n_source})"
+            )
         return index
 
     cache = Cache(cache_dir)
@@ -210,13 +224,19 @@ class TextEncoderFromEmbeddings(nn.Module):
     def token_embedding(self) -> nn.Embedding:
         return self.text_encoder.embeddings.token_embedding
 
-    def forward(self, token_embeds: torch.Tensor, pooled_positions: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        token_embeds: torch.Tensor,
+        pooled_positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from transformers.masking_utils import create_causal_mask
 
         te = self.text_encoder
         hidden = te.embeddings(inputs_embeds=token_embeds)
-        mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
+        mask = create_causal_mask(
+            config=te.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None
+        )
         last = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         last = te.final_layer_norm(last)
         pooled = last[torch.arange(last.shape[0], device=last.device), pooled_positions.to(last.device)]
@@ -241,7 +261,9 @@ class SoftTokenBridge(nn.Module):
     Gumbel noise (``variant="gumbel"``). No parameters of its own.
     """
 
-    def __init__(self, index: VocabIndex, text_encoder: nn.Module, tokenizer, cfg: BridgeConfig | None = None):
+    def __init__(
+        self, index: VocabIndex, text_encoder: nn.Module, tokenizer, cfg: BridgeConfig | None = None
+    ):
         super().__init__()
         self.cfg = cfg or BridgeConfig()
         self.encoder = TextEncoderFromEmbeddings(text_encoder)
@@ -254,12 +276,14 @@ class SoftTokenBridge(nn.Module):
         gather = index.index.clone()
         if keep_unk:
             gather[gather == UNMAPPED] = index.unk_id
-        include = (gather != UNMAPPED)
+        include = gather != UNMAPPED
         self.register_buffer("gather_index", gather.clamp(min=0), persistent=False)
         self.register_buffer("include", include, persistent=False)
         n_rows = self.encoder.token_embedding().weight.shape[0]
         if gather.numel() != n_rows:
-            raise ValueError(f"bridge index covers {gather.numel()} tokens but the text encoder has {n_rows} rows")
+            raise ValueError(
+                f"bridge index covers {gather.numel()} tokens but the text encoder has {n_rows} rows"
+            )
 
     def clip_distribution(self, logits: torch.Tensor) -> torch.Tensor:
         """``[N, V_src]`` captioner logits -> ``[N, V_clip]`` weights over the CLIP vocabulary (float32)."""
@@ -282,7 +306,9 @@ class SoftTokenBridge(nn.Module):
         key = (n_source, weight.device, weight.data_ptr(), weight._version)
         if self._table is None or self._table[0] != key or weight.requires_grad:
             idx = self.gather_index[self.include]
-            with torch.set_grad_enabled(weight.requires_grad):  # a trained embedding: rebuilt with grad each call
+            with torch.set_grad_enabled(
+                weight.requires_grad
+            ):  # a trained embedding: rebuilt with grad each call
                 emb = weight.float()
                 table = emb.new_zeros(n_source, emb.shape[1]).index_add(0, idx, emb[self.include])
             self._table = (key, table, torch.bincount(idx, minlength=n_source).float())
@@ -315,7 +341,9 @@ class SoftTokenBridge(nn.Module):
         # forward: exactly the hard token's embedding (soft - soft is exactly 0); backward: the soft sample's
         return emb[y.argmax(-1)] + (soft - soft.detach())
 
-    def layout(self, caption_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layout(
+        self, caption_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hard ids of the sequence (soft slots hold the pad id), (batch, source position), target slot, eos pos."""
         mask = caption_mask.bool()
         rank = mask.long().cumsum(1) - 1
@@ -328,8 +356,9 @@ class SoftTokenBridge(nn.Module):
         b, t = keep.nonzero(as_tuple=True)
         return ids, torch.stack([b, t]), rank[b, t] + 1, n + 1
 
-    def sequence_embeddings(self, logits: torch.Tensor, caption_mask: torch.Tensor,
-                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_embeddings(
+        self, logits: torch.Tensor, caption_mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, L, D]`` token embeddings of ``[BOS] soft.. [EOS] [PAD]..`` and the EOS positions ``[B]``."""
         ids, (b, t), slot, eos = self.layout(caption_mask.to(logits.device))
         table = self.encoder.token_embedding()
@@ -337,13 +366,16 @@ class SoftTokenBridge(nn.Module):
         soft = self.soft_embeddings(logits[b, t], generator).to(hard.dtype)
         return hard.index_put((b, slot), soft), eos
 
-    def forward(self, logits: torch.Tensor, caption_mask: torch.Tensor,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, logits: torch.Tensor, caption_mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, eos = self.sequence_embeddings(logits, caption_mask, generator)
         return self.encoder(embeds, eos)
 
 
-def caption_positions(labels: torch.Tensor, end_token_id: int | None, ignore_index: int = -100) -> torch.Tensor:
+def caption_positions(
+    labels: torch.Tensor, end_token_id: int | None, ignore_index: int = -100
+) -> torch.Tensor:
     """Positions whose target is a caption token: scored (``labels != -100``) and not the end token."""
     mask = labels != ignore_index
     if end_token_id is not None:
@@ -352,10 +384,21 @@ def caption_positions(labels: torch.Tensor, end_token_id: int | None, ignore_ind
 
 
 def coverage_line(cov: dict) -> str:
-    return (f"bridge: {cov['target_mapped']}/{cov['target_vocab']} CLIP tokens map to a same-word captioner token "
-            f"({100 * cov['target_mapped_fraction']:.1f}%; {100 * cov['target_unmapped_fraction']:.1f}% unmapped); "
-            f"{cov['source_reachable']}/{cov['source_vocab']} captioner tokens reachable")
+    return (
+        f"bridge: {cov['target_mapped']}/{cov['target_vocab']} CLIP tokens map to a same-word captioner token "
+        f"({100 * cov['target_mapped_fraction']:.1f}%; {100 * cov['target_unmapped_fraction']:.1f}% unmapped); "
+        f"{cov['source_reachable']}/{cov['source_vocab']} captioner tokens reachable"
+    )
 
 
-__all__ = ["SoftTokenBridge", "TextEncoderFromEmbeddings", "VocabIndex", "build_index", "caption_positions",
-           "coverage_line", "coverage_report", "token_coverage", "vocab_index"]
+__all__ = [
+    "SoftTokenBridge",
+    "TextEncoderFromEmbeddings",
+    "VocabIndex",
+    "build_index",
+    "caption_positions",
+    "coverage_line",
+    "coverage_report",
+    "token_coverage",
+    "vocab_index",
+]

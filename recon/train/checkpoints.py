@@ -24,14 +24,18 @@ def load_checkpoint(accelerator, path: Path, state: adapters.TrainState, lr_sche
 
     for name in (LORA_FILE, TRAINER_FILE):
         if not (path / name).is_file():
-            raise ValueError(f"{path}: no {name} (a checkpoint of an older recon, or damaged); start a new --out")
+            raise ValueError(
+                f"{path}: no {name} (a checkpoint of an older recon, or damaged); start a new --out"
+            )
     try:
         accelerator.load_state(str(path))
         trainer = json.loads((path / TRAINER_FILE).read_text())
         tensors = load_file(str(path / LORA_FILE))
     except Exception as e:  # a damaged file, or a planted pickle that weights_only=True refused to run
-        raise ValueError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:300]}); start a new "
-                         "--out if no earlier checkpoint loads") from None
+        raise ValueError(
+            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:300]}); start a new "
+            "--out if no earlier checkpoint loads"
+        ) from None
     state.load_state_dict({"step": trainer["step"], **tensors})
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
 
@@ -40,8 +44,18 @@ def resume(accelerator, root: Path, state: adapters.TrainState, lr_scheduler) ->
     """Load the newest checkpoint that loads; a damaged one (a truncated optimizer file, a planted pickle) is
     renamed ``.damaged-checkpoint-N`` (kept, never deleted) with a warning, and the previous one is tried. None:
     no checkpoint (a fresh start); every checkpoint damaged: the error of the newest, after setting them aside."""
-    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if p.is_dir()
-                    and (m := CHECKPOINT_RE.match(p.name))), reverse=True) if root.is_dir() else []
+    found = (
+        sorted(
+            (
+                (int(m.group(1)), p)
+                for p in root.iterdir()
+                if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+            ),
+            reverse=True,
+        )
+        if root.is_dir()
+        else []
+    )
     errors = []
     for _, path in found:
         try:
@@ -55,8 +69,10 @@ def resume(accelerator, root: Path, state: adapters.TrainState, lr_scheduler) ->
                 set_aside(path)
             accelerator.wait_for_everyone()
     if errors:
-        raise ValueError(f"{errors[0]} (no earlier checkpoint loads either; each was renamed .damaged-*: restore "
-                         "one, or rerun to train from step 0)")
+        raise ValueError(
+            f"{errors[0]} (no earlier checkpoint loads either; each was renamed .damaged-*: restore "
+            "one, or rerun to train from step 0)"
+        )
     return None
 
 
@@ -75,7 +91,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint (temporary names of an interrupted save are ignored)."""
     if not root.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    ]
     return max(found)[1] if found else None
 
 
@@ -112,7 +130,9 @@ def save_checkpoint(accelerator, root: Path, keep: int, state: adapters.TrainSta
             shutil.rmtree(stale, ignore_errors=True)
         found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
         for _, old in found[:-keep] if keep > 0 else []:
-            trash = old.with_name(f".{old.name}.tmp")  # renamed first: a kill mid-delete leaves no half checkpoint
+            trash = old.with_name(
+                f".{old.name}.tmp"
+            )  # renamed first: a kill mid-delete leaves no half checkpoint
             os.rename(old, trash)
             shutil.rmtree(trash, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -13,15 +13,28 @@ import sys
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``finetune`` command to an argparse subparsers object; its handler is ``args.handler(args)``."""
     p = subparsers.add_parser(
-        "finetune", help="jointly LoRA-finetune captioner and generator with reconstruction regularisers",
+        "finetune",
+        help="jointly LoRA-finetune captioner and generator with reconstruction regularisers",
         description="Joint LoRA finetuning (see configs/finetune-*.yaml). Rerunning with the same --out resumes "
-                    "from the newest checkpoint. Multi-GPU: accelerate launch -m recon finetune ...")
+        "from the newest checkpoint. Multi-GPU: accelerate launch -m recon finetune ...",
+    )
     p.add_argument("config", help="finetune YAML, or a name in configs/ (e.g. finetune-shapes-smoke)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, exported adapters)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, e.g. --set loss.i2t2i=0.5 (repeatable)")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
-                   help="stop after this many optimizer steps in total (checkpointed; rerun to continue)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config override, e.g. --set loss.i2t2i=0.5 (repeatable)",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="stop after this many optimizer steps in total (checkpointed; rerun to continue)",
+    )
     p.set_defaults(handler=run_finetune)
     return p
 

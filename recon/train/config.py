@@ -39,9 +39,9 @@ CAPTIONER_TARGETS = {
     "xattn_q": r".*text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.self\.query",  # the paper's choice
     # cross-attention plus the vision encoder's self-attention: for a captioner whose image features are the limit
     "vision_xattn": r".*(vision_model\.encoder\.layers\.\d+\.self_attn\.(qkv|projection)"
-                    r"|text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.(self\.(query|key|value)|output\.dense))",
+    r"|text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.(self\.(query|key|value)|output\.dense))",
     "decoder_attn": r".*text_decoder\.bert\.encoder\.layer\.\d+\.(attention|crossattention)\."
-                    r"(self\.(query|key|value)|output\.dense)",
+    r"(self\.(query|key|value)|output\.dense)",
     # "flamingo": the Flamingo backend's perceiver and gated cross-attention projections
     # (recon.captioners.flamingo.LORA_TARGETS; its tanh gates stay frozen here)
 }
@@ -93,7 +93,9 @@ class SamplerConfig:
 
     num_steps: int = 10
     grad_steps: int = 1
-    guidance_scale: float = 1.0  # > 1: classifier-free guidance with the empty prompt (doubles the UNet batch)
+    guidance_scale: float = (
+        1.0  # > 1: classifier-free guidance with the empty prompt (doubles the UNet batch)
+    )
 
 
 @dataclass
@@ -119,7 +121,9 @@ class LossConfig:
     label_smoothing: float = 0.1
     denoise: float = 1.0  # generator task loss: UNet noise MSE on (image, reference caption)
     i2t2i: float = 1.0  # image -> soft caption -> UNet noise MSE on the ORIGINAL image's latents (lambda)
-    t2i2t: float = 1.0  # text -> UNet -> x0 estimate / sample -> VAE decode -> captioner NLL of the ORIGINAL text
+    t2i2t: float = (
+        1.0  # text -> UNet -> x0 estimate / sample -> VAE decode -> captioner NLL of the ORIGINAL text
+    )
     # deviation: the decoded image goes through BLIP's own resize + mean/std (preprocess_tensor); the original fed
     # the VAE output to the captioner unnormalised.
     # deviation: the UNet's captions are padded to the text encoder's 77 tokens, as SD was trained and samples;
@@ -141,8 +145,11 @@ class LossConfig:
     pseudo_label: float = 0.0
     pseudo_label_candidates: int = 8
     pseudo_label_draws: int = 4
-    pseudo_label_decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(
-        method="nucleus", top_p=0.9, min_new_tokens=3, max_new_tokens=20))
+    pseudo_label_decoding: DecodingConfig = field(
+        default_factory=lambda: DecodingConfig(
+            method="nucleus", top_p=0.9, min_new_tokens=3, max_new_tokens=20
+        )
+    )
     # Rewards from the reconstruction signal, without a gradient through the generator. For each unlabelled image
     # (needs data.unlabelled_images) the captioner samples recon_reward_candidates captions (recon_reward_decoding);
     # the generator renders each (the training sampler, no gradient; every candidate of an image starts from the same
@@ -153,8 +160,11 @@ class LossConfig:
     best_of_n_recon: float = 0.0
     dpo_recon: float = 0.0
     recon_reward_candidates: int = 4
-    recon_reward_decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(
-        method="nucleus", top_p=0.9, min_new_tokens=3, max_new_tokens=20))
+    recon_reward_decoding: DecodingConfig = field(
+        default_factory=lambda: DecodingConfig(
+            method="nucleus", top_p=0.9, min_new_tokens=3, max_new_tokens=20
+        )
+    )
     recon_reward_metric: MetricConfig = field(default_factory=lambda: MetricConfig(kind="clip"))
     preference_loss: str = "dpo"  # dpo (Rafailov et al. 2023, eq. 7) | ipo (Azar et al. 2023, eq. 17)
     preference_beta: float = 0.1  # DPO's beta; IPO's tau
@@ -187,10 +197,16 @@ class DataConfig:
     # are given, i2t2i and image_sim run on them (teacher-forced on the captioner's own caption, decoded with
     # captioner.decoding, no gradient through decoding), and when unpaired texts are given, t2i2t runs on them
     # (a sampled image: loss.t2i2t_form=sampler). Otherwise the regularisers use the labelled pairs.
-    labelled_pairs: int | None = None  # a fixed pool of N pairs (shapes: N scenes; files: N of a seeded shuffle)
+    labelled_pairs: int | None = (
+        None  # a fixed pool of N pairs (shapes: N scenes; files: N of a seeded shuffle)
+    )
     unlabelled_images: str | None = None  # an image folder, or "shapes" (fresh scenes, no captions)
-    unpaired_texts: str | None = None  # a .txt / .json / .jsonl texts file, or "shapes" (fresh captions, no images)
-    unpaired_combos: str = "seen"  # shapes: the combinations unpaired data is drawn from: seen | heldout_a | heldout_b
+    unpaired_texts: str | None = (
+        None  # a .txt / .json / .jsonl texts file, or "shapes" (fresh captions, no images)
+    )
+    unpaired_combos: str = (
+        "seen"  # shapes: the combinations unpaired data is drawn from: seen | heldout_a | heldout_b
+    )
     # Model selection: the last N pairs of the labelled pool are held out of training (recon.train.data.selection_batch
     # gives them to recon.train.selection, which picks a run's checkpoint by their validation loss); 0: none.
     selection_pairs: int = 0
@@ -202,8 +218,11 @@ class ValidationConfig:
     final: bool = True  # validate once more when training finishes
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
-    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(method="greedy", num_beams=1,
-                                                                            min_new_tokens=3, max_new_tokens=20))
+    decoding: DecodingConfig = field(
+        default_factory=lambda: DecodingConfig(
+            method="greedy", num_beams=1, min_new_tokens=3, max_new_tokens=20
+        )
+    )
     metric: MetricConfig = field(default_factory=lambda: MetricConfig(kind="clip"))  # reconstruction score
     grid_items: int = 8
 
@@ -256,8 +275,16 @@ class FinetuneConfig:
 
 
 # Keys a resumed run may change: they do not change what a step computes.
-RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.checkpoints_total_limit", "train.log_every",
-                 "train.report_to", "train.threads", "data.num_workers", "validation.")
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.checkpoint_every",
+    "train.checkpoints_total_limit",
+    "train.log_every",
+    "train.report_to",
+    "train.threads",
+    "data.num_workers",
+    "validation.",
+)
 
 CHOICES = {
     "bridge.variant": ("prob", "logit", "gumbel"),
@@ -312,20 +339,33 @@ def check(cfg: FinetuneConfig) -> None:
         if flat[key] not in choices:
             raise ConfigError(f"{key}={flat[key]!r}: expected one of {', '.join(choices)}")
     t = cfg.train
-    for where, decoding in [("captioner.decoding", cfg.captioner.decoding),
-                            ("validation.decoding", cfg.validation.decoding),
-                            ("loss.pseudo_label_decoding", cfg.loss.pseudo_label_decoding),
-                            ("loss.recon_reward_decoding", cfg.loss.recon_reward_decoding)]:
+    for where, decoding in [
+        ("captioner.decoding", cfg.captioner.decoding),
+        ("validation.decoding", cfg.validation.decoding),
+        ("loss.pseudo_label_decoding", cfg.loss.pseudo_label_decoding),
+        ("loss.recon_reward_decoding", cfg.loss.recon_reward_decoding),
+    ]:
         check_decoding(decoding, where)
-    for key, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                       ("sampler.num_steps", cfg.sampler.num_steps), ("train.checkpoint_every", t.checkpoint_every),
-                       ("train.log_every", t.log_every), ("data.val_items", cfg.data.val_items),
-                       ("validation.num_inference_steps", cfg.validation.num_inference_steps),
-                       ("captioner_lora.rank", cfg.captioner_lora.rank), ("unet_lora.rank", cfg.unet_lora.rank)]:
+    for key, value in [
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("sampler.num_steps", cfg.sampler.num_steps),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.log_every", t.log_every),
+        ("data.val_items", cfg.data.val_items),
+        ("validation.num_inference_steps", cfg.validation.num_inference_steps),
+        ("captioner_lora.rank", cfg.captioner_lora.rank),
+        ("unet_lora.rank", cfg.unet_lora.rank),
+    ]:
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
-    for key, value in [("train.max_grad_norm", t.max_grad_norm), ("captioner_optim.lr", cfg.captioner_optim.lr),
-                       ("generator_optim.lr", cfg.generator_optim.lr), ("bridge.temperature", cfg.bridge.temperature)]:
+    for key, value in [
+        ("train.max_grad_norm", t.max_grad_norm),
+        ("captioner_optim.lr", cfg.captioner_optim.lr),
+        ("generator_optim.lr", cfg.generator_optim.lr),
+        ("bridge.temperature", cfg.bridge.temperature),
+    ]:
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{key}={value}: must be a finite number > 0")
     for key, value in [("validation.every", cfg.validation.every), ("train.warmup_steps", t.warmup_steps)]:
@@ -339,14 +379,18 @@ def check(cfg: FinetuneConfig) -> None:
     if cfg.data.kind != "shapes" and not cfg.data.annotations:
         raise ConfigError(f"data.kind={cfg.data.kind}: set data.annotations (and data.images)")
     if cfg.loss.schedule == "alternate" and t.grad_accum % 2:
-        raise ConfigError(f"train.grad_accum={t.grad_accum}: loss.schedule=alternate gives even micro-steps the image "
-                          "direction and odd ones the text direction; use an even grad_accum so every optimizer step "
-                          "sees both (or loss.schedule=sum)")
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum}: loss.schedule=alternate gives even micro-steps the image "
+            "direction and odd ones the text direction; use an even grad_accum so every optimizer step "
+            "sees both (or loss.schedule=sum)"
+        )
     if cfg.data.labelled_pairs is not None and cfg.data.labelled_pairs < 1:
         raise ConfigError(f"data.labelled_pairs={cfg.data.labelled_pairs}: must be >= 1 (or null for all)")
     for key in ("unlabelled_images", "unpaired_texts"):
         if getattr(cfg.data, key) == "shapes" and cfg.data.kind != "shapes":
-            raise ConfigError(f"data.{key}=shapes needs data.kind=shapes; give a path for data.kind={cfg.data.kind}")
+            raise ConfigError(
+                f"data.{key}=shapes needs data.kind=shapes; give a path for data.kind={cfg.data.kind}"
+            )
     if cfg.loss.pseudo_label and not cfg.data.unlabelled_images:
         raise ConfigError("loss.pseudo_label labels unlabelled images: set data.unlabelled_images")
     for key in ("pseudo_label_candidates", "pseudo_label_draws"):
@@ -356,8 +400,10 @@ def check(cfg: FinetuneConfig) -> None:
         raise ConfigError("loss.pseudo_label_decoding.method=greedy gives one candidate; use nucleus or beam")
     check_rewards(cfg)
     if cfg.data.unpaired_texts and cfg.loss.t2i2t and cfg.loss.t2i2t_form != "sampler":
-        raise ConfigError("loss.t2i2t_form=one_step needs the text's own image (its noised latents); with "
-                          "data.unpaired_texts set loss.t2i2t_form=sampler")
+        raise ConfigError(
+            "loss.t2i2t_form=one_step needs the text's own image (its noised latents); with "
+            "data.unpaired_texts set loss.t2i2t_form=sampler"
+        )
     check_gradient_paths(cfg)
 
 
@@ -369,12 +415,15 @@ def check_rewards(cfg: FinetuneConfig) -> None:
     loss, data = cfg.loss, cfg.data
     for term in ("best_of_n_recon", "dpo_recon"):
         if getattr(loss, term) and not data.unlabelled_images:
-            raise ConfigError(f"loss.{term} ranks the captioner's captions of unlabelled images: set "
-                              "data.unlabelled_images")
+            raise ConfigError(
+                f"loss.{term} ranks the captioner's captions of unlabelled images: set data.unlabelled_images"
+            )
     least = 2 if loss.dpo_recon else 1
     if loss.recon_reward_candidates < least:
-        raise ConfigError(f"loss.recon_reward_candidates={loss.recon_reward_candidates}: must be >= {least}"
-                          f"{' (a best and a worst caption)' if least == 2 else ''}")
+        raise ConfigError(
+            f"loss.recon_reward_candidates={loss.recon_reward_candidates}: must be >= {least}"
+            f"{' (a best and a worst caption)' if least == 2 else ''}"
+        )
     if loss.recon_reward_decoding.method == "greedy" and loss.recon_reward_candidates > 1:
         raise ConfigError("loss.recon_reward_decoding.method=greedy gives one candidate; use nucleus or beam")
     for key in ("preference_beta", "diffusion_dpo_beta"):
@@ -383,22 +432,28 @@ def check_rewards(cfg: FinetuneConfig) -> None:
     if data.selection_pairs < 0:
         raise ConfigError(f"data.selection_pairs={data.selection_pairs}: must be >= 0")
     if data.selection_pairs and (data.labelled_pairs is None or data.selection_pairs >= data.labelled_pairs):
-        raise ConfigError(f"data.selection_pairs={data.selection_pairs}: holds out part of the labelled pool; set "
-                          "data.labelled_pairs to more than it")
+        raise ConfigError(
+            f"data.selection_pairs={data.selection_pairs}: holds out part of the labelled pool; set "
+            "data.labelled_pairs to more than it"
+        )
 
 
 def check_gradient_paths(cfg: FinetuneConfig) -> None:
     """Every loss term with a weight > 0 must be able to move some trained LoRA: a term that cannot would cost
     its forward passes and train nothing, silently."""
-    trained = {"captioner": cfg.captioner_lora.targets not in ("", "none"),
-               "unet": cfg.unet_lora.targets not in ("", "none")}
+    trained = {
+        "captioner": cfg.captioner_lora.targets not in ("", "none"),
+        "unet": cfg.unet_lora.targets not in ("", "none"),
+    }
     through_sampler = cfg.sampler.grad_steps > 0
     reaches = {
         "caption_nll": {"captioner"},
         "denoise": {"unet"},
         "i2t2i": {"captioner", "unet"},
         # the captioner reads the sampled image even without gradient through the sampler (synthetic pairs)
-        "t2i2t": {"captioner", "unet"} if cfg.loss.t2i2t_form == "one_step" or through_sampler else {"captioner"},
+        "t2i2t": {"captioner", "unet"}
+        if cfg.loss.t2i2t_form == "one_step" or through_sampler
+        else {"captioner"},
         "image_sim": {"captioner", "unet"} if through_sampler else set(),
         "pseudo_label": {"captioner"},
         "best_of_n_recon": {"captioner"},
@@ -407,11 +462,16 @@ def check_gradient_paths(cfg: FinetuneConfig) -> None:
     }
     for term, models in reaches.items():
         if getattr(cfg.loss, term) > 0 and not any(trained[m] for m in models):
-            why = ("sampler.grad_steps=0 stops every gradient through the sampled image" if not models else
-                   f"it reaches only {' and '.join(sorted(models))}, and {'/'.join(m + '_lora' for m in sorted(models))}"
-                   f".targets is none")
-            raise ConfigError(f"loss.{term}={getattr(cfg.loss, term)}: this term cannot carry a gradient ({why}); "
-                              f"set loss.{term}=0 or give it a path")
+            why = (
+                "sampler.grad_steps=0 stops every gradient through the sampled image"
+                if not models
+                else f"it reaches only {' and '.join(sorted(models))}, and {'/'.join(m + '_lora' for m in sorted(models))}"
+                f".targets is none"
+            )
+            raise ConfigError(
+                f"loss.{term}={getattr(cfg.loss, term)}: this term cannot carry a gradient ({why}); "
+                f"set loss.{term}=0 or give it a path"
+            )
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
@@ -432,5 +492,8 @@ def _resumable(key: str) -> bool:
 
 def _differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     a, b, default = flatten(old), flatten(new), flatten(FinetuneConfig().to_dict())
-    return [(k, a.get(k, default.get(k)), b.get(k)) for k in sorted(set(a) | set(b))
-            if not same_value(a.get(k, default.get(k)), b.get(k))]
+    return [
+        (k, a.get(k, default.get(k)), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if not same_value(a.get(k, default.get(k)), b.get(k))
+    ]

@@ -70,14 +70,21 @@ def render_scenes(scenes, resolution: int) -> torch.Tensor:
     """Shapes scenes -> ``[n, 3, R, R]`` float images in [0, 1]."""
     from recon.shapes import world
 
-    return fit(torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float().div(255.0), resolution)
+    return fit(
+        torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float().div(255.0), resolution
+    )
 
 
 class ShapesPairs:
     """The shapes world: a fresh rendered batch per micro-step, exact ground truth for validation."""
 
-    def __init__(self, resolution: int, seed: int = 0, judge_dir: str | Path | None = None,
-                 cfg: DataConfig | None = None):
+    def __init__(
+        self,
+        resolution: int,
+        seed: int = 0,
+        judge_dir: str | Path | None = None,
+        cfg: DataConfig | None = None,
+    ):
         from recon.shapes import world
 
         self.cfg = cfg or DataConfig()
@@ -100,7 +107,10 @@ class ShapesPairs:
             scenes = world.sample_scenes(n * world_size, self.seed, "train", micro_step)[mine]
         else:
             first = micro_step * n * world_size
-            scenes = [self.pool[epoch_pick(first + k, len(self.pool), self.seed)] for k in range(mine.start, mine.stop)]
+            scenes = [
+                self.pool[epoch_pick(first + k, len(self.pool), self.seed)]
+                for k in range(mine.start, mine.stop)
+            ]
         return self.unpaired.fill(self._batch(scenes), micro_step, rank, world_size, n)
 
     def val_batch(self, n: int) -> Batch:
@@ -123,10 +133,13 @@ class ShapesPairs:
 
         parsed = [world.parse_caption(c) for c in captions]
         truth = [s.attributes for s in batch.meta]
-        return {"caption_tuple_acc": float(np.mean([p == t for p, t in zip(parsed, truth)])),
-                "caption_attr_acc": float(np.mean([p[a] == t[a] for p, t in zip(parsed, truth)
-                                                   for a in world.ATTRIBUTES])),
-                "caption_unparseable": float(np.mean([not world.is_parseable(p) for p in parsed]))}
+        return {
+            "caption_tuple_acc": float(np.mean([p == t for p, t in zip(parsed, truth)])),
+            "caption_attr_acc": float(
+                np.mean([p[a] == t[a] for p, t in zip(parsed, truth) for a in world.ATTRIBUTES])
+            ),
+            "caption_unparseable": float(np.mean([not world.is_parseable(p) for p in parsed])),
+        }
 
     def score_images(self, images: torch.Tensor, batch: Batch) -> dict[str, float]:
         """The judge's exact-attribute accuracy on images generated from the reference captions."""
@@ -138,9 +151,12 @@ class ShapesPairs:
             self._judge = models.load_judge(self.judge_dir, "cpu")
         pred = self._judge.predict(fit(images.float().cpu(), world.IMAGE_SIZE))
         truth = [s.attributes for s in batch.meta]
-        return {"generator_judge_tuple_acc": float(np.mean([p == t for p, t in zip(pred, truth)])),
-                "generator_judge_attr_acc": float(np.mean([p[a] == t[a] for p, t in zip(pred, truth)
-                                                           for a in world.ATTRIBUTES]))}
+        return {
+            "generator_judge_tuple_acc": float(np.mean([p == t for p, t in zip(pred, truth)])),
+            "generator_judge_attr_acc": float(
+                np.mean([p[a] == t[a] for p, t in zip(pred, truth) for a in world.ATTRIBUTES])
+            ),
+        }
 
 
 class CaptionFilePairs:
@@ -154,7 +170,9 @@ class CaptionFilePairs:
         if not self.train_items:
             raise ValueError(f"data: no training pairs in {cfg.annotations}")
         if cfg.labelled_pairs is not None:  # a seeded subset, the same for every run with this seed
-            keep = np.random.default_rng([self.seed, 2]).permutation(len(self.train_items))[: cfg.labelled_pairs]
+            keep = np.random.default_rng([self.seed, 2]).permutation(len(self.train_items))[
+                : cfg.labelled_pairs
+            ]
             self.train_items = [self.train_items[int(i)] for i in sorted(keep)]
         self.selection, self.train_items = held_out(self.train_items, cfg.selection_pairs)
         self.unpaired = Unpaired(cfg, self.resolution, self.seed)
@@ -169,7 +187,11 @@ class CaptionFilePairs:
         else:
             refs = captions_io.read_coco_captions(annotations)
         root = Path(self.cfg.images or Path(annotations).parent)
-        return [(str(root / refs.file_names[i]), caps) for i, caps in refs.refs.items() if caps and i in refs.file_names]
+        return [
+            (str(root / refs.file_names[i]), caps)
+            for i, caps in refs.refs.items()
+            if caps and i in refs.file_names
+        ]
 
     def _load(self, items: list[tuple[str, str]]) -> Batch:
         from recon.data import image_to_tensor, load_image
@@ -209,7 +231,7 @@ def held_out(pool: list | None, n: int) -> tuple[list, list | None]:
         return [], pool
     if n >= len(pool):
         raise ValueError(f"data.selection_pairs={n}: the labelled pool has only {len(pool)} pairs")
-    return list(pool[len(pool) - n:]), list(pool[:len(pool) - n])
+    return list(pool[len(pool) - n :]), list(pool[: len(pool) - n])
 
 
 def usable_images(folder: str | Path) -> list[Path]:
@@ -230,8 +252,13 @@ def usable_images(folder: str | Path) -> list[Path]:
         except (DataError, OSError) as e:
             bad.append(str(e))
     if bad:
-        log.warning("data.unlabelled_images: %d of %d images cannot be read and are left out: %s%s", len(bad),
-                    len(items), "; ".join(bad[:3]), " ..." if len(bad) > 3 else "")
+        log.warning(
+            "data.unlabelled_images: %d of %d images cannot be read and are left out: %s%s",
+            len(bad),
+            len(items),
+            "; ".join(bad[:3]),
+            " ..." if len(bad) > 3 else "",
+        )
     if not good:
         raise ValueError(f"data.unlabelled_images: no image in {folder} can be read")
     return good
@@ -270,14 +297,24 @@ class Unpaired:
         mine, size = slice(rank * n, rank * n + n), n * world_size
         first = micro_step * size  # global sample index of the micro-step's first item
         if self.cfg.unlabelled_images == "shapes":
-            batch.unlabelled = render_scenes(self._scenes(UNLABELLED_STREAM, micro_step, mine, size), self.resolution)
+            batch.unlabelled = render_scenes(
+                self._scenes(UNLABELLED_STREAM, micro_step, mine, size), self.resolution
+            )
         elif self.images is not None:
-            paths = [self.images[epoch_pick(first + k, len(self.images), self.seed, 3)] for k in range(mine.start, mine.stop)]
-            batch.unlabelled = torch.stack([fit(image_to_tensor(load_image(p))[None], self.resolution)[0] for p in paths])
+            paths = [
+                self.images[epoch_pick(first + k, len(self.images), self.seed, 3)]
+                for k in range(mine.start, mine.stop)
+            ]
+            batch.unlabelled = torch.stack(
+                [fit(image_to_tensor(load_image(p))[None], self.resolution)[0] for p in paths]
+            )
         if self.cfg.unpaired_texts == "shapes":
             batch.texts = [s.caption for s in self._scenes(UNPAIRED_TEXT_STREAM, micro_step, mine, size)]
         elif self.texts is not None:
-            batch.texts = [self.texts[epoch_pick(first + k, len(self.texts), self.seed, 4)] for k in range(mine.start, mine.stop)]
+            batch.texts = [
+                self.texts[epoch_pick(first + k, len(self.texts), self.seed, 4)]
+                for k in range(mine.start, mine.stop)
+            ]
         return batch
 
 
@@ -297,8 +334,10 @@ def check_inputs(path: Path, fingerprints: dict[str, str]) -> None:
             raise RunError(f"{path} is damaged; restore it, or pass a new --out") from None
         changed = sorted(k for k in set(old) | set(fingerprints) if old.get(k) != fingerprints.get(k))
         if changed:
-            raise ValueError(f"{path.parent}: the data of {', '.join(changed)} changed since this run started; "
-                             "restore it, or pass a new --out to train on the new data")
+            raise ValueError(
+                f"{path.parent}: the data of {', '.join(changed)} changed since this run started; "
+                "restore it, or pass a new --out to train on the new data"
+            )
         return
     atomic_write_text(path, json.dumps(fingerprints, indent=1) + "\n")
 
@@ -317,7 +356,9 @@ def input_fingerprints(cfg: DataConfig) -> dict[str, str]:
             continue
         if Path(value).is_file():
             out[f"data.{key}"] = sha256_file(value)
-        elif key != "images":  # the caption files name the images they use; a folder of unlabelled images is read whole
+        elif (
+            key != "images"
+        ):  # the caption files name the images they use; a folder of unlabelled images is read whole
             listing = [(it.id, (st := it.path.stat()).st_size, st.st_mtime_ns) for it in list_images(value)]
             out[f"data.{key}"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return out
@@ -348,5 +389,13 @@ def batches(pairs, start: int, stop: int, rank: int, world_size: int, n: int, nu
     data = StepBatches(pairs, start, stop, rank, world_size, n)
     if num_workers <= 0:
         return (data[i] for i in range(len(data)))
-    return iter(torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers,
-                                            persistent_workers=False, prefetch_factor=2))
+    return iter(
+        torch.utils.data.DataLoader(
+            data,
+            batch_size=None,
+            shuffle=False,
+            num_workers=num_workers,
+            persistent_workers=False,
+            prefetch_factor=2,
+        )
+    )

@@ -20,14 +20,21 @@ class Diffusion:
     def __init__(self, pipe, gradient_checkpointing: bool = False):
         from diffusers import DDIMScheduler, DDPMScheduler
 
-        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.unet, self.vae, self.text_encoder, self.tokenizer = (
+            pipe.unet,
+            pipe.vae,
+            pipe.text_encoder,
+            pipe.tokenizer,
+        )
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.sampler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.scaling = float(self.vae.config.scaling_factor)
         self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.checkpointing = gradient_checkpointing
-        self.vae_checkpointing = False  # the VAE checkpoints each decoder block itself (less memory than the whole)
+        self.vae_checkpointing = (
+            False  # the VAE checkpoints each decoder block itself (less memory than the whole)
+        )
         if gradient_checkpointing and getattr(self.vae, "_supports_gradient_checkpointing", False):
             self.vae.enable_gradient_checkpointing()
             self.vae_checkpointing = True
@@ -50,6 +57,7 @@ class Diffusion:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], differentiable (checkpointed when gradient checkpointing is on)."""
+
         def run(z):
             return self.vae.decode((z / self.scaling + self.shift).to(self.vae.dtype)).sample
 
@@ -64,8 +72,13 @@ class Diffusion:
 
         deviation: the original padded to the longest caption; SD was trained (and samples) with 77 tokens.
         """
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
     def uncond_states(self, n: int) -> torch.Tensor:
@@ -74,16 +87,18 @@ class Diffusion:
         return self._uncond.expand(n, -1, -1)
 
     # --- noising
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None, max_timestep: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def noised(
+        self, latents: torch.Tensor, generator: torch.Generator | None, max_timestep: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy latents, the UNet's regression target, timesteps ``[B]``) for uniformly drawn timesteps."""
         top = min(self.num_train_timesteps, max_timestep or self.num_train_timesteps)
         t = torch.randint(0, top, (latents.shape[0],), generator=generator, device=latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         return (*self.noised_with(latents, noise, t), t)
 
-    def noised_with(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def noised_with(
+        self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(noisy latents, the UNet's regression target) for given noise and timesteps."""
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         if self.prediction_type == "epsilon":
@@ -95,9 +110,13 @@ class Diffusion:
         return noisy, target
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=states.to(self.unet.dtype)).sample
+        return self.unet(
+            noisy.to(self.unet.dtype), t, encoder_hidden_states=states.to(self.unet.dtype)
+        ).sample
 
-    def predicted_original(self, noisy: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predicted_original(
+        self, noisy: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """x0 from one UNet output at per-sample timesteps: DDIM/DDPM ``step``'s ``pred_original_sample``."""
         a = self.noise_scheduler.alphas_cumprod.to(noisy.device)[t].float().view(-1, 1, 1, 1)
         x, out = noisy.float(), model_output.float()
@@ -114,8 +133,13 @@ class Diffusion:
         h = w = unet_cfg.sample_size
         return torch.randn((n, unet_cfg.in_channels, h, w), generator=generator, device=self.device)
 
-    def sample(self, states: torch.Tensor, generator: torch.Generator | None, cfg: SamplerConfig,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        states: torch.Tensor,
+        generator: torch.Generator | None,
+        cfg: SamplerConfig,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """DDIM sample of latents from ``states`` with gradient through the last ``cfg.grad_steps`` steps only
         (DRaFT-K / AlignProp); each of those steps is checkpointed under gradient checkpointing. ``noise``: the
         starting noise (default: drawn from ``generator``)."""
@@ -129,7 +153,9 @@ class Diffusion:
             if uncond is None:
                 out = self.predict(x, t.expand(x.shape[0]), cond).float()
             else:
-                both = self.predict(torch.cat([x, x]), t.expand(2 * x.shape[0]), torch.cat([uncond, cond])).float()
+                both = self.predict(
+                    torch.cat([x, x]), t.expand(2 * x.shape[0]), torch.cat([uncond, cond])
+                ).float()
                 out_u, out_c = both.chunk(2)
                 out = out_u + cfg.guidance_scale * (out_c - out_u)
             return sched.step(out, t, x).prev_sample

@@ -57,12 +57,16 @@ def finetune(cfg: FinetuneConfig, out: str | Path, stop_after: int | None = None
     t = cfg.train
     started = time.time()
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(t.mixed_precision, t.cpu), cpu=t.cpu or hub.processes_on_cpu(),
+        mixed_precision=mixed_precision(t.mixed_precision, t.cpu),
+        cpu=t.cpu or hub.processes_on_cpu(),
         log_with=None if t.report_to == "none" else t.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
     if t.threads is not None or accelerator.num_processes > 1:
         hub.configure_threads(t.threads)
-    lock = write_or_check_config(out, cfg) if accelerator.is_main_process else None  # held until training returns (or the process ends)
+    lock = (
+        write_or_check_config(out, cfg) if accelerator.is_main_process else None
+    )  # held until training returns (or the process ends)
     try:
         return _train(cfg, out, stop_after, accelerator, started)
     finally:
@@ -74,10 +78,16 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
     from accelerate.utils import set_seed
 
     t = cfg.train
-    main, device, rank, world = accelerator.is_main_process, accelerator.device, accelerator.process_index, \
-        accelerator.num_processes
+    main, device, rank, world = (
+        accelerator.is_main_process,
+        accelerator.device,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
     accelerator.wait_for_everyone()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
 
     # --- the two roles, frozen, with LoRA on the targets (trainable params in fp32; their init is seeded)
     set_seed(t.seed)
@@ -95,35 +105,52 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
     index = vocab_index(captioner.tokenizer, pipe.tokenizer, hub.cache_root())
     bridge = SoftTokenBridge(index, pipe.text_encoder, pipe.tokenizer, cfg.bridge).to(device)
     diffusion = Diffusion(pipe, gradient_checkpointing=t.gradient_checkpointing)
-    objective = JointObjective(captioner, diffusion, bridge, cfg.loss, cfg.sampler, image_sim_metrics(cfg, device))
+    objective = JointObjective(
+        captioner, diffusion, bridge, cfg.loss, cfg.sampler, image_sim_metrics(cfg, device)
+    )
     resolution = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     pairs = make_pairs(cfg.data, cfg.data.resolution or resolution, t.seed, judge_dir=judge_dir(cfg))
     if main:
         texts = pairs.caption_texts()
         ids = captioner.tokenizer(texts, add_special_tokens=False).input_ids
-        report = dict(index.coverage, caption_token_coverage=round(token_coverage(index, ids), 4), variant=cfg.bridge.variant,
-                      unmapped=cfg.bridge.unmapped)
+        report = dict(
+            index.coverage,
+            caption_token_coverage=round(token_coverage(index, ids), 4),
+            variant=cfg.bridge.variant,
+            unmapped=cfg.bridge.unmapped,
+        )
         (out / "bridge.json").write_text(json.dumps(report, indent=2) + "\n")
-        accelerator.print(coverage_line(index.coverage) + f"; {100 * report['caption_token_coverage']:.1f}% of "
-                          "the training captions' tokens")
+        accelerator.print(
+            coverage_line(index.coverage) + f"; {100 * report['caption_token_coverage']:.1f}% of "
+            "the training captions' tokens"
+        )
 
     # --- optimizer, schedule, checkpointed state
     from diffusers.optimization import get_scheduler
 
     groups, model_params = [], {}
-    for name, module, opt in (("captioner", captioner.model, cfg.captioner_optim),
-                              ("unet", pipe.unet, cfg.generator_optim)):
+    for name, module, opt in (
+        ("captioner", captioner.model, cfg.captioner_optim),
+        ("unet", pipe.unet, cfg.generator_optim),
+    ):
         model_params[name] = list(adapters.trainable(module).values())
         if model_params[name]:
-            groups.append({"params": model_params[name], "lr": opt.lr, "weight_decay": opt.weight_decay,
-                           "betas": tuple(opt.betas)})
+            groups.append(
+                {
+                    "params": model_params[name],
+                    "lr": opt.lr,
+                    "weight_decay": opt.weight_decay,
+                    "betas": tuple(opt.betas),
+                }
+            )
     if not groups:
         raise ValueError("nothing to train: captioner_lora.targets and unet_lora.targets are both 'none'")
     params = [p for g in groups for p in g["params"]]
     optimizer = accelerator.prepare(torch.optim.AdamW(groups))
     # not prepared: accelerate would step a prepared scheduler once per process
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.warmup_steps,
-                                 num_training_steps=t.steps)
+    lr_scheduler = get_scheduler(
+        t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
+    )
     state = adapters.TrainState({"captioner": captioner.model, "unet": pipe.unet})
     resumed = resume(accelerator, out / "checkpoints", state, lr_scheduler)
     if resumed is not None:
@@ -145,15 +172,20 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
         from recon.similarity import load_similarity
         from recon.train.validation import validate
 
-        val_metric = val_metric or load_similarity(cfg.validation.metric, device, "validation.metric", role="image")
+        val_metric = val_metric or load_similarity(
+            cfg.validation.metric, device, "validation.metric", role="image"
+        )
         with accelerator.autocast():
             v = validate(captioner, pipe, cfg.generator, val_batch, pairs, cfg.validation, val_metric, t.seed)
         save_png(v.grid, out / "samples" / f"step-{step:08d}.png")
-        append_jsonl(out / "validation.jsonl", {"step": step, **v.metrics, "captions": v.captions[:8]},
-                     allow_nan=True)
+        append_jsonl(
+            out / "validation.jsonl", {"step": step, **v.metrics, "captions": v.captions[:8]}, allow_nan=True
+        )
         accelerator.log(v.metrics, step=step)
         log_grid(accelerator, v.grid, step)
-        accelerator.print(f"validation step {step}: " + " ".join(f"{k[4:]} {x:.4f}" for k, x in v.metrics.items()))
+        accelerator.print(
+            f"validation step {step}: " + " ".join(f"{k[4:]} {x:.4f}" for k, x in v.metrics.items())
+        )
 
     # --- the loop
     accum, micro_total = t.grad_accum, t.steps * t.grad_accum
@@ -167,9 +199,14 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
             batch = next(data)
             g = torch.Generator(device).manual_seed(derive_seed(t.seed, "train", micro_step, rank))
             with accelerator.autocast():
-                terms = objective(batch.images.to(device), batch.captions, objective.direction(micro_step), g,
-                                  unlabelled=None if batch.unlabelled is None else batch.unlabelled.to(device),
-                                  texts=batch.texts)
+                terms = objective(
+                    batch.images.to(device),
+                    batch.captions,
+                    objective.direction(micro_step),
+                    g,
+                    unlabelled=None if batch.unlabelled is None else batch.unlabelled.to(device),
+                    texts=batch.texts,
+                )
             accelerator.backward(terms.total / accum)
             total += float(terms.total.detach()) / accum
             examples += terms.captioner_examples
@@ -183,16 +220,25 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
 
-        record = {"step": state.step, "loss": total, **{k: sums[k] / counts[k] for k in sums},
-                  **norms, "lr": lr_scheduler.get_last_lr()[0], "captioner_examples": examples}
+        record = {
+            "step": state.step,
+            "loss": total,
+            **{k: sums[k] / counts[k] for k in sums},
+            **norms,
+            "lr": lr_scheduler.get_last_lr()[0],
+            "captioner_examples": examples,
+        }
         record = reduce_record(accelerator, record)
         if main:
             append_jsonl(out / "metrics.jsonl", record, allow_nan=True)
         accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
         if state.step % t.log_every == 0 or state.step == last_stop:
             rate = (time.time() - t0) / (state.step - first)
-            accelerator.print(f"step {state.step}/{t.steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                                                          if k != "step") + f" {rate:.2f}s/step")
+            accelerator.print(
+                f"step {state.step}/{t.steps} "
+                + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
+                + f" {rate:.2f}s/step"
+            )
         if state.step % t.checkpoint_every == 0 or state.step == last_stop:
             save_checkpoint(accelerator, out / "checkpoints", t.checkpoints_total_limit, state, lr_scheduler)
             if main:  # usable adapters at every checkpoint, not only at the end (a stopped run has them too)
@@ -201,8 +247,13 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
             run_validation(state.step)
         accelerator.wait_for_everyone()
 
-    summary = {"step": state.step, "finished": state.step >= t.steps, "processes": world, "out": str(out),
-               "loop_seconds": round(time.time() - t0, 1)}
+    summary = {
+        "step": state.step,
+        "finished": state.step >= t.steps,
+        "processes": world,
+        "out": str(out),
+        "loop_seconds": round(time.time() - t0, 1),
+    }
     if main:
         if summary["finished"] and cfg.validation.final:
             run_validation(state.step)
@@ -219,8 +270,10 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
 # ----------------------------------------------------------------------------------------------- helpers
 def export_adapters(captioner_model, unet, out: Path, base_model: str) -> dict[str, Path]:
     """``captioner_adapter/`` and ``sd_lora/`` of the current weights (each swapped in whole)."""
-    found = {"captioner_adapter": adapters.export_captioner_adapter(captioner_model, out, base_model),
-             "sd_lora": adapters.export_sd_lora(unet, out)}
+    found = {
+        "captioner_adapter": adapters.export_captioner_adapter(captioner_model, out, base_model),
+        "sd_lora": adapters.export_sd_lora(unet, out),
+    }
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -265,8 +318,10 @@ def load_roles(cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype, se
 
     if cfg.captioner.backend == "flamingo":
         if cfg.captioner.adapter:
-            raise ValueError("captioner.adapter: starting a Flamingo finetune from an adapter is not supported yet; "
-                             "start from the base model (captioner.adapter=null)")
+            raise ValueError(
+                "captioner.adapter: starting a Flamingo finetune from an adapter is not supported yet; "
+                "start from the base model (captioner.adapter=null)"
+            )
         captioner = BACKENDS["flamingo"].from_config(cfg.captioner, device, dtype=dtype)
         torch.manual_seed(seed)
         captioner.model = adapters.add_captioner_lora(captioner.model, cfg.captioner_lora)
@@ -279,8 +334,9 @@ def load_roles(cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype, se
         model = adapters.add_captioner_lora(model, cfg.captioner_lora)
         captioner = BlipCaptioner(model, captioner.processor, cfg.captioner, model_id=captioner.model_id)
     g = cfg.generator
-    pipe = hub.load_diffusion_pipeline(g.model, device, dtype, scheduler=g.scheduler, lora=g.lora,
-                                       field="generator.model")
+    pipe = hub.load_diffusion_pipeline(
+        g.model, device, dtype, scheduler=g.scheduler, lora=g.lora, field="generator.model"
+    )
     if g.lora:
         pipe.fuse_lora()
         pipe.unload_lora_weights()
@@ -300,13 +356,17 @@ def image_sim_metrics(cfg: FinetuneConfig, device: torch.device) -> dict:
     with warnings.catch_warnings():  # lpips builds torchvision backbones with long-deprecated arguments
         warnings.simplefilter("ignore", UserWarning)
         if cfg.loss.image_sim and terms.clip:
-            metrics["clip"] = load_similarity(terms.clip_metric, device, "loss.image_sim_terms.clip_metric", "image")
+            metrics["clip"] = load_similarity(
+                terms.clip_metric, device, "loss.image_sim_terms.clip_metric", "image"
+            )
         if cfg.loss.image_sim and terms.lpips:
-            metrics["lpips"] = load_similarity(terms.lpips_metric, device, "loss.image_sim_terms.lpips_metric",
-                                               "image")
+            metrics["lpips"] = load_similarity(
+                terms.lpips_metric, device, "loss.image_sim_terms.lpips_metric", "image"
+            )
         if cfg.loss.best_of_n_recon or cfg.loss.dpo_recon:  # the reconstruction-ranked reward terms
-            metrics["recon_reward"] = load_similarity(cfg.loss.recon_reward_metric, device,
-                                                      "loss.recon_reward_metric", "image")
+            metrics["recon_reward"] = load_similarity(
+                cfg.loss.recon_reward_metric, device, "loss.recon_reward_metric", "image"
+            )
     return metrics
 
 
@@ -329,7 +389,9 @@ def write_or_check_config(out: Path, cfg: FinetuneConfig):
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_run_dir(out)
     except OSError as e:
-        raise RunError(f"--out {out} cannot be written ({e.strerror or e}); pass a writable directory") from None
+        raise RunError(
+            f"--out {out} cannot be written ({e.strerror or e}); pass a writable directory"
+        ) from None
     try:
         claim_run_dir(out, "finetune")
         path = out / "finetune.yaml"
@@ -337,12 +399,18 @@ def write_or_check_config(out: Path, cfg: FinetuneConfig):
             old = read_run_config(path)
             diff = changed_keys(old, cfg.to_dict())
             if diff:
-                raise ValueError(f"{out} holds a finetune run with a different config ({', '.join(diff[:6])}"
-                                 f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to "
-                                 "resume")
+                raise ValueError(
+                    f"{out} holds a finetune run with a different config ({', '.join(diff[:6])}"
+                    f"{' ...' if len(diff) > 6 else ''}); pass a new --out, or the same settings to "
+                    "resume"
+                )
             if changed := resumable_changes(old, cfg.to_dict()):
-                log.warning("resuming %s with %s (allowed: no step already taken changes; train.steps also "
-                            "rescales the learning-rate schedule from here on)", out, "; ".join(changed))
+                log.warning(
+                    "resuming %s with %s (allowed: no step already taken changes; train.steps also "
+                    "rescales the learning-rate schedule from here on)",
+                    out,
+                    "; ".join(changed),
+                )
         check_inputs(out / INPUTS_FILE, input_fingerprints(cfg.data))
         atomic_write_text(path, cfg.to_yaml())
         fingerprint.write(out, cfg.to_dict())
@@ -356,7 +424,9 @@ def tracker_config(cfg: FinetuneConfig) -> dict:
     """TensorBoard's hparams take scalars only."""
     from recon.runs import flatten
 
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(cfg.to_dict()).items()}
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(cfg.to_dict()).items()
+    }
 
 
 def truncate_records(out: Path, step: int) -> None:
@@ -382,15 +452,20 @@ def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
     had = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = accelerator.reduce(torch.cat([g.reshape(-1).float() for g in grads] + [had]), reduction="sum")
-    any_grad = flat[-len(params):] > 0
+    any_grad = flat[-len(params) :] > 0
     offset = 0
     for p, g, keep in zip(params, grads, any_grad.tolist()):
-        p.grad = (flat[offset:offset + p.numel()].view_as(p) / accelerator.num_processes).to(g.dtype) if keep else None
+        p.grad = (
+            (flat[offset : offset + p.numel()].view_as(p) / accelerator.num_processes).to(g.dtype)
+            if keep
+            else None
+        )
         offset += p.numel()
 
 
-def clip_gradients(accelerator, model_params: dict[str, list[torch.nn.Parameter]], max_norm: float,
-                   mode: str) -> dict[str, float]:
+def clip_gradients(
+    accelerator, model_params: dict[str, list[torch.nn.Parameter]], max_norm: float, mode: str
+) -> dict[str, float]:
     """Clip the LoRA gradients as ``train.grad_clip`` says (per_model | joint | generator); returns the norms
     before clipping: ``grad_norm`` (both models) and ``grad_norm_<model>`` per model."""
     accelerator.unscale_gradients()  # fp16: the grad scaler's unscale, once per step

@@ -50,12 +50,19 @@ from recon.train.diffusion import Diffusion
 
 def captioning_nll(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean token cross-entropy over scored positions (BLIP's captioning loss), in float32."""
-    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    )
 
 
-def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-                    reference_rejected: torch.Tensor, beta: float, form: str = "dpo") -> torch.Tensor:
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    form: str = "dpo",
+) -> torch.Tensor:
     """Per-pair preference loss from sequence log-probabilities ``[B]`` (summed over each caption's tokens).
 
     With ``h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))``:
@@ -71,9 +78,13 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     raise ValueError(f"preference form {form!r}: expected dpo or ipo")
 
 
-def diffusion_preference_loss(error_chosen: torch.Tensor, reference_error_chosen: torch.Tensor,
-                              error_rejected: torch.Tensor, reference_error_rejected: torch.Tensor,
-                              beta: float) -> torch.Tensor:
+def diffusion_preference_loss(
+    error_chosen: torch.Tensor,
+    reference_error_chosen: torch.Tensor,
+    error_rejected: torch.Tensor,
+    reference_error_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """Per-pair Diffusion-DPO loss (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference
     Optimization", eq. 14, the weighting folded into ``beta`` = beta * T * omega(lambda_t)) from denoising errors ``[B]``
     ``||eps - eps_theta(x_t, t)||^2`` of the policy and of the reference on the chosen (w) and rejected (l) image,
@@ -97,8 +108,10 @@ def adapters_disabled(module: torch.nn.Module):
         finally:
             module.enable_adapters()
     else:
-        raise ValueError(f"{type(module).__name__} carries no LoRA: a preference loss needs one (its reference is "
-                         "the model with the LoRA disabled); give it targets (captioner_lora / unet_lora)")
+        raise ValueError(
+            f"{type(module).__name__} carries no LoRA: a preference loss needs one (its reference is "
+            "the model with the LoRA disabled); give it targets (captioner_lora / unet_lora)"
+        )
 
 
 @contextlib.contextmanager
@@ -132,8 +145,15 @@ class JointObjective:
     ``"recon_reward"`` (``loss.recon_reward_metric``) for the reconstruction-ranked terms.
     """
 
-    def __init__(self, captioner, diffusion: Diffusion, bridge: SoftTokenBridge, loss: LossConfig,
-                 sampler: SamplerConfig, image_sim_metrics: dict | None = None):
+    def __init__(
+        self,
+        captioner,
+        diffusion: Diffusion,
+        bridge: SoftTokenBridge,
+        loss: LossConfig,
+        sampler: SamplerConfig,
+        image_sim_metrics: dict | None = None,
+    ):
         self.captioner, self.diffusion, self.bridge = captioner, diffusion, bridge
         self.loss, self.sampler = loss, sampler
         self.metrics = image_sim_metrics or {}
@@ -145,12 +165,20 @@ class JointObjective:
             return "both"
         return "image" if micro_step % 2 == 0 else "text"
 
-    def __call__(self, images: torch.Tensor, captions: list[str], direction: str,
-                 generator: torch.Generator | None = None, unlabelled: torch.Tensor | None = None,
-                 texts: list[str] | None = None) -> Terms:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        captions: list[str],
+        direction: str,
+        generator: torch.Generator | None = None,
+        unlabelled: torch.Tensor | None = None,
+        texts: list[str] | None = None,
+    ) -> Terms:
         terms: dict[str, torch.Tensor] = {}
         self.examples = 0
-        latents = _Lazy(lambda: self.diffusion.encode(images, generator))  # one VAE encode for both directions
+        latents = _Lazy(
+            lambda: self.diffusion.encode(images, generator)
+        )  # one VAE encode for both directions
         if direction in ("image", "both"):
             terms.update(self.image_terms(images, captions, generator, latents, unlabelled))
         if direction in ("text", "both"):
@@ -158,8 +186,11 @@ class JointObjective:
         if not terms:
             raise ValueError(f"direction {direction!r}: every loss weight of it is 0")
         total = sum(getattr(self.loss, k) * v for k, v in terms.items())
-        return Terms(total=total, values={k: float(v.detach()) for k, v in terms.items()},
-                     captioner_examples=self.examples)
+        return Terms(
+            total=total,
+            values={k: float(v.detach()) for k, v in terms.items()},
+            captioner_examples=self.examples,
+        )
 
     def regularized(self, batch_size: int) -> slice:
         """The pairs of a micro-batch the regularisers use (``loss.regularizer_items``; all by default)."""
@@ -180,7 +211,9 @@ class JointObjective:
         was_training = model.training
         model.eval()
         try:
-            return self.captioner.caption([tensor_to_pil(x) for x in images.float().cpu()], k, decoding, seeds=seeds)
+            return self.captioner.caption(
+                [tensor_to_pil(x) for x in images.float().cpu()], k, decoding, seeds=seeds
+            )
         finally:
             model.train(was_training)
 
@@ -193,18 +226,41 @@ class JointObjective:
         """Per image, the captioner's sampled candidate under which the UNet denoises the image best."""
         w, d = self.loss, self.diffusion
         k, m, n = w.pseudo_label_candidates, w.pseudo_label_draws, images.shape[0]
-        seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator, device=generator.device if generator else None)
+        seeds = torch.randint(
+            0, 2**31 - 1, (n,), generator=generator, device=generator.device if generator else None
+        )
         candidates = self.captions_of(images, k, w.pseudo_label_decoding, seeds.tolist())
         noisy, target, t = d.noised(d.encode(images, generator).repeat_interleave(m, 0), generator)
-        errors = torch.stack([
-            (d.predict(noisy, t, d.text_states([c[j] for c in candidates]).repeat_interleave(m, 0)).float()
-             - target.float()).pow(2).mean(dim=(1, 2, 3)).view(n, m).mean(1) for j in range(k)], dim=1)
+        errors = torch.stack(
+            [
+                (
+                    d.predict(
+                        noisy, t, d.text_states([c[j] for c in candidates]).repeat_interleave(m, 0)
+                    ).float()
+                    - target.float()
+                )
+                .pow(2)
+                .mean(dim=(1, 2, 3))
+                .view(n, m)
+                .mean(1)
+                for j in range(k)
+            ],
+            dim=1,
+        )
         return [c[int(j)] for c, j in zip(candidates, errors.argmin(1))]
 
-    def image_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None,
-                    unlabelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def image_terms(
+        self,
+        images: torch.Tensor,
+        captions: list[str],
+        generator,
+        latents=None,
+        unlabelled: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         w, d = self.loss, self.diffusion
-        if not (w.caption_nll or w.i2t2i or w.image_sim or w.pseudo_label or w.best_of_n_recon or w.dpo_recon):
+        if not (
+            w.caption_nll or w.i2t2i or w.image_sim or w.pseudo_label or w.best_of_n_recon or w.dpo_recon
+        ):
             return {}
         latents = latents or _Lazy(lambda: d.encode(images, generator))
         out: dict[str, torch.Tensor] = {}
@@ -241,7 +297,9 @@ class JointObjective:
 
     # --- rewards from the reconstruction signal
     @torch.no_grad()
-    def reconstruction_scores(self, images: torch.Tensor, candidates: list[list[str]], generator) -> torch.Tensor:
+    def reconstruction_scores(
+        self, images: torch.Tensor, candidates: list[list[str]], generator
+    ) -> torch.Tensor:
         """``[B, K]`` similarity (higher is better) of each candidate caption's render to its image.
 
         Each distinct caption of an image is rendered once (a sampled caption often repeats: its score is reused),
@@ -250,15 +308,19 @@ class JointObjective:
         (a distance is negated)."""
         d, metric = self.diffusion, self.metrics.get("recon_reward")
         if metric is None:
-            raise ValueError("the reconstruction-ranked terms need metrics['recon_reward'] (loss.recon_reward_metric; "
-                             "recon.train.joint.image_sim_metrics builds it)")
+            raise ValueError(
+                "the reconstruction-ranked terms need metrics['recon_reward'] (loss.recon_reward_metric; "
+                "recon.train.joint.image_sim_metrics builds it)"
+            )
         noise = d.initial_noise(images.shape[0], generator)
         rows = [(i, c) for i, caps in enumerate(candidates) for c in dict.fromkeys(caps)]
         index = torch.tensor([i for i, _ in rows], device=noise.device)
         with eval_mode(d.unet):
             z0 = d.sample(d.text_states([c for _, c in rows]), None, self.sampler, noise=noise[index])
         renders = d.decode(z0)
-        sims = metric(images.to(renders.device, renders.dtype)[index.to(renders.device)], renders).float().cpu()
+        sims = (
+            metric(images.to(renders.device, renders.dtype)[index.to(renders.device)], renders).float().cpu()
+        )
         sims = sims if getattr(metric, "higher_is_better", True) else -sims
         score = {row: float(v) for row, v in zip(rows, sims)}
         return torch.tensor([[score[(i, c)] for c in caps] for i, caps in enumerate(candidates)])
@@ -268,12 +330,21 @@ class JointObjective:
         """Per image, the best and the worst of the captioner's ``loss.recon_reward_candidates`` sampled captions by
         reconstruction similarity (equal when every candidate is the same caption)."""
         w = self.loss
-        seeds = torch.randint(0, 2**31 - 1, (images.shape[0],), generator=generator,
-                              device=generator.device if generator else None)
-        candidates = self.captions_of(images, w.recon_reward_candidates, w.recon_reward_decoding, seeds.tolist())
+        seeds = torch.randint(
+            0,
+            2**31 - 1,
+            (images.shape[0],),
+            generator=generator,
+            device=generator.device if generator else None,
+        )
+        candidates = self.captions_of(
+            images, w.recon_reward_candidates, w.recon_reward_decoding, seeds.tolist()
+        )
         scores = self.reconstruction_scores(images, candidates, generator)
-        return ([c[int(j)] for c, j in zip(candidates, scores.argmax(1))],
-                [c[int(j)] for c, j in zip(candidates, scores.argmin(1))])
+        return (
+            [c[int(j)] for c, j in zip(candidates, scores.argmax(1))],
+            [c[int(j)] for c, j in zip(candidates, scores.argmin(1))],
+        )
 
     def recon_reward_terms(self, images: torch.Tensor, generator) -> dict[str, torch.Tensor]:
         """best_of_n_recon (NLL of the best caption) and dpo_recon (best vs worst) on unlabelled ``images``."""
@@ -291,9 +362,12 @@ class JointObjective:
             with torch.no_grad(), adapters_disabled(model):
                 ref_logits, ref_labels = self.caption_logits(both_images, both_texts)
         policy, reference = sequence_log_prob(logits, labels), sequence_log_prob(ref_logits, ref_labels)
-        valid = torch.tensor([a != b for a, b in zip(chosen, rejected)], device=policy.device, dtype=policy.dtype)
-        per_pair = preference_loss(policy[:n], policy[n:], reference[:n], reference[n:], w.preference_beta,
-                                   w.preference_loss)
+        valid = torch.tensor(
+            [a != b for a, b in zip(chosen, rejected)], device=policy.device, dtype=policy.dtype
+        )
+        per_pair = preference_loss(
+            policy[:n], policy[n:], reference[:n], reference[n:], w.preference_beta, w.preference_loss
+        )
         out["dpo_recon"] = (per_pair * valid).sum() / valid.sum().clamp(min=1)  # a tie has nothing to prefer
         if w.best_of_n_recon:  # the chosen captions' logits are the first half of the policy pass
             out["best_of_n_recon"] = captioning_nll(logits[:n], labels[:n], w.label_smoothing)
@@ -325,7 +399,9 @@ class JointObjective:
         error = (d.predict(noisy, t, cond).float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         with torch.no_grad(), adapters_disabled(d.unet):
             ref = (d.predict(noisy, t, cond).float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-        per_pair = diffusion_preference_loss(error[:n], ref[:n], error[n:], ref[n:], self.loss.diffusion_dpo_beta)
+        per_pair = diffusion_preference_loss(
+            error[:n], ref[:n], error[n:], ref[n:], self.loss.diffusion_dpo_beta
+        )
         return (per_pair * valid).sum() / valid.sum().clamp(min=1)
 
     def image_similarity_loss(self, images: torch.Tensor, states: torch.Tensor, generator) -> torch.Tensor:
@@ -342,8 +418,14 @@ class JointObjective:
             loss = loss + cfg.lpips * self.metrics["lpips"](recon, originals).mean()
         return loss
 
-    def text_terms(self, images: torch.Tensor, captions: list[str], generator, latents=None,
-                   texts: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def text_terms(
+        self,
+        images: torch.Tensor,
+        captions: list[str],
+        generator,
+        latents=None,
+        texts: list[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """denoise on the pairs; t2i2t on the pairs' captions, or on ``texts`` (unpaired: a sampled image)."""
         w, d = self.loss, self.diffusion
         if not (w.denoise or w.t2i2t or w.diffusion_dpo):
@@ -353,7 +435,8 @@ class JointObjective:
         reg = self.regularized(images.shape[0])
         if w.diffusion_dpo:
             out["diffusion_dpo"] = self.diffusion_preference(
-                texts[self.regularized(len(texts))] if texts is not None else captions[reg], generator)
+                texts[self.regularized(len(texts))] if texts is not None else captions[reg], generator
+            )
         on_pairs = w.t2i2t and texts is None
         rows = slice(None) if w.denoise else reg
         states = d.text_states(captions[rows]) if w.denoise or on_pairs else None

@@ -30,12 +30,15 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
 
     if not root.is_dir():
         return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name)))
+    return sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    )
 
 
 @torch.no_grad()
-def selection_loss(criterion: str, captioner, diffusion, batch, seed: int, draws: int = 4,
-                   chunk: int = 32) -> float:
+def selection_loss(
+    criterion: str, captioner, diffusion, batch, seed: int, draws: int = 4, chunk: int = 32
+) -> float:
     """The held-out loss of the current adapters (lower is better)."""
     from recon.train.losses import captioning_nll, eval_mode
 
@@ -44,8 +47,10 @@ def selection_loss(criterion: str, captioner, diffusion, batch, seed: int, draws
         total, tokens = 0.0, 0
         with eval_mode(captioner.model):
             for start in range(0, n, chunk):
-                pixels = captioner.preprocess_tensor(batch.images[start:start + chunk].to(captioner.device))
-                logits, labels = captioner.teacher_forced_logits(pixels, batch.captions[start:start + chunk])
+                pixels = captioner.preprocess_tensor(batch.images[start : start + chunk].to(captioner.device))
+                logits, labels = captioner.teacher_forced_logits(
+                    pixels, batch.captions[start : start + chunk]
+                )
                 k = int((labels != -100).sum())
                 total += float(captioning_nll(logits, labels)) * k
                 tokens += k
@@ -56,9 +61,16 @@ def selection_loss(criterion: str, captioner, diffusion, batch, seed: int, draws
         noisy, target, t = diffusion.noised(latents, g)
         states = diffusion.text_states(batch.captions).repeat_interleave(draws, 0)
         with eval_mode(diffusion.unet):
-            errors = [(diffusion.predict(noisy[i:i + chunk], t[i:i + chunk], states[i:i + chunk]).float()
-                       - target[i:i + chunk].float()).pow(2).mean() * len(t[i:i + chunk])
-                      for i in range(0, len(t), chunk)]
+            errors = [
+                (
+                    diffusion.predict(noisy[i : i + chunk], t[i : i + chunk], states[i : i + chunk]).float()
+                    - target[i : i + chunk].float()
+                )
+                .pow(2)
+                .mean()
+                * len(t[i : i + chunk])
+                for i in range(0, len(t), chunk)
+            ]
         return float(sum(errors) / len(t))
     raise ValueError(f"selection criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
 
@@ -92,15 +104,24 @@ def select_checkpoint(cfg, out: str | Path, criterion: str = "caption_nll") -> d
     candidates = [(0, start)] + [(step, path) for step, path in checkpoints(out / "checkpoints")]
     losses = {}
     for step, source in candidates:
-        state.load_state_dict({"step": step, **(source if isinstance(source, dict) else
-                                                load_file(str(Path(source) / LORA_FILE)))})
+        state.load_state_dict(
+            {
+                "step": step,
+                **(source if isinstance(source, dict) else load_file(str(Path(source) / LORA_FILE))),
+            }
+        )
         losses[step] = selection_loss(criterion, captioner, diffusion, batch, seed)
     best = min(losses, key=lambda s: (losses[s], s))
     source = dict(candidates)[best]
-    state.load_state_dict({"step": best, **(source if isinstance(source, dict) else
-                                            load_file(str(Path(source) / LORA_FILE)))})
+    state.load_state_dict(
+        {"step": best, **(source if isinstance(source, dict) else load_file(str(Path(source) / LORA_FILE)))}
+    )
     export_adapters(captioner.model, pipe.unet, out / SELECTED_DIR, cfg.captioner.model)
-    record = {"criterion": criterion, "selection_pairs": len(batch.captions), "best_step": best,
-              "losses": {str(k): round(v, 6) for k, v in losses.items()}}
+    record = {
+        "criterion": criterion,
+        "selection_pairs": len(batch.captions),
+        "best_step": best,
+        "losses": {str(k): round(v, 6) for k, v in losses.items()},
+    }
     atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
     return record

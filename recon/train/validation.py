@@ -24,21 +24,35 @@ from recon.train.data import Batch
 def sample_grid(rows: list[torch.Tensor], n: int) -> torch.Tensor:
     """``[3, rows * H, n * W]``: one row per batch (originals, reconstructions, ...), ``n`` columns."""
     h, w = rows[0].shape[-2:]
-    rows = [torch.nn.functional.interpolate(r[:n].float().cpu(), size=(h, w), mode="nearest") if r.shape[-2:] != (h, w)
-            else r[:n].float().cpu() for r in rows]
+    rows = [
+        torch.nn.functional.interpolate(r[:n].float().cpu(), size=(h, w), mode="nearest")
+        if r.shape[-2:] != (h, w)
+        else r[:n].float().cpu()
+        for r in rows
+    ]
     return torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2).clamp(0, 1)
 
 
 @dataclass
 class Validation:
     metrics: dict[str, float]  # "val/<name>": value
-    grid: torch.Tensor  # [3, 3 * H, n * W] in [0, 1]: originals / reconstructions / images from the references
+    grid: (
+        torch.Tensor
+    )  # [3, 3 * H, n * W] in [0, 1]: originals / reconstructions / images from the references
     captions: list[str]  # the captioner's captions of the batch
 
 
 @torch.no_grad()
-def validate(captioner, pipe, generator_cfg: GeneratorConfig, batch: Batch, pairs, cfg: ValidationConfig,
-             metric: torch.nn.Module, seed: int) -> Validation:
+def validate(
+    captioner,
+    pipe,
+    generator_cfg: GeneratorConfig,
+    batch: Batch,
+    pairs,
+    cfg: ValidationConfig,
+    metric: torch.nn.Module,
+    seed: int,
+) -> Validation:
     """Caption and reconstruction metrics on ``batch``, with the sample grid; models are left in their modes."""
     from recon.data import tensor_to_pil
     from recon.generators.diffusion import DiffusionGenerator
@@ -50,8 +64,12 @@ def validate(captioner, pipe, generator_cfg: GeneratorConfig, batch: Batch, pair
         pil = [tensor_to_pil(img) for img in batch.images]
         captions = [c[0] for c in captioner.caption(pil, num_candidates=1, decoding=cfg.decoding)]
         ref_ll = captioner.log_likelihood(pil, batch.captions)
-        gen_cfg = dataclasses.replace(generator_cfg, num_inference_steps=cfg.num_inference_steps,
-                                      guidance_scale=cfg.guidance_scale, images_per_caption=1)
+        gen_cfg = dataclasses.replace(
+            generator_cfg,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            images_per_caption=1,
+        )
         generator = DiffusionGenerator(pipe, gen_cfg, batch_size=len(pil))
         seeds = [derive_seed(seed, f"val{i}", 0, 0) for i in range(len(pil))]
         recon = generator.generate(captions, seeds).images
@@ -60,7 +78,11 @@ def validate(captioner, pipe, generator_cfg: GeneratorConfig, batch: Batch, pair
     finally:
         captioner.model.train(captioner_mode)
         pipe.unet.train(unet_mode)
-    metrics = {"ref_log_likelihood": float(ref_ll.mean()), f"recon_{metric.name}": float(score.mean()),
-               **pairs.score_captions(captions, batch), **pairs.score_images(from_refs, batch)}
+    metrics = {
+        "ref_log_likelihood": float(ref_ll.mean()),
+        f"recon_{metric.name}": float(score.mean()),
+        **pairs.score_captions(captions, batch),
+        **pairs.score_images(from_refs, batch),
+    }
     grid = sample_grid([batch.images, recon, from_refs], cfg.grid_items)
     return Validation({f"val/{k}": v for k, v in metrics.items()}, grid, captions)

@@ -59,8 +59,10 @@ from recon.config import CaptionerConfig, DecodingConfig
 
 # LoRA: every linear layer of the perceiver and of the gated cross-attention blocks (peft full-matches the regex
 # against module names of the Flamingo module); the tanh gates are trained whole.
-LORA_TARGETS = (r"(perceiver\.layers\.\d+\.0\.(to_q|to_kv|to_out)|perceiver\.layers\.\d+\.1\.[13]"
-                r"|gated_cross_attn\.\d+\.(attn\.(to_q|to_kv|to_out)|ff\.[13]))")
+LORA_TARGETS = (
+    r"(perceiver\.layers\.\d+\.0\.(to_q|to_kv|to_out)|perceiver\.layers\.\d+\.1\.[13]"
+    r"|gated_cross_attn\.\d+\.(attn\.(to_q|to_kv|to_out)|ff\.[13]))"
+)
 LORA_MODULES_TO_SAVE = ("attn_gate", "ff_gate")
 
 
@@ -77,10 +79,20 @@ class FlamingoCaptioner:
     * ``lora_config()``: peft LoRA on the perceiver and cross-attention projections, gates kept trainable.
     """
 
-    def __init__(self, model: Flamingo, tokenizer, preprocess_cfg: dict, cfg: CaptionerConfig | None = None,
-                 model_id: str = "", batch_size: int = 8, demos: Demonstrations | None = None, num_shots: int = 0,
-                 selection: str = "random", text_only_zero_shot: int = TEXT_ONLY_ZERO_SHOT,
-                 length_penalty: float = 0.0):
+    def __init__(
+        self,
+        model: Flamingo,
+        tokenizer,
+        preprocess_cfg: dict,
+        cfg: CaptionerConfig | None = None,
+        model_id: str = "",
+        batch_size: int = 8,
+        demos: Demonstrations | None = None,
+        num_shots: int = 0,
+        selection: str = "random",
+        text_only_zero_shot: int = TEXT_ONLY_ZERO_SHOT,
+        length_penalty: float = 0.0,
+    ):
         from recon.similarity.preprocess import ImagePreprocess
 
         if selection not in ("random", "rices"):
@@ -98,8 +110,14 @@ class FlamingoCaptioner:
         self.pad_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_config(cls, cfg: CaptionerConfig, device: torch.device | str = "auto", dtype: torch.dtype | None = None,
-                    batch_size: int = 8, **kwargs) -> FlamingoCaptioner:
+    def from_config(
+        cls,
+        cfg: CaptionerConfig,
+        device: torch.device | str = "auto",
+        dtype: torch.dtype | None = None,
+        batch_size: int = 8,
+        **kwargs,
+    ) -> FlamingoCaptioner:
         """Load ``cfg.model`` (+ ``cfg.checkpoint``) and the peft ``cfg.adapter``; ``kwargs`` go to ``__init__``."""
         device = hub.resolve_device(device) if isinstance(device, str) else device
         dtype = dtype or hub.resolve_dtype(cfg.dtype, device)
@@ -141,7 +159,9 @@ class FlamingoCaptioner:
         with torch.no_grad():
             return vision_embedding(self.model.vision_encoder, self.pixel_values(images))
 
-    def _demos_for(self, query_pixels: torch.Tensor, seeds: Sequence[int]) -> list[tuple[list[str], list[int]]]:
+    def _demos_for(
+        self, query_pixels: torch.Tensor, seeds: Sequence[int]
+    ) -> list[tuple[list[str], list[int]]]:
         """Per query: demonstration captions, and the pool indices whose images go into the prompt."""
         if self.demos is None:
             return [([], [])] * len(seeds)
@@ -161,8 +181,8 @@ class FlamingoCaptioner:
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):  # left padding: every prompt ends where decoding starts
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     def _media(self, query_pixels: torch.Tensor, demo_indices: list[list[int]]) -> torch.Tensor:
@@ -178,9 +198,14 @@ class FlamingoCaptioner:
         return torch.cat([demo_media, self.model.encode_images(query_pixels[:, None])], dim=1)
 
     # ------------------------------------------------------------------------------------------- captioning
-    def caption(self, images: Sequence[Image.Image], num_candidates: int | None = None,
-                decoding: DecodingConfig | None = None, seeds: Sequence[int] | None = None,
-                batch_size: int | None = None) -> list[list[str]]:
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        num_candidates: int | None = None,
+        decoding: DecodingConfig | None = None,
+        seeds: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[str]]:
         """Per image, ``num_candidates`` captions (default: ``cfg.num_candidates``, ``cfg.decoding``)."""
         images = list(images)
         decoding = decoding or self.cfg.decoding
@@ -196,24 +221,41 @@ class FlamingoCaptioner:
                     out += self._generate([image], [seed], decoding, kwargs)
             return out
         size = max(1, int(batch_size or self.batch_size))
-        return [c for s in range(0, len(images), size)
-                for c in self._generate(images[s:s + size], seeds[s:s + size], decoding, kwargs)]
+        return [
+            c
+            for s in range(0, len(images), size)
+            for c in self._generate(images[s : s + size], seeds[s : s + size], decoding, kwargs)
+        ]
 
     @torch.no_grad()
-    def _generate(self, images: list[Image.Image], seeds: list[int], decoding: DecodingConfig, kwargs: dict
-                  ) -> list[list[str]]:
+    def _generate(
+        self, images: list[Image.Image], seeds: list[int], decoding: DecodingConfig, kwargs: dict
+    ) -> list[list[str]]:
         pixels = self.pixel_values(images)
         demos = self._demos_for(pixels, seeds)
         ids, mask = self._encode_rows([few_shot_prompt(c, self.prompt, bool(idx)) for c, idx in demos])
         media = self._media(pixels, [idx for _, idx in demos])
         results = generate(
-            self.model, ids, mask, media, max_new_tokens=decoding.max_new_tokens,
-            min_new_tokens=decoding.min_new_tokens, method=decoding.method, num_beams=kwargs["num_beams"],
-            num_return_sequences=kwargs["num_return_sequences"], top_p=decoding.top_p, top_k=decoding.top_k,
-            temperature=decoding.temperature, repetition_penalty=decoding.repetition_penalty,
-            length_penalty=self.length_penalty, banned_token_ids=(self.pad_id,))
-        return [[self._clean(self.tokenizer.decode(seq, skip_special_tokens=True)) for seq, _ in row]
-                for row in results]
+            self.model,
+            ids,
+            mask,
+            media,
+            max_new_tokens=decoding.max_new_tokens,
+            min_new_tokens=decoding.min_new_tokens,
+            method=decoding.method,
+            num_beams=kwargs["num_beams"],
+            num_return_sequences=kwargs["num_return_sequences"],
+            top_p=decoding.top_p,
+            top_k=decoding.top_k,
+            temperature=decoding.temperature,
+            repetition_penalty=decoding.repetition_penalty,
+            length_penalty=self.length_penalty,
+            banned_token_ids=(self.pad_id,),
+        )
+        return [
+            [self._clean(self.tokenizer.decode(seq, skip_special_tokens=True)) for seq, _ in row]
+            for row in results
+        ]
 
     @staticmethod
     def _clean(text: str) -> str:
@@ -221,8 +263,13 @@ class FlamingoCaptioner:
         return " ".join(text.split("Output", 1)[0].split())
 
     # ------------------------------------------------------------------------------------------- likelihood
-    def log_likelihood(self, images: Sequence[Image.Image], texts: Sequence[str], seeds: Sequence[int] | None = None,
-                       batch_size: int | None = None) -> torch.Tensor:
+    def log_likelihood(
+        self,
+        images: Sequence[Image.Image],
+        texts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
         """``log p(text <|endofchunk|> | prompt, images)``: float32 ``[B]`` on the CPU."""
         images, texts = list(images), list(texts)
         if len(images) != len(texts):
@@ -232,13 +279,14 @@ class FlamingoCaptioner:
         out = [torch.zeros(0)]
         with torch.no_grad():
             for s in range(0, len(images), size):
-                pixels = self.pixel_values(images[s:s + size])
-                logits, labels = self.teacher_forced_logits(pixels, texts[s:s + size], seeds[s:s + size])
+                pixels = self.pixel_values(images[s : s + size])
+                logits, labels = self.teacher_forced_logits(pixels, texts[s : s + size], seeds[s : s + size])
                 out.append(sequence_log_prob(logits, labels).float().cpu())
         return torch.cat(out)
 
-    def teacher_forced_logits(self, pixel_values: torch.Tensor, texts: Sequence[str],
-                              seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_forced_logits(
+        self, pixel_values: torch.Tensor, texts: Sequence[str], seeds: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``logits [B, T, V]`` predicting ``labels [B, T]`` for prompt + text + ``<|endofchunk|>``; prompt and
         padding positions are ``-100``. Gradients flow to ``pixel_values`` (the query images) and the weights."""
         if len(texts) != pixel_values.shape[0]:
@@ -267,5 +315,10 @@ class FlamingoCaptioner:
         (``modules_to_save``). Apply with ``peft.get_peft_model(captioner.model, captioner.lora_config())``."""
         from peft import LoraConfig
 
-        return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
-                          modules_to_save=list(LORA_MODULES_TO_SAVE))
+        return LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=LORA_TARGETS,
+            modules_to_save=list(LORA_MODULES_TO_SAVE),
+        )

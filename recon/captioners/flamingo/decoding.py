@@ -35,9 +35,17 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 @torch.no_grad()
-def beam_step(logp: torch.Tensor, scores: torch.Tensor, generated: torch.Tensor,
-              finished: list[list[tuple[list[int], float]]], row_done: list[bool], k: int, eos: int, length: int,
-              length_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def beam_step(
+    logp: torch.Tensor,
+    scores: torch.Tensor,
+    generated: torch.Tensor,
+    finished: list[list[tuple[list[int], float]]],
+    row_done: list[bool],
+    k: int,
+    eos: int,
+    length: int,
+    length_penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of beam search over ``B`` rows of ``k`` beams: ``logp [B*k, V]`` next-token log-probs, ``scores
     [B*k]`` the beams' summed log-probs, ``generated [B*k, length-1]`` their tokens so far.
 
@@ -75,11 +83,25 @@ def beam_step(logp: torch.Tensor, scores: torch.Tensor, generated: torch.Tensor,
     return select, tokens, new_scores
 
 
-def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor, *,
-             max_new_tokens: int, min_new_tokens: int = 0, method: str = "greedy", num_beams: int = 1,
-             num_return_sequences: int = 1, top_p: float = 1.0, top_k: int = 0, temperature: float = 1.0,
-             repetition_penalty: float = 1.0, length_penalty: float = 1.0, eos_token_id: int | None = None,
-             banned_token_ids: tuple[int, ...] = ()) -> list[list[tuple[list[int], float]]]:
+def generate(
+    model: Flamingo,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    media: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    method: str = "greedy",
+    num_beams: int = 1,
+    num_return_sequences: int = 1,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    temperature: float = 1.0,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    banned_token_ids: tuple[int, ...] = (),
+) -> list[list[tuple[list[int], float]]]:
     """Decode after left-padded prompts ``input_ids [B, L]`` with their ``media [B, T_img, n, Dv]``.
 
     The prompt runs once with the LM's KV cache; each step then feeds one token, which cross-attends to the row's
@@ -105,8 +127,9 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: torch.Ten
     last_pos = positions[:, -1]
     if k > 1:
         cache = _cache_repeat(cache, k)
-        logits, mask, media, media_count, last_pos = (t.repeat_interleave(k, 0) for t in
-                                                     (logits, mask, media, media_count, last_pos))
+        logits, mask, media, media_count, last_pos = (
+            t.repeat_interleave(k, 0) for t in (logits, mask, media, media_count, last_pos)
+        )
     banned = torch.tensor(sorted(set(banned_token_ids) | {model.media_token_id}), device=logits.device)
     generated = torch.zeros(b * k, 0, dtype=torch.long, device=logits.device)
     scores = torch.zeros(b * k, device=logits.device)
@@ -125,13 +148,16 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: torch.Ten
             logits[:, eos] = -float("inf")
         if repetition_penalty != 1.0 and generated.shape[1]:
             seen = logits.gather(1, generated)
-            logits.scatter_(1, generated, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+            logits.scatter_(
+                1, generated, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+            )
         if method == "nucleus":
             logits = _filter_top_k_top_p(logits / temperature, top_k, top_p)
         logp = logits.log_softmax(-1)
         if method == "beam":
-            select, tokens, new_scores = beam_step(logp, scores, generated, finished, row_done, k, eos,
-                                                   step + 1, length_penalty)
+            select, tokens, new_scores = beam_step(
+                logp, scores, generated, finished, row_done, k, eos, step + 1, length_penalty
+            )
             if all(row_done):
                 break
             generated = torch.cat([generated[select], tokens[:, None]], dim=1)
@@ -149,8 +175,15 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: torch.Ten
             break
         mask = torch.cat([mask, mask.new_ones(b * k, 1)], dim=1)
         last_pos = last_pos + 1
-        out = model(tokens[:, None], media, attention_mask=mask, position_ids=last_pos[:, None], cache=cache,
-                    use_cache=True, media_offset=media_count)
+        out = model(
+            tokens[:, None],
+            media,
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            cache=cache,
+            use_cache=True,
+            media_offset=media_count,
+        )
         cache, logits = model.output_cache(out), out.logits[:, -1].float()
 
     results = []
@@ -158,8 +191,11 @@ def generate(model: Flamingo, input_ids: torch.Tensor, attention_mask: torch.Ten
         if method == "beam":
             hyps = list(finished[row])
             if not row_done[row]:
-                hyps += [(generated[row * k + j].tolist(), norm(float(scores[row * k + j]), generated.shape[1]))
-                         for j in range(k) if scores[row * k + j] > -float("inf")]
+                hyps += [
+                    (generated[row * k + j].tolist(), norm(float(scores[row * k + j]), generated.shape[1]))
+                    for j in range(k)
+                    if scores[row * k + j] > -float("inf")
+                ]
             results.append(sorted(hyps, key=lambda h: -h[1])[:num_return_sequences])
         else:
             rows = []

@@ -20,17 +20,26 @@ import torch
 from torch import nn
 
 # Where the decoder layers live, by ``config.model_type`` (OpenFlamingo's table, plus gpt2).
-DECODER_LAYERS = {"llama": "model.layers", "mistral": "model.layers", "opt": "model.decoder.layers",
-                  "gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks", "mosaic_gpt": "transformer.blocks",
-                  "gpt2": "transformer.h", "gptj": "transformer.h", "gpt_neo": "transformer.h"}
+DECODER_LAYERS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "mpt": "transformer.blocks",
+    "mosaic_gpt": "transformer.blocks",
+    "gpt2": "transformer.h",
+    "gptj": "transformer.h",
+    "gpt_neo": "transformer.h",
+}
 PERCEIVER_DEFAULTS = dict(depth=6, dim_head=64, heads=8, num_latents=64, ff_mult=4)
 XATTN_DEFAULTS = dict(dim_head=64, heads=8, ff_mult=4, only_attend_immediate_media=True)
 
 
 def feed_forward(dim: int, mult: float = 4) -> nn.Sequential:
     inner = int(dim * mult)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
-                         nn.Linear(inner, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
+    )
 
 
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -38,7 +47,9 @@ def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     return x.unflatten(-1, (h, -1)).transpose(-3, -2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None):
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+):
     """Softmax attention as OpenFlamingo computes it (max-subtracted, masked with ``-finfo.max``)."""
     sim = (q * scale) @ k.transpose(-1, -2)
     if mask is not None:
@@ -50,7 +61,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mas
 class PerceiverAttention(nn.Module):
     def __init__(self, dim: int, dim_head: int = 64, heads: int = 8):
         super().__init__()
-        self.scale, self.heads = dim_head ** -0.5, heads
+        self.scale, self.heads = dim_head**-0.5, heads
         inner = dim_head * heads
         self.norm_media = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
@@ -70,12 +81,21 @@ class PerceiverAttention(nn.Module):
 class PerceiverResampler(nn.Module):
     """Visual tokens ``[b, T, v, D]`` -> ``num_latents`` tokens per image ``[b, T, n, D]``."""
 
-    def __init__(self, dim: int, depth: int = 6, dim_head: int = 64, heads: int = 8, num_latents: int = 64,
-                 ff_mult: float = 4):
+    def __init__(
+        self,
+        dim: int,
+        depth: int = 6,
+        dim_head: int = 64,
+        heads: int = 8,
+        num_latents: int = 64,
+        ff_mult: float = 4,
+    ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)]) for _ in range(depth))
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)])
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +108,16 @@ class PerceiverResampler(nn.Module):
 
 
 class MaskedCrossAttention(nn.Module):
-    def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8,
-                 only_attend_immediate_media: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        dim_visual: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        only_attend_immediate_media: bool = True,
+    ):
         super().__init__()
-        self.scale, self.heads = dim_head ** -0.5, heads
+        self.scale, self.heads = dim_head**-0.5, heads
         inner = dim_head * heads
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -129,8 +155,15 @@ class TanhGate(nn.Module):
 class GatedCrossAttentionBlock(nn.Module):
     """GATED XATTN-DENSE: ``x + tanh(a) * xattn(x)``, then ``+ tanh(b) * ffw(.)``."""
 
-    def __init__(self, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: float = 4,
-                 only_attend_immediate_media: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        dim_visual: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: float = 4,
+        only_attend_immediate_media: bool = True,
+    ):
         super().__init__()
         self.attn = MaskedCrossAttention(dim, dim_visual, dim_head, heads, only_attend_immediate_media)
         self.attn_gate = TanhGate()
@@ -151,8 +184,9 @@ def _open_clip_kind(visual: nn.Module) -> str:
         return "vit"
     if isinstance(visual, ModifiedResNet):
         return "resnet"
-    raise TypeError(f"Flamingo needs an open_clip VisionTransformer or ModifiedResNet tower, "
-                    f"got {type(visual).__name__}")
+    raise TypeError(
+        f"Flamingo needs an open_clip VisionTransformer or ModifiedResNet tower, got {type(visual).__name__}"
+    )
 
 
 def vision_feature_dim(visual: nn.Module) -> int:
@@ -190,8 +224,10 @@ def get_path(obj, path: str):
 def decoder_layers_attr(lang_model: nn.Module) -> str:
     model_type = getattr(getattr(lang_model, "config", None), "model_type", None)
     if model_type not in DECODER_LAYERS:
-        raise ValueError(f"no known decoder-layer list for model_type {model_type!r}; known: "
-                         f"{sorted(DECODER_LAYERS)}. Give decoder_layers_attr (e.g. 'model.layers') in flamingo.json")
+        raise ValueError(
+            f"no known decoder-layer list for model_type {model_type!r}; known: "
+            f"{sorted(DECODER_LAYERS)}. Give decoder_layers_attr (e.g. 'model.layers') in flamingo.json"
+        )
     return DECODER_LAYERS[model_type]
 
 
@@ -218,9 +254,17 @@ class Flamingo(nn.Module):
     cross-attention blocks are trainable. Gradients still flow through the frozen parts to the pixels.
     """
 
-    def __init__(self, vision_encoder: nn.Module, lang_model: nn.Module, media_token_id: int, eoc_token_id: int,
-                 cross_attn_every_n_layers: int = 1, perceiver: Mapping | None = None, xattn: Mapping | None = None,
-                 decoder_layers_attr_name: str | None = None):
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        lang_model: nn.Module,
+        media_token_id: int,
+        eoc_token_id: int,
+        cross_attn_every_n_layers: int = 1,
+        perceiver: Mapping | None = None,
+        xattn: Mapping | None = None,
+        decoder_layers_attr_name: str | None = None,
+    ):
         super().__init__()
         self.vision_encoder = vision_encoder
         self.lang_model = lang_model
@@ -233,9 +277,13 @@ class Flamingo(nn.Module):
         self.decoder_layers_attr = decoder_layers_attr_name or decoder_layers_attr(lang_model)
         self.perceiver = PerceiverResampler(self.vis_dim, **self.perceiver_cfg)
         layers = get_path(lang_model, self.decoder_layers_attr)
-        self.gated_cross_attn = nn.ModuleDict({
-            str(i): GatedCrossAttentionBlock(self.lang_dim, self.vis_dim, **self.xattn_cfg)
-            for i in range(len(layers)) if (i + 1) % self.cross_attn_every_n_layers == 0})
+        self.gated_cross_attn = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttentionBlock(self.lang_dim, self.vis_dim, **self.xattn_cfg)
+                for i in range(len(layers))
+                if (i + 1) % self.cross_attn_every_n_layers == 0
+            }
+        )
         for i, layer in enumerate(layers):
             if str(i) in self.gated_cross_attn:
                 layer.register_forward_pre_hook(self._make_hook(str(i)), with_kwargs=True)
@@ -261,6 +309,7 @@ class Flamingo(nn.Module):
                 return (block(args[0], self._media, self._text_time), *args[1:]), kwargs
             kwargs = dict(kwargs, hidden_states=block(kwargs["hidden_states"], self._media, self._text_time))
             return args, kwargs
+
         return hook
 
     # ------------------------------------------------------------------------------------------- vision
@@ -271,24 +320,42 @@ class Flamingo(nn.Module):
         return self.perceiver(tokens.unflatten(0, (b, t)))
 
     # ------------------------------------------------------------------------------------------- language
-    def forward(self, input_ids: torch.Tensor, media: torch.Tensor | None = None, attention_mask=None,
-                position_ids=None, cache=None, use_cache: bool = False, media_offset: torch.Tensor | None = None,
-                **lm_kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        media: torch.Tensor | None = None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache: bool = False,
+        media_offset: torch.Tensor | None = None,
+        **lm_kwargs,
+    ):
         """LM forward with cross-attention to ``media``. ``media_offset [B]``: images already consumed by the
         cached prefix (decoding steps after the prompt), so new tokens see the latest of them."""
         if media is None:
-            media = torch.zeros(input_ids.shape[0], 0, 1, self.vis_dim, device=input_ids.device,
-                                dtype=self.perceiver.latents.dtype)
+            media = torch.zeros(
+                input_ids.shape[0],
+                0,
+                1,
+                self.vis_dim,
+                device=input_ids.device,
+                dtype=self.perceiver.latents.dtype,
+            )
         text_time = (input_ids == self.media_token_id).cumsum(-1)
         if media_offset is not None:
             text_time = text_time + media_offset.to(text_time.device)[:, None]
         if text_time.numel() and int(text_time.max()) > media.shape[1]:
-            raise ValueError(f"the text has {int(text_time.max())} <image> tokens but only {media.shape[1]} images "
-                             "were given")
+            raise ValueError(
+                f"the text has {int(text_time.max())} <image> tokens but only {media.shape[1]} images "
+                "were given"
+            )
         if torch.is_grad_enabled() and _activation_checkpointing(self.lang_model):
             # the recomputation in backward would run after the media context below is cleared
-            raise RuntimeError("Flamingo does not support gradient checkpointing of its language model; "
-                               "disable it (lang_model.gradient_checkpointing_disable())")
+            raise RuntimeError(
+                "Flamingo does not support gradient checkpointing of its language model; "
+                "disable it (lang_model.gradient_checkpointing_disable())"
+            )
         kwargs = dict(lm_kwargs, input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
         if cache is not None:
             kwargs[self._cache_kw] = cache
@@ -304,4 +371,6 @@ class Flamingo(nn.Module):
         return getattr(output, "cache", None) if self._cache_kw == "cache" else output.past_key_values
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("perceiver.", "gated_cross_attn."))}
+        return {
+            k: v for k, v in self.state_dict().items() if k.startswith(("perceiver.", "gated_cross_attn."))
+        }

@@ -22,8 +22,12 @@ def chunk(caption: str | None, prompt: str = "Output:", image: bool = True) -> s
     return head if caption is None else f"{head}{caption.strip()}{EOC_TOKEN}"
 
 
-def few_shot_prompt(demo_captions: Sequence[str], prompt: str = "Output:", demo_images: bool = True,
-                    separator: str = CHUNK_SEPARATOR) -> str:
+def few_shot_prompt(
+    demo_captions: Sequence[str],
+    prompt: str = "Output:",
+    demo_images: bool = True,
+    separator: str = CHUNK_SEPARATOR,
+) -> str:
     """Demonstrations then the open query chunk (the query always has its image)."""
     return "".join(chunk(c, prompt, demo_images) + separator for c in demo_captions) + chunk(None, prompt)
 
@@ -42,8 +46,9 @@ class Demonstrations:
         self._embeddings: torch.Tensor | None = None
 
     @classmethod
-    def from_coco(cls, captions_file: str | Path, image_dir: str | Path, limit: int | None = 2048,
-                  seed: int = 0) -> Demonstrations:
+    def from_coco(
+        cls, captions_file: str | Path, image_dir: str | Path, limit: int | None = 2048, seed: int = 0
+    ) -> Demonstrations:
         """A COCO captions json + its image folder; ``limit`` images drawn with ``seed`` (OpenFlamingo samples
         random demonstrations from 2048 training images), one of each image's captions drawn likewise."""
         from recon.captions_io import read_coco_captions
@@ -84,8 +89,14 @@ class Demonstrations:
     def rank(self, k: int, query: torch.Tensor, embed) -> list[int]:
         self._check(k)
         if self._embeddings is None:
-            self._embeddings = torch.nn.functional.normalize(torch.cat(
-                [embed(self.images(range(s, min(s + 64, len(self))))).float() for s in range(0, len(self), 64)]),
-                dim=-1)
+            self._embeddings = torch.nn.functional.normalize(
+                torch.cat(
+                    [
+                        embed(self.images(range(s, min(s + 64, len(self))))).float()
+                        for s in range(0, len(self), 64)
+                    ]
+                ),
+                dim=-1,
+            )
         sim = self._embeddings.to(query.device) @ torch.nn.functional.normalize(query.float(), dim=-1)
         return [int(i) for i in reversed(sim.topk(k).indices.tolist())]

@@ -25,15 +25,20 @@ log = logging.getLogger(__name__)
 _VITL = dict(vision="ViT-L-14", vision_pretrained="openai")
 OPENFLAMINGO_RELEASES: dict[str, dict] = {
     "openflamingo/OpenFlamingo-3B-vitl-mpt1b": dict(
-        _VITL, lang_model="anas-awadalla/mpt-1b-redpajama-200b", cross_attn_every_n_layers=1),
+        _VITL, lang_model="anas-awadalla/mpt-1b-redpajama-200b", cross_attn_every_n_layers=1
+    ),
     "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": dict(
-        _VITL, lang_model="anas-awadalla/mpt-1b-redpajama-200b-dolly", cross_attn_every_n_layers=1),
+        _VITL, lang_model="anas-awadalla/mpt-1b-redpajama-200b-dolly", cross_attn_every_n_layers=1
+    ),
     "openflamingo/OpenFlamingo-4B-vitl-rpj3b": dict(
-        _VITL, lang_model="togethercomputer/RedPajama-INCITE-Base-3B-v1", cross_attn_every_n_layers=2),
+        _VITL, lang_model="togethercomputer/RedPajama-INCITE-Base-3B-v1", cross_attn_every_n_layers=2
+    ),
     "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct": dict(
-        _VITL, lang_model="togethercomputer/RedPajama-INCITE-Instruct-3B-v1", cross_attn_every_n_layers=2),
+        _VITL, lang_model="togethercomputer/RedPajama-INCITE-Instruct-3B-v1", cross_attn_every_n_layers=2
+    ),
     "openflamingo/OpenFlamingo-9B-vitl-mpt7b": dict(
-        _VITL, lang_model="anas-awadalla/mpt-7b", cross_attn_every_n_layers=4),
+        _VITL, lang_model="anas-awadalla/mpt-7b", cross_attn_every_n_layers=4
+    ),
 }
 
 
@@ -72,14 +77,17 @@ def flamingo_spec(model_id: str, checkpoint: str | None = None) -> FlamingoSpec:
     known = {f.name for f in fields(FlamingoSpec)} - {"root"}
     if model_id in OPENFLAMINGO_RELEASES:
         spec = FlamingoSpec(**OPENFLAMINGO_RELEASES[model_id])
-        spec.weights = checkpoint or str(Path(hub.resolve(model_id, "OpenFlamingo checkpoint", "captioner.model"))
-                                         / "checkpoint.pt")
+        spec.weights = checkpoint or str(
+            Path(hub.resolve(model_id, "OpenFlamingo checkpoint", "captioner.model")) / "checkpoint.pt"
+        )
         return spec
     root = Path(hub.resolve(model_id, "captioner", "captioner.model"))
     meta_path = root / "flamingo.json"
     if not meta_path.is_file():
-        raise ValueError(f"captioner.model={model_id!r}: {root} has no flamingo.json and is not an OpenFlamingo "
-                         f"release ({', '.join(OPENFLAMINGO_RELEASES)}); see recon.captioners.flamingo's docstring")
+        raise ValueError(
+            f"captioner.model={model_id!r}: {root} has no flamingo.json and is not an OpenFlamingo "
+            f"release ({', '.join(OPENFLAMINGO_RELEASES)}); see recon.captioners.flamingo's docstring"
+        )
     meta = json.loads(meta_path.read_text())
     release = meta.pop("release", None)
     for key in ("format", "version", "notes"):
@@ -106,12 +114,16 @@ def load_flamingo(spec: FlamingoSpec, device: torch.device, dtype: torch.dtype =
     tok_path = spec.part(spec.tokenizer, "Flamingo tokenizer") or lm_path
     trusted = spec.trust_remote_code or os.environ.get("RECON_TRUST_REMOTE_CODE") == "1"
     if spec.lang_model in REMOTE_CODE_LMS and not trusted:
-        raise ValueError(f"{spec.lang_model} runs code from its own repository (no transformers class); recon does "
-                         "not trust remote code by default. Opt in with RECON_TRUST_REMOTE_CODE=1, or "
-                         "\"trust_remote_code\": true in the model folder's flamingo.json")
+        raise ValueError(
+            f"{spec.lang_model} runs code from its own repository (no transformers class); recon does "
+            "not trust remote code by default. Opt in with RECON_TRUST_REMOTE_CODE=1, or "
+            '"trust_remote_code": true in the model folder\'s flamingo.json'
+        )
     remote = dict(trust_remote_code=True) if trusted else {}
     if remote:
-        log.warning("loading %s with trust_remote_code=True (code from that repository runs)", spec.lang_model)
+        log.warning(
+            "loading %s with trust_remote_code=True (code from that repository runs)", spec.lang_model
+        )
     tokenizer = AutoTokenizer.from_pretrained(tok_path, **remote)
     tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
     if tokenizer.pad_token is None:
@@ -119,7 +131,10 @@ def load_flamingo(spec: FlamingoSpec, device: torch.device, dtype: torch.dtype =
     lang_model = AutoModelForCausalLM.from_pretrained(lm_path, **remote)
     try:
         lang_model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):  # MosaicGPT (mpt-1b): patched as OpenFlamingo's factory does
+    except (
+        AttributeError,
+        NotImplementedError,
+    ):  # MosaicGPT (mpt-1b): patched as OpenFlamingo's factory does
         lang_model.get_input_embeddings = lambda: lang_model.transformer.wte
         lang_model.set_input_embeddings = lambda emb: setattr(lang_model.transformer, "wte", emb)
     if lang_model.get_input_embeddings().num_embeddings != len(tokenizer):
@@ -128,20 +143,32 @@ def load_flamingo(spec: FlamingoSpec, device: torch.device, dtype: torch.dtype =
     if spec.vision_sha256:
         found = vision_weights_sha256(hub.resolve(vision, "Flamingo vision tower", "captioner.model"))
         if found != spec.vision_sha256:
-            raise ValueError(f"vision tower {spec.vision} is not the one this Flamingo was trained with (weights "
-                             f"sha256 {found} != {spec.vision_sha256}); retrain the perceiver and cross-attention "
-                             "on it (shapes: recon shapes train --component flamingo)")
-    clip, preprocess_cfg, _ = hub.load_open_clip(vision, spec.vision_pretrained, torch.device("cpu"),
-                                                 field="captioner.model")
-    model = Flamingo(clip.visual, lang_model, tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
-                     tokenizer.convert_tokens_to_ids(EOC_TOKEN), spec.cross_attn_every_n_layers, spec.perceiver,
-                     spec.xattn, spec.decoder_layers_attr)
+            raise ValueError(
+                f"vision tower {spec.vision} is not the one this Flamingo was trained with (weights "
+                f"sha256 {found} != {spec.vision_sha256}); retrain the perceiver and cross-attention "
+                "on it (shapes: recon shapes train --component flamingo)"
+            )
+    clip, preprocess_cfg, _ = hub.load_open_clip(
+        vision, spec.vision_pretrained, torch.device("cpu"), field="captioner.model"
+    )
+    model = Flamingo(
+        clip.visual,
+        lang_model,
+        tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
+        tokenizer.convert_tokens_to_ids(EOC_TOKEN),
+        spec.cross_attn_every_n_layers,
+        spec.perceiver,
+        spec.xattn,
+        spec.decoder_layers_attr,
+    )
     if spec.weights:
         path = spec.part(spec.weights, "Flamingo weights")
         load_openflamingo_state_dict(model, hub.load_safetensors_or_pt(path), where=path)
     else:
-        log.warning("%s: no weights file: perceiver and cross-attention are untrained (gates 0: the bare LM)",
-                    spec.lang_model)
+        log.warning(
+            "%s: no weights file: perceiver and cross-attention are untrained (gates 0: the bare LM)",
+            spec.lang_model,
+        )
     return model.to(device=device, dtype=dtype).eval(), tokenizer, preprocess_cfg
 
 
@@ -155,8 +182,15 @@ def vision_weights_sha256(path: str | Path) -> str | None:
     return None
 
 
-def save_flamingo(model: Flamingo, tokenizer, out: str | Path, vision: str, vision_pretrained: str | None = None,
-                  half: bool = False, vision_sha256: str | None = None) -> Path:
+def save_flamingo(
+    model: Flamingo,
+    tokenizer,
+    out: str | Path,
+    vision: str,
+    vision_pretrained: str | None = None,
+    half: bool = False,
+    vision_sha256: str | None = None,
+) -> Path:
     """Write ``out/`` loadable as ``captioner.model``: ``lm/`` (the LM and tokenizer, Hugging Face layout),
     ``flamingo.safetensors`` (perceiver, cross-attention and LM embeddings under OpenFlamingo's keys) and
     ``flamingo.json``. ``vision`` is the hub.load_open_clip spec of the tower (an id, not copied)."""
@@ -170,10 +204,20 @@ def save_flamingo(model: Flamingo, tokenizer, out: str | Path, vision: str, visi
     tokenizer.save_pretrained(out / "lm")
     state = {k: v.detach().to(dtype).contiguous() for k, v in to_openflamingo_state_dict(model).items()}
     save_file(state, str(out / "flamingo.safetensors"))
-    meta = dict(format="recon-flamingo", version=1, lang_model="lm", tokenizer="lm", vision=vision,
-                vision_pretrained=vision_pretrained, cross_attn_every_n_layers=model.cross_attn_every_n_layers,
-                perceiver=model.perceiver_cfg, xattn=model.xattn_cfg, decoder_layers_attr=model.decoder_layers_attr,
-                weights="flamingo.safetensors", vision_sha256=vision_sha256)
+    meta = dict(
+        format="recon-flamingo",
+        version=1,
+        lang_model="lm",
+        tokenizer="lm",
+        vision=vision,
+        vision_pretrained=vision_pretrained,
+        cross_attn_every_n_layers=model.cross_attn_every_n_layers,
+        perceiver=model.perceiver_cfg,
+        xattn=model.xattn_cfg,
+        decoder_layers_attr=model.decoder_layers_attr,
+        weights="flamingo.safetensors",
+        vision_sha256=vision_sha256,
+    )
     (out / "flamingo.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -181,7 +225,13 @@ def save_flamingo(model: Flamingo, tokenizer, out: str | Path, vision: str, visi
 # ----------------------------------------------------------------------------------------------- OpenFlamingo keys
 _GATES = {"attn_gate": "attn_gate.alpha", "ff_gate": "ff_gate.alpha"}
 _DUPLICATES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
-_BUFFER_SUFFIXES = (".inv_freq", ".masked_bias", "attention.bias", "attn.bias", "attn_bias")  # old transformers
+_BUFFER_SUFFIXES = (
+    ".inv_freq",
+    ".masked_bias",
+    "attention.bias",
+    "attn.bias",
+    "attn_bias",
+)  # old transformers
 
 
 def _input_embedding_name(lang_model: nn.Module) -> str:
@@ -220,16 +270,16 @@ def openflamingo_key_map(model: Flamingo, key: str) -> tuple[str, str] | None:
     if key.startswith(_DUPLICATES):
         return "skip", key
     if key.startswith(f"lang_encoder.{attr}."):
-        i, sub, rest = key[len(f"lang_encoder.{attr}."):].split(".", 2)
+        i, sub, rest = key[len(f"lang_encoder.{attr}.") :].split(".", 2)
         if sub == "gated_cross_attn_layer":
             return "trainable", f"gated_cross_attn.{i}.{_GATES.get(rest, rest)}"
         if sub == "decoder_layer":
             return "lm", f"{attr}.{i}.{rest}"
         return None
     if key.startswith("lang_encoder."):
-        return "lm", key[len("lang_encoder."):]
+        return "lm", key[len("lang_encoder.") :]
     if key.startswith("vision_encoder."):
-        return "vision", key[len("vision_encoder."):]
+        return "vision", key[len("vision_encoder.") :]
     return None
 
 
@@ -244,8 +294,9 @@ def _names(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_openflamingo_state_dict(model: Flamingo, state: Mapping[str, torch.Tensor], where: str = "checkpoint"
-                                 ) -> dict[str, list[str]]:
+def load_openflamingo_state_dict(
+    model: Flamingo, state: Mapping[str, torch.Tensor], where: str = "checkpoint"
+) -> dict[str, list[str]]:
     """Load an OpenFlamingo ``checkpoint.pt`` state dict (or ours from :func:`to_openflamingo_state_dict`).
 
     Every perceiver / cross-attention weight and the LM input embeddings must be present; LM and vision weights are
@@ -255,9 +306,12 @@ def load_openflamingo_state_dict(model: Flamingo, state: Mapping[str, torch.Tens
     """
     if "model_state_dict" in state:
         state = state["model_state_dict"]
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    ours = {"trainable": model.state_dict(), "lm": model.lang_model.state_dict(),
-            "vision": model.vision_encoder.state_dict()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    ours = {
+        "trainable": model.state_dict(),
+        "lm": model.lang_model.state_dict(),
+        "vision": model.vision_encoder.state_dict(),
+    }
     prefix = {"trainable": "", "lm": "lang_model.", "vision": "vision_encoder."}
     updates, unexpected, ignored, shapes = {}, [], [], []
     for key, value in state.items():
@@ -284,9 +338,11 @@ def load_openflamingo_state_dict(model: Flamingo, state: Mapping[str, torch.Tens
     if shapes:
         problems.append(f"shape mismatches: {_names(shapes, 4)}")
     if problems:
-        hint = (f" -- the model has cross-attention before every {model.cross_attn_every_n_layers}. layer of "
-                f"{len(get_path(model.lang_model, model.decoder_layers_attr))} ({model.decoder_layers_attr}); "
-                "a different LM or cross_attn_every_n_layers than the checkpoint was trained with?")
+        hint = (
+            f" -- the model has cross-attention before every {model.cross_attn_every_n_layers}. layer of "
+            f"{len(get_path(model.lang_model, model.decoder_layers_attr))} ({model.decoder_layers_attr}); "
+            "a different LM or cross_attn_every_n_layers than the checkpoint was trained with?"
+        )
         raise CheckpointKeyError(f"{where} does not fit this Flamingo: " + "; ".join(problems) + hint)
     current = model.state_dict()
     with torch.no_grad():
