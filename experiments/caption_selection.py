@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from recon.run_args import config_from_args
     from recon.scoring import caption_metrics as cm
     from recon.scoring.experiment_data import experiment_inputs, world_of, write_outputs
-    from recon.scoring.run import shared_clip_metric
+    from recon.scoring.scorers import shared_clip_metric
     from recon.scoring.selection import CandidateReconstructor, candidate_config, select_captions
     from recon.scoring.tables import compare_rules, rules_markdown
 

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from recon.run_args import config_from_args
     from recon.scoring import caption_metrics as cm
     from recon.scoring.experiment_data import experiment_inputs, is_shapes, text_metric_configs, write_outputs
-    from recon.scoring.run import shared_clip_metric
+    from recon.scoring.scorers import shared_clip_metric
     from recon.scoring.selection import select_images
     from recon.scoring.tables import compare_rules, rules_markdown
 

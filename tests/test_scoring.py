@@ -331,7 +331,7 @@ def test_resume_skips_finished_items_and_refuses_other_inputs(score_run, tmp_pat
 
 
 def test_analyze_writes_correlations_and_scatter_plots(score_run):
-    from recon.scoring.run import analyze_run
+    from recon.scoring.analyze import analyze_run
 
     _, run = score_run
     res = analyze_run(run.path, n_resamples=50)

@@ -2,7 +2,9 @@
 
     inputs.py           caption files, references, and the items they make with an image folder
     caption_metrics.py  reference metrics through pycocoevalcap (corpus BLEU / METEOR statistics), CLIPScore
-    run.py              score_caption_sets (records, aggregates, leaderboards) and analyze_run
+    run.py              score_caption_sets (records, aggregates, leaderboards)
+    scorers.py          the models a score run loads besides the reconstructor (CLIPScore's CLIP, SBERT)
+    analyze.py          recon analyze: correlations of a score run's metrics
     tables.py           leaderboards, paired tests and correlations (markdown); recon.stats does the statistics
     html.py             the score report and leaderboard pages (recon.report's gallery)
     metaeval.py         recon metaeval: agreement of every metric with human judgments

@@ -106,7 +106,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from recon.scoring.run import analyze_run
+    from recon.scoring.analyze import analyze_run
 
     res = analyze_run(args.run_dir, args.recon_metric, seed=args.seed, n_resamples=args.resamples)
     print(

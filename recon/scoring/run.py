@@ -29,14 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from recon import fingerprint
-from recon.config import Config, MetricConfig
+from recon.config import Config
 from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_image
 from recon.pipeline import Timer
 from recon.runs import RunDir, sha256_file
 from recon.scoring import caption_metrics as cm
 from recon.scoring.inputs import (
     ALL_METRICS,
-    INPUTS,
     NEEDS_REFS,
     build_items,
     check_inputs,
@@ -44,6 +43,7 @@ from recon.scoring.inputs import (
     read_references,
     system_names,
 )
+from recon.scoring.scorers import Scorers
 
 SCORE = "score"  # the records' direction
 CORPUS_CI = "corpus_ci.json"
@@ -92,62 +92,6 @@ class ScoreRun:
     timing: dict[str, float]
     aggregate: dict[str, dict[str, float]]
     records: list[dict]
-
-
-def shared_clip_metric(recon):
-    """The reconstructor's module of the preset's first ``clip`` image metric: CLIPScore shares its weights."""
-    where, _ = cm.clip_metric_config(recon.config)
-    return recon.image_metrics[recon.metric_names("image")[int(where.rsplit(".", 1)[1])]]
-
-
-class _Scorers:
-    """The models a score run needs, loaded on first use (a fully resumed run loads none)."""
-
-    def __init__(self, config: Config, recon, metrics: list[str], clip_prefix: str, timer: Timer):
-        self.config, self.recon, self.metrics, self.clip_prefix = config, recon, metrics, clip_prefix
-        self.timer = timer
-        self._clip = self._sbert = None
-
-    @property
-    def clip(self) -> cm.ClipScore:
-        if self._clip is None:
-            with self.timer("model_loading"):
-                shared = shared_clip_metric(self.recon) if "recon" in self.metrics else None
-                self._clip = cm.ClipScore.from_config(
-                    self.config, self.recon.device, shared, prefix=self.clip_prefix
-                )
-        return self._clip
-
-    @property
-    def sbert(self):
-        if self._sbert is None:
-            from recon.similarity import load_similarity
-
-            where, cfg = next(
-                (
-                    (f"similarity.text.{i}", m)
-                    for i, m in enumerate(self.config.similarity.text)
-                    if m.kind == "sbert"
-                ),
-                ("sbert", MetricConfig(kind="sbert")),
-            )
-            with self.timer("model_loading"):
-                self._sbert = load_similarity(cfg, self.recon.device, where=where, role="text")
-        return self._sbert
-
-    def preflight(self) -> None:
-        if "recon" in self.metrics:
-            self.recon.preflight(("generator", "image"))
-        if {"clipscore", "refclipscore"} & set(self.metrics):
-            cm.clip_metric_config(self.config)
-        if set(cm.JAVA_METRICS) & set(self.metrics):
-            cm.check_java()
-        if "sbert" in self.metrics and not any(
-            m.kind == "sbert" and m.model for m in self.config.similarity.text
-        ):
-            from recon import hub
-
-            hub.sbert_default_path()
 
 
 def score_caption_sets(
@@ -203,7 +147,7 @@ def score_caption_sets(
     )
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
     timer, state = Timer(), {}
-    scorers = _Scorers(config, recon, metrics, clip_prefix, timer)
+    scorers = Scorers(config, recon, metrics, clip_prefix, timer)
 
     def reference_scores() -> dict[str, cm.ReferenceScores]:
         if "refs" not in state:  # once, over every valid item: CIDEr's statistics are the whole set's
@@ -366,51 +310,3 @@ def load_original(path: Path, cache: dict) -> tuple:
         image = load_image(path)
         cache[path] = (image, to_tensor(image), sha256_file(path))
     return cache[path]
-
-
-def analyze_run(
-    run_dir: str | Path, recon_metric: str | None = None, seed: int | None = None, n_resamples: int = 1000
-) -> dict:
-    """Correlations of a score run (``analysis.json``, ``analysis.md``; report.html gains the analysis)."""
-    from recon.config import read_yaml
-    from recon.runs import read_records
-    from recon.scoring.html import write_score_report
-    from recon.scoring.tables import correlations, correlations_markdown, leaderboard
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "results.jsonl").is_file():
-        if (run_dir / INPUTS).is_file():
-            raise ValueError(
-                f"{run_dir}: this score run holds no items yet (its `recon score` stopped before the "
-                "first one); rerun that command to fill it"
-            )
-        raise FileNotFoundError(f"{run_dir}: no results.jsonl (is this a recon score run directory?)")
-    records = [r for r in read_records(run_dir / "results.jsonl") if r.get("direction") == SCORE]
-    if not records:
-        raise ValueError(f"{run_dir}: no score records; `recon analyze` reads the output of `recon score`")
-    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
-    seed = seed if seed is not None else int((config.get("run") or {}).get("seed", 0))
-    res = correlations(records, recon_metric, seed=seed, n_resamples=n_resamples)
-    atomic_write_text(run_dir / "analysis.json", json.dumps(res, indent=1) + "\n")
-    atomic_write_text(run_dir / "analysis.md", correlations_markdown(res))
-    board_path = run_dir / "leaderboard.json"
-    board = (
-        json.loads(board_path.read_text())
-        if board_path.is_file()
-        else leaderboard(
-            records,
-            list(dict.fromkeys(r.get("system") for r in records if r.get("system"))),
-            seed,
-            n_resamples,
-        )
-    )
-    write_score_report(
-        run_dir,
-        records,
-        config,
-        board,
-        board.get("notes", []),
-        analysis=res,
-        max_items=int((config.get("run") or {}).get("max_report_items", 200)),
-    )
-    return res
