@@ -29,6 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from recon import captions_io
+from recon.data import (
+    DataError,
+    atomic_write_text,
+    image_to_tensor,
+    list_images,
+    load_image,
+    load_texts,
+    validate_text,
+)
+from recon.runs import RunError, sha256_file
+from recon.shapes import models, world
 from recon.similarity.preprocess import center_crop_or_pad, resize
 from recon.train.config import DataConfig
 
@@ -68,7 +80,6 @@ def fit(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 def render_scenes(scenes, resolution: int) -> torch.Tensor:
     """Shapes scenes -> ``[n, 3, R, R]`` float images in [0, 1]."""
-    from recon.shapes import world
 
     return fit(
         torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float().div(255.0), resolution
@@ -85,7 +96,6 @@ class ShapesPairs:
         judge_dir: str | Path | None = None,
         cfg: DataConfig | None = None,
     ):
-        from recon.shapes import world
 
         self.cfg = cfg or DataConfig()
         self.resolution, self.seed = int(resolution), int(seed)
@@ -100,7 +110,6 @@ class ShapesPairs:
         return Batch(render_scenes(scenes, self.resolution), [s.caption for s in scenes], list(scenes))
 
     def train_batch(self, micro_step: int, rank: int = 0, world_size: int = 1, n: int = 1) -> Batch:
-        from recon.shapes import world
 
         mine = slice(rank * n, rank * n + n)
         if self.pool is None:
@@ -114,7 +123,6 @@ class ShapesPairs:
         return self.unpaired.fill(self._batch(scenes), micro_step, rank, world_size, n)
 
     def val_batch(self, n: int) -> Batch:
-        from recon.shapes import world
 
         return self._batch(world.sample_scenes(n, self.seed, "test", VAL_STREAM))
 
@@ -123,13 +131,11 @@ class ShapesPairs:
         return self._batch(self.selection)
 
     def caption_texts(self, n: int = 256) -> list[str]:
-        from recon.shapes import world
 
         return [s.caption for s in (self.pool or world.sample_scenes(n, self.seed, "train", 0))[:n]]
 
     def score_captions(self, captions: list[str], batch: Batch) -> dict[str, float]:
         """Exact-attribute accuracy of captions against the scenes (recon.shapes.world.parse_caption)."""
-        from recon.shapes import world
 
         parsed = [world.parse_caption(c) for c in captions]
         truth = [s.attributes for s in batch.meta]
@@ -145,7 +151,6 @@ class ShapesPairs:
         """The judge's exact-attribute accuracy on images generated from the reference captions."""
         if self.judge_dir is None:
             return {}
-        from recon.shapes import models, world
 
         if self._judge is None:
             self._judge = models.load_judge(self.judge_dir, "cpu")
@@ -178,7 +183,6 @@ class CaptionFilePairs:
         self.unpaired = Unpaired(cfg, self.resolution, self.seed)
 
     def _items(self, annotations: str | None, split: list[str]) -> list[tuple[str, list[str]]]:
-        from recon import captions_io
 
         if annotations is None:
             return []
@@ -194,7 +198,6 @@ class CaptionFilePairs:
         ]
 
     def _load(self, items: list[tuple[str, str]]) -> Batch:
-        from recon.data import image_to_tensor, load_image
 
         images = [fit(image_to_tensor(load_image(p))[None], self.resolution)[0] for p, _ in items]
         return Batch(torch.stack(images), [c for _, c in items], [p for p, _ in items])
@@ -238,7 +241,6 @@ def usable_images(folder: str | Path) -> list[Path]:
     """The images of ``folder`` that decode, checked once before training (a truncated file found at step 5,000
     would stop the run there). The others are left out -- so every step draws from the same list -- counted and
     named in a warning; none usable is an error naming the folder."""
-    from recon.data import DataError, list_images, load_image
 
     try:
         items = list_images(folder)
@@ -269,7 +271,6 @@ class Unpaired:
     ``data.unpaired_texts``): a folder / texts file drawn in seeded epochs, or fresh shapes scenes."""
 
     def __init__(self, cfg: DataConfig, resolution: int, seed: int):
-        from recon.data import DataError, load_texts, validate_text
 
         self.cfg, self.resolution, self.seed = cfg, resolution, seed
         self.images = self.texts = None
@@ -285,14 +286,12 @@ class Unpaired:
                 raise ValueError(f"data.unpaired_texts: {cfg.unpaired_texts} holds no usable text")
 
     def _scenes(self, base: int, micro_step: int, mine: slice, size: int):
-        from recon.shapes import world
 
         split = "train" if self.cfg.unpaired_combos == "seen" else self.cfg.unpaired_combos
         return world.sample_scenes(size, self.seed, split, base + micro_step)[mine]
 
     def fill(self, batch: Batch, micro_step: int, rank: int, world_size: int, n: int) -> Batch:
         """``batch`` with process ``rank``'s ``n`` unlabelled images and unpaired texts of the micro-step."""
-        from recon.data import image_to_tensor, load_image
 
         mine, size = slice(rank * n, rank * n + n), n * world_size
         first = micro_step * size  # global sample index of the micro-step's first item
@@ -324,8 +323,6 @@ INPUTS_FILE = "finetune_inputs.json"  # what the run's data files held when it s
 def check_inputs(path: Path, fingerprints: dict[str, str]) -> None:
     """Record the data files' fingerprints at a run's start; a resume over changed files (other unpaired texts,
     images added to a folder) is refused naming the field, since the resumed steps would draw other data."""
-    from recon.data import atomic_write_text
-    from recon.runs import RunError
 
     if path.exists():
         try:
@@ -346,8 +343,6 @@ def input_fingerprints(cfg: DataConfig) -> dict[str, str]:
     """A fingerprint per data file or folder the config names: SHA-256 of a file's bytes; of a folder, SHA-256 of
     its image listing with each file's size and modification time (hashing every image of a large folder would
     cost minutes at each start). ``shapes`` data is rendered, nothing on disk."""
-    from recon.data import list_images
-    from recon.runs import sha256_file
 
     out = {}
     for key in ("annotations", "val_annotations", "images", "unlabelled_images", "unpaired_texts"):

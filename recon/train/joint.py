@@ -34,15 +34,25 @@ from pathlib import Path
 import torch
 
 from recon import fingerprint, hub
-from recon.data import atomic_write_text
-from recon.runs import append_jsonl, derive_seed, set_aside_bad_lines
+from recon.data import atomic_write_text, save_png
+from recon.runs import (
+    RunError,
+    append_jsonl,
+    claim_run_dir,
+    derive_seed,
+    flatten,
+    lock_run_dir,
+    read_run_config,
+    set_aside_bad_lines,
+)
 from recon.train import adapters
 from recon.train.bridge import SoftTokenBridge, coverage_line, token_coverage, vocab_index
 from recon.train.checkpoints import resume, save_checkpoint
 from recon.train.config import FinetuneConfig, changed_keys, resumable_changes
-from recon.train.data import batches, make_pairs
+from recon.train.data import INPUTS_FILE, batches, check_inputs, input_fingerprints, make_pairs
 from recon.train.diffusion import Diffusion
 from recon.train.losses import JointObjective
+from recon.train.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +178,7 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
         nonlocal val_metric
         if not main:
             return
-        from recon.data import save_png
         from recon.similarity import load_similarity
-        from recon.train.validation import validate
 
         val_metric = val_metric or load_similarity(
             cfg.validation.metric, device, "validation.metric", role="image"
@@ -380,8 +388,6 @@ def judge_dir(cfg: FinetuneConfig) -> Path | None:
 def write_or_check_config(out: Path, cfg: FinetuneConfig):
     """Create ``out``, lock it (one process per run directory; returns the lock file) and write its config, or
     refuse a different config."""
-    from recon.runs import RunError, claim_run_dir, lock_run_dir, read_run_config
-    from recon.train.data import INPUTS_FILE, check_inputs, input_fingerprints
 
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")
@@ -422,7 +428,6 @@ def write_or_check_config(out: Path, cfg: FinetuneConfig):
 
 def tracker_config(cfg: FinetuneConfig) -> dict:
     """TensorBoard's hparams take scalars only."""
-    from recon.runs import flatten
 
     return {
         k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(cfg.to_dict()).items()
@@ -432,7 +437,6 @@ def tracker_config(cfg: FinetuneConfig) -> dict:
 def truncate_records(out: Path, step: int) -> None:
     """On (re)start, drop records past the checkpoint the run resumes from (a killed run may have logged them;
     the resumed run logs those steps again, identically); unreadable lines are set aside, not dropped."""
-    from recon.data import atomic_write_text
 
     for name in ("metrics.jsonl", "validation.jsonl"):
         path = out / name
