@@ -39,7 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from recon import fingerprint
+from recon.config import metric_direction
+from recon.data import atomic_write_text
+from recon.hub import ModelNotAvailableError
 from recon.run_args import add_run_args, config_from_args, count
+from recon.scoring.inputs import ALL_METRICS, system_names
 from recon.scoring.metaeval_dir import INPUTS_DIR, RUNS_DIR, judged_inputs, open_run_dir
 from recon.scoring.metaeval_formats import (
     FORMAT,
@@ -54,7 +58,6 @@ from recon.scoring.metaeval_formats import (
 
 def register(subparsers) -> None:
     """Add the ``metaeval`` command to an argparse subparsers object."""
-    from recon.scoring.inputs import ALL_METRICS
 
     p = subparsers.add_parser(
         "metaeval",
@@ -159,7 +162,6 @@ def sources_from_args(files: list[str], images: list[str], refs: list[str], fmt:
 def set_names(paths: list[Path]) -> list[str]:
     """Folder names for judgment files: their stems, made unique. A file the user names is read even when hidden
     (``.hidden_correctness.csv``): its leading dots (and ``@``) are dropped from the name only."""
-    from recon.scoring.inputs import system_names
 
     return system_names([p.with_name(p.name.lstrip(".@") or "judgments") for p in paths])
 
@@ -198,7 +200,6 @@ class Prepared:
 
 
 def prepare(name: str, source: Source, judgments: Judgments, folder: Path) -> Prepared:
-    from recon.data import atomic_write_text
 
     units: dict[tuple[str, tuple[str, ...]], str] = {}
     per_image: dict[str, int] = {}
@@ -245,7 +246,6 @@ def score(
     notes: list[str],
 ) -> dict[tuple[str, str], dict[str, float]]:
     """Score ``prep``'s slot files with each metric family in its own run; ``{(system, unit): scores}``."""
-    from recon.hub import ModelNotAvailableError
     from recon.scoring.run import score_caption_sets
     from recon.scoring.tables import truncation_note
 
@@ -417,7 +417,6 @@ def pair_table(
 def evaluate_set(fmt: str, preps: list[Prepared], scores: list[dict], n_resamples: int, seed: int) -> dict:
     """The statistics of one judgment set (all its files pooled) from the score records."""
     from recon import stats
-    from recon.config import metric_direction
 
     def lookup(prep: Prepared, table: dict, cand: Candidate) -> dict:
         return table.get(prep.slot_of[cand], {})
@@ -578,7 +577,6 @@ def _evaluate(
     reconstructor,
 ) -> dict:
     from recon import stats
-    from recon.data import atomic_write_text
     from recon.jobs import make_cache
     from recon.pipeline import Reconstructor
     from recon.scoring import caption_metrics as cm
