@@ -19,24 +19,10 @@ from scipy.stats import kendalltau
 
 from recon import stats
 from recon.scoring.metaeval import pair_table, rating_table
+from recon.scoring.metaeval_dir import scores_by_caption
 from recon.shapes.judgments import EXPERT_SCORE
 
 METRICS = ("recon_clip_similarity", "recon_ssim_similarity", "clipscore")
-
-
-def scores_by_caption(out: Path, name: str = "ExpertAnnotations") -> dict[tuple[str, str], dict[str, float]]:
-    """``{(caption, image): scores}`` merged over a metaeval run's metric runs of one judgment file."""
-    caption_of, table = {}, {}
-    for f in (out / "inputs" / name).glob("c*.json"):
-        caption_of.update({(f.stem, u): c for u, c in json.loads(f.read_text()).items()})
-    for run in (out / "runs" / name).iterdir():
-        for line in (run / "results.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if r.get("status") == "ok":
-                table.setdefault((caption_of[(r["system"], r["image_id"])], r["image_id"]), {}).update(
-                    r["scores"]
-                )
-    return table
 
 
 def right(a: float, b: float) -> float:

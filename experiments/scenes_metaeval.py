@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from recon.scoring.metaeval import pair_table
+from recon.scoring.metaeval_dir import scores_by_caption, slot_captions
 from recon.shapes import scenes as S
 from recon.shapes.scenes_judgments import CATEGORIES
 
@@ -59,21 +60,6 @@ def run_seed(out: Path, n: int, seed: int, preset: str, extra: list[str]) -> Non
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
         raise RuntimeError(f"seed {seed}: `{' '.join(cmd)}` exited {rc}; see {log}")
-
-
-def scores_by_caption(out: Path) -> dict[tuple[str, str], dict[str, float]]:
-    """``{(caption, image): scores}`` of a metaeval run (every candidate is in its Expert file)."""
-    caption_of, table = {}, {}
-    for f in (out / "inputs" / "ExpertAnnotations").glob("c*.json"):
-        caption_of.update({(f.stem, u): c for u, c in json.loads(f.read_text()).items()})
-    for run in (out / "runs" / "ExpertAnnotations").iterdir():
-        for line in (run / "results.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if r.get("status") == "ok":
-                table.setdefault((caption_of[(r["system"], r["image_id"])], r["image_id"]), {}).update(
-                    r["scores"]
-                )
-    return table
 
 
 def judge_scores(out: Path, scenes: list[dict], judge_dir: Path) -> dict[tuple[str, str], float]:
@@ -117,9 +103,7 @@ def judge_similarity(out: Path, judge_dir: Path) -> dict[tuple[str, str], float]
     from recon.shapes.scenes_train import load_judge
 
     run = out / "runs" / "ExpertAnnotations" / "recon"
-    caption_of = {}
-    for f in (out / "inputs" / "ExpertAnnotations").glob("c*.json"):
-        caption_of.update({(f.stem, u): c for u, c in json.loads(f.read_text()).items()})
+    caption_of = slot_captions(out, "ExpertAnnotations")
     rows = [
         r
         for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())

@@ -166,3 +166,24 @@ def open_run_dir(out: Path, config, inputs: dict):
         lock.close()
         raise
     return lock
+
+
+def slot_captions(out: Path, name: str) -> dict[tuple[str, str], str]:
+    """``{(system, image): caption}`` of one judgment file of a metaeval directory (its ``inputs/NAME/c*.json``)."""
+    captions = {}
+    for f in (Path(out) / INPUTS_DIR / name).glob("c*.json"):
+        captions.update({(f.stem, u): c for u, c in json.loads(f.read_text()).items()})
+    return captions
+
+
+def scores_by_caption(out: Path, name: str = "ExpertAnnotations") -> dict[tuple[str, str], dict[str, float]]:
+    """``{(caption, image): scores}`` merged over a metaeval directory's metric runs of one judgment file (for
+    post-hoc analyses that read the records back; no model runs)."""
+    caption_of, table = slot_captions(out, name), {}
+    for run in (Path(out) / RUNS_DIR / name).iterdir():
+        for line in (run / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r.get("status") == "ok":
+                key = (caption_of[(r["system"], r["image_id"])], r["image_id"])
+                table.setdefault(key, {}).update(r["scores"])
+    return table

@@ -55,6 +55,15 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def parts_rows(bundle: Path, parts: dict[str, str]) -> list[str]:
+    """One markdown row per part folder present in ``bundle``: what it is, parameters, MB."""
+    return [
+        f"| `{part}/` | {what} | {_params(bundle / part) / 1e6:.2f}M | {_mb(bundle / part):.1f} |"
+        for part, what in parts.items()
+        if (bundle / part).is_dir()
+    ]
+
+
 def training_rows(records: dict[str, dict], device: bool) -> list[str]:
     """One markdown row per training record: steps, batch, wall / CPU minutes, (device,) validation, command."""
     rows = []
@@ -98,11 +107,7 @@ def write_model_card(bundle: Path, result: dict, extra: str = "") -> Path:
         "| part | what | parameters | MB |",
         "| --- | --- | ---: | ---: |",
     ]
-    for part, what in PARTS.items():
-        if (bundle / part).is_dir():
-            lines.append(
-                f"| `{part}/` | {what} | {_params(bundle / part) / 1e6:.2f}M | {_mb(bundle / part):.1f} |"
-            )
+    lines += parts_rows(bundle, PARTS)
     lines += [
         "",
         f"Total size: {_mb(bundle):.1f} MB.",
@@ -214,11 +219,7 @@ def write_scenes_card(bundle: Path, result: dict, extra: str = "") -> Path:
         "| part | what | parameters | MB |",
         "| --- | --- | ---: | ---: |",
     ]
-    for part, what in SCENES_PARTS.items():
-        if (bundle / part).is_dir():
-            lines.append(
-                f"| `{part}/` | {what} | {_params(bundle / part) / 1e6:.2f}M | {_mb(bundle / part):.1f} |"
-            )
+    lines += parts_rows(bundle, SCENES_PARTS)
     lines += [
         "",
         f"Total size: {_mb(bundle):.1f} MB.",

@@ -77,7 +77,7 @@ class Bundle:
         return self.clip.encode_image(normalize(images, self.clip_mean, self.clip_std), normalize=True)
 
 
-def _batches(n: int, size: int):
+def batch_slices(n: int, size: int):
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
 
@@ -95,7 +95,7 @@ def evaluate_split(
     corrupted = [world.corrupt(s, rng) for s in scenes]
     judged, wins, changed = [], [], []
     n_gen = len(scenes) if generate_n is None else min(generate_n, len(scenes))
-    for sl in _batches(n_gen, batch_size):
+    for sl in batch_slices(n_gen, batch_size):
         chunk = scenes[sl]
         seeds = [seed * 1_000_003 + i for i in range(sl.start, sl.stop)]
         right = b.generate([s.caption for s in chunk], seeds)

@@ -23,6 +23,7 @@ import torch
 
 from recon import hub
 from recon.shapes import scenes as S
+from recon.shapes.evaluate import batch_slices
 from recon.shapes.metrics import normalize, to_tensor
 
 BARS = {
@@ -36,18 +37,13 @@ DECODING = dict(num_beams=3, min_new_tokens=3, max_new_tokens=44)  # scenes_trai
 SAMPLING = dict(num_inference_steps=20, guidance_scale=5.0)
 
 
-def _batches(n: int, size: int):
-    for i in range(0, n, size):
-        yield slice(i, min(n, i + size))
-
-
 @torch.no_grad()
 def captioner_scores(
     bundle: Path, scenes: list[S.Scene], device: torch.device, part: str = "captioner", batch: int = 64
 ) -> dict:
     model, processor = hub.load_captioner_model(str(bundle / part), device, torch.float32)
     captions = []
-    for sl in _batches(len(scenes), batch):
+    for sl in batch_slices(len(scenes), batch):
         pix = processor(images=list(S.render_batch(scenes[sl])), return_tensors="pt").pixel_values.to(device)
         captions += processor.batch_decode(
             model.generate(pixel_values=pix, **DECODING), skip_special_tokens=True
@@ -78,7 +74,7 @@ def generator_scores(
                 SAMPLING["num_inference_steps"],
                 SAMPLING["guidance_scale"],
             )
-            for sl in _batches(len(scenes), batch)
+            for sl in batch_slices(len(scenes), batch)
         ]
     )
     exact = np.array(
