@@ -8,6 +8,7 @@ import torch
 
 from recon import hub
 from recon.config import ConfigError, MetricConfig, SimilarityConfig
+from recon.preprocess import ImagePreprocess
 from recon.similarity import (
     IMAGE_METRICS,
     PSNR_CAP_DB,
@@ -20,7 +21,6 @@ from recon.similarity import (
     psnr,
     ssim,
 )
-from recon.similarity.preprocess import ImagePreprocess
 
 CPU = torch.device("cpu")
 

@@ -530,6 +530,7 @@ def test_best_of_n_recon_picks_the_caption_whose_reconstruction_looks_like_the_i
             ],
             "recon_reward_decoding",
         ),
+        (["captioner.backend=flamingo", "captioner.adapter=runs/x/adapter"], "captioner.adapter"),
         (["data.selection_pairs=4"], "data.selection_pairs"),
         (["data.labelled_pairs=4", "data.selection_pairs=4"], "data.selection_pairs"),
     ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -143,6 +143,11 @@ class TrainableCaptioner(Captioner, Protocol):
     def teacher_forced_logits(
         self, pixel_values: torch.Tensor, texts: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def with_lora(self, add_lora: Callable[[torch.nn.Module], torch.nn.Module]) -> TrainableCaptioner:
+        """The captioner with ``add_lora(model)`` as its model: a fresh LoRA on top of the loaded weights (a loaded
+        ``cfg.adapter`` merged into them first where the backend can)."""
+        ...
 
 
 def warn_if_other_base(adapter_dir: str, model_id: str) -> None:

@@ -8,7 +8,7 @@ The text prompt (``"a picture of "`` for BLIP) is the decoder prefix, exactly as
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +215,14 @@ class BlipCaptioner:
         mean = torch.tensor(ip.image_mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(ip.image_std, device=x.device).view(1, -1, 1, 1)
         return ((x - mean) / std).to(self.dtype)
+
+    def with_lora(self, add_lora: Callable[[torch.nn.Module], torch.nn.Module]) -> BlipCaptioner:
+        """A new captioner on ``add_lora(model)``; a loaded peft adapter is merged into the weights first, so the new
+        LoRA trains on top of it."""
+        model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
+        return BlipCaptioner(
+            add_lora(model), self.processor, self.cfg, model_id=self.model_id, batch_size=self.batch_size
+        )
 
     def teacher_forced_logits(
         self, pixel_values: torch.Tensor, texts: Sequence[str]

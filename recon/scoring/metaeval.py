@@ -51,6 +51,7 @@ from recon.scoring.metaeval_formats import (
     STATISTIC,
     Candidate,
     Judgments,
+    Source,
     detect_format,
     read_judgments,
 )
@@ -119,14 +120,6 @@ def register(subparsers) -> None:
     p.add_argument("--resamples", type=count(1), default=1000, help="bootstrap resamples")
     add_run_args(p, limit_help="use only the judgments of the first N images of each file")
     p.set_defaults(handler=run_metaeval)
-
-
-@dataclass(frozen=True)
-class Source:
-    path: Path
-    format: str
-    images: Path
-    refs: Path | None = None
 
 
 def sources_from_args(files: list[str], images: list[str], refs: list[str], fmt: str | None) -> list[Source]:

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from recon.scoring.metaeval_formats import FORMAT
-
-if TYPE_CHECKING:
-    from recon.scoring.metaeval import Source
+from recon.scoring.metaeval_formats import FORMAT, Source
 
 INPUTS_DIR, RUNS_DIR = "inputs", "runs"
 RECORD = "metaeval_inputs.json"

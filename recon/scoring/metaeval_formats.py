@@ -57,6 +57,16 @@ EXPERT_SCALE, COMPOSITE_SCALE = (1, 4), (1, 5)
 _IMAGE = re.compile(r"\.(jpe?g|png|bmp|gif|webp)$", re.IGNORECASE)
 
 
+@dataclass(frozen=True)
+class Source:
+    """A judgment file in one of :data:`FORMATS`, the folder of its images and its references (or None)."""
+
+    path: Path
+    format: str
+    images: Path
+    refs: Path | None = None
+
+
 def one_line(text: str) -> str:
     """Whitespace runs as one space (the loaders of these sets all do this)."""
     return " ".join(str(text).split())

@@ -377,7 +377,7 @@ def train(
     from recon import hub
     from recon.captioners.flamingo import EOC_TOKEN, MEDIA_TOKEN, save_flamingo, vision_weights_sha256
     from recon.captioners.flamingo.model import Flamingo
-    from recon.similarity.preprocess import ImagePreprocess
+    from recon.preprocess import ImagePreprocess
 
     torch.set_num_threads(threads)
     out = Path(out or hub.SHAPES_BUNDLE / "flamingo")

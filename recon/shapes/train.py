@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from recon.shapes import models, world
-from recon.shapes.card import COMPONENTS
+from recon.shapes.card import COMPONENTS, DEFAULT_STEPS
 from recon.shapes.metrics import (
     captioner_accuracy,
     clip_zero_shot,
@@ -36,8 +36,6 @@ from recon.shapes.metrics import (
     vae_round_trip,
 )
 
-# Steps of the shipped bundle; each fits the 90 CPU-minute budget of the whole bundle (see MODEL_CARD.md).
-DEFAULT_STEPS = {"vae": 1800, "unet": 3200, "captioner": 1600, "weak": 300, "clip": 600, "judge": 300}
 BATCH = {"vae": 16, "unet": 32, "captioner": 64, "weak": 64, "clip": 128, "judge": 128}
 LR = {"vae": 2e-3, "unet": 1e-3, "captioner": 1e-3, "weak": 1e-3, "clip": 1e-3, "judge": 2e-3}
 CAPTION_DROPOUT = 0.1  # empty prompt 10% of the time: the unconditional branch of classifier-free guidance

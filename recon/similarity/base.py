@@ -18,7 +18,7 @@ from torch import nn
 
 from recon import hub
 from recon.config import MetricConfig
-from recon.similarity.preprocess import broadcast_batch
+from recon.preprocess import broadcast_batch
 
 
 def as_device(device: torch.device | str) -> torch.device:

@@ -2,7 +2,7 @@
 
 Every module takes two float batches ``[B, 3, H, W]`` in [0, 1] (any size; a batch of 1 is broadcast against
 the other) and returns ``[B]``. Model-based metrics resize and normalise inside, in torch, so gradients reach the
-pixels; pixel metrics first bring both batches to a common size (:func:`recon.similarity.preprocess.match_sizes`).
+pixels; pixel metrics first bring both batches to a common size (:func:`recon.preprocess.match_sizes`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from torch import nn
 from recon import hub
 from recon.config import ConfigError, MetricConfig
 from recon.hub import DEFAULT_DINO, DEFAULT_HF_CLIP_VISION, open_clip_source
+from recon.preprocess import ImagePreprocess, broadcast_batch, match_sizes, resize
 from recon.similarity.base import EmbeddingSimilarity, Similarity, as_device, freeze
-from recon.similarity.preprocess import ImagePreprocess, broadcast_batch, match_sizes, resize
 
 
 def _model_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -429,6 +429,13 @@ def check_rewards(cfg: FinetuneConfig) -> None:
     for key in ("preference_beta", "diffusion_dpo_beta"):
         if not math.isfinite(getattr(loss, key)) or getattr(loss, key) <= 0:
             raise ConfigError(f"loss.{key}={getattr(loss, key)}: must be a finite number > 0")
+    if (
+        cfg.captioner.backend == "flamingo" and cfg.captioner.adapter
+    ):  # its adapter is injected, not mergeable
+        raise ConfigError(
+            f"captioner.adapter={cfg.captioner.adapter}: starting a Flamingo finetune from an adapter is not "
+            "supported yet; start from the base model (captioner.adapter=null)"
+        )
     if data.selection_pairs < 0:
         raise ConfigError(f"data.selection_pairs={data.selection_pairs}: must be >= 0")
     if data.selection_pairs and (data.labelled_pairs is None or data.selection_pairs >= data.labelled_pairs):

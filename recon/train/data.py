@@ -39,9 +39,9 @@ from recon.data import (
     load_texts,
     validate_text,
 )
+from recon.preprocess import center_crop_or_pad, resize
 from recon.runs import RunError, sha256_file
 from recon.shapes import models, world
-from recon.similarity.preprocess import center_crop_or_pad, resize
 from recon.train.config import DataConfig
 
 log = logging.getLogger(__name__)

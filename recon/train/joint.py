@@ -322,25 +322,11 @@ def load_roles(cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype, se
     the new LoRA trains on top of it (BLIP only). The LoRA initialisation draws from ``torch.manual_seed(seed)``, whatever
     ran before (building the tiny builtins, for one, draws from the global generator).
     """
-    from recon.captioners import BACKENDS, BlipCaptioner
+    from recon.captioners import BACKENDS
 
-    if cfg.captioner.backend == "flamingo":
-        if cfg.captioner.adapter:
-            raise ValueError(
-                "captioner.adapter: starting a Flamingo finetune from an adapter is not supported yet; "
-                "start from the base model (captioner.adapter=null)"
-            )
-        captioner = BACKENDS["flamingo"].from_config(cfg.captioner, device, dtype=dtype)
-        torch.manual_seed(seed)
-        captioner.model = adapters.add_captioner_lora(captioner.model, cfg.captioner_lora)
-    else:
-        captioner = BlipCaptioner.from_config(cfg.captioner, device, dtype=dtype)
-        model = captioner.model
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        torch.manual_seed(seed)
-        model = adapters.add_captioner_lora(model, cfg.captioner_lora)
-        captioner = BlipCaptioner(model, captioner.processor, cfg.captioner, model_id=captioner.model_id)
+    captioner = BACKENDS[cfg.captioner.backend].from_config(cfg.captioner, device, dtype=dtype)
+    torch.manual_seed(seed)
+    captioner = captioner.with_lora(lambda model: adapters.add_captioner_lora(model, cfg.captioner_lora))
     g = cfg.generator
     pipe = hub.load_diffusion_pipeline(
         g.model, device, dtype, scheduler=g.scheduler, lora=g.lora, field="generator.model"

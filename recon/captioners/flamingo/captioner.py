@@ -28,7 +28,7 @@ num_shots=4, selection="rices")``); without a pool (a preset alone) the prompt i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -93,7 +93,7 @@ class FlamingoCaptioner:
         text_only_zero_shot: int = TEXT_ONLY_ZERO_SHOT,
         length_penalty: float = 0.0,
     ):
-        from recon.similarity.preprocess import ImagePreprocess
+        from recon.preprocess import ImagePreprocess
 
         if selection not in ("random", "rices"):
             raise ValueError(f"selection={selection!r}: expected random or rices")
@@ -283,6 +283,17 @@ class FlamingoCaptioner:
                 logits, labels = self.teacher_forced_logits(pixels, texts[s : s + size], seeds[s : s + size])
                 out.append(sequence_log_prob(logits, labels).float().cpu())
         return torch.cat(out)
+
+    def with_lora(self, add_lora: Callable[[torch.nn.Module], torch.nn.Module]) -> FlamingoCaptioner:
+        """This captioner with ``add_lora(model)`` as its model. A loaded ``cfg.adapter`` is injected in place and
+        cannot be merged here, so starting from one is refused (the finetune config check says so before loading)."""
+        if self.cfg.adapter:
+            raise ValueError(
+                f"captioner.adapter={self.cfg.adapter}: a Flamingo adapter is injected in place and cannot be merged "
+                "before a new LoRA; start from the base model (captioner.adapter=null)"
+            )
+        self.model = add_lora(self.model)
+        return self
 
     def teacher_forced_logits(
         self, pixel_values: torch.Tensor, texts: Sequence[str], seeds: Sequence[int] | None = None
