@@ -110,8 +110,8 @@ def score_caption_sets(
     n_resamples: int = 1000,
 ) -> ScoreRun:
     """Score caption files against an image folder (see the module docstring); returns the finished run."""
-    from recon.jobs import failed, make_cache, run_job
-    from recon.pipeline import Reconstructor, png_bytes
+    from recon.jobs import make_cache, run_job
+    from recon.pipeline import Reconstructor
     from recon.scoring.html import write_score_report
     from recon.scoring.tables import coverage_notes, leaderboard, leaderboard_markdown
 
@@ -146,128 +146,22 @@ def score_caption_sets(
         },
     )
     recon = reconstructor or Reconstructor(config, cache=make_cache(config))
-    timer, state = Timer(), {}
+    timer = Timer()
     scorers = Scorers(config, recon, metrics, clip_prefix, timer)
-
-    def reference_scores() -> dict[str, cm.ReferenceScores]:
-        if "refs" not in state:  # once, over every valid item: CIDEr's statistics are the whole set's
-            with timer("reference_metrics"):
-                valid = [it for it in items if it.error is None]
-                state["refs"] = cm.reference_metrics(
-                    {s: {it.key: it.caption for it in valid if it.system == s} for s in systems},
-                    references.refs,
-                    ref_metrics,
-                    meteor_resamples=n_resamples,
-                    seed=config.run.seed,
-                )
-            atomic_write_text(
-                Path(out) / "corpus.json",
-                json.dumps({s: r.corpus for s, r in state["refs"].items()}, indent=1) + "\n",
-            )
-            atomic_write_text(
-                Path(out) / CORPUS_CI,
-                json.dumps(  # corpus METEOR's interval, for the leaderboard
-                    {
-                        s: {
-                            m: {"value": r.corpus[m], "low": lo, "high": hi, "n": len(r.per_item)}
-                            for m, (lo, hi) in r.corpus_ci.items()
-                        }
-                        for s, r in state["refs"].items()
-                    },
-                    indent=1,
-                )
-                + "\n",
-            )
-        return state["refs"]
-
-    def process(chunk, run: RunDir) -> list[dict]:
-        records, good, originals = [], [], {}
-        for it in chunk:
-            meta = dict(direction=SCORE, system=it.system, image_id=it.key, caption=it.caption)
-            if it.error:
-                records.append(failed(it.id, it.error, **meta))
-                continue
-            try:
-                with timer("loading"):
-                    load_original(it.path, originals)
-                good.append(it)
-            except (DataError, OSError) as e:
-                records.append(failed(it.id, e, source=str(it.path), **meta))
-        refs_of = [list(references.refs.get(it.key) or []) if references else [] for it in good]
-        scores: list[dict] = [{} for _ in good]
-        extra: list[dict] = [{"warnings": []} for _ in good]
-        if good and ref_metrics:
-            per_system = reference_scores()
-            for i, it in enumerate(good):
-                scores[i].update(per_system[it.system].per_item.get(it.key, {}))
-                if it.key in per_system[it.system].bleu_stats:  # the leaderboard's corpus BLEU, from records
-                    extra[i]["bleu_stats"] = per_system[it.system].bleu_stats[it.key]
-        if good and references is not None:
-            for i, it in enumerate(good):
-                if not refs_of[i]:
-                    extra[i]["warnings"].append(
-                        f"image_id {it.key!r} has no references in {refs}: reference metrics not computed"
-                    )
-        captions_ = [it.caption for it in good]
-        if good and {"clipscore", "refclipscore"} & set(metrics):
-            with timer("clipscore"):
-                cs = scorers.clip.scores(
-                    [originals[it.path][1] for it in good],
-                    captions_,
-                    refs_of if "refclipscore" in metrics else None,
-                )
-            for m in ("clipscore", "refclipscore"):
-                if m in metrics:
-                    for i, v in enumerate(cs[m]):
-                        scores[i][m] = v
-            for i, cut in enumerate(cs.get("truncated", [])):  # CLIP's 77 tokens, under the truncate policy
-                if cut:
-                    extra[i].setdefault("truncated", []).append("clipscore")
-        if good and "sbert" in metrics:
-            with timer("sbert"):
-                for i, v in enumerate(cm.max_similarity_to_refs(scorers.sbert, captions_, refs_of)):
-                    scores[i]["sbert_similarity"] = v
-                for i, cut in enumerate(scorers.sbert.truncated(captions_)):
-                    if cut:
-                        extra[i].setdefault("truncated", []).append("sbert_similarity")
-        if good and "recon" in metrics:
-            requests = [
-                (it.id, it.key, originals[it.path][1], originals[it.path][2], it.caption) for it in good
-            ]
-            for i, (it, r) in enumerate(
-                zip(good, recon.reconstruct_captions(requests, timer, prefix="recon_"))
-            ):
-                scores[i] = {**r["scores"], **scores[i]}
-                extra[i].update(
-                    recon_std=r["std"],
-                    scores_per_image=r["per_image"],
-                    seeds=r["seeds"],
-                    flagged=r["flagged"],
-                )
-                extra[i]["warnings"] += r["warnings"]
-                if config.run.save_images:
-                    paths = [run.image_path(it.id, f"k{k}.png") for k in range(len(r["png"]))]
-                    for p, data in zip(paths, r["png"]):
-                        atomic_write_bytes(p, data)
-                    extra[i]["images"] = [p.relative_to(run.path).as_posix() for p in paths]
-        for i, it in enumerate(good):
-            rec = {
-                "id": it.id,
-                "status": "ok",
-                "direction": SCORE,
-                "system": it.system,
-                "image_id": it.key,
-                "caption": it.caption,
-                "source": str(it.path),
-                "scores": finite(scores[i]),
-            }
-            if config.run.save_images:
-                path = run.image_path(f"@originals/{it.key}", "original.png")
-                if not path.exists():
-                    atomic_write_bytes(path, png_bytes(originals[it.path][0]))
-                rec["original"] = path.relative_to(run.path).as_posix()
-            records.append({**rec, **extra[i]})
-        return records
+    process = ChunkScorer(
+        config,
+        Path(out),
+        items,
+        systems,
+        metrics,
+        ref_metrics,
+        references,
+        refs,
+        scorers,
+        recon,
+        timer,
+        n_resamples,
+    )
 
     run = run_job(
         config,
@@ -300,6 +194,152 @@ def score_caption_sets(
     atomic_write_text(run.path / "timing.json", json.dumps({"seconds": timer.seconds}, indent=1) + "\n")
     write_score_report(run.path, records, config, board, footer)
     return ScoreRun(run.path, systems, metrics, notes, timer.seconds, aggregate, records)
+
+
+@dataclass
+class ChunkScorer:
+    """``run_job``'s step for a score run: a chunk of items -> their records, whole (ok or failed).
+
+    Each metric family fills ``scores`` and ``extra`` (warnings, truncation, the reconstructions' details) for the
+    chunk's loadable items; the reference metrics are computed once, over every valid item of the run (CIDEr's
+    document frequencies are the whole set's), and their corpus scores written beside the records.
+    """
+
+    config: Config
+    out: Path
+    items: list
+    systems: list[str]
+    metrics: list[str]
+    ref_metrics: list[str]
+    references: object  # inputs.References or None
+    refs: str | Path | None
+    scorers: Scorers
+    recon: object  # pipeline.Reconstructor
+    timer: Timer
+    n_resamples: int
+    _reference_scores: dict | None = None
+
+    def reference_scores(self) -> dict[str, cm.ReferenceScores]:
+        if self._reference_scores is None:
+            with self.timer("reference_metrics"):
+                valid = [it for it in self.items if it.error is None]
+                self._reference_scores = cm.reference_metrics(
+                    {s: {it.key: it.caption for it in valid if it.system == s} for s in self.systems},
+                    self.references.refs,
+                    self.ref_metrics,
+                    meteor_resamples=self.n_resamples,
+                    seed=self.config.run.seed,
+                )
+            by_system = self._reference_scores
+            atomic_write_text(
+                self.out / "corpus.json",
+                json.dumps({s: r.corpus for s, r in by_system.items()}, indent=1) + "\n",
+            )
+            corpus_ci = {  # corpus METEOR's interval, for the leaderboard
+                s: {
+                    m: {"value": r.corpus[m], "low": lo, "high": hi, "n": len(r.per_item)}
+                    for m, (lo, hi) in r.corpus_ci.items()
+                }
+                for s, r in by_system.items()
+            }
+            atomic_write_text(self.out / CORPUS_CI, json.dumps(corpus_ci, indent=1) + "\n")
+        return self._reference_scores
+
+    def __call__(self, chunk, run: RunDir) -> list[dict]:
+        from recon.jobs import failed
+
+        records, good, originals = [], [], {}
+        for it in chunk:
+            if it.error:
+                records.append(failed(it.id, it.error, **self.meta(it)))
+                continue
+            try:
+                with self.timer("loading"):
+                    load_original(it.path, originals)
+                good.append(it)
+            except (DataError, OSError) as e:
+                records.append(failed(it.id, e, source=str(it.path), **self.meta(it)))
+        if not good:
+            return records
+        scores: list[dict] = [{} for _ in good]
+        extra: list[dict] = [{"warnings": []} for _ in good]
+        refs_of = [list(self.references.refs.get(it.key) or []) if self.references else [] for it in good]
+        if self.ref_metrics:
+            self.add_reference_metrics(good, scores, extra)
+        if self.references is not None:
+            for i, it in enumerate(good):
+                if not refs_of[i]:
+                    extra[i]["warnings"].append(
+                        f"image_id {it.key!r} has no references in {self.refs}: reference metrics not computed"
+                    )
+        if {"clipscore", "refclipscore"} & set(self.metrics):
+            self.add_clipscore(good, originals, refs_of, scores, extra)
+        if "sbert" in self.metrics:
+            self.add_sbert(good, refs_of, scores, extra)
+        if "recon" in self.metrics:
+            self.add_reconstruction(good, originals, run, scores, extra)
+        return records + [self.record(it, originals, run, scores[i], extra[i]) for i, it in enumerate(good)]
+
+    @staticmethod
+    def meta(it) -> dict:
+        return dict(direction=SCORE, system=it.system, image_id=it.key, caption=it.caption)
+
+    def add_reference_metrics(self, good, scores, extra) -> None:
+        per_system = self.reference_scores()
+        for i, it in enumerate(good):
+            scores[i].update(per_system[it.system].per_item.get(it.key, {}))
+            if it.key in per_system[it.system].bleu_stats:  # the leaderboard's corpus BLEU, from records
+                extra[i]["bleu_stats"] = per_system[it.system].bleu_stats[it.key]
+
+    def add_clipscore(self, good, originals, refs_of, scores, extra) -> None:
+        with self.timer("clipscore"):
+            cs = self.scorers.clip.scores(
+                [originals[it.path][1] for it in good],
+                [it.caption for it in good],
+                refs_of if "refclipscore" in self.metrics else None,
+            )
+        for m in ("clipscore", "refclipscore"):
+            if m in self.metrics:
+                for i, v in enumerate(cs[m]):
+                    scores[i][m] = v
+        for i, cut in enumerate(cs.get("truncated", [])):  # CLIP's 77 tokens, under the truncate policy
+            if cut:
+                extra[i].setdefault("truncated", []).append("clipscore")
+
+    def add_sbert(self, good, refs_of, scores, extra) -> None:
+        captions = [it.caption for it in good]
+        with self.timer("sbert"):
+            for i, v in enumerate(cm.max_similarity_to_refs(self.scorers.sbert, captions, refs_of)):
+                scores[i]["sbert_similarity"] = v
+            for i, cut in enumerate(self.scorers.sbert.truncated(captions)):
+                if cut:
+                    extra[i].setdefault("truncated", []).append("sbert_similarity")
+
+    def add_reconstruction(self, good, originals, run: RunDir, scores, extra) -> None:
+        requests = [(it.id, it.key, originals[it.path][1], originals[it.path][2], it.caption) for it in good]
+        results = self.recon.reconstruct_captions(requests, self.timer, prefix="recon_")
+        for i, (it, r) in enumerate(zip(good, results)):
+            scores[i] = {**r["scores"], **scores[i]}
+            extra[i].update(
+                recon_std=r["std"], scores_per_image=r["per_image"], seeds=r["seeds"], flagged=r["flagged"]
+            )
+            extra[i]["warnings"] += r["warnings"]
+            if self.config.run.save_images:
+                paths = [run.image_path(it.id, f"k{k}.png") for k in range(len(r["png"]))]
+                for p, data in zip(paths, r["png"]):
+                    atomic_write_bytes(p, data)
+                extra[i]["images"] = [p.relative_to(run.path).as_posix() for p in paths]
+
+    def record(self, it, originals, run: RunDir, scores: dict, extra: dict) -> dict:
+        from recon.pipeline import png_bytes
+
+        rec = {"id": it.id, "status": "ok", **self.meta(it), "source": str(it.path), "scores": finite(scores)}
+        if self.config.run.save_images:
+            path = run.image_path(f"@originals/{it.key}", "original.png")
+            if not path.exists():
+                atomic_write_bytes(path, png_bytes(originals[it.path][0]))
+            rec["original"] = path.relative_to(run.path).as_posix()
+        return {**rec, **extra}
 
 
 def load_original(path: Path, cache: dict) -> tuple:
