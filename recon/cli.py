@@ -10,8 +10,15 @@ import os
 import sys
 from pathlib import Path
 
+from recon import fingerprint, jobs
+from recon.config import list_presets, read_yaml
+from recon.report import write_report
 from recon.run_args import USER_ERRORS, add_run_args, config_from_args
-from recon.runs import RESULTS, failure_note
+from recon.runs import RESULTS, failure_note, read_records
+from recon.scoring import commands as scoring_cli
+from recon.shapes import commands as shapes_commands
+from recon.shapes import scenes_commands
+from recon.train import commands as train_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
         "env", help="print the versions and devices that decide recon's numbers (for bug reports)"
     )
     p.add_argument("--json", action="store_true", help="as JSON")
-    from recon.scoring import commands as scoring_cli
-    from recon.shapes import commands as shapes_commands
-    from recon.shapes import scenes_commands
-    from recon.train import commands as train_commands
 
     scoring_cli.register(sub)  # score, analyze
     train_commands.register(sub)  # finetune
@@ -98,21 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "presets":
-        from recon.config import list_presets
-
         print("\n".join(list_presets()))
         return 0
     if args.command == "env":
-        from recon import fingerprint
-
         env = fingerprint.environment(devices=True)
         print(json.dumps(env, indent=1) if args.json else fingerprint.format_environment(env))
         return 0
     if args.command == "report":
-        from recon.config import read_yaml
-        from recon.report import write_report
-        from recon.runs import read_records
-
         run_dir = Path(args.run_dir)
         if not (run_dir / "results.jsonl").is_file():
             raise FileNotFoundError(f"{run_dir}: no results.jsonl (is this a recon run directory?)")
@@ -121,7 +116,6 @@ def _dispatch(args) -> int:
         return 0
     if hasattr(args, "handler"):  # score, analyze, finetune, shapes
         return args.handler(args)
-    from recon import jobs
 
     config = config_from_args(args)
     out = args.out or f"runs/{args.command}-{config.name}"

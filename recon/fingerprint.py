@@ -21,6 +21,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from recon import hub
+from recon.data import atomic_write_text
+from recon.runs import flatten, sha256_file
+
 FILE = "fingerprint.json"
 # The distributions whose versions change numbers (Java: pycocoevalcap's tokenizer and METEOR).
 PACKAGES = (
@@ -107,7 +111,6 @@ def weights_sha256(model_id: str | None) -> str | None:
 def local_path(model_id: str) -> Path | None:
     """Where ``model_id``'s files already are (builtin, a local path, the Hugging Face cache), or None. Never
     downloads and never probes the network: a fingerprint only reads what a run already loaded."""
-    from recon import hub
 
     if model_id.startswith("builtin:"):
         return hub.builtin_path(model_id)
@@ -124,8 +127,6 @@ def local_path(model_id: str) -> Path | None:
 
 
 def _file_sha256(path: Path) -> str:
-    from recon import hub
-    from recon.runs import sha256_file
 
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}\x1f{st.st_size}\x1f{st.st_mtime_ns}".encode()).hexdigest()
@@ -136,8 +137,6 @@ def _file_sha256(path: Path) -> str:
         pass
     digest = sha256_file(path)
     try:
-        from recon.data import atomic_write_text
-
         atomic_write_text(memo, digest + "\n")
     except OSError:  # a read-only cache only costs the hash again next time
         pass
@@ -175,7 +174,6 @@ def run_fingerprint(config: dict, extra: dict | None = None) -> dict[str, Any]:
 def write(run_dir: str | Path, config: dict, extra: dict | None = None) -> dict[str, Any]:
     """``run_dir/fingerprint.json`` for this start of the run (a resumed run records the environment it resumed
     in: the last start's is the one on disk)."""
-    from recon.data import atomic_write_text
 
     fp = run_fingerprint(config, extra)
     atomic_write_text(Path(run_dir) / FILE, json.dumps(fp, indent=1, default=str) + "\n")
@@ -185,7 +183,6 @@ def write(run_dir: str | Path, config: dict, extra: dict | None = None) -> dict[
 def differences(run_dirs: Iterable[str | Path], keys: Iterable[str] | None = None) -> dict[str, list]:
     """``{dotted key: [value per run]}`` for the fingerprint entries that differ between ``run_dirs`` (runs without
     a fingerprint are left out); ``keys``: only keys starting with one of these."""
-    from recon.runs import flatten
 
     prints = []
     for d in run_dirs:

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recon.config import ConfigError, MetricConfig
+from recon import tiny
+from recon.config import SIMILARITY_KINDS, ConfigError, MetricConfig
 
 if TYPE_CHECKING:
     import torch
@@ -134,8 +135,6 @@ def builtin_path(model_id: str) -> Path:
                 f"{model_id}: the {name} bundle has no '{part}' at {root}; train it with {how}"
             )
     elif name == "tiny-random":
-        from recon import tiny
-
         root = tiny.ensure_tiny_models(cache_root() / "builtin" / f"tiny-random-v{tiny.VERSION}")
     else:
         raise ModelNotAvailableError(
@@ -502,7 +501,6 @@ def preflight_metric(cfg: MetricConfig, role: str, where: str) -> None:
     """Check, before any work and without loading or importing a model library, that the files similarity
     ``cfg`` needs are here (the check its row of :data:`recon.config.SIMILARITY_KINDS` names). An unknown kind is a
     :class:`ConfigError` naming ``where``."""
-    from recon.config import SIMILARITY_KINDS
 
     row = SIMILARITY_KINDS[role].get(cfg.kind)
     if row is None:

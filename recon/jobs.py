@@ -22,6 +22,7 @@ from recon import fingerprint, hub
 from recon.config import Config, ConfigError
 from recon.data import DataError, list_images, load_image, load_texts, validate_text, write_coco_results
 from recon.pipeline import Reconstructor, png_bytes
+from recon.report import write_report
 from recon.runs import Cache, RunDir, RunError, atomic_write_bytes, derive_seed, sha256_file
 
 log = logging.getLogger(__name__)
@@ -233,8 +234,6 @@ def _run_items(
             run.merge_shards([it.id for it in items])
         records = run.records()
         if report:
-            from recon.report import write_report
-
             write_report(run.path, records, config.to_dict(), max_items=config.run.max_report_items)
     dist.wait()
 

@@ -30,6 +30,9 @@ from torchmetrics import Metric
 
 from recon.config import Config, load_config, metric_direction
 from recon.data import image_to_tensor, validate_text
+from recon.jobs import make_cache
+from recon.pipeline import Reconstructor, png_bytes
+from recon.runs import Cache
 
 
 class ReconstructionScore(Metric):
@@ -53,9 +56,6 @@ class ReconstructionScore(Metric):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        from recon.jobs import make_cache
-        from recon.pipeline import Reconstructor
-        from recon.runs import Cache
 
         self.config = config if isinstance(config, Config) else load_config(config, list(overrides))
         if not self.config.similarity.image:
@@ -80,7 +80,6 @@ class ReconstructionScore(Metric):
         """Score each ``(image, caption)``: images ``[B, 3, H, W]`` floats in [0, 1] or uint8, or a list of
         ``[3, H, W]`` tensors / numpy arrays / PIL images; ``ids`` (optional) name the images as a ``recon score``
         run does. An image out of range (see the module docstring) is a ValueError naming its index."""
-        from recon.pipeline import png_bytes
 
         originals = [image_tensor(im, f"update: image {i}") for i, im in enumerate(images)]
         captions = list(captions)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from recon import hub
-from recon.config import Config, best_index
+from recon.config import IMAGE_METRIC_NAMES, TEXT_METRIC_NAMES, Config, best_index
 from recon.data import encode_png, image_to_tensor, load_image
 from recon.runs import Cache, derive_seed
 
@@ -148,7 +148,6 @@ class Reconstructor:
 
     def metric_names(self, kind: str = "image") -> list[str]:
         """Result keys of the configured metrics, known without loading any model (or importing torch)."""
-        from recon.config import IMAGE_METRIC_NAMES, TEXT_METRIC_NAMES
 
         loaded = self._image_metrics if kind == "image" else self._text_metrics
         table, metrics = (

@@ -26,7 +26,7 @@ import yaml
 
 from recon.config import metric_direction
 from recon.data import DataError, atomic_write_text, encode_png, load_image
-from recon.runs import latest_per_id
+from recon.runs import item_dir_name, latest_per_id
 
 __all__ = ["Gallery", "gallery", "write_gallery_rows", "write_report"]
 
@@ -258,7 +258,6 @@ def _select_key(records: list[dict], metrics: list[str]) -> str | None:
 
 
 def _item_key(r: dict) -> str:
-    from recon.runs import item_dir_name
 
     return item_dir_name(str(r.get("id", "?")))
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from recon.config import load_config
+
 # Errors a user can fix: shown as one line, never as a traceback (RECON_DEBUG=1 shows it) by recon.cli and the
 # experiment scripts alike.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
@@ -66,7 +68,6 @@ def add_run_args(
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | tuple[str, ...] = ()):
     """The preset with ``extra`` overrides, then ``--set`` ones, then the flags (flags win)."""
-    from recon.config import load_config
 
     overrides = [*extra, *args.overrides]
     for flag, key in [

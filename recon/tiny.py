@@ -12,14 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
+from recon.tokenizers import make_blip_tokenizer, write_clip_tokenizer
+
 VERSION = 2  # 2: BLIP vision position embeddings initialised at std 0.02 (transformers' default is 1e-10)
 
 
 def build_blip(out: Path, seed: int = 0, image_size: int = 32) -> Path:
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
-    from recon.tokenizers import make_blip_tokenizer
 
     torch.manual_seed(seed)
     tok = make_blip_tokenizer()
@@ -59,8 +59,6 @@ def build_stable_diffusion(out: Path, seed: int = 0, sample_size: int = 32) -> P
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from recon.tokenizers import write_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

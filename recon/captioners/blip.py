@@ -24,6 +24,7 @@ from recon.captioners.base import (
     sequence_log_prob,
     warn_if_other_base,
 )
+from recon.captioners.lavis import load_original_blip_checkpoint
 from recon.config import CaptionerConfig, DecodingConfig
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,6 @@ class BlipCaptioner:
         model, processor = hub.load_captioner_model(cfg.model, device, dtype, field="captioner.model")
         model_id = cfg.model
         if cfg.checkpoint:
-            from recon.captioners.lavis import load_original_blip_checkpoint
-
             if model.config.model_type != "blip":
                 raise ValueError(
                     f"captioner.checkpoint converts original BLIP weights onto a BLIP model, but "

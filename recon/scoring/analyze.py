@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from recon.config import read_yaml
 from recon.data import atomic_write_text
+from recon.runs import read_records
 from recon.scoring.inputs import INPUTS
 from recon.scoring.run import SCORE
 
@@ -14,8 +16,6 @@ def analyze_run(
     run_dir: str | Path, recon_metric: str | None = None, seed: int | None = None, n_resamples: int = 1000
 ) -> dict:
     """Correlations of a score run (``analysis.json``, ``analysis.md``; report.html gains the analysis)."""
-    from recon.config import read_yaml
-    from recon.runs import read_records
     from recon.scoring.html import write_score_report
     from recon.scoring.tables import correlations, correlations_markdown, leaderboard
 

@@ -27,6 +27,8 @@ import torch
 
 from recon import hub
 from recon.config import Config, MetricConfig
+from recon.hub import open_clip_source
+from recon.similarity import ClipTextSimilarity, load_similarity
 
 REFERENCE_METRICS: dict[str, tuple[str, ...]] = {
     "bleu": ("bleu_1", "bleu_2", "bleu_3", "bleu_4"),
@@ -373,9 +375,6 @@ class ClipScore:
     ) -> ClipScore:
         """Build on the preset's first ``clip`` image metric; pass its loaded module to share the weights."""
         import open_clip
-
-        from recon.hub import open_clip_source
-        from recon.similarity import ClipTextSimilarity, load_similarity
 
         where, cfg = clip_metric_config(config)
         if image_metric is None:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from recon.run_args import add_run_args, config_from_args, count
 from recon.runs import RESULTS, failure_note
+from recon.scoring import metaeval
+from recon.scoring.inputs import ALL_METRICS
 
 
 def register(subparsers) -> None:
     """Add the ``score`` and ``analyze`` commands to an argparse subparsers object."""
-    from recon.scoring.inputs import ALL_METRICS
 
     p = subparsers.add_parser(
         "score",
@@ -60,8 +61,6 @@ def register(subparsers) -> None:
     a.add_argument("--resamples", type=count(1), default=1000, help="bootstrap resamples")
     a.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the run's seed)")
     a.set_defaults(handler=run_analyze)
-
-    from recon.scoring import metaeval
 
     metaeval.register(subparsers)  # metaeval
 

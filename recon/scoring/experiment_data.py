@@ -16,7 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from recon.data import atomic_write_text, save_png
+from recon.captions_io import read_references
+from recon.config import MetricConfig
+from recon.data import atomic_write_text, read_json, save_png
+from recon.run_args import USER_ERRORS, add_run_args
+from recon.runs import RESULTS, current_records, failure_note, latest_per_id, read_jsonl
+from recon.shapes import scenes, world
 
 DEV_STREAM = 10
 TEST_STREAM = 11
@@ -24,7 +29,6 @@ TEST_STREAM = 11
 
 def write_shapes_data(out: str | Path, n: int, seed: int = 0, stream: int = TEST_STREAM) -> Path:
     """Render ``n`` test-split scenes into ``out`` (idempotent: files are rewritten with the same bytes)."""
-    from recon.shapes import world
 
     out = Path(out)
     scenes = world.sample_scenes(n, seed, "test", stream)
@@ -44,8 +48,6 @@ def write_scenes_data(out: str | Path, n: int, seed: int = 0, stream: int = TEST
     """As :func:`write_shapes_data` for the compositional scenes world (1-4 objects): ``texts.json`` holds each
     scene's ``detailed`` caption, ``truth.json`` its background and objects (with cells)."""
     from PIL import Image
-
-    from recon.shapes import scenes
 
     out = Path(out)
     refs, texts, truth = {}, {}, {}
@@ -73,7 +75,6 @@ def stem(item_id: str) -> str:
 def load_json(path: str | Path | None) -> dict | None:
     if path is None:
         return None
-    from recon.data import read_json
 
     data = read_json(path)
     return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
@@ -84,15 +85,12 @@ def attribute_scores(caption: str, truth: dict) -> dict[str, float]:
     ``attributes``: the fraction of the five it names right. On a scenes truth (``objects``): ``exact`` is the
     exact scene match, ``attributes`` the object F1 (:mod:`recon.shapes.scenes`)."""
     if "objects" in truth:
-        from recon.shapes import scenes
-
         scene = scenes.Scene(truth["background"], tuple(scenes.SceneObject(**o) for o in truth["objects"]))
         claims = scenes.parse_caption(caption)
         return {
             "exact": float(scenes.exact_match(claims, scene)),
             "attributes": scenes.object_f1(claims, scene),
         }
-    from recon.shapes import world
 
     return attribute_agreement(world.parse_caption(caption), truth)
 
@@ -106,9 +104,9 @@ def attribute_agreement(predicted: dict[str, str], truth: dict[str, str]) -> dic
 
 def world_of(config) -> str | None:
     """``shapes`` / ``scenes`` when the preset is that world's (its name, or its captioner from that bundle)."""
-    for world in ("shapes", "scenes"):
-        if str(config.captioner.model).startswith(f"builtin:{world}/") or config.name == world:
-            return world
+    for name in ("shapes", "scenes"):
+        if str(config.captioner.model).startswith(f"builtin:{name}/") or config.name == name:
+            return name
     return None
 
 
@@ -128,7 +126,6 @@ def refs_by_stem(references) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------------- experiment scripts
 def experiment_parser(doc: str, items: str) -> argparse.ArgumentParser:
     """The options every experiment script takes: the run options, ``--n``, ``--stream``, ``--resamples``."""
-    from recon.run_args import add_run_args
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_run_args(p, default_preset="shapes")
@@ -157,7 +154,6 @@ def experiment_inputs(
     config, out: Path, n: int, stream: int, images=None, refs=None, texts=None, need: str = "images"
 ) -> Inputs:
     """The user's ``images`` / ``texts`` (+ ``refs``), or on the shapes / scenes preset ``n`` rendered scenes."""
-    from recon.captions_io import read_references
 
     given = images if need == "images" else texts
     if given is None:
@@ -181,7 +177,6 @@ def experiment_inputs(
 
 def text_metric_configs(config) -> list:
     """CLIP-text on the preset's CLIP (its first ``clip`` image metric) and SBERT."""
-    from recon.config import MetricConfig
     from recon.scoring.caption_metrics import clip_metric_config
 
     _, clip = clip_metric_config(config)
@@ -207,7 +202,6 @@ def write_outputs(out: Path, table_md: str, summary: dict, details: list | None 
 
 def nothing_measured(out: Path) -> str:
     """Why an experiment over ``out`` has no item to tabulate: how many items failed, and the first reason."""
-    from recon.runs import RESULTS, current_records, failure_note, latest_per_id, read_jsonl
 
     results = Path(out) / RESULTS
     note = failure_note(current_records(out, latest_per_id(read_jsonl(results)[0])), results)
@@ -216,7 +210,6 @@ def nothing_measured(out: Path) -> str:
 
 def run_script(main: Callable[[], int], name: str) -> None:
     """Exit with ``main()``'s code; an error a user can fix is one line, not a traceback."""
-    from recon.run_args import USER_ERRORS
 
     try:
         sys.exit(main())

@@ -42,6 +42,8 @@ from recon import fingerprint
 from recon.config import metric_direction
 from recon.data import atomic_write_text
 from recon.hub import ModelNotAvailableError
+from recon.jobs import make_cache
+from recon.kendall import kendall_tau_resampled
 from recon.run_args import add_run_args, config_from_args, count
 from recon.scoring.inputs import ALL_METRICS, system_names
 from recon.scoring.metaeval_dir import INPUTS_DIR, RUNS_DIR, judged_inputs, open_run_dir
@@ -54,7 +56,9 @@ from recon.scoring.metaeval_formats import (
     Source,
     detect_format,
     read_judgments,
+    read_references,
 )
+from recon.scoring.metaeval_report import metaeval_html, metaeval_markdown
 
 
 def register(subparsers) -> None:
@@ -172,8 +176,8 @@ def built_in_sources(name: str, folder: Path, n: int, seed: int) -> list[Source]
 
     paths = importlib.import_module(BUILT_IN_SETS[name]).write_judgment_set(folder, n, seed)
     return [
-        Source(paths[f], f, paths["images"], paths["refs"] if f in ("expert", "crowdflower") else None)
-        for f in ("expert", "crowdflower", "pascal50s", "foil")
+        Source(paths[f], f, paths["images"], None if FORMAT[f].own_references else paths["refs"])
+        for f in FORMATS
         if f in paths
     ]
 
@@ -305,7 +309,6 @@ def rating_table(
     from scipy.stats import kendalltau
 
     from recon import stats
-    from recon.kendall import kendall_tau_resampled
 
     codes = np.unique(clusters, return_inverse=True)[1].ravel()
     n_clusters = int(codes.max(initial=-1)) + 1
@@ -488,7 +491,6 @@ def read_sources(
     sources: list[Source], limit: int | None, pascal_refs: int, seed: int, notes: list[str]
 ) -> list[Judgments]:
     """Every source's judgments (reference files read once each); readers' notes are added to ``notes``."""
-    from recon.scoring.metaeval_formats import read_references
 
     refs_by_path, loaded = {}, []
     for s in sources:
@@ -570,10 +572,8 @@ def _evaluate(
     reconstructor,
 ) -> dict:
     from recon import stats
-    from recon.jobs import make_cache
     from recon.pipeline import Reconstructor
     from recon.scoring import caption_metrics as cm
-    from recon.scoring.metaeval_report import metaeval_html, metaeval_markdown
     from recon.scoring.run import parse_metrics
 
     names = set_names([s.path for s in sources])

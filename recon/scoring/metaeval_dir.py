@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from recon.data import atomic_write_text
+from recon.runs import RESULTS, RunError, config_differences, lock_run_dir, sha256_file
 from recon.scoring.metaeval_formats import FORMAT, Source
 
 INPUTS_DIR, RUNS_DIR = "inputs", "runs"
@@ -22,14 +24,11 @@ COMMAND = "metaeval"
 
 
 def _files_of(source: Source) -> list[Path]:
-    if source.format == "pascal50s":  # the pairs and their votes
-        return [source.path.with_name("pair_pascal.mat"), source.path.with_name("consensus_pascal.mat")]
-    return [source.path]
+    return FORMAT[source.format].files(source.path)
 
 
 def judged_inputs(sources: list[Source]) -> dict:
     """The record of what ``sources`` hold: judgment and reference files by content, image folders by path."""
-    from recon.runs import sha256_file
 
     def file(p: Path) -> dict:
         return {"file": str(p), "sha256": sha256_file(p)}
@@ -108,8 +107,6 @@ def open_run_dir(out: Path, config, inputs: dict):
     release). Refused before anything in ``out`` is written: a directory another process holds, another command's
     run, a meta-evaluation of other inputs, or of another config once something was scored (as
     :class:`recon.runs.RunDir`: a run stopped before its first record binds no config)."""
-    from recon.data import atomic_write_text
-    from recon.runs import RESULTS, RunError, config_differences, lock_run_dir
 
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")

@@ -45,13 +45,6 @@ import numpy as np
 from recon.captions_io import read_references as read_json_references
 from recon.data import DataError, read_json, read_text_file
 
-FORMATS = (
-    "expert",
-    "crowdflower",
-    "composite",
-    "pascal50s",
-    "foil",
-)  # the keys of FORMAT, in detection order
 PASCAL_CATEGORIES = {1: "HC", 2: "HI", 3: "HM", 4: "MM"}
 EXPERT_SCALE, COMPOSITE_SCALE = (1, 4), (1, 5)
 _IMAGE = re.compile(r"\.(jpe?g|png|bmp|gif|webp)$", re.IGNORECASE)
@@ -575,6 +568,7 @@ class Format:
     named: Callable[[str], bool]  # does a lower-cased file name say this format
     detect_order: int
     read: Callable[..., Judgments]  # (path, refs, n_refs, seed) -> Judgments
+    files: Callable[[Path], list[Path]] = lambda path: [path]  # the files a judgment set's content lies in
 
 
 # Adding a format: a reader above and one row here.
@@ -616,6 +610,7 @@ FORMAT: dict[str, Format] = {
             lambda n: n.endswith(".mat"),
             0,
             lambda path, refs, n_refs, seed: read_pascal50s(path, n_refs, seed),
+            lambda path: [path.with_name("pair_pascal.mat"), path.with_name("consensus_pascal.mat")],
         ),
         Format(
             "foil",
@@ -628,6 +623,7 @@ FORMAT: dict[str, Format] = {
         ),
     )
 }
+FORMATS = tuple(FORMAT)  # the --format choices
 STATISTIC = {name: f.statistic for name, f in FORMAT.items()}
 
 

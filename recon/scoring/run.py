@@ -31,7 +31,8 @@ import numpy as np
 from recon import fingerprint
 from recon.config import Config
 from recon.data import DataError, atomic_write_bytes, atomic_write_text, load_image
-from recon.pipeline import Timer
+from recon.jobs import failed, make_cache, run_job
+from recon.pipeline import Reconstructor, Timer, png_bytes, to_tensor
 from recon.runs import RunDir, sha256_file
 from recon.scoring import caption_metrics as cm
 from recon.scoring.inputs import (
@@ -110,8 +111,6 @@ def score_caption_sets(
     n_resamples: int = 1000,
 ) -> ScoreRun:
     """Score caption files against an image folder (see the module docstring); returns the finished run."""
-    from recon.jobs import make_cache, run_job
-    from recon.pipeline import Reconstructor
     from recon.scoring.html import write_score_report
     from recon.scoring.tables import coverage_notes, leaderboard, leaderboard_markdown
 
@@ -246,7 +245,6 @@ class ChunkScorer:
         return self._reference_scores
 
     def __call__(self, chunk, run: RunDir) -> list[dict]:
-        from recon.jobs import failed
 
         records, good, originals = [], [], {}
         for it in chunk:
@@ -331,7 +329,6 @@ class ChunkScorer:
                 extra[i]["images"] = [p.relative_to(run.path).as_posix() for p in paths]
 
     def record(self, it, originals, run: RunDir, scores: dict, extra: dict) -> dict:
-        from recon.pipeline import png_bytes
 
         rec = {"id": it.id, "status": "ok", **self.meta(it), "source": str(it.path), "scores": finite(scores)}
         if self.config.run.save_images:
@@ -344,7 +341,6 @@ class ChunkScorer:
 
 def load_original(path: Path, cache: dict) -> tuple:
     """(PIL image, [3, H, W] tensor, sha256) of an image file, memoised per path within a batch."""
-    from recon.pipeline import to_tensor
 
     if path not in cache:
         image = load_image(path)

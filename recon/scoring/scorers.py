@@ -3,9 +3,11 @@ and the preflight of every metric family a run asks for."""
 
 from __future__ import annotations
 
+from recon import hub
 from recon.config import Config, MetricConfig
 from recon.pipeline import Timer
 from recon.scoring import caption_metrics as cm
+from recon.similarity import load_similarity
 
 
 def shared_clip_metric(recon):
@@ -35,8 +37,6 @@ class Scorers:
     @property
     def sbert(self):
         if self._sbert is None:
-            from recon.similarity import load_similarity
-
             where, cfg = next(
                 (
                     (f"similarity.text.{i}", m)
@@ -59,6 +59,4 @@ class Scorers:
         if "sbert" in self.metrics and not any(
             m.kind == "sbert" and m.model for m in self.config.similarity.text
         ):
-            from recon import hub
-
             hub.sbert_default_path()

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from recon.shapes import world
+from recon.shapes import scenes, world
 
 BUNDLE_VERSION = "3"
 # The parts `recon shapes train --component` trains, in order (here, not in train.py, so `--help` needs no torch).
@@ -195,7 +195,6 @@ SCENES_PARTS = {
 
 def write_scenes_card(bundle: Path, result: dict, extra: str = "") -> Path:
     """``MODEL_CARD.md`` and ``eval.json`` of the scenes bundle, from its training records and ``recon scenes eval``."""
-    from recon.shapes import scenes
 
     bundle = Path(bundle)
     records = {p.stem: json.loads(p.read_text()) for p in sorted((bundle / "training").glob("*.json"))}

@@ -10,9 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from recon.hub import SHAPES_BUNDLE
+from recon.data import atomic_write_text, save_png
+from recon.hub import SHAPES_BUNDLE, cache_root, configure_threads
 from recon.run_args import count
-from recon.shapes.card import COMPONENTS
+from recon.shapes.card import COMPONENTS, write_model_card
+from recon.shapes.world import TEMPLATES, caption_for, render_pil, sample_scenes
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -107,8 +109,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run_render(args: argparse.Namespace) -> int:
     """Images for `recon reconstruct` and `{image_id: [caption]}` references for `recon score --refs`."""
-    from recon.data import atomic_write_text, save_png
-    from recon.shapes.world import TEMPLATES, caption_for, render_pil, sample_scenes
 
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a directory; pass a new or existing directory")
@@ -122,7 +122,6 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from recon.hub import cache_root
     from recon.shapes.train import TrainArgs, train
 
     work = args.work or cache_root() / "shapes-train" / Path(args.out).resolve().name
@@ -158,7 +157,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from recon.hub import configure_threads
     from recon.shapes.evaluate import BARS, evaluate
 
     configure_threads(args.threads)
@@ -182,8 +180,6 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result, indent=2))
     if args.card:
-        from recon.shapes.card import write_model_card
-
         note = args.card_note.read_text(encoding="utf-8") if args.card_note else ""
         print(f"wrote {write_model_card(args.bundle, result, note)}", file=sys.stderr)
     if not args.json:

@@ -35,7 +35,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recon import hub
+from recon.captioners.flamingo import (
+    CHUNK_SEPARATOR,
+    EOC_TOKEN,
+    MEDIA_TOKEN,
+    Demonstrations,
+    FlamingoCaptioner,
+    chunk,
+    flamingo_spec,
+    load_flamingo,
+    save_flamingo,
+    vision_weights_sha256,
+)
+from recon.captioners.flamingo.model import Flamingo, vision_tokens
+from recon.config import CaptionerConfig, DecodingConfig
+from recon.preprocess import ImagePreprocess
 from recon.shapes import world
+from recon.shapes.metrics import to_tensor
+from recon.shapes.train import TrainArgs, run_loop
 
 # ----------------------------------------------------------------------------------------------- formats
 KEY_WORDS = {
@@ -177,7 +195,6 @@ def build_lm(tokenizer, seed: int = 0):
 
 
 def document(captions: list[str]) -> str:
-    from recon.captioners.flamingo import CHUNK_SEPARATOR, chunk
 
     return "".join(chunk(c, PROMPT) + CHUNK_SEPARATOR for c in captions)
 
@@ -290,8 +307,6 @@ def _loop(
     gradient clipped at 1.0 as this recipe always did."""
     import tempfile
 
-    from recon.shapes.train import TrainArgs, run_loop
-
     work = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix="shapes-flamingo-"))
     work.mkdir(parents=True, exist_ok=True)
     args = TrainArgs(
@@ -301,7 +316,6 @@ def _loop(
 
 
 def clip_pixels(images: np.ndarray, preprocess) -> torch.Tensor:
-    from recon.shapes.metrics import to_tensor
 
     return preprocess(to_tensor(images))
 
@@ -316,7 +330,6 @@ def train_flamingo_stage(
     threads: int = 1,
 ) -> dict:
     """Stage 2: perceiver + gated cross-attention on interleaved rendered scenes; LM and vision frozen."""
-    from recon.captioners.flamingo.model import vision_tokens
 
     model.train()
     model.lang_model.eval()  # frozen: no dropout either
@@ -374,10 +387,6 @@ def train(
 ) -> dict:
     """Both stages; writes ``out`` (default ``bundle/flamingo``: fp16 safetensors + flamingo.json +
     training.json). The LM of stage 1 is kept in ``work/lm`` so a rerun goes straight to stage 2."""
-    from recon import hub
-    from recon.captioners.flamingo import EOC_TOKEN, MEDIA_TOKEN, save_flamingo, vision_weights_sha256
-    from recon.captioners.flamingo.model import Flamingo
-    from recon.preprocess import ImagePreprocess
 
     torch.set_num_threads(threads)
     out = Path(out or hub.SHAPES_BUNDLE / "flamingo")
@@ -482,9 +491,6 @@ def fewshot_eval(
     and with ``lm_only`` the same two first numbers with every gate closed (the frozen LM alone: the format can be
     copied, the values only guessed).
     """
-    from recon import hub
-    from recon.captioners.flamingo import Demonstrations, FlamingoCaptioner, flamingo_spec, load_flamingo
-    from recon.config import CaptionerConfig, DecodingConfig
 
     root = Path(bundle_dir or hub.SHAPES_BUNDLE)
     dev = hub.resolve_device(device)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from recon.hub import load_safetensors_or_pt
 from recon.shapes import world
 
 # Weight init std. BLIP's 0.02 suits width 768; at width 128 the attention logits start ~30x too flat, and the v1
@@ -362,7 +363,6 @@ def save_judge(model: AttributeJudge, out: Path) -> Path:
 
 
 def load_judge(path: str | Path, device: torch.device | str = "cpu") -> AttributeJudge:
-    from recon.hub import load_safetensors_or_pt
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())

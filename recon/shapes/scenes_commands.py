@@ -9,8 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from recon.hub import SCENES_BUNDLE
+from recon.data import atomic_write_text, save_png
+from recon.hub import SCENES_BUNDLE, cache_root, configure_threads
 from recon.run_args import count
+from recon.shapes import scenes
+from recon.shapes.card import write_scenes_card
 
 COMPONENTS = (
     "vae",
@@ -98,8 +101,6 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from recon.hub import cache_root
-    from recon.shapes import scenes
     from recon.shapes.scenes_train import train
     from recon.shapes.train import TrainArgs
 
@@ -124,7 +125,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from recon.hub import configure_threads
     from recon.shapes.scenes_eval import BARS, evaluate
 
     configure_threads(args.threads)
@@ -134,8 +134,6 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate(args.n, args.seed, args.bundle, args.device, args.n_generate)
     print(json.dumps(result, indent=2))
     if args.card:
-        from recon.shapes.card import write_scenes_card
-
         note = args.card_note.read_text(encoding="utf-8") if args.card_note else ""
         print(f"wrote {write_scenes_card(args.bundle, result, note)}", file=sys.stderr)
     failed = [k for k, bar in BARS.items() if result["test"][k] < bar]
@@ -146,9 +144,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_render(args: argparse.Namespace) -> int:
     """Images for `recon reconstruct` and `{image_id: [caption]}` references (every template) for `recon score`."""
     from PIL import Image
-
-    from recon.data import atomic_write_text, save_png
-    from recon.shapes import scenes
 
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a directory; pass a new or existing directory")

@@ -25,6 +25,8 @@ from recon import hub
 from recon.shapes import scenes as S
 from recon.shapes.evaluate import batch_slices
 from recon.shapes.metrics import normalize, to_tensor
+from recon.shapes.scenes_judgments import alter
+from recon.shapes.scenes_train import generate, load_judge, render_scenes
 
 BARS = {
     "captioner_exact": 0.8,
@@ -60,7 +62,6 @@ def captioner_scores(
 def generator_scores(
     bundle: Path, scenes: list[S.Scene], seed: int, device: torch.device, judge, batch: int = 50
 ) -> dict:
-    from recon.shapes.scenes_train import generate
 
     pipe = hub.load_diffusion_pipeline(str(bundle / "generator"), device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -89,7 +90,6 @@ def generator_scores(
 
 @torch.no_grad()
 def clip_scores(bundle: Path, scenes: list[S.Scene], seed: int, device: torch.device) -> dict:
-    from recon.shapes.scenes_judgments import alter
 
     clip, pre, tokenizer = hub.load_open_clip(str(bundle / "clip"), None, device)
     rng = np.random.default_rng([seed, 77])
@@ -110,7 +110,6 @@ def clip_scores(bundle: Path, scenes: list[S.Scene], seed: int, device: torch.de
 def evaluate(
     n: int, seed: int, bundle: str | Path, device: str = "cpu", generate_n: int | None = None
 ) -> dict:
-    from recon.shapes.scenes_train import load_judge, render_scenes
 
     bundle, dev = Path(bundle), torch.device(device)
     judge = load_judge(bundle / "judge").to(dev)

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from recon.shapes import scenes
+from recon.shapes import train as shapes_train
 from recon.shapes.metrics import to_tensor
+from recon.shapes.train import augment, run_loop, write_record
+from recon.shapes.train import train_captioner as train_blip
 
 JUDGE_WIDTHS = (32, 64)
 JUDGE_HIDDEN = 128
@@ -154,7 +157,6 @@ def judge_report(pred: list[scenes.Scene], truth: list[scenes.Scene]) -> dict:
 
 
 def train_judge(args) -> dict:
-    from recon.shapes.train import augment, run_loop, write_record
 
     torch.manual_seed(args.seed)
     judge = CellJudge()
@@ -265,7 +267,6 @@ def captioner_validation(n_objects: tuple[int, ...]) -> Callable[..., dict]:
 
 
 def train_captioner(args, render, n_objects: tuple[int, ...]) -> dict:
-    from recon.shapes.train import train_captioner as train_blip
 
     return train_blip(
         args,
@@ -308,7 +309,6 @@ def train(
     with ``templates`` (``recon scenes train``): the shapes world's trainers with this world's batches, the judge
     this world's own. The CLIP's positives are identical captions; every other caption in the batch is a
     negative."""
-    from recon.shapes import train as shapes_train
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from recon.shapes.metrics import (
     render_batch,
     vae_round_trip,
 )
+from recon.tokenizers import make_blip_tokenizer, write_clip_tokenizer
 
 BATCH = {"vae": 16, "unet": 32, "captioner": 64, "weak": 64, "clip": 128, "judge": 128}
 LR = {"vae": 2e-3, "unet": 1e-3, "captioner": 1e-3, "weak": 1e-3, "clip": 1e-3, "judge": 2e-3}
@@ -249,8 +250,6 @@ def train_unet(args: TrainArgs, render: Render = render_batch) -> dict:
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTokenizer
 
-    from recon.tokenizers import write_clip_tokenizer
-
     vae_dir = args.out / "generator" / "vae"
     if not (vae_dir / "config.json").exists():
         raise FileNotFoundError(f"{vae_dir}: train the VAE first (`recon shapes train --component vae`)")
@@ -348,7 +347,6 @@ def train_captioner(
     ``validation(model, processor, seed) -> metrics``; ``weak_rule`` (metric, threshold, its name in the record):
     the ``captioner_weak`` snapshot is saved at the first validation with ``metric >= threshold``;
     ``max_positions``: the text decoder's position embeddings (None: :data:`models.CAPTIONER_TEXT`'s)."""
-    from recon.tokenizers import make_blip_tokenizer
 
     tok = make_blip_tokenizer()
     dev = torch.device(args.device)

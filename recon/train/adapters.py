@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from recon.captioners.flamingo import LORA_TARGETS
 from recon.config import ConfigError
 from recon.runs import swap_dir
 from recon.train.config import CAPTIONER_TARGETS, UNET_TARGETS, AdapterConfig
@@ -57,7 +58,6 @@ def _check_matched(model: nn.Module, regex: str, where: str) -> None:
 
 def add_captioner_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Freeze the captioner; return a peft ``PeftModel`` with LoRA on the targets (or the frozen model)."""
-    from recon.captioners.flamingo import LORA_TARGETS
 
     model.requires_grad_(False)
     regex = target_regex(cfg.targets, {**CAPTIONER_TARGETS, "flamingo": LORA_TARGETS})

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from recon.runs import Cache
+from recon.tokenizers import _bytes_to_unicode
 from recon.train.config import BridgeConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,6 @@ UNMAPPED = -1
 
 # ----------------------------------------------------------------------------------------------- the index
 def _clip_byte_decoder() -> dict[str, int]:
-    from recon.tokenizers import _bytes_to_unicode
 
     return {v: k for k, v in _bytes_to_unicode().items()}
 
@@ -172,8 +173,6 @@ def vocab_index(source_tokenizer, target_tokenizer, cache_dir: str | Path | None
     """The index for a tokenizer pair, built once and cached as safetensors under ``cache_dir`` (None: no cache)."""
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
-
-    from recon.runs import Cache
 
     source_vocab, target_vocab = source_tokenizer.get_vocab(), target_tokenizer.get_vocab()
     # only the structural tokens: a pad token may be an ordinary character (our CLIP tokenizer pads with "!")

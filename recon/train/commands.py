@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from recon.train.config import load_finetune_config
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``finetune`` command to an argparse subparsers object; its handler is ``args.handler(args)``."""
@@ -40,7 +42,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from recon.train.config import load_finetune_config
     from recon.train.joint import finetune
 
     if args.stop_after is not None and args.stop_after < 1:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from recon import fingerprint, hub
+from recon.captioners import BACKENDS
 from recon.data import atomic_write_text, save_png
 from recon.runs import (
     RunError,
@@ -45,6 +46,7 @@ from recon.runs import (
     read_run_config,
     set_aside_bad_lines,
 )
+from recon.similarity import load_similarity
 from recon.train import adapters
 from recon.train.bridge import SoftTokenBridge, coverage_line, token_coverage, vocab_index
 from recon.train.checkpoints import resume, save_checkpoint
@@ -178,7 +180,6 @@ def _train(cfg: FinetuneConfig, out: Path, stop_after: int | None, accelerator, 
         nonlocal val_metric
         if not main:
             return
-        from recon.similarity import load_similarity
 
         val_metric = val_metric or load_similarity(
             cfg.validation.metric, device, "validation.metric", role="image"
@@ -322,7 +323,6 @@ def load_roles(cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype, se
     the new LoRA trains on top of it (BLIP only). The LoRA initialisation draws from ``torch.manual_seed(seed)``, whatever
     ran before (building the tiny builtins, for one, draws from the global generator).
     """
-    from recon.captioners import BACKENDS
 
     captioner = BACKENDS[cfg.captioner.backend].from_config(cfg.captioner, device, dtype=dtype)
     torch.manual_seed(seed)
@@ -343,8 +343,6 @@ def load_roles(cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype, se
 
 def image_sim_metrics(cfg: FinetuneConfig, device: torch.device) -> dict:
     import warnings
-
-    from recon.similarity import load_similarity
 
     terms, metrics = cfg.loss.image_sim_terms, {}
     with warnings.catch_warnings():  # lpips builds torchvision backbones with long-deprecated arguments

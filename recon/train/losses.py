@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from recon.captioners.base import IGNORE_INDEX, sequence_log_prob
+from recon.data import tensor_to_pil
 from recon.train.bridge import SoftTokenBridge, caption_positions
 from recon.train.config import LossConfig, SamplerConfig
 from recon.train.diffusion import Diffusion
@@ -205,7 +206,6 @@ class JointObjective:
     @torch.no_grad()
     def captions_of(self, images: torch.Tensor, k: int = 1, decoding=None, seeds=None) -> list[list[str]]:
         """The captioner's ``k`` captions of each image (eval mode, no gradient; ``decoding`` None: its own)."""
-        from recon.data import tensor_to_pil
 
         model = self.captioner.model
         was_training = model.training

@@ -20,13 +20,20 @@ from pathlib import Path
 
 import torch
 
+from recon.data import atomic_write_text
+from recon.train import adapters
+from recon.train.checkpoints import CHECKPOINT_RE, LORA_FILE
+from recon.train.data import make_pairs
+from recon.train.diffusion import Diffusion
+from recon.train.joint import export_adapters, load_roles
+from recon.train.losses import captioning_nll, eval_mode
+
 CRITERIA = ("caption_nll", "denoise")
 SELECTED_DIR = "selected"
 SELECTION_FILE = "selection.json"
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
-    from recon.train.checkpoints import CHECKPOINT_RE
 
     if not root.is_dir():
         return []
@@ -40,7 +47,6 @@ def selection_loss(
     criterion: str, captioner, diffusion, batch, seed: int, draws: int = 4, chunk: int = 32
 ) -> float:
     """The held-out loss of the current adapters (lower is better)."""
-    from recon.train.losses import captioning_nll, eval_mode
 
     n = batch.images.shape[0]
     if criterion == "caption_nll":
@@ -79,12 +85,6 @@ def select_checkpoint(cfg, out: str | Path, criterion: str = "caption_nll") -> d
     """Score the start (step 0) and every checkpoint of the run in ``out`` on the held-out slice; export the
     best one's adapters to ``out/selected`` and write ``out/selection.json`` (returned). Ties go to the earlier
     step. Done once: a run with ``selection.json`` and its export returns the record."""
-    from recon.data import atomic_write_text
-    from recon.train import adapters
-    from recon.train.checkpoints import LORA_FILE
-    from recon.train.data import make_pairs
-    from recon.train.diffusion import Diffusion
-    from recon.train.joint import export_adapters, load_roles
 
     out = Path(out)
     record_path = out / SELECTION_FILE

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from recon.config import GeneratorConfig
+from recon.data import tensor_to_pil
+from recon.generators.diffusion import DiffusionGenerator
 from recon.runs import derive_seed
 from recon.train.config import ValidationConfig
 from recon.train.data import Batch
@@ -54,8 +56,6 @@ def validate(
     seed: int,
 ) -> Validation:
     """Caption and reconstruction metrics on ``batch``, with the sample grid; models are left in their modes."""
-    from recon.data import tensor_to_pil
-    from recon.generators.diffusion import DiffusionGenerator
 
     captioner_mode, unet_mode = captioner.model.training, pipe.unet.training
     captioner.model.eval()

@@ -56,6 +56,8 @@ from recon.captioners.flamingo.weights import (
     load_flamingo,
 )
 from recon.config import CaptionerConfig, DecodingConfig
+from recon.data import image_to_tensor
+from recon.preprocess import ImagePreprocess
 
 # LoRA: every linear layer of the perceiver and of the gated cross-attention blocks (peft full-matches the regex
 # against module names of the Flamingo module); the tanh gates are trained whole.
@@ -93,7 +95,6 @@ class FlamingoCaptioner:
         text_only_zero_shot: int = TEXT_ONLY_ZERO_SHOT,
         length_penalty: float = 0.0,
     ):
-        from recon.preprocess import ImagePreprocess
 
         if selection not in ("random", "rices"):
             raise ValueError(f"selection={selection!r}: expected random or rices")
@@ -151,7 +152,6 @@ class FlamingoCaptioner:
         return self.preprocess(images.float().to(self.device)).to(self.dtype)
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        from recon.data import image_to_tensor
 
         return torch.cat([self.preprocess_tensor(image_to_tensor(im.convert("RGB"))[None]) for im in images])
 

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from recon.captions_io import read_coco_captions
+from recon.data import load_image
+
 MEDIA_TOKEN, EOC_TOKEN, PAD_TOKEN = "<image>", "<|endofchunk|>", "<PAD>"
 
 
@@ -51,7 +54,6 @@ class Demonstrations:
     ) -> Demonstrations:
         """A COCO captions json + its image folder; ``limit`` images drawn with ``seed`` (OpenFlamingo samples
         random demonstrations from 2048 training images), one of each image's captions drawn likewise."""
-        from recon.captions_io import read_coco_captions
 
         refs = read_coco_captions(captions_file)
         ids = sorted(refs.refs, key=str)
@@ -68,7 +70,6 @@ class Demonstrations:
         im = self._images[i]
         if isinstance(im, Image.Image):
             return im
-        from recon.data import load_image
 
         return load_image(im)
 
