@@ -111,7 +111,6 @@ def weights_sha256(model_id: str | None) -> str | None:
 def local_path(model_id: str) -> Path | None:
     """Where ``model_id``'s files already are (builtin, a local path, the Hugging Face cache), or None. Never
     downloads and never probes the network: a fingerprint only reads what a run already loaded."""
-
     if model_id.startswith("builtin:"):
         return hub.builtin_path(model_id)
     if Path(model_id).expanduser().exists():
@@ -127,7 +126,6 @@ def local_path(model_id: str) -> Path | None:
 
 
 def _file_sha256(path: Path) -> str:
-
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}\x1f{st.st_size}\x1f{st.st_mtime_ns}".encode()).hexdigest()
     memo = hub.cache_root() / "weights-sha256" / f"{key}.txt"
@@ -174,7 +172,6 @@ def run_fingerprint(config: dict, extra: dict | None = None) -> dict[str, Any]:
 def write(run_dir: str | Path, config: dict, extra: dict | None = None) -> dict[str, Any]:
     """``run_dir/fingerprint.json`` for this start of the run (a resumed run records the environment it resumed
     in: the last start's is the one on disk)."""
-
     fp = run_fingerprint(config, extra)
     atomic_write_text(Path(run_dir) / FILE, json.dumps(fp, indent=1, default=str) + "\n")
     return fp
@@ -183,7 +180,6 @@ def write(run_dir: str | Path, config: dict, extra: dict | None = None) -> dict[
 def differences(run_dirs: Iterable[str | Path], keys: Iterable[str] | None = None) -> dict[str, list]:
     """``{dotted key: [value per run]}`` for the fingerprint entries that differ between ``run_dirs`` (runs without
     a fingerprint are left out); ``keys``: only keys starting with one of these."""
-
     prints = []
     for d in run_dirs:
         try:

@@ -501,7 +501,6 @@ def preflight_metric(cfg: MetricConfig, role: str, where: str) -> None:
     """Check, before any work and without loading or importing a model library, that the files similarity
     ``cfg`` needs are here (the check its row of :data:`recon.config.SIMILARITY_KINDS` names). An unknown kind is a
     :class:`ConfigError` naming ``where``."""
-
     row = SIMILARITY_KINDS[role].get(cfg.kind)
     if row is None:
         raise ConfigError(

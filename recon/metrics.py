@@ -80,7 +80,6 @@ class ReconstructionScore(Metric):
         """Score each ``(image, caption)``: images ``[B, 3, H, W]`` floats in [0, 1] or uint8, or a list of
         ``[3, H, W]`` tensors / numpy arrays / PIL images; ``ids`` (optional) name the images as a ``recon score``
         run does. An image out of range (see the module docstring) is a ValueError naming its index."""
-
         originals = [image_tensor(im, f"update: image {i}") for i, im in enumerate(images)]
         captions = list(captions)
         if len(originals) != len(captions) or (ids is not None and len(ids) != len(captions)):

@@ -148,7 +148,6 @@ class Reconstructor:
 
     def metric_names(self, kind: str = "image") -> list[str]:
         """Result keys of the configured metrics, known without loading any model (or importing torch)."""
-
         loaded = self._image_metrics if kind == "image" else self._text_metrics
         table, metrics = (
             (IMAGE_METRIC_NAMES, self.config.similarity.image)

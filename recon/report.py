@@ -258,7 +258,6 @@ def _select_key(records: list[dict], metrics: list[str]) -> str | None:
 
 
 def _item_key(r: dict) -> str:
-
     return item_dir_name(str(r.get("id", "?")))
 
 

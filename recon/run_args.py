@@ -68,7 +68,6 @@ def add_run_args(
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | tuple[str, ...] = ()):
     """The preset with ``extra`` overrides, then ``--set`` ones, then the flags (flags win)."""
-
     overrides = [*extra, *args.overrides]
     for flag, key in [
         ("seed", "run.seed"),

@@ -18,7 +18,6 @@ from recon.scoring.inputs import ALL_METRICS
 
 def register(subparsers) -> None:
     """Add the ``score`` and ``analyze`` commands to an argparse subparsers object."""
-
     p = subparsers.add_parser(
         "score",
         help="score caption files (one per system) against an image folder",

@@ -29,7 +29,6 @@ TEST_STREAM = 11
 
 def write_shapes_data(out: str | Path, n: int, seed: int = 0, stream: int = TEST_STREAM) -> Path:
     """Render ``n`` test-split scenes into ``out`` (idempotent: files are rewritten with the same bytes)."""
-
     out = Path(out)
     scenes = world.sample_scenes(n, seed, "test", stream)
     refs, texts, truth = {}, {}, {}
@@ -126,7 +125,6 @@ def refs_by_stem(references) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------------- experiment scripts
 def experiment_parser(doc: str, items: str) -> argparse.ArgumentParser:
     """The options every experiment script takes: the run options, ``--n``, ``--stream``, ``--resamples``."""
-
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_run_args(p, default_preset="shapes")
     p.add_argument("--n", type=int, default=50, help=items)
@@ -154,7 +152,6 @@ def experiment_inputs(
     config, out: Path, n: int, stream: int, images=None, refs=None, texts=None, need: str = "images"
 ) -> Inputs:
     """The user's ``images`` / ``texts`` (+ ``refs``), or on the shapes / scenes preset ``n`` rendered scenes."""
-
     given = images if need == "images" else texts
     if given is None:
         world = world_of(config)
@@ -202,7 +199,6 @@ def write_outputs(out: Path, table_md: str, summary: dict, details: list | None 
 
 def nothing_measured(out: Path) -> str:
     """Why an experiment over ``out`` has no item to tabulate: how many items failed, and the first reason."""
-
     results = Path(out) / RESULTS
     note = failure_note(current_records(out, latest_per_id(read_jsonl(results)[0])), results)
     return f"{out}: no item was measured ({note or 'no item was recorded'}); nothing to tabulate"
@@ -210,7 +206,6 @@ def nothing_measured(out: Path) -> str:
 
 def run_script(main: Callable[[], int], name: str) -> None:
     """Exit with ``main()``'s code; an error a user can fix is one line, not a traceback."""
-
     try:
         sys.exit(main())
     except KeyboardInterrupt:

@@ -491,7 +491,6 @@ def read_sources(
     sources: list[Source], limit: int | None, pascal_refs: int, seed: int, notes: list[str]
 ) -> list[Judgments]:
     """Every source's judgments (reference files read once each); readers' notes are added to ``notes``."""
-
     refs_by_path, loaded = {}, []
     for s in sources:
         if s.refs is not None and FORMAT[s.format].own_references:

@@ -107,7 +107,6 @@ def open_run_dir(out: Path, config, inputs: dict):
     release). Refused before anything in ``out`` is written: a directory another process holds, another command's
     run, a meta-evaluation of other inputs, or of another config once something was scored (as
     :class:`recon.runs.RunDir`: a run stopped before its first record binds no config)."""
-
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory; pass a new or existing directory")
     out.mkdir(parents=True, exist_ok=True)

@@ -341,7 +341,6 @@ class ChunkScorer:
 
 def load_original(path: Path, cache: dict) -> tuple:
     """(PIL image, [3, H, W] tensor, sha256) of an image file, memoised per path within a batch."""
-
     if path not in cache:
         image = load_image(path)
         cache[path] = (image, to_tensor(image), sha256_file(path))

@@ -195,7 +195,6 @@ SCENES_PARTS = {
 
 def write_scenes_card(bundle: Path, result: dict, extra: str = "") -> Path:
     """``MODEL_CARD.md`` and ``eval.json`` of the scenes bundle, from its training records and ``recon scenes eval``."""
-
     bundle = Path(bundle)
     records = {p.stem: json.loads(p.read_text()) for p in sorted((bundle / "training").glob("*.json"))}
     (bundle / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

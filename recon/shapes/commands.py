@@ -109,7 +109,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run_render(args: argparse.Namespace) -> int:
     """Images for `recon reconstruct` and `{image_id: [caption]}` references for `recon score --refs`."""
-
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a directory; pass a new or existing directory")
     refs = {}

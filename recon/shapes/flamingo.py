@@ -195,7 +195,6 @@ def build_lm(tokenizer, seed: int = 0):
 
 
 def document(captions: list[str]) -> str:
-
     return "".join(chunk(c, PROMPT) + CHUNK_SEPARATOR for c in captions)
 
 
@@ -316,7 +315,6 @@ def _loop(
 
 
 def clip_pixels(images: np.ndarray, preprocess) -> torch.Tensor:
-
     return preprocess(to_tensor(images))
 
 
@@ -330,7 +328,6 @@ def train_flamingo_stage(
     threads: int = 1,
 ) -> dict:
     """Stage 2: perceiver + gated cross-attention on interleaved rendered scenes; LM and vision frozen."""
-
     model.train()
     model.lang_model.eval()  # frozen: no dropout either
     model.vision_encoder.eval()
@@ -387,7 +384,6 @@ def train(
 ) -> dict:
     """Both stages; writes ``out`` (default ``bundle/flamingo``: fp16 safetensors + flamingo.json +
     training.json). The LM of stage 1 is kept in ``work/lm`` so a rerun goes straight to stage 2."""
-
     torch.set_num_threads(threads)
     out = Path(out or hub.SHAPES_BUNDLE / "flamingo")
     work = Path(work or hub.cache_root() / "shapes-train" / "flamingo")
@@ -491,7 +487,6 @@ def fewshot_eval(
     and with ``lm_only`` the same two first numbers with every gate closed (the frozen LM alone: the format can be
     copied, the values only guessed).
     """
-
     root = Path(bundle_dir or hub.SHAPES_BUNDLE)
     dev = hub.resolve_device(device)
     model, tokenizer, pre = load_flamingo(flamingo_spec(str(root / "flamingo")), dev)

@@ -363,7 +363,6 @@ def save_judge(model: AttributeJudge, out: Path) -> Path:
 
 
 def load_judge(path: str | Path, device: torch.device | str = "cpu") -> AttributeJudge:
-
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("attributes") != {a: list(world.VALUES[a]) for a in world.ATTRIBUTES}:

@@ -62,7 +62,6 @@ def captioner_scores(
 def generator_scores(
     bundle: Path, scenes: list[S.Scene], seed: int, device: torch.device, judge, batch: int = 50
 ) -> dict:
-
     pipe = hub.load_diffusion_pipeline(str(bundle / "generator"), device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     prompts = [S.caption_for(s, "detailed") for s in scenes]
@@ -90,7 +89,6 @@ def generator_scores(
 
 @torch.no_grad()
 def clip_scores(bundle: Path, scenes: list[S.Scene], seed: int, device: torch.device) -> dict:
-
     clip, pre, tokenizer = hub.load_open_clip(str(bundle / "clip"), None, device)
     rng = np.random.default_rng([seed, 77])
     out = {}
@@ -110,7 +108,6 @@ def clip_scores(bundle: Path, scenes: list[S.Scene], seed: int, device: torch.de
 def evaluate(
     n: int, seed: int, bundle: str | Path, device: str = "cpu", generate_n: int | None = None
 ) -> dict:
-
     bundle, dev = Path(bundle), torch.device(device)
     judge = load_judge(bundle / "judge").to(dev)
     result: dict = {

@@ -157,7 +157,6 @@ def judge_report(pred: list[scenes.Scene], truth: list[scenes.Scene]) -> dict:
 
 
 def train_judge(args) -> dict:
-
     torch.manual_seed(args.seed)
     judge = CellJudge()
 
@@ -267,7 +266,6 @@ def captioner_validation(n_objects: tuple[int, ...]) -> Callable[..., dict]:
 
 
 def train_captioner(args, render, n_objects: tuple[int, ...]) -> dict:
-
     return train_blip(
         args,
         render=render,
@@ -309,7 +307,6 @@ def train(
     with ``templates`` (``recon scenes train``): the shapes world's trainers with this world's batches, the judge
     this world's own. The CLIP's positives are identical captions; every other caption in the batch is a
     negative."""
-
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

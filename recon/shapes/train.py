@@ -347,7 +347,6 @@ def train_captioner(
     ``validation(model, processor, seed) -> metrics``; ``weak_rule`` (metric, threshold, its name in the record):
     the ``captioner_weak`` snapshot is saved at the first validation with ``metric >= threshold``;
     ``max_positions``: the text decoder's position embeddings (None: :data:`models.CAPTIONER_TEXT`'s)."""
-
     tok = make_blip_tokenizer()
     dev = torch.device(args.device)
     if args.init_from:

@@ -58,7 +58,6 @@ def _check_matched(model: nn.Module, regex: str, where: str) -> None:
 
 def add_captioner_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Freeze the captioner; return a peft ``PeftModel`` with LoRA on the targets (or the frozen model)."""
-
     model.requires_grad_(False)
     regex = target_regex(cfg.targets, {**CAPTIONER_TARGETS, "flamingo": LORA_TARGETS})
     if regex is None:

@@ -42,7 +42,6 @@ UNMAPPED = -1
 
 # ----------------------------------------------------------------------------------------------- the index
 def _clip_byte_decoder() -> dict[str, int]:
-
     return {v: k for k, v in _bytes_to_unicode().items()}
 
 

@@ -323,7 +323,6 @@ def load_roles(cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype, se
     the new LoRA trains on top of it (BLIP only). The LoRA initialisation draws from ``torch.manual_seed(seed)``, whatever
     ran before (building the tiny builtins, for one, draws from the global generator).
     """
-
     captioner = BACKENDS[cfg.captioner.backend].from_config(cfg.captioner, device, dtype=dtype)
     torch.manual_seed(seed)
     captioner = captioner.with_lora(lambda model: adapters.add_captioner_lora(model, cfg.captioner_lora))

@@ -206,7 +206,6 @@ class JointObjective:
     @torch.no_grad()
     def captions_of(self, images: torch.Tensor, k: int = 1, decoding=None, seeds=None) -> list[list[str]]:
         """The captioner's ``k`` captions of each image (eval mode, no gradient; ``decoding`` None: its own)."""
-
         model = self.captioner.model
         was_training = model.training
         model.eval()

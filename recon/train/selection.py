@@ -34,7 +34,6 @@ SELECTION_FILE = "selection.json"
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
-
     if not root.is_dir():
         return []
     return sorted(
@@ -47,7 +46,6 @@ def selection_loss(
     criterion: str, captioner, diffusion, batch, seed: int, draws: int = 4, chunk: int = 32
 ) -> float:
     """The held-out loss of the current adapters (lower is better)."""
-
     n = batch.images.shape[0]
     if criterion == "caption_nll":
         total, tokens = 0.0, 0
@@ -85,7 +83,6 @@ def select_checkpoint(cfg, out: str | Path, criterion: str = "caption_nll") -> d
     """Score the start (step 0) and every checkpoint of the run in ``out`` on the held-out slice; export the
     best one's adapters to ``out/selected`` and write ``out/selection.json`` (returned). Ties go to the earlier
     step. Done once: a run with ``selection.json`` and its export returns the record."""
-
     out = Path(out)
     record_path = out / SELECTION_FILE
     if record_path.is_file() and (out / SELECTED_DIR).is_dir():

@@ -56,7 +56,6 @@ def validate(
     seed: int,
 ) -> Validation:
     """Caption and reconstruction metrics on ``batch``, with the sample grid; models are left in their modes."""
-
     captioner_mode, unet_mode = captioner.model.training, pipe.unet.training
     captioner.model.eval()
     pipe.unet.eval()

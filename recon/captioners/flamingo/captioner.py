@@ -95,7 +95,6 @@ class FlamingoCaptioner:
         text_only_zero_shot: int = TEXT_ONLY_ZERO_SHOT,
         length_penalty: float = 0.0,
     ):
-
         if selection not in ("random", "rices"):
             raise ValueError(f"selection={selection!r}: expected random or rices")
         if num_shots and demos is None:
@@ -152,7 +151,6 @@ class FlamingoCaptioner:
         return self.preprocess(images.float().to(self.device)).to(self.dtype)
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-
         return torch.cat([self.preprocess_tensor(image_to_tensor(im.convert("RGB"))[None]) for im in images])
 
     def _embed(self, images: Sequence[Image.Image]) -> torch.Tensor:

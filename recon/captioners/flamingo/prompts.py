@@ -54,7 +54,6 @@ class Demonstrations:
     ) -> Demonstrations:
         """A COCO captions json + its image folder; ``limit`` images drawn with ``seed`` (OpenFlamingo samples
         random demonstrations from 2048 training images), one of each image's captions drawn likewise."""
-
         refs = read_coco_captions(captions_file)
         ids = sorted(refs.refs, key=str)
         missing = [i for i in ids if i not in refs.file_names]
