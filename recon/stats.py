@@ -282,7 +282,12 @@ def seeds_by_items_t_interval(
         from scipy.optimize import brentq
 
         gap = lambda alpha: half_width(1 - alpha) - abs(mean)  # noqa: E731 -- decreasing in alpha
-        p = 0.0 if gap(1e-12) < 0 else float(brentq(gap, 1e-12, 1 - 1e-12, xtol=1e-10))
+        if gap(1e-12) < 0:
+            p = 0.0
+        elif gap(1 - 1e-12) >= 0:  # a mean within rounding of 0 (arms that differ on a handful of items)
+            p = 1.0
+        else:
+            p = float(brentq(gap, 1e-12, 1 - 1e-12, xtol=1e-10))
     return PairedTest(mean, mean - half, mean + half, p, int(s))
 
 
