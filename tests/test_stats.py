@@ -295,7 +295,7 @@ def test_seeds_by_items_t_interval_p_value_when_the_mean_is_rounding_error():
     # arms equal but for items whose differences cancel up to rounding: 0.1 + 0.2 - 0.3 = 5.6e-17, not 0 (the
     # E1 re-check's report met such a mean and the root finder had no sign change)
     a, b = np.zeros((5, 400)), np.zeros((5, 400))
-    a[0, 0], a[0, 1], b[0, 2] = 0.1, 0.2, 0.3
+    a[:, 0], a[:, 1], b[:, 2] = 0.1, 0.2, 0.3  # in every seed: the items' variance is real, the mean is not
     t = seeds_by_items_t_interval(a, b)
     assert t.diff != 0 and abs(t.diff) < 1e-15 and t.low < 0 < t.high
     assert t.p_value > 0.99
