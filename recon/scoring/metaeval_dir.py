@@ -23,10 +23,6 @@ RECORD = "metaeval_inputs.json"
 COMMAND = "metaeval"
 
 
-def _files_of(source: Source) -> list[Path]:
-    return FORMAT[source.format].files(source.path)
-
-
 def judged_inputs(sources: list[Source]) -> dict:
     """The record of what ``sources`` hold: judgment and reference files by content, image folders by path."""
 
@@ -34,7 +30,9 @@ def judged_inputs(sources: list[Source]) -> dict:
         return {"file": str(p), "sha256": sha256_file(p)}
 
     return {
-        "judgments": [{"format": s.format, "files": [file(p) for p in _files_of(s)]} for s in sources],
+        "judgments": [
+            {"format": s.format, "files": [file(p) for p in FORMAT[s.format].files(s.path)]} for s in sources
+        ],
         "images": [str(s.images.resolve()) for s in sources],
         "refs": [
             None if s.refs is None or FORMAT[s.format].own_references else file(s.refs) for s in sources
