@@ -1,8 +1,9 @@
-"""Semi-supervised joint finetuning in the shapes world: can the reconstruction losses use data without labels?
+"""Semi-supervised joint finetuning in the procedural worlds: can the reconstruction losses use data without labels?
 
-Every arm is a ``recon finetune`` run of ``configs/finetune-shapes.yaml`` (alternating image / text micro-batches,
-both in every optimizer step, so every arm updates each model equally often) from the shapes bundle, with a
-fixed pool of labelled pairs (``data.labelled_pairs``) and, per arm, unpaired data for the regularisers:
+Every arm is a ``recon finetune`` run of ``configs/finetune-shapes.yaml`` (``finetune-scenes.yaml`` for the scenes
+world; alternating image / text micro-batches, both in every optimizer step, so every arm updates each model equally
+often) from the world's bundle, with a fixed pool of labelled pairs (``data.labelled_pairs``) and, per arm, unpaired
+data for the regularisers:
 
   task          task losses only (captioner NLL, UNet denoising) on the labelled pairs
   t2i2t         + unpaired texts -> sampled image (gradient through its last 5 of 10 DDIM steps) -> captioner NLL
@@ -35,6 +36,8 @@ Experiments (``--experiment``):
       diffusion_dpo (two samples per caption ranked by the captioner's likelihood of it); model selection by the
       held-out denoising loss
   e1r E1 re-checked with model selection: task, task_3x, t2i2t_nograd, t2i2t
+  e4s E4 in the compositional scenes world (configs/finetune-scenes.yaml, the scenes bundle's weak captioner and
+      generator; --arms picks which): caption exact-scene / object F1 / binding accuracy, judge exact scenes
 
 Model selection (e4, e5, e1r; the same rule for every arm, fixed before the runs): the last fifth of the labelled pool
 (``data.selection_pairs``) is held out of training, a checkpoint is kept every ``--select-every`` steps, and the
@@ -42,9 +45,10 @@ adapters evaluated are those of the checkpoint (or the untrained start) with the
 (recon.train.selection). Each arm's ``eval.json`` records its compute: optimizer steps, training CPU-seconds of its
 process, and the captioner examples it read with gradient (in the whole run and up to the selected step).
 
-Evaluation (fixed scenes for every arm and seed, so arms are paired): caption tuple / attribute accuracy of beam-3
-captions of ``--n`` test scenes (and held-out scenes), parsed back exactly; generator judge accuracy of images
-generated from the reference captions (DDIM 20, guidance 5), read by the bundle's judge. Intervals over training
+Evaluation (fixed scenes for every arm and seed, so arms are paired): beam-3 captions of ``--n`` test scenes (and
+held-out scenes) parsed back exactly (shapes: tuple / attribute accuracy; scenes: exact scene, object F1, binding
+accuracy: recon.shapes.worlds); images generated from the reference captions (DDIM 20, guidance 5), read by the
+bundle's judge. Intervals over training
 seeds and scenes, paired to the baseline: ``--interval t`` (default; recon.stats.seeds_by_items_t_interval, which
 covers at 3-5 seeds) or ``bootstrap`` (the two-way bootstrap of the earlier tables, too narrow at few seeds).
 
@@ -67,13 +71,15 @@ from pathlib import Path
 
 import numpy as np
 
+from recon.shapes.worlds import WORLDS
+
 ARMS = {
     "task": ["loss.i2t2i=0", "loss.t2i2t=0"],
-    "t2i2t": ["loss.i2t2i=0", "loss.t2i2t=1", "data.unpaired_texts=shapes", "loss.t2i2t_form=sampler"],
+    "t2i2t": ["loss.i2t2i=0", "loss.t2i2t=1", "data.unpaired_texts={world}", "loss.t2i2t_form=sampler"],
     "t2i2t_nograd": [
         "loss.i2t2i=0",
         "loss.t2i2t=1",
-        "data.unpaired_texts=shapes",
+        "data.unpaired_texts={world}",
         "loss.t2i2t_form=sampler",
         "sampler.grad_steps=0",
     ],
@@ -81,19 +87,19 @@ ARMS = {
     "t2i2t_nograd_w0.25": [
         "loss.i2t2i=0",
         "loss.t2i2t=0.25",
-        "data.unpaired_texts=shapes",
+        "data.unpaired_texts={world}",
         "loss.t2i2t_form=sampler",
         "sampler.grad_steps=0",
     ],
-    "i2t2i": ["loss.i2t2i=1", "loss.t2i2t=0", "data.unlabelled_images=shapes"],
+    "i2t2i": ["loss.i2t2i=1", "loss.t2i2t=0", "data.unlabelled_images={world}"],
     "both": [
         "loss.i2t2i=1",
         "loss.t2i2t=1",
-        "data.unpaired_texts=shapes",
+        "data.unpaired_texts={world}",
         "loss.t2i2t_form=sampler",
-        "data.unlabelled_images=shapes",
+        "data.unlabelled_images={world}",
     ],
-    "pseudo_label": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.pseudo_label=1", "data.unlabelled_images=shapes"],
+    "pseudo_label": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.pseudo_label=1", "data.unlabelled_images={world}"],
 }
 # issue 23's arms: E4 (captioner reward) and the compute-matched control of E4 and E1r
 REWARD_ARMS = {
@@ -101,9 +107,9 @@ REWARD_ARMS = {
         "loss.i2t2i=0",
         "loss.t2i2t=0",
         "loss.best_of_n_recon=1",
-        "data.unlabelled_images=shapes",
+        "data.unlabelled_images={world}",
     ],
-    "dpo_recon": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.dpo_recon=1", "data.unlabelled_images=shapes"],
+    "dpo_recon": ["loss.i2t2i=0", "loss.t2i2t=0", "loss.dpo_recon=1", "data.unlabelled_images={world}"],
     "task_3x": ["loss.i2t2i=0", "loss.t2i2t=0"],
 }
 STEP_FACTORS = {"task_3x": 3}  # arms trained for a multiple of the experiment's steps
@@ -194,6 +200,21 @@ EXPERIMENTS = {
         "baseline": "denoise",
         "select": "denoise",
     },
+    # E4's arms in the compositional scenes world (its bundle's weak captioner: 36% exact scenes); which arms run is
+    # --arms (pre-registered in RESULTS.md: task and E4's best two)
+    "e4s": {
+        "world": "scenes",
+        "captioner": "captioner_weak",
+        "extra": E4_CANDIDATES,
+        "splits": ("test", "heldout"),
+        "judge_splits": ("test",),
+        "baseline": "task",
+        "select": "caption_nll",
+        "arms": {
+            a: (ARMS | REWARD_ARMS)[a]
+            for a in ("task", "task_3x", "pseudo_label", "best_of_n_recon", "dpo_recon", "i2t2i")
+        },
+    },
     "e1r": {
         "captioner": "captioner_weak",
         "extra": [],
@@ -210,7 +231,17 @@ EVAL_STREAM = (
     2_000_003  # the test / held-out stream of experiments/joint_finetune.py; no training stream is here
 )
 EVAL_SEED = 0  # the scenes are the same for every arm and training seed
-METRICS = ("caption_tuple_acc", "caption_attr_acc", "judge_tuple_acc")
+METRICS = tuple(m for w in WORLDS.values() for m in (*w.caption_metrics, *w.judge_metrics))
+
+
+def world(experiment: str) -> str:
+    """The procedural world an experiment trains and measures in (recon.shapes.worlds)."""
+    return EXPERIMENTS[experiment].get("world", "shapes")
+
+
+def config_name(experiment: str) -> str:
+    """The finetune config every arm of the experiment starts from (configs/finetune-<world>.yaml)."""
+    return f"finetune-{world(experiment)}"
 
 
 def log(msg: str) -> None:
@@ -241,8 +272,10 @@ def arm_overrides(
         "train.threads=1",
         f"data.labelled_pairs={labelled or 'null'}",
         f"train.seed={seed}",
-        *(x.format(bundle=bundle) for x in spec["extra"]),
-        *spec["arms"].get(arm, []),
+        *(
+            x.format(bundle=bundle, world=world(experiment))
+            for x in (*spec["extra"], *spec["arms"].get(arm, []))
+        ),
     ]
     if spec.get("select"):
         if not labelled:
@@ -258,21 +291,31 @@ def arm_overrides(
     if arm in STEP_FACTORS:
         from recon.train.config import load_finetune_config
 
-        steps = (steps or load_finetune_config("finetune-shapes").train.steps) * STEP_FACTORS[arm]
+        steps = (steps or load_finetune_config(config_name(experiment)).train.steps) * STEP_FACTORS[arm]
     return sets + [*extra] + ([f"train.steps={steps}"] if steps else [])
 
 
 def evaluate(
-    cfg, adapter: str | None, lora: str | None, n: int, splits, bundle: Path, judge_splits=("test",)
+    cfg,
+    adapter: str | None,
+    lora: str | None,
+    n: int,
+    splits,
+    bundle: Path,
+    judge_splits=("test",),
+    world: str = "shapes",
 ) -> dict:
-    """Per scene 0/1 correctness of the captioner and of the generator, per split."""
+    """Per scene scores of the captioner and of the generator, per split (the world's, recon.shapes.worlds):
+    captions parsed back exactly; images generated from the reference captions, read by the bundle's judge."""
     import torch
+    from PIL import Image
 
     from recon.captioners import BlipCaptioner
     from recon.generators.diffusion import DiffusionGenerator
     from recon.runs import derive_seed
-    from recon.shapes import models, world
+    from recon.shapes.worlds import WORLDS
 
+    w = WORLDS[world]
     device = torch.device("cpu")
     captioner = BlipCaptioner.from_config(
         dataclasses.replace(cfg.captioner, adapter=adapter), device, batch_size=64
@@ -280,29 +323,30 @@ def evaluate(
     out: dict[str, list[float]] = {}
     with torch.no_grad():
         for split in splits:
-            scenes = world.sample_scenes(n, EVAL_SEED, split, EVAL_STREAM)
+            scenes = w.sample(n, EVAL_SEED, split, EVAL_STREAM)
             captions = [
                 c[0]
                 for c in captioner.caption(
-                    [world.render_pil(s) for s in scenes], num_candidates=1, decoding=cfg.captioner.decoding
+                    [Image.fromarray(a) for a in w.render_batch(scenes)],
+                    num_candidates=1,
+                    decoding=cfg.captioner.decoding,
                 )
             ]
-            parsed = [world.parse_caption(c) for c in captions]
-            truth = [s.attributes for s in scenes]
-            out[f"{split}/caption_tuple_acc"] = [float(p == t) for p, t in zip(parsed, truth)]
-            out[f"{split}/caption_attr_acc"] = [
-                float(np.mean([p[a] == t[a] for a in world.ATTRIBUTES])) for p, t in zip(parsed, truth)
-            ]
+            scores = [w.caption_scores(c, s) for c, s in zip(captions, scenes)]
+            for k in w.caption_metrics:
+                out[f"{split}/{k}"] = [r[k] for r in scores]
             out[f"{split}/captions"] = captions[:8]
         generator = DiffusionGenerator.from_config(
             dataclasses.replace(cfg.generator, lora=lora), device, batch_size=64
         )
-        judge = models.load_judge(bundle / "judge", device)
+        judge = w.load_judge(bundle / "judge")
         seeds = [derive_seed(EVAL_SEED, f"eval{i}", 0, 0) for i in range(n)]
         for split in judge_splits:
-            scenes = world.sample_scenes(n, EVAL_SEED, split, EVAL_STREAM)
-            judged = judge.predict(generator.generate([s.caption for s in scenes], seeds).images)
-            out[f"{split}/judge_tuple_acc"] = [float(j == s.attributes) for j, s in zip(judged, scenes)]
+            scenes = w.sample(n, EVAL_SEED, split, EVAL_STREAM)
+            readings = judge.predict(generator.generate([s.caption for s in scenes], seeds).images)
+            scores = [w.judge_scores(r, s) for r, s in zip(readings, scenes)]
+            for k in w.judge_metrics:
+                out[f"{split}/{k}"] = [r[k] for r in scores]
     return out
 
 
@@ -330,7 +374,7 @@ def run_arm(
 
     torch.set_num_threads(1)
     cfg = load_finetune_config(
-        "finetune-shapes",
+        config_name(experiment),
         arm_overrides(bundle, experiment, arm, labelled, seed, steps, generator, extra, select_every),
     )
     spec = EXPERIMENTS[experiment]
@@ -363,6 +407,7 @@ def run_arm(
         spec["splits"],
         bundle,
         spec["judge_splits"],
+        world(experiment),
     )
     if eval_final and "selected_step" in compute:
         final = (
@@ -376,6 +421,7 @@ def run_arm(
                 spec["splits"],
                 bundle,
                 spec["judge_splits"],
+                world(experiment),
             )
         )
         result |= {f"final/{k}": v for k, v in final.items()}
@@ -615,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from recon import hub
 
-    bundle = (args.bundle or hub.SHAPES_BUNDLE).resolve()
+    default_bundle = hub.SCENES_BUNDLE if world(args.experiment) == "scenes" else hub.SHAPES_BUNDLE
+    bundle = (args.bundle or default_bundle).resolve()
     if args.one:  # a worker: one arm in this process
         arm, labelled, seed = args.one[0], int(args.one[1]), int(args.one[2])
         r = run_arm(
@@ -695,8 +742,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(md + "\n")
     done = load_records(args.out)  # --report-only needs no --experiment: the records name theirs
     experiment = done[0].get("experiment", args.experiment) if done else args.experiment
-    metric = args.metric or (
-        "test/judge_tuple_acc" if experiment in ("e3", "e5") else "test/caption_tuple_acc"
+    w = WORLDS[world(experiment)]
+    metric = (
+        args.metric or f"test/{(w.judge_metrics if experiment in ('e3', 'e5') else w.caption_metrics)[0]}"
     )
     plot(args.out, args.out / f"{metric.replace('/', '_')}.png", metric, args.interval)
     print(md)

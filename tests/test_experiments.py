@@ -327,9 +327,17 @@ def test_metaeval_breakdown_on_a_shapes_metaeval_run(tmp_path, capsys):
     assert len(_numbers(printed.split("## Within-scene")[1])) >= 15 * 3
 
 
-def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys):
-    """One arm, one step, four scenes per split: the table has the arm's accuracies (its default data path: scenes
-    rendered from the bundle's world, arms run as worker processes)."""
+@pytest.mark.parametrize(
+    "experiment, columns",
+    [
+        ("e1", ("test caption_tuple_acc", "heldout caption_attr_acc", "test judge_tuple_acc")),
+        ("e4s", ("test caption_exact", "heldout caption_binding", "test judge_exact")),
+    ],
+)
+def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys, experiment, columns):
+    """One arm, one step, four scenes per split: the table has the arm's scores (its default data path: scenes
+    rendered from the experiment's world with its bundle, arms run as worker processes; e4s: the scenes world,
+    with model selection)."""
     out = tmp_path / "semi"
     assert (
         _script("semi_supervised").main(
@@ -337,7 +345,7 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
                 "--out",
                 str(out),
                 "--experiment",
-                "e1",
+                experiment,
                 "--labelled",
                 "8",
                 "--seeds",
@@ -357,6 +365,9 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
     md = (out / "results.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| task |"))
     assert len(_numbers(row)) >= 5
+    assert all(f"{c} %" in md for c in columns)
+    record = json.loads((out / "l8" / "task" / "seed0" / "eval.json").read_text())
+    assert all(len(record[c.replace(" ", "/")]) == 4 for c in columns)  # per scene, paired across arms
     assert _script("semi_supervised").main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
     assert "no finished arm" in capsys.readouterr().err
 

@@ -313,7 +313,7 @@ def test_caption_file_pairs_are_a_function_of_the_step(tmp_path):
     from PIL import Image
 
     from recon.train.config import DataConfig
-    from recon.train.data import CaptionFilePairs, ShapesPairs
+    from recon.train.data import CaptionFilePairs, WorldPairs
 
     images = []
     for i in range(5):
@@ -346,7 +346,7 @@ def test_caption_file_pairs_are_a_function_of_the_step(tmp_path):
         seen == {"0", "1", "2", "3"} and b.captions != other_rank.captions
     )  # one epoch covers every item once
     assert pairs.val_batch(8).captions == ["image 4 caption 0"]
-    shapes = ShapesPairs(resolution=64, seed=0)
+    shapes = WorldPairs(resolution=64, seed=0)
     s0, s1 = shapes.train_batch(0, 0, 2, 3), shapes.train_batch(0, 1, 2, 3)
     assert s0.images.shape == (3, 3, 64, 64) and s0.captions != s1.captions
 
@@ -407,10 +407,10 @@ def test_semi_supervised_run_trains_every_term_on_its_own_data(tmp_path):
 
 def test_labelled_pool_and_unpaired_streams_stay_out_of_evaluation():
     from recon.shapes import world
-    from recon.train.data import UNLABELLED_STREAM, UNPAIRED_TEXT_STREAM, ShapesPairs
+    from recon.train.data import UNLABELLED_STREAM, UNPAIRED_TEXT_STREAM, WorldPairs
 
     cfg = load_finetune_config("finetune-shapes-smoke", SEMI + ["data.labelled_pairs=50"]).data
-    pairs = ShapesPairs(32, 0, None, cfg)
+    pairs = WorldPairs(32, 0, None, cfg)
     train_scenes = set(pairs.pool)
     for step in range(20):
         b = pairs.train_batch(step, 0, 1, 4)
@@ -424,16 +424,62 @@ def test_labelled_pool_and_unpaired_streams_stay_out_of_evaluation():
     )
     assert not train_scenes & evaluated
     assert len(pairs.pool) == 50
-    b2 = ShapesPairs(32, 0, None, cfg).train_batch(7, 0, 1, 4)  # a pure function of the step
+    b2 = WorldPairs(32, 0, None, cfg).train_batch(7, 0, 1, 4)  # a pure function of the step
     assert b2.captions == pairs.train_batch(7, 0, 1, 4).captions
+
+
+def test_scenes_world_trains_on_its_scenes_and_scores_them_exactly():
+    """data.kind=scenes: the labelled pool, unlabelled images and unpaired texts are scenes of 1-4 objects drawn as
+    the scenes bundle was trained; a caption is scored against its scene (a binding swap fails exact and binding),
+    and the bundle's cell judge reads the renders of the references."""
+    from recon import hub
+    from recon.shapes import scenes
+    from recon.shapes.worlds import WORLDS
+    from recon.train.config import GENERATED_WORLDS
+    from recon.train.data import WorldPairs
+
+    assert tuple(WORLDS) == GENERATED_WORLDS
+    cfg = load_finetune_config(
+        "finetune-scenes",
+        [
+            "data.labelled_pairs=20",
+            "data.unlabelled_images=scenes",
+            "data.unpaired_texts=scenes",
+            "loss.t2i2t_form=sampler",
+        ],
+    ).data
+    pairs = WorldPairs(32, 0, hub.SCENES_BUNDLE / "judge", cfg)
+    b = pairs.train_batch(0, 0, 1, 16)
+    assert all(isinstance(x, scenes.Scene) for x in b.meta) and set(b.meta) <= set(pairs.pool)
+    assert b.images.shape == b.unlabelled.shape == (16, 3, 32, 32) and len(b.texts) == 16
+    assert {len(x.objects) for x in pairs.pool} == {1, 2, 3, 4}
+    assert pairs.score_captions(b.captions, b) == {
+        "caption_exact": 1.0,
+        "caption_object_f1": 1.0,
+        "caption_binding": 1.0,
+    }
+    assert pairs.score_images(b.images, b) == {"generator_judge_exact": 1.0}
+    two = next(x for x in pairs.pool if len({o.color for o in x.objects}) == len(x.objects) == 2)
+    swapped = scenes.caption_for(two, "detailed")
+    first, second = (two.objects[i].color for i in two.mention_order)
+    swapped = swapped.replace(first, "@").replace(second, first).replace("@", second)
+    scores = WORLDS["scenes"].caption_scores(swapped, two)
+    assert scores["caption_exact"] == 0.0 and scores["caption_binding"] < 1.0
+    assert (
+        scores["caption_object_f1"] < 1.0
+    )  # the objects are (size, colour, shape): a swap changes two of them
+    with pytest.raises(ConfigError, match=r"data\.unlabelled_images=scenes needs data\.kind=scenes"):
+        load_finetune_config("finetune-shapes", ["data.unlabelled_images=scenes"])
+    with pytest.raises(ConfigError, match=r"data\.unpaired_combos=heldout_a.*shapes world"):
+        load_finetune_config("finetune-scenes", ["data.unpaired_combos=heldout_a"])
 
 
 def test_heldout_halves_restrict_unpaired_data():
     from recon.shapes import world
-    from recon.train.data import ShapesPairs
+    from recon.train.data import WorldPairs
 
     cfg = load_finetune_config("finetune-shapes-smoke", SEMI + ["data.unpaired_combos=heldout_a"]).data
-    b = ShapesPairs(32, 0, None, cfg).train_batch(3, 0, 1, 8)
+    b = WorldPairs(32, 0, None, cfg).train_batch(3, 0, 1, 8)
     assert all(
         world.parse_caption(t)
         and tuple(world.parse_caption(t)[a] for a in world.ATTRIBUTES) in world.HELDOUT_A

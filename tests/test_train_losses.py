@@ -74,9 +74,9 @@ def objective(parts, checkpointing=False, sampler=None, **weights):
 
 
 def batch(n=2, seed=0):
-    from recon.train.data import ShapesPairs
+    from recon.train.data import WorldPairs
 
-    b = ShapesPairs(resolution=64, seed=seed).train_batch(0, n=n)
+    b = WorldPairs(resolution=64, seed=seed).train_batch(0, n=n)
     return b.images, b.captions
 
 
@@ -559,7 +559,7 @@ def test_model_selection_holds_out_the_pool_and_keeps_the_best_checkpoint(tmp_pa
     scored, the best one's adapters are exported, and each step logs the captioner examples it read."""
     import json
 
-    from recon.train.data import ShapesPairs
+    from recon.train.data import WorldPairs
     from recon.train.joint import finetune
     from recon.train.selection import SELECTED_DIR, select_checkpoint
 
@@ -576,7 +576,7 @@ def test_model_selection_holds_out_the_pool_and_keeps_the_best_checkpoint(tmp_pa
             "data.selection_pairs=2",
         ],
     )
-    pairs = ShapesPairs(32, 0, cfg=cfg.data)
+    pairs = WorldPairs(32, 0, cfg=cfg.data)
     held = {s.caption for s in pairs.selection}
     assert len(pairs.selection) == 2 and len(pairs.pool) == 4 and not held & {s.caption for s in pairs.pool}
     assert [s.caption for s in pairs.selection_batch().meta] == [s.caption for s in pairs.selection]

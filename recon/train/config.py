@@ -33,6 +33,8 @@ from recon.config import (
 from recon.runs import flatten, same_value
 
 # LoRA target presets: a name here, or any regex peft full-matches against module names.
+# data.kind values rendered on the fly (recon.shapes.worlds.WORLDS; named here so validation imports no world)
+GENERATED_WORLDS = ("shapes", "scenes")
 CAPTIONER_TARGETS = {
     # BLIP text decoder cross-attention (image -> text): query/key/value and output projection
     "xattn_qkvo": r".*text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.(self\.(query|key|value)|output\.dense)",
@@ -182,9 +184,10 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """Training pairs. ``shapes``: rendered from (seed, step), nothing on disk; ``karpathy`` / ``coco``: files."""
+    """Training pairs. ``shapes`` / ``scenes`` (the procedural worlds, recon.shapes.worlds): rendered from
+    (seed, step), nothing on disk; ``karpathy`` / ``coco``: files."""
 
-    kind: str = "shapes"  # shapes | karpathy | coco
+    kind: str = "shapes"  # shapes | scenes | karpathy | coco
     annotations: str | None = None  # Karpathy dataset_coco.json or COCO captions_*.json
     images: str | None = None  # image root the annotation file names are relative to
     train_split: list[str] = field(default_factory=lambda: ["train", "restval"])  # karpathy only
@@ -200,9 +203,9 @@ class DataConfig:
     labelled_pairs: int | None = (
         None  # a fixed pool of N pairs (shapes: N scenes; files: N of a seeded shuffle)
     )
-    unlabelled_images: str | None = None  # an image folder, or "shapes" (fresh scenes, no captions)
+    unlabelled_images: str | None = None  # an image folder, or data.kind's world (fresh scenes, no captions)
     unpaired_texts: str | None = (
-        None  # a .txt / .json / .jsonl texts file, or "shapes" (fresh captions, no images)
+        None  # a .txt / .json / .jsonl texts file, or data.kind's world (fresh captions, no images)
     )
     unpaired_combos: str = (
         "seen"  # shapes: the combinations unpaired data is drawn from: seen | heldout_a | heldout_b
@@ -292,7 +295,7 @@ CHOICES = {
     "loss.schedule": ("alternate", "sum"),
     "loss.t2i2t_form": ("one_step", "sampler"),
     "loss.preference_loss": ("dpo", "ipo"),
-    "data.kind": ("shapes", "karpathy", "coco"),
+    "data.kind": (*GENERATED_WORLDS, "karpathy", "coco"),
     "data.unpaired_combos": ("seen", "heldout_a", "heldout_b"),
     "train.grad_clip": ("per_model", "joint", "generator"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
@@ -376,7 +379,7 @@ def check(cfg: FinetuneConfig) -> None:
     for name in ("caption_nll", "denoise", "i2t2i", "t2i2t", "image_sim", "pseudo_label", *REWARD_TERMS):
         if getattr(cfg.loss, name) < 0:
             raise ConfigError(f"loss.{name}: weights must be >= 0")
-    if cfg.data.kind != "shapes" and not cfg.data.annotations:
+    if cfg.data.kind not in GENERATED_WORLDS and not cfg.data.annotations:
         raise ConfigError(f"data.kind={cfg.data.kind}: set data.annotations (and data.images)")
     if cfg.loss.schedule == "alternate" and t.grad_accum % 2:
         raise ConfigError(
@@ -387,10 +390,16 @@ def check(cfg: FinetuneConfig) -> None:
     if cfg.data.labelled_pairs is not None and cfg.data.labelled_pairs < 1:
         raise ConfigError(f"data.labelled_pairs={cfg.data.labelled_pairs}: must be >= 1 (or null for all)")
     for key in ("unlabelled_images", "unpaired_texts"):
-        if getattr(cfg.data, key) == "shapes" and cfg.data.kind != "shapes":
+        value = getattr(cfg.data, key)
+        if value in GENERATED_WORLDS and cfg.data.kind != value:
             raise ConfigError(
-                f"data.{key}=shapes needs data.kind=shapes; give a path for data.kind={cfg.data.kind}"
+                f"data.{key}={value} needs data.kind={value}; give a path for data.kind={cfg.data.kind}"
             )
+    if cfg.data.unpaired_combos != "seen" and cfg.data.kind != "shapes":
+        raise ConfigError(
+            f"data.unpaired_combos={cfg.data.unpaired_combos}: the held-out halves are the shapes world's; "
+            f"use seen for data.kind={cfg.data.kind}"
+        )
     if cfg.loss.pseudo_label and not cfg.data.unlabelled_images:
         raise ConfigError("loss.pseudo_label labels unlabelled images: set data.unlabelled_images")
     for key in ("pseudo_label_candidates", "pseudo_label_draws"):

@@ -1,7 +1,8 @@
 """Training pairs (image, reference caption) as a pure function of the micro-step: resuming needs no data state.
 
-* :class:`ShapesPairs`: scenes rendered from ``(seed, stream)`` (recon.shapes.world); validation scores
-  captions by exact attributes and generated images with the bundle's judge when it is present.
+* :class:`WorldPairs`: scenes of a procedural world (``data.kind``: shapes | scenes, recon.shapes.worlds)
+  rendered from ``(seed, stream)``; validation scores captions exactly against the scenes and generated images with
+  the world bundle's judge when it is present.
 * :class:`CaptionFilePairs`: a Karpathy split file or COCO caption annotations plus an image root (read with
   recon.captions_io). Sample ``k`` of the run is item ``perm_epoch[k mod N]`` with a seeded permutation per
   epoch and one of its references chosen by a seeded draw.
@@ -41,7 +42,7 @@ from recon.data import (
 )
 from recon.preprocess import center_crop_or_pad, resize
 from recon.runs import RunError, sha256_file
-from recon.shapes import models, world
+from recon.shapes.worlds import WORLDS, World
 from recon.train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ UNPAIRED_TEXT_STREAM = 5_000_000_000  # + micro-step
 class Batch:
     images: torch.Tensor  # [n, 3, R, R] float in [0, 1]
     captions: list[str]
-    meta: list[Any] = field(default_factory=list)  # per item: the shapes Scene, or the image id
+    meta: list[Any] = field(default_factory=list)  # per item: the world's Scene, or the image id
     unlabelled: torch.Tensor | None = None  # [n, 3, R, R] images without captions (data.unlabelled_images)
     texts: list[str] | None = None  # texts without images (data.unpaired_texts)
 
@@ -78,16 +79,17 @@ def fit(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return center_crop_or_pad(resize(images, size), (resolution, resolution)).clamp(0, 1)
 
 
-def render_scenes(scenes, resolution: int) -> torch.Tensor:
-    """Shapes scenes -> ``[n, 3, R, R]`` float images in [0, 1]."""
+def render_scenes(scenes, resolution: int, world: World = WORLDS["shapes"]) -> torch.Tensor:
+    """A world's scenes -> ``[n, 3, R, R]`` float images in [0, 1]."""
 
     return fit(
         torch.from_numpy(world.render_batch(scenes)).permute(0, 3, 1, 2).float().div(255.0), resolution
     )
 
 
-class ShapesPairs:
-    """The shapes world: a fresh rendered batch per micro-step, exact ground truth for validation."""
+class WorldPairs:
+    """A procedural world (``data.kind``: shapes | scenes, recon.shapes.worlds): a fresh rendered batch per
+    micro-step drawn as the world's bundle was trained, exact ground truth for validation."""
 
     def __init__(
         self,
@@ -98,22 +100,25 @@ class ShapesPairs:
     ):
 
         self.cfg = cfg or DataConfig()
+        self.world = WORLDS[self.cfg.kind]
         self.resolution, self.seed = int(resolution), int(seed)
         self.judge_dir = Path(judge_dir) if judge_dir and Path(judge_dir).is_dir() else None
         self._judge = None
         n = self.cfg.labelled_pairs
-        self.pool = world.sample_scenes(n, self.seed, "train", LABELLED_STREAM) if n else None
+        self.pool = self.world.sample(n, self.seed, "train", LABELLED_STREAM) if n else None
         self.selection, self.pool = held_out(self.pool, self.cfg.selection_pairs)
         self.unpaired = Unpaired(self.cfg, self.resolution, self.seed)
 
     def _batch(self, scenes) -> Batch:
-        return Batch(render_scenes(scenes, self.resolution), [s.caption for s in scenes], list(scenes))
+        return Batch(
+            render_scenes(scenes, self.resolution, self.world), [s.caption for s in scenes], list(scenes)
+        )
 
     def train_batch(self, micro_step: int, rank: int = 0, world_size: int = 1, n: int = 1) -> Batch:
 
         mine = slice(rank * n, rank * n + n)
         if self.pool is None:
-            scenes = world.sample_scenes(n * world_size, self.seed, "train", micro_step)[mine]
+            scenes = self.world.sample(n * world_size, self.seed, "train", micro_step)[mine]
         else:
             first = micro_step * n * world_size
             scenes = [
@@ -124,7 +129,7 @@ class ShapesPairs:
 
     def val_batch(self, n: int) -> Batch:
 
-        return self._batch(world.sample_scenes(n, self.seed, "test", VAL_STREAM))
+        return self._batch(self.world.sample(n, self.seed, "test", VAL_STREAM))
 
     def selection_batch(self) -> Batch:
         """The labelled pool's held-out slice (``data.selection_pairs``), for model selection."""
@@ -132,36 +137,22 @@ class ShapesPairs:
 
     def caption_texts(self, n: int = 256) -> list[str]:
 
-        return [s.caption for s in (self.pool or world.sample_scenes(n, self.seed, "train", 0))[:n]]
+        return [s.caption for s in (self.pool or self.world.sample(n, self.seed, "train", 0))[:n]]
 
     def score_captions(self, captions: list[str], batch: Batch) -> dict[str, float]:
-        """Exact-attribute accuracy of captions against the scenes (recon.shapes.world.parse_caption)."""
-
-        parsed = [world.parse_caption(c) for c in captions]
-        truth = [s.attributes for s in batch.meta]
-        return {
-            "caption_tuple_acc": float(np.mean([p == t for p, t in zip(parsed, truth)])),
-            "caption_attr_acc": float(
-                np.mean([p[a] == t[a] for p, t in zip(parsed, truth) for a in world.ATTRIBUTES])
-            ),
-            "caption_unparseable": float(np.mean([not world.is_parseable(p) for p in parsed])),
-        }
+        """The world's exact caption scores against the scenes (recon.shapes.worlds), means over the batch."""
+        return self.world.score_captions(captions, batch.meta)
 
     def score_images(self, images: torch.Tensor, batch: Batch) -> dict[str, float]:
-        """The judge's exact-attribute accuracy on images generated from the reference captions."""
+        """The judge's reading of images generated from the reference captions, scored against the scenes
+        (``generator_judge_...``)."""
         if self.judge_dir is None:
             return {}
 
         if self._judge is None:
-            self._judge = models.load_judge(self.judge_dir, "cpu")
-        pred = self._judge.predict(fit(images.float().cpu(), world.IMAGE_SIZE))
-        truth = [s.attributes for s in batch.meta]
-        return {
-            "generator_judge_tuple_acc": float(np.mean([p == t for p, t in zip(pred, truth)])),
-            "generator_judge_attr_acc": float(
-                np.mean([p[a] == t[a] for p, t in zip(pred, truth) for a in world.ATTRIBUTES])
-            ),
-        }
+            self._judge = self.world.load_judge(self.judge_dir)
+        readings = self._judge.predict(fit(images.float().cpu(), self.world.image_size))
+        return {f"generator_{k}": v for k, v in self.world.score_judged(readings, batch.meta).items()}
 
 
 class CaptionFilePairs:
@@ -268,15 +259,17 @@ def usable_images(folder: str | Path) -> list[Path]:
 
 class Unpaired:
     """Unlabelled images and unpaired texts for a micro-step's global batch (``data.unlabelled_images``,
-    ``data.unpaired_texts``): a folder / texts file drawn in seeded epochs, or fresh shapes scenes."""
+    ``data.unpaired_texts``): a folder / texts file drawn in seeded epochs, or fresh scenes of the world (``shapes`` / ``scenes``:
+    data.kind's)."""
 
     def __init__(self, cfg: DataConfig, resolution: int, seed: int):
 
         self.cfg, self.resolution, self.seed = cfg, resolution, seed
         self.images = self.texts = None
-        if cfg.unlabelled_images and cfg.unlabelled_images != "shapes":
+        self.world = WORLDS.get(cfg.kind)  # the world "shapes" / "scenes" sources draw from (data.kind)
+        if cfg.unlabelled_images and cfg.unlabelled_images not in WORLDS:
             self.images = usable_images(cfg.unlabelled_images)
-        if cfg.unpaired_texts and cfg.unpaired_texts != "shapes":
+        if cfg.unpaired_texts and cfg.unpaired_texts not in WORLDS:
             try:
                 items = load_texts(cfg.unpaired_texts)
             except DataError as e:
@@ -288,16 +281,16 @@ class Unpaired:
     def _scenes(self, base: int, micro_step: int, mine: slice, size: int):
 
         split = "train" if self.cfg.unpaired_combos == "seen" else self.cfg.unpaired_combos
-        return world.sample_scenes(size, self.seed, split, base + micro_step)[mine]
+        return self.world.sample(size, self.seed, split, base + micro_step)[mine]
 
     def fill(self, batch: Batch, micro_step: int, rank: int, world_size: int, n: int) -> Batch:
         """``batch`` with process ``rank``'s ``n`` unlabelled images and unpaired texts of the micro-step."""
 
         mine, size = slice(rank * n, rank * n + n), n * world_size
         first = micro_step * size  # global sample index of the micro-step's first item
-        if self.cfg.unlabelled_images == "shapes":
+        if self.cfg.unlabelled_images in WORLDS:
             batch.unlabelled = render_scenes(
-                self._scenes(UNLABELLED_STREAM, micro_step, mine, size), self.resolution
+                self._scenes(UNLABELLED_STREAM, micro_step, mine, size), self.resolution, self.world
             )
         elif self.images is not None:
             paths = [
@@ -307,7 +300,7 @@ class Unpaired:
             batch.unlabelled = torch.stack(
                 [fit(image_to_tensor(load_image(p))[None], self.resolution)[0] for p in paths]
             )
-        if self.cfg.unpaired_texts == "shapes":
+        if self.cfg.unpaired_texts in WORLDS:
             batch.texts = [s.caption for s in self._scenes(UNPAIRED_TEXT_STREAM, micro_step, mine, size)]
         elif self.texts is not None:
             batch.texts = [
@@ -342,12 +335,12 @@ def check_inputs(path: Path, fingerprints: dict[str, str]) -> None:
 def input_fingerprints(cfg: DataConfig) -> dict[str, str]:
     """A fingerprint per data file or folder the config names: SHA-256 of a file's bytes; of a folder, SHA-256 of
     its image listing with each file's size and modification time (hashing every image of a large folder would
-    cost minutes at each start). ``shapes`` data is rendered, nothing on disk."""
+    cost minutes at each start). A world's data (shapes, scenes) is rendered, nothing on disk."""
 
     out = {}
     for key in ("annotations", "val_annotations", "images", "unlabelled_images", "unpaired_texts"):
         value = getattr(cfg, key)
-        if not value or value == "shapes" or not Path(value).exists():
+        if not value or value in WORLDS or not Path(value).exists():
             continue
         if Path(value).is_file():
             out[f"data.{key}"] = sha256_file(value)
@@ -360,8 +353,8 @@ def input_fingerprints(cfg: DataConfig) -> dict[str, str]:
 
 
 def make_pairs(cfg: DataConfig, resolution: int, seed: int, judge_dir: str | Path | None = None):
-    if cfg.kind == "shapes":
-        return ShapesPairs(resolution, seed, judge_dir, cfg)
+    if cfg.kind in WORLDS:
+        return WorldPairs(resolution, seed, judge_dir, cfg)
     return CaptionFilePairs(cfg, resolution, seed)
 
 

@@ -362,10 +362,9 @@ def image_sim_metrics(cfg: FinetuneConfig, device: torch.device) -> dict:
 
 
 def judge_dir(cfg: FinetuneConfig) -> Path | None:
-    """The shapes bundle's judge scores generated images when the generator is a shapes one."""
-    if cfg.data.kind != "shapes":
-        return None
-    return hub.SHAPES_BUNDLE / "judge"
+    """The world bundle's judge scores generated images when the data is a procedural world's."""
+    bundle = {"shapes": hub.SHAPES_BUNDLE, "scenes": hub.SCENES_BUNDLE}.get(cfg.data.kind)
+    return bundle / "judge" if bundle else None
 
 
 def write_or_check_config(out: Path, cfg: FinetuneConfig):
