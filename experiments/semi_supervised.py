@@ -555,7 +555,9 @@ def report(root: Path, interval: str = "t") -> str:
 
 
 def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc", interval: str = "t") -> Path | None:
-    """Accuracy per arm (mean over seeds, 95% CI) against labelled pairs (a line per arm; bars for one size)."""
+    """Left: the metric per arm (mean over seeds, 95% CI) against labelled pairs (a line per arm; bars for one size).
+    Right, where the baseline ran: each arm minus the baseline, paired on shared seeds and scenes (95% CI) -- the
+    comparison the hypotheses are read on; the per-arm intervals on the left hide the pairing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -568,37 +570,60 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc", interva
     records = [r for r in load_records(root) if r["arm"] != "start" and metric in r]
     if not records:
         return None
-    all_arms = EXPERIMENTS[records[0].get("experiment", "e1")]["arms"]
+    spec = EXPERIMENTS[records[0].get("experiment", "e1")]
     sizes = sorted({r["labelled"] for r in records})
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    arms = [a for a in all_arms if any(r["arm"] == a for r in records)]
-    for i, arm in enumerate(arms):
-        xs, ys, lo, hi = [], [], [], []
-        for size in sizes:
-            grid = [r[metric] for r in records if r["arm"] == arm and r["labelled"] == size]
-            if grid:
-                e = seeds_by_items(np.array(grid))
-                xs.append(size if len(sizes) > 1 else i)
-                ys.append(100 * e.diff)
-                lo.append(100 * (e.diff - e.low))
-                hi.append(100 * (e.high - e.diff))
+    arms = [a for a in spec["arms"] if any(r["arm"] == a for r in records)]
+    by = {(r["arm"], r["labelled"], r["seed"]): r[metric] for r in records}
+    base = spec["baseline"] if spec["baseline"] in arms else None
+    fig, axes = plt.subplots(1, 2 if base else 1, figsize=(11.0 if base else 6.4, 4.0), squeeze=False)
+
+    colour = {arm: f"C{i}" for i, arm in enumerate(arms)}  # an arm keeps its colour in both panels
+
+    def draw(ax, arm_list, estimate, ylabel):
+        for i, arm in enumerate(arm_list):
+            xs, ys, lo, hi = [], [], [], []
+            for size in sizes:
+                e = estimate(arm, size)
+                if e is not None:
+                    xs.append(size if len(sizes) > 1 else i)
+                    ys.append(100 * e.diff)
+                    lo.append(100 * (e.diff - e.low))
+                    hi.append(100 * (e.high - e.diff))
+            if len(sizes) > 1:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm, color=colour[arm])
+            else:
+                ax.bar(xs, ys, yerr=[lo, hi], capsize=4, color=colour[arm])  # the x ticks name the arms
         if len(sizes) > 1:
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=arm)
+            ax.set_xscale("log")
+            ax.set_xlabel("labelled pairs")
+            ax.legend()
         else:
-            ax.bar(xs, ys, yerr=[lo, hi], capsize=4)  # the x ticks name the arms
+            ax.set_xticks(range(len(arm_list)), arm_list, rotation=30, ha="right")
+            ax.set_xlabel(f"arm ({sizes[0]} labelled pairs)")
+        ax.set_ylabel(ylabel)
+
+    def absolute(arm, size):
+        grid = [v for (a, n, _), v in sorted(by.items()) if a == arm and n == size]
+        return seeds_by_items(np.array(grid)) if grid else None
+
+    def paired(arm, size):
+        shared = sorted(s for (a, n, s) in by if a == arm and n == size and (base, size, s) in by)
+        if not shared:
+            return None
+        return seeds_by_items(
+            np.array([by[(arm, size, s)] for s in shared]), np.array([by[(base, size, s)] for s in shared])
+        )
+
+    draw(axes[0][0], arms, absolute, f"{metric} %\n(95% CI, seeds x scenes)")
     if start:
-        ax.axhline(
+        axes[0][0].axhline(
             100 * float(np.mean(start[0][metric])), color="gray", linestyle="--", label="start (untrained)"
         )
-        ax.legend(loc="lower right")
-    if len(sizes) > 1:
-        ax.set_xscale("log")
-        ax.set_xlabel("labelled pairs")
-        ax.legend()
-    else:
-        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
-        ax.set_xlabel(f"arm ({sizes[0]} labelled pairs)")
-    ax.set_ylabel(f"{metric} %\n(95% CI, seeds x scenes)")
+        axes[0][0].legend(loc="lower right")
+    if base:
+        ax = axes[0][1]
+        draw(ax, [a for a in arms if a != base], paired, f"{metric}: arm - {base}, points\n(95% CI, paired)")
+        ax.axhline(0.0, color="black", linewidth=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
