@@ -393,3 +393,22 @@ def test_scenes_metaeval_pools_seeds_per_category_on_the_shipped_bundle(tmp_path
     assert res["n_scenes"] == 4 and set(res["per_seed"]) == {"0", "1"}
     assert all(0.0 <= rows[m]["all"]["value"] <= 1.0 for m in rows)
     assert "Reconstruction minus clipscore" in (out / "summary.md").read_text()
+
+
+def test_reward_ranking_scores_each_pick_and_never_beats_the_oracle(tmp_path, capsys):
+    """Eight scenes of the shapes world: every ranking's pick is one of the candidates, so no ranking is ever right
+    where the oracle (any candidate right) is not; the table names every ranking and the contrasts."""
+    module = _script("reward_ranking")
+    out = tmp_path / "rr.json"
+    assert module.main(["--world", "shapes", "--n", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 8 and result["cpu_s"] > 0
+    for row in result["rows"]:
+        for name in (*module.RANKINGS, *(f"{r}_worst" for r in ("denoise", "recon_clip", "recon_ssim"))):
+            assert row[name]["caption_tuple_acc"] <= row["oracle"]["caption_tuple_acc"]
+        assert 1 <= row["distinct"] <= result["candidates"]
+    printed = capsys.readouterr().out
+    assert all(f"| {name} |" in printed for name in (*module.RANKINGS, "oracle"))
+    assert "| recon_clip - denoise |" in printed
+    with pytest.raises(SystemExit):
+        module.main(["--world", "shapes", "--n", "1", "--out", str(out)])

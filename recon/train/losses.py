@@ -223,14 +223,27 @@ class JointObjective:
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, generator) -> list[str]:
         """Per image, the captioner's sampled candidate under which the UNet denoises the image best."""
-        w, d = self.loss, self.diffusion
-        k, m, n = w.pseudo_label_candidates, w.pseudo_label_draws, images.shape[0]
+        w = self.loss
         seeds = torch.randint(
-            0, 2**31 - 1, (n,), generator=generator, device=generator.device if generator else None
+            0,
+            2**31 - 1,
+            (images.shape[0],),
+            generator=generator,
+            device=generator.device if generator else None,
         )
-        candidates = self.captions_of(images, k, w.pseudo_label_decoding, seeds.tolist())
+        candidates = self.captions_of(
+            images, w.pseudo_label_candidates, w.pseudo_label_decoding, seeds.tolist()
+        )
+        errors = self.denoising_errors(images, candidates, generator)
+        return [c[int(j)] for c, j in zip(candidates, errors.argmin(1))]
+
+    @torch.no_grad()
+    def denoising_errors(self, images: torch.Tensor, candidates: list[list[str]], generator) -> torch.Tensor:
+        """``[B, K]`` UNet noise MSE (lower is better) of each image under each of its ``K`` candidate captions, a
+        mean over ``loss.pseudo_label_draws`` noise / timestep draws shared by the candidates of an image."""
+        d, m, n, k = self.diffusion, self.loss.pseudo_label_draws, images.shape[0], len(candidates[0])
         noisy, target, t = d.noised(d.encode(images, generator).repeat_interleave(m, 0), generator)
-        errors = torch.stack(
+        return torch.stack(
             [
                 (
                     d.predict(
@@ -245,8 +258,7 @@ class JointObjective:
                 for j in range(k)
             ],
             dim=1,
-        )
-        return [c[int(j)] for c, j in zip(candidates, errors.argmin(1))]
+        ).cpu()
 
     def image_terms(
         self,
