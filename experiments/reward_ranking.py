@@ -90,20 +90,26 @@ def rank(world: str, n: int, bundle: Path | None = None) -> dict:
     scenes = w.sample(n, SEED, "train", UNLABELLED_STREAM)
     picks = np.random.default_rng([SEED, 11]).integers(0, cfg.loss.recon_reward_candidates, n)
     rows: list[dict] = []
+    cpu = dict.fromkeys(("candidates", "denoise", "recon_clip", "recon_ssim"), 0.0)  # CPU-s of each step
     for start in range(0, n, CHUNK):
         batch = scenes[start : start + CHUNK]
         images = render_scenes(batch, resolution, w)
+        t0 = time.process_time()
         candidates = objective.captions_of(
             images, cfg.loss.recon_reward_candidates, cfg.loss.recon_reward_decoding
         )
+        cpu["candidates"] += time.process_time() - t0
+        t0 = time.process_time()
         generator = torch.Generator().manual_seed(SEED + start)
-        errors = objective.denoising_errors(images, candidates, generator)
-        scores = {"denoise": -errors}
+        scores = {"denoise": -objective.denoising_errors(images, candidates, generator)}
+        cpu["denoise"] += time.process_time() - t0
         for name, metric in (("recon_clip", metrics["recon_reward"]), ("recon_ssim", ssim)):
+            t0 = time.process_time()
             objective.metrics = {"recon_reward": metric}
             scores[name] = objective.reconstruction_scores(
                 images, candidates, torch.Generator().manual_seed(SEED + start)
             )
+            cpu[name] += time.process_time() - t0
         for i, (scene, caps) in enumerate(zip(batch, candidates)):
             exact = [w.caption_scores(c, scene) for c in caps]
             row = {
@@ -116,7 +122,13 @@ def rank(world: str, n: int, bundle: Path | None = None) -> dict:
                 row[name] = exact[int(s[i].argmax())]
                 row[f"{name}_worst"] = exact[int(s[i].argmin())]
             rows.append(row)
-    return {"world": world, "n": n, "candidates": cfg.loss.recon_reward_candidates, "rows": rows}
+    return {
+        "world": world,
+        "n": n,
+        "candidates": cfg.loss.recon_reward_candidates,
+        "cpu_ms_per_image": {k: round(1000 * v / n, 1) for k, v in cpu.items()},
+        "rows": rows,
+    }
 
 
 def report(result: dict) -> str:
@@ -155,7 +167,13 @@ def report(result: dict) -> str:
             f"| {a} - {b} | {100 * t.diff:+.1f} [{100 * t.low:+.1f}, {100 * t.high:+.1f}] p={t.p_value:.3f} |"
         )
     distinct = np.mean([r["distinct"] for r in rows])
-    lines += ["", f"Distinct candidates per image: {distinct:.2f} of {result['candidates']}.", ""]
+    cost = ", ".join(f"{k} {v:.0f}" for k, v in result["cpu_ms_per_image"].items())
+    lines += [
+        "",
+        f"Distinct candidates per image: {distinct:.2f} of {result['candidates']}. "
+        f"CPU-ms per image (1 thread): {cost}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -403,6 +403,7 @@ def test_reward_ranking_scores_each_pick_and_never_beats_the_oracle(tmp_path, ca
     assert module.main(["--world", "shapes", "--n", "8", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert len(result["rows"]) == 8 and result["cpu_s"] > 0
+    assert all(v > 0 for v in result["cpu_ms_per_image"].values())
     for row in result["rows"]:
         for name in (*module.RANKINGS, *(f"{r}_worst" for r in ("denoise", "recon_clip", "recon_ssim"))):
             assert row[name]["caption_tuple_acc"] <= row["oracle"]["caption_tuple_acc"]

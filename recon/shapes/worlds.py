@@ -38,7 +38,7 @@ class World:
     render_batch: Callable[[list], np.ndarray]  # scenes -> (n, S, S, 3) uint8
     caption_scores: Callable[[str, object], dict[str, float]]  # (caption, scene) -> scores of one item
     judge_scores: Callable[[object, object], dict[str, float]]  # (judge's reading, scene) -> scores
-    _load_judge: Callable[[Path], object]
+    judge_loader: Callable[[Path], object]  # the bundle judge folder -> the judge (CPU)
     caption_metrics: tuple[
         str, ...
     ]  # the caption_scores keys an experiment reports (the first is the headline)
@@ -46,7 +46,7 @@ class World:
 
     def load_judge(self, path: str | Path):
         """The bundle's judge (``predict(images [n, 3, S, S] in [0, 1])`` -> one reading per image), on the CPU."""
-        return self._load_judge(Path(path))
+        return self.judge_loader(Path(path))
 
     def score_captions(self, captions: list[str], truth: list) -> dict[str, float]:
         """Mean of each caption score over the items."""
