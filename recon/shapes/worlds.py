@@ -39,9 +39,8 @@ class World:
     caption_scores: Callable[[str, object], dict[str, float]]  # (caption, scene) -> scores of one item
     judge_scores: Callable[[object, object], dict[str, float]]  # (judge's reading, scene) -> scores
     judge_loader: Callable[[Path], object]  # the bundle judge folder -> the judge (CPU)
-    caption_metrics: tuple[
-        str, ...
-    ]  # the caption_scores keys an experiment reports (the first is the headline)
+    # the score keys an experiment reports (the first caption metric is its headline)
+    caption_metrics: tuple[str, ...]
     judge_metrics: tuple[str, ...]
 
     def load_judge(self, path: str | Path):

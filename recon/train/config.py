@@ -32,9 +32,9 @@ from recon.config import (
 )
 from recon.runs import flatten, same_value
 
-# LoRA target presets: a name here, or any regex peft full-matches against module names.
 # data.kind values rendered on the fly (recon.shapes.worlds.WORLDS; named here so validation imports no world)
 GENERATED_WORLDS = ("shapes", "scenes")
+# LoRA target presets: a name here, or any regex peft full-matches against module names.
 CAPTIONER_TARGETS = {
     # BLIP text decoder cross-attention (image -> text): query/key/value and output projection
     "xattn_qkvo": r".*text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.(self\.(query|key|value)|output\.dense)",

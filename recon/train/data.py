@@ -259,8 +259,8 @@ def usable_images(folder: str | Path) -> list[Path]:
 
 class Unpaired:
     """Unlabelled images and unpaired texts for a micro-step's global batch (``data.unlabelled_images``,
-    ``data.unpaired_texts``): a folder / texts file drawn in seeded epochs, or fresh scenes of the world (``shapes`` / ``scenes``:
-    data.kind's)."""
+    ``data.unpaired_texts``): a folder / texts file drawn in seeded epochs, or fresh scenes of data.kind's world
+    (the value ``shapes`` / ``scenes``)."""
 
     def __init__(self, cfg: DataConfig, resolution: int, seed: int):
 
