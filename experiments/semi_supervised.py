@@ -455,17 +455,19 @@ def fmt(e) -> str:
 
 def compute_cells(runs: list[dict]) -> str:
     """An arm's compute, mean over its seeds: CPU-minutes of training, optimizer steps and captioner examples (k)
-    of the run, each with the selected checkpoint's in parentheses where a model was selected."""
+    of the run; where a model was selected, each seed's selected step (in seed order: whether more steps ever
+    changed the choice is read from them) and the mean examples to it in parentheses."""
 
     def mean(key):
         values = [r[key] for r in runs if r.get(key) is not None]
         return float(np.mean(values)) if values else None
 
-    cpu, steps, chosen = mean("train_process_cpu_s"), mean("steps"), mean("selected_step")
+    cpu, steps = mean("train_process_cpu_s"), mean("steps")
+    chosen = [str(r["selected_step"]) for r in runs if r.get("selected_step") is not None]
     examples, examples_chosen = mean("captioner_examples"), mean("captioner_examples_selected")
     cells = [
         f"{cpu / 60:.1f}" if cpu is not None else "-",
-        "-" if steps is None else f"{steps:.0f}" + (f" ({chosen:.0f})" if chosen is not None else ""),
+        "-" if steps is None else f"{steps:.0f}" + (f" ({', '.join(chosen)})" if chosen else ""),
         "-"
         if examples is None
         else f"{examples / 1000:.1f}"
@@ -500,7 +502,7 @@ def report(root: Path, interval: str = "t") -> str:
             "",
             "| arm | seeds | "
             + " | ".join(k.replace("/", " ") + " %" for k in keys)
-            + " | train wall-min | train CPU-min | optimizer steps (selected) | captioner examples k (selected) |",
+            + " | train wall-min | train CPU-min | optimizer steps (selected, by seed) | captioner examples k (selected) |",
             "| --- | --- |" + " --- |" * len(keys) + " --- | --- | --- | --- |",
         ]
         grids = {}

@@ -373,6 +373,18 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
     assert "no finished arm" in capsys.readouterr().err
 
 
+def test_semi_supervised_compute_cells_list_each_seeds_selected_step():
+    """The compute column shows every seed's selected step (a mean would hide whether more steps changed a choice),
+    and no parentheses where nothing was selected."""
+    cells = _script("semi_supervised").compute_cells
+    selected = [
+        {"train_process_cpu_s": 60, "steps": 900, "selected_step": 50, "captioner_examples": 7200},
+        {"train_process_cpu_s": 120, "steps": 900, "selected_step": 25, "captioner_examples": 7200},
+    ]
+    assert cells(selected).split(" | ")[:2] == ["1.5", "900 (50, 25)"]
+    assert cells([{"train_process_cpu_s": 60, "steps": 300}]).split(" | ")[1] == "300"
+
+
 def test_scenes_metaeval_pools_seeds_per_category_on_the_shipped_bundle(tmp_path):
     out = tmp_path / "sme"
     assert (
