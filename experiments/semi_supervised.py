@@ -587,7 +587,9 @@ def plot(root: Path, path: Path, metric: str = "test/caption_tuple_acc", interva
             for size in sizes:
                 e = estimate(arm, size)
                 if e is not None:
-                    xs.append(size if len(sizes) > 1 else i)
+                    # several sizes: each arm a little to the side of the size (log axis), so error bars
+                    # that overlap in value stay apart
+                    xs.append(size * 1.03 ** (i - (len(arm_list) - 1) / 2) if len(sizes) > 1 else i)
                     ys.append(100 * e.diff)
                     lo.append(100 * (e.diff - e.low))
                     hi.append(100 * (e.high - e.diff))
