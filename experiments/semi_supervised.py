@@ -48,7 +48,7 @@ process, and the captioner examples it read with gradient (in the whole run and 
 Evaluation (fixed scenes for every arm and seed, so arms are paired): beam-3 captions of ``--n`` test scenes (and
 held-out scenes) parsed back exactly (shapes: tuple / attribute accuracy; scenes: exact scene, object F1, binding
 accuracy: recon.shapes.worlds); images generated from the reference captions (DDIM 20, guidance 5), read by the
-bundle's judge. Intervals over training
+bundle's judge; ``eval.json`` keeps every caption in scene order beside its per-scene scores. Intervals over training
 seeds and scenes, paired to the baseline: ``--interval t`` (default; recon.stats.seeds_by_items_t_interval, which
 covers at 3-5 seeds) or ``bootstrap`` (the two-way bootstrap of the earlier tables, too narrow at few seeds).
 
@@ -323,7 +323,7 @@ def evaluate(
             scores = [w.caption_scores(c, s) for c, s in zip(captions, scenes)]
             for k in w.caption_metrics:
                 out[f"{split}/{k}"] = [r[k] for r in scores]
-            out[f"{split}/captions"] = captions[:8]
+            out[f"{split}/captions"] = captions  # all, in scene order: errors can be read after the run
         generator = DiffusionGenerator.from_config(
             dataclasses.replace(cfg.generator, lora=lora), device, batch_size=64
         )
