@@ -368,6 +368,7 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
     assert all(f"{c} %" in md for c in columns)
     record = json.loads((out / "l8" / "task" / "seed0" / "eval.json").read_text())
     assert all(len(record[c.replace(" ", "/")]) == 4 for c in columns)  # per scene, paired across arms
+    assert len(record["test/captions"]) == 4  # every caption kept beside its scores
     assert (out / f"{columns[0].replace(' ', '_')}.png").stat().st_size > 0  # the world's headline metric
     assert _script("semi_supervised").main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
     assert "no finished arm" in capsys.readouterr().err
