@@ -374,6 +374,30 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
     assert "no finished arm" in capsys.readouterr().err
 
 
+def test_heldout_errors_remakes_a_selected_arms_captions_exactly(tmp_path, capsys):
+    """E4 for one step on four scenes, then its held-out captions made again from the selected adapters: the
+    re-made accuracy equals eval.json's, every attribute is read, a rerun does no work and a torn line is set
+    aside, not lost."""
+    out = tmp_path / "semi"
+    args = ["--out", str(out), "--experiment", "e4", "--labelled", "8", "--seeds", "0", "--arms", "task"]
+    assert _script("semi_supervised").main([*args, "--steps", "1", "--n", "4", "--jobs", "1"]) == 0
+    errors = _script("heldout_errors")
+    assert errors.main(["--out", str(out), "--labelled", "8", "--seeds", "0"]) == 0
+    (row,) = [json.loads(line) for line in (out / errors.RECORDS).read_text().splitlines()]
+    recorded = json.loads((out / "l8" / "task" / "seed0" / "eval.json").read_text())
+    assert row["reproduced"] and row["correct"] == recorded["heldout/caption_tuple_acc"]
+    assert all(len(row[f"wrong/{a}"]) == 4 for a in ("shape", "color", "size", "position", "background"))
+    assert "| task | 1 | 1/1 |" in capsys.readouterr().out
+    with (out / errors.RECORDS).open("a") as f:
+        f.write('{"torn": \n')
+    assert errors.main(["--out", str(out), "--labelled", "8", "--seeds", "0"]) == 0
+    assert "reproduced=" not in capsys.readouterr().out  # nothing made again
+    assert (out / (errors.RECORDS + ".corrupt")).read_text() == '{"torn": \n'
+    with pytest.raises(SystemExit):  # the scenes world has no attribute tuples to read
+        errors.main(["--out", str(out), "--experiment", "e4s"])
+    assert "needs a shapes-world experiment" in capsys.readouterr().err
+
+
 def test_semi_supervised_compute_cells_list_each_seeds_selected_step():
     """The compute column shows every seed's selected step (a mean would hide whether more steps changed a choice),
     and no parentheses where nothing was selected."""
