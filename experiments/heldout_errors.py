@@ -40,7 +40,8 @@ def remake(root: Path, experiment: str, arm: str, labelled: int, seed: int, bund
     )
     run_dir = root / f"l{labelled}" / arm / f"seed{seed}"
     selected = run_dir / SELECTED_DIR
-    n = json.loads((run_dir / "eval.json").read_text())["n"]
+    record = json.loads((run_dir / "eval.json").read_text())
+    n = record["n"]
     found = ss.evaluate(
         cfg,
         str(selected / "captioner_adapter"),
@@ -51,7 +52,6 @@ def remake(root: Path, experiment: str, arm: str, labelled: int, seed: int, bund
         (),
         "shapes",
     )
-    recorded = json.loads((run_dir / "eval.json").read_text())["heldout/caption_tuple_acc"]
     truth = [s.attributes for s in WORLDS["shapes"].sample(n, ss.EVAL_SEED, "heldout", ss.EVAL_STREAM)]
     parsed = [W.parse_caption(c) for c in found["heldout/captions"]]
     seen = set(W.SEEN_COMBOS)
@@ -59,7 +59,7 @@ def remake(root: Path, experiment: str, arm: str, labelled: int, seed: int, bund
         "labelled": labelled,
         "arm": arm,
         "seed": seed,
-        "reproduced": found["heldout/caption_tuple_acc"] == recorded,
+        "reproduced": found["heldout/caption_tuple_acc"] == record["heldout/caption_tuple_acc"],
         "correct": found["heldout/caption_tuple_acc"],
         "names_seen": [tuple(p[a] for a in W.ATTRIBUTES) in seen for p in parsed],
         **{f"wrong/{a}": [p[a] != t[a] for p, t in zip(parsed, truth)] for a in W.ATTRIBUTES},

@@ -305,8 +305,10 @@ def evaluate(
 
     w = WORLDS[world]
     device = torch.device("cpu")
-    captioner = BlipCaptioner.from_config(
-        dataclasses.replace(cfg.captioner, adapter=adapter), device, batch_size=64
+    captioner = (  # loaded only when captions are read (e3 and e5 read none), as the generator below
+        BlipCaptioner.from_config(dataclasses.replace(cfg.captioner, adapter=adapter), device, batch_size=64)
+        if splits
+        else None
     )
     out: dict[str, list[float]] = {}
     with torch.no_grad():
@@ -324,6 +326,8 @@ def evaluate(
             for k in w.caption_metrics:
                 out[f"{split}/{k}"] = [r[k] for r in scores]
             out[f"{split}/captions"] = captions  # all, in scene order: errors can be read after the run
+        if not judge_splits:
+            return out
         generator = DiffusionGenerator.from_config(
             dataclasses.replace(cfg.generator, lora=lora), device, batch_size=64
         )
