@@ -4,8 +4,8 @@ E4's runs kept 8 captions per split in ``eval.json``; this script makes each sel
 with the evaluation's own code (``semi_supervised.evaluate``, captions only) and reads them: per attribute, how often
 it is wrong, and how often a caption names a *seen* combination. The tuple accuracy of the re-made captions must
 equal the recorded one (a run whose does not is reported as such). Records are appended whole to
-``OUT/heldout_errors.jsonl`` (one line per labelled size, arm and seed, written whole; a rerun skips what is there and sets a corrupt
-line aside).
+``OUT/heldout_errors.jsonl``, one line per labelled size, arm and seed; a rerun skips what is there and sets a
+corrupt line aside.
 
     python experiments/heldout_errors.py --out runs/semi-e4 --experiment e4 --labelled 200
 """
@@ -45,7 +45,7 @@ def remake(root: Path, experiment: str, arm: str, labelled: int, seed: int, bund
     found = ss.evaluate(
         cfg,
         str(selected / "captioner_adapter"),
-        str(selected / "sd_lora"),
+        None,  # no judge splits: the generator is not loaded
         n,
         ("heldout",),
         bundle,

@@ -48,8 +48,8 @@ process, and the captioner examples it read with gradient (in the whole run and 
 Evaluation (fixed scenes for every arm and seed, so arms are paired): beam-3 captions of ``--n`` test scenes (and
 held-out scenes) parsed back exactly (shapes: tuple / attribute accuracy; scenes: exact scene, object F1, binding
 accuracy: recon.shapes.worlds); images generated from the reference captions (DDIM 20, guidance 5), read by the
-bundle's judge; ``eval.json`` keeps every caption in scene order beside its per-scene scores. Intervals over training
-seeds and scenes, paired to the baseline: ``--interval t`` (default; recon.stats.seeds_by_items_t_interval, which
+bundle's judge; ``eval.json`` keeps every caption in scene order beside its per-scene scores. Intervals over
+training seeds and scenes, paired to the baseline: ``--interval t`` (default; recon.stats.seeds_by_items_t_interval, which
 covers at 3-5 seeds) or ``bootstrap`` (the two-way bootstrap of the earlier tables, too narrow at few seeds).
 
     python experiments/semi_supervised.py --out runs/semi-e1 --experiment e1 --labelled 200 --seeds 0,1,2 --jobs 2
