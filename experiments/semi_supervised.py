@@ -423,6 +423,8 @@ def run_arm(
         "labelled": labelled,
         "seed": seed,
         "n": n,
+        # wall-clock seconds of this one-thread process, despite the names (kept so that every earlier record reads
+        # the same); the training loop's process CPU is `train_process_cpu_s`
         "train_cpu_s": round(train_s, 1),
         "eval_cpu_s": round(time.time() - t0 - train_s, 1),
         **compute,
