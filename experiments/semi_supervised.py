@@ -688,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
     bundle = (args.bundle or default_bundle).resolve()
     if args.one:  # a worker: one arm in this process
         arm, labelled, seed = args.one[0], int(args.one[1]), int(args.one[2])
+        done = args.out / f"l{labelled}" / arm / f"seed{seed}" / "eval.json"
+        if done.exists():  # finished by another launcher since this one listed it: never evaluated twice
+            log(f"{arm} l{labelled} seed{seed}: already finished ({done})")
+            return 0
         r = run_arm(
             args.out / f"l{labelled}" / arm / f"seed{seed}",
             args.experiment,

@@ -370,6 +370,13 @@ def test_semi_supervised_on_its_rendered_scenes_reports_numbers(tmp_path, capsys
     assert all(len(record[c.replace(" ", "/")]) == 4 for c in columns)  # per scene, paired across arms
     assert len(record["test/captions"]) == 4  # every caption kept beside its scores
     assert (out / f"{columns[0].replace(' ', '_')}.png").stat().st_size > 0  # the world's headline metric
+    finished = (out / "l8" / "task" / "seed0" / "eval.json").read_bytes()
+    capsys.readouterr()
+    # a worker a second launcher started for the same arm finds it finished: no retraining, the record untouched
+    one = ["--out", str(out), "--experiment", experiment, "--one", "task", "8", "0"]
+    assert _script("semi_supervised").main(one) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (out / "l8" / "task" / "seed0" / "eval.json").read_bytes() == finished
     assert _script("semi_supervised").main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
     assert "no finished arm" in capsys.readouterr().err
 
