@@ -19,6 +19,15 @@ between rankings are paired over scenes (recon.stats.paired_test: bootstrap CI, 
 
     python experiments/reward_ranking.py --world shapes --n 400 --out runs/reward-ranking-shapes.json
     python experiments/reward_ranking.py --world scenes --n 400 --out runs/reward-ranking-scenes.json
+
+``--renders GENERATOR`` measures E5's generator preference the same way: for ``--n`` training scenes' captions,
+two renders each from GENERATOR (E5's weak UNet) through the diffusion_dpo term's own sampling and ranking code,
+the one the full captioner finds likelier chosen; the bundle's judge reads both. It reports how often the two
+renders differ in the judge's eyes (only those pairs carry a preference a judge can see) and how often the
+captioner's choice is then the right one, and the chosen render's judge accuracy against a random one's.
+
+    python experiments/reward_ranking.py --world shapes --n 400 --renders runs/weakgen900/generator \
+        --out runs/render-pairs-e5.json
 """
 
 from __future__ import annotations
@@ -131,6 +140,84 @@ def rank(world: str, n: int, bundle: Path | None = None) -> dict:
     }
 
 
+def rank_renders(n: int, generator_path: Path, bundle: Path | None = None) -> dict:
+    """Per caption: the judge's score of each of its two renders and the captioner's log-likelihood of it."""
+    import torch
+
+    from recon import hub
+    from recon.train.config import load_finetune_config
+    from recon.train.data import UNLABELLED_STREAM
+    from recon.train.diffusion import Diffusion
+    from recon.train.joint import image_sim_metrics, load_roles
+    from recon.train.losses import JointObjective, eval_mode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from semi_supervised import arm_overrides, config_name
+
+    w = WORLDS["shapes"]  # E5's world
+    bundle = bundle or hub.SHAPES_BUNDLE
+    sets = arm_overrides(bundle, "e5", "diffusion_dpo", 200, SEED, None, generator_path)
+    cfg = load_finetune_config(config_name("e5"), sets)
+    device = torch.device("cpu")
+    captioner, pipe = load_roles(cfg, device, torch.float32, seed=SEED)
+    captioner.model.eval()
+    d = Diffusion(pipe, gradient_checkpointing=False)
+    objective = JointObjective(captioner, d, None, cfg.loss, cfg.sampler, image_sim_metrics(cfg, device))
+    judge = w.load_judge(bundle / "judge")
+    scenes = w.sample(n, SEED, "train", UNLABELLED_STREAM)
+    rows: list[dict] = []
+    for start in range(0, n, CHUNK):
+        batch = scenes[start : start + CHUNK]
+        texts, k = [s.caption for s in batch], len(batch)
+        generator = torch.Generator().manual_seed(SEED + start)
+        with torch.no_grad(), eval_mode(d.unet):  # diffusion_preference's sampling and ranking, step for step
+            z0 = d.sample(d.text_states(texts).repeat(2, 1, 1), generator, objective.sampler)
+            images = d.decode(z0)
+            ll = objective.text_log_likelihood(images, texts * 2)
+            readings = judge.predict(images)
+        for i, scene in enumerate(batch):
+            right = [w.judge_scores(readings[j], scene)[w.judge_metrics[0]] for j in (i, k + i)]
+            rows.append({"right": right, "log_likelihood": [float(ll[i]), float(ll[k + i])]})
+    return {"world": "shapes", "n": n, "generator": str(generator_path), "rows": rows}
+
+
+def report_renders(result: dict) -> str:
+    """The preference's quality: pairs the judge separates, the chosen render's accuracy against a random one's."""
+    from recon.stats import bootstrap_mean, paired_test
+
+    rows = result["rows"]
+    chosen = [r["right"][0 if r["log_likelihood"][0] >= r["log_likelihood"][1] else 1] for r in rows]
+    rejected = [r["right"][1 if r["log_likelihood"][0] >= r["log_likelihood"][1] else 0] for r in rows]
+    random = [
+        float(np.mean(r["right"])) for r in rows
+    ]  # the expected accuracy of a coin flip between the two
+    split = [c != j for c, j in zip(chosen, rejected)]
+    agree = [c > j for c, j, s in zip(chosen, rejected, split) if s]
+
+    def pct(values):
+        e = bootstrap_mean(values)
+        return f"{100 * e.value:.1f} [{100 * e.low:.1f}, {100 * e.high:.1f}]"
+
+    t = paired_test(chosen, random)
+    return "\n".join(
+        [
+            f"### Generator preference: {result['n']} captions, two renders each ({result['generator']})",
+            "",
+            "| quantity | % (95% CI) |",
+            "| --- | --- |",
+            f"| judge: both renders right | {pct([float(min(r['right'])) for r in rows])} |",
+            f"| judge: the two renders differ (a preference the judge can see) | {pct([float(s) for s in split])} |",
+            f"| of those, the captioner chose the right one | {pct([float(a) for a in agree])} (n={len(agree)}) |",
+            f"| chosen render right | {pct(chosen)} |",
+            f"| rejected render right | {pct(rejected)} |",
+            f"| a random render right | {pct(random)} |",
+            "",
+            f"chosen - random: {100 * t.diff:+.1f} [{100 * t.low:+.1f}, {100 * t.high:+.1f}] points p={t.p_value:.3f}",
+            "",
+        ]
+    )
+
+
 def report(result: dict) -> str:
     from recon.stats import bootstrap_mean, paired_test
 
@@ -187,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bundle", type=Path, default=None, help="the world's bundle (default: the shipped one)"
     )
+    parser.add_argument(
+        "--renders",
+        type=Path,
+        default=None,
+        metavar="GENERATOR",
+        help="measure E5's generator preference (two renders per caption from this generator) instead",
+    )
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error(f"--n {args.n}: rank at least 2 scenes (a CI needs two)")
@@ -194,9 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     t0, cpu0 = time.time(), time.process_time()
-    result = rank(args.world, args.n, args.bundle)
+    if args.renders:
+        result = rank_renders(args.n, args.renders, args.bundle)
+    else:
+        result = rank(args.world, args.n, args.bundle)
     result |= {"wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - cpu0, 1)}
-    md = report(result)
+    md = report_renders(result) if args.renders else report(result)
     from recon.data import atomic_write_text
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -457,3 +457,20 @@ def test_reward_ranking_scores_each_pick_and_never_beats_the_oracle(tmp_path, ca
     assert "| recon_clip - denoise |" in printed
     with pytest.raises(SystemExit):
         module.main(["--world", "shapes", "--n", "1", "--out", str(out)])
+
+
+def test_reward_ranking_renders_reads_both_renders_of_each_caption_with_the_judge(tmp_path, capsys):
+    """E5's generator preference on eight captions with the bundle's full generator (judge 99.5%): both renders of
+    nearly every caption are read right (the sampling, decoding and judge path is whole), each has a finite
+    log-likelihood under the captioner, and the table names the quantities."""
+    from recon import hub
+
+    out = tmp_path / "renders.json"
+    args = ["--n", "8", "--renders", str(hub.SHAPES_BUNDLE / "generator"), "--out", str(out)]
+    assert _script("reward_ranking").main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and all(len(r["right"]) == len(r["log_likelihood"]) == 2 for r in rows)
+    assert sum(min(r["right"]) for r in rows) >= 6
+    assert all(np.isfinite(x) and x < 0 for r in rows for x in r["log_likelihood"])
+    printed = capsys.readouterr().out
+    assert "| of those, the captioner chose the right one |" in printed and "chosen - random" in printed
