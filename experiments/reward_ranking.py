@@ -149,7 +149,7 @@ def rank_renders(n: int, generator_path: Path, bundle: Path | None = None) -> di
     from recon.train.data import UNLABELLED_STREAM
     from recon.train.diffusion import Diffusion
     from recon.train.joint import image_sim_metrics, load_roles
-    from recon.train.losses import JointObjective, eval_mode
+    from recon.train.losses import JointObjective
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from semi_supervised import arm_overrides, config_name
@@ -170,10 +170,8 @@ def rank_renders(n: int, generator_path: Path, bundle: Path | None = None) -> di
         batch = scenes[start : start + CHUNK]
         texts, k = [s.caption for s in batch], len(batch)
         generator = torch.Generator().manual_seed(SEED + start)
-        with torch.no_grad(), eval_mode(d.unet):  # diffusion_preference's sampling and ranking, step for step
-            z0 = d.sample(d.text_states(texts).repeat(2, 1, 1), generator, objective.sampler)
-            images = d.decode(z0)
-            ll = objective.text_log_likelihood(images, texts * 2)
+        with torch.no_grad():
+            _, images, ll = objective.render_pairs(d.text_states(texts), texts, generator)
             readings = judge.predict(images)
         for i, scene in enumerate(batch):
             right = [w.judge_scores(readings[j], scene)[w.judge_metrics[0]] for j in (i, k + i)]
@@ -188,9 +186,8 @@ def report_renders(result: dict) -> str:
     rows = result["rows"]
     chosen = [r["right"][0 if r["log_likelihood"][0] >= r["log_likelihood"][1] else 1] for r in rows]
     rejected = [r["right"][1 if r["log_likelihood"][0] >= r["log_likelihood"][1] else 0] for r in rows]
-    random = [
-        float(np.mean(r["right"])) for r in rows
-    ]  # the expected accuracy of a coin flip between the two
+    # a random pick's expected accuracy: a coin flip between the two renders
+    random = [float(np.mean(r["right"])) for r in rows]
     split = [c != j for c, j in zip(chosen, rejected)]
     agree = [c > j for c, j, s in zip(chosen, rejected, split) if s]
 
@@ -284,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error(f"--n {args.n}: rank at least 2 scenes (a CI needs two)")
+    if args.renders and args.world != "shapes":
+        parser.error(
+            f"--renders with --world {args.world}: E5's generator preference is measured in shapes only"
+        )
     import torch
 
     torch.set_num_threads(1)

@@ -390,16 +390,24 @@ class JointObjective:
         with eval_mode(self.captioner.model):
             return sequence_log_prob(*self.caption_logits(images, texts)).float()
 
+    @torch.no_grad()
+    def render_pairs(self, states: torch.Tensor, texts: list[str], generator):
+        """Two sampled renders per text (latents and images, rows i and n + i: text i) and the captioner's
+        log-likelihood of the text for each: what diffusion_preference ranks."""
+        d = self.diffusion
+        with eval_mode(d.unet):
+            z0 = d.sample(states.repeat(2, 1, 1), generator, self.sampler)
+        images = d.decode(z0)
+        return z0, images, self.text_log_likelihood(images, list(texts) * 2)
+
     def diffusion_preference(self, texts: list[str], generator) -> torch.Tensor:
         """Diffusion-DPO on two sampled images per text, the one whose caption likelihood of the text is higher
         chosen; both noised with one noise and timestep per text (as the authors' script), the reference being the
         UNet with its LoRA disabled. Errors are means over latent elements."""
         d, n = self.diffusion, len(texts)
         states = d.text_states(list(texts))
+        z0, _, ll = self.render_pairs(states, texts, generator)
         with torch.no_grad():
-            with eval_mode(d.unet):
-                z0 = d.sample(states.repeat(2, 1, 1), generator, self.sampler)  # rows i and n + i: text i
-            ll = self.text_log_likelihood(d.decode(z0), list(texts) * 2)
             first = (ll[:n] >= ll[n:]).view(-1, 1, 1, 1).to(z0.device)
             chosen, rejected = torch.where(first, z0[:n], z0[n:]), torch.where(first, z0[n:], z0[:n])
             valid = (ll[:n] != ll[n:]).to(z0.device, torch.float32)
