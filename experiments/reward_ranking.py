@@ -170,8 +170,8 @@ def rank_renders(n: int, generator_path: Path, bundle: Path | None = None) -> di
         batch = scenes[start : start + CHUNK]
         texts, k = [s.caption for s in batch], len(batch)
         generator = torch.Generator().manual_seed(SEED + start)
+        _, images, ll = objective.render_pairs(d.text_states(texts), texts, generator)
         with torch.no_grad():
-            _, images, ll = objective.render_pairs(d.text_states(texts), texts, generator)
             readings = judge.predict(images)
         for i, scene in enumerate(batch):
             right = [w.judge_scores(readings[j], scene)[w.judge_metrics[0]] for j in (i, k + i)]
@@ -184,8 +184,9 @@ def report_renders(result: dict) -> str:
     from recon.stats import bootstrap_mean, paired_test
 
     rows = result["rows"]
-    chosen = [r["right"][0 if r["log_likelihood"][0] >= r["log_likelihood"][1] else 1] for r in rows]
-    rejected = [r["right"][1 if r["log_likelihood"][0] >= r["log_likelihood"][1] else 0] for r in rows]
+    first = [r["log_likelihood"][0] >= r["log_likelihood"][1] for r in rows]  # diffusion_preference's rule
+    chosen = [r["right"][1 - f] for r, f in zip(rows, first)]
+    rejected = [r["right"][f] for r, f in zip(rows, first)]
     # a random pick's expected accuracy: a coin flip between the two renders
     random = [float(np.mean(r["right"])) for r in rows]
     split = [c != j for c, j in zip(chosen, rejected)]
